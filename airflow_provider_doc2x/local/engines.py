@@ -1,0 +1,121 @@
+"""
+Engines of the local Doc2X server: what turns an image into Doc2X-shaped pages.
+
+``simple`` is fast and deterministic (the test suite's engine): it reads the image's size and any
+text embedded in it (a PNG ``doc2x`` text chunk or a JPEG comment) and returns that text as the
+page's Markdown. Two directives in the embedded text drive the server the way a real document
+would: ``<!-- figure: x,y,w,h -->`` crops that box into a figure of ``convert_zip``, and
+``<!-- doc2x-fail: CODE -->`` makes the job fail with that error code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+FIGURE_DIRECTIVE = re.compile(r"<!--\s*figure:\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*-->")
+FAIL_DIRECTIVE = re.compile(r"<!--\s*doc2x-fail:\s*([a-z_]+)\s*-->")
+#: The PNG text chunk the simple engine reads (JPEG images carry the text as their comment).
+TEXT_KEY = "doc2x"
+
+
+class ImageUnreadable(Exception):
+    """The bytes look like a JPEG/PNG but do not decode (Doc2X: ``parse_file_invalid``)."""
+
+
+@dataclass
+class EnginePage:
+    width: int
+    height: int
+    md: str
+
+
+@dataclass
+class EngineResult:
+    pages: list[EnginePage]
+    #: Figure files by name, as the Markdown's ``<img src=...>`` names them.
+    figures: dict[str, bytes] = field(default_factory=dict)
+    #: Set when the job must fail with this Doc2X error code.
+    fail_code: str | None = None
+
+
+class Engine(Protocol):
+    name: str
+
+    def parse(self, image: bytes, uid: str) -> EngineResult: ...
+
+
+def open_image(image: bytes):
+    """Decode fully (a truncated file fails here, not later) or raise :class:`ImageUnreadable`."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        picture = Image.open(io.BytesIO(image))
+        picture.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ImageUnreadable(str(error)) from error
+    return picture
+
+
+def embedded_text(picture) -> str:
+    if picture.format == "PNG":
+        return str(getattr(picture, "text", {}).get(TEXT_KEY, ""))
+    comment = picture.info.get("comment", b"")
+    return comment.decode("utf-8", "replace") if isinstance(comment, bytes) else str(comment)
+
+
+def media_block(name: str) -> str:
+    """A figure as Doc2X writes it in Markdown."""
+    return f'<!-- Media -->\n\n<img src="{name}"/>\n\n<!-- Media -->'
+
+
+def crop_figure(picture, box: tuple[int, int, int, int]) -> bytes:
+    x, y, width, height = box
+    figure = picture.convert("RGB").crop((x, y, x + width, y + height))
+    out = io.BytesIO()
+    figure.save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+class SimpleEngine:
+    """Deterministic Markdown from the image's size and embedded text; no model, milliseconds."""
+
+    name = "simple"
+
+    def parse(self, image: bytes, uid: str) -> EngineResult:
+        picture = open_image(image)
+        width, height = picture.size
+        text = embedded_text(picture).strip()
+        failure = FAIL_DIRECTIVE.search(text)
+        if failure:
+            return EngineResult(pages=[], fail_code=failure.group(1))
+        if not text:
+            digest = hashlib.sha256(image).hexdigest()[:12]
+            text = f"Image {width}x{height} ({picture.format}), sha256 {digest}"
+        figures: dict[str, bytes] = {}
+
+        def figure(match: re.Match) -> str:
+            box = tuple(int(value) for value in match.groups())
+            x, y, w, h = box
+            name = f"{uid}_0_{x}_{y}_{x + w}_{y + h}_{len(figures)}.jpg"
+            figures[name] = crop_figure(picture, box)  # type: ignore[arg-type]
+            return media_block(name)
+
+        md = FIGURE_DIRECTIVE.sub(figure, text)
+        return EngineResult(pages=[EnginePage(width, height, md)], figures=figures)
+
+
+ENGINES: dict[str, Callable[[], Engine]] = {"simple": SimpleEngine}
+
+
+def load_engine(name: str) -> Engine:
+    """Build the named engine once; the server keeps it for its whole life."""
+    try:
+        factory = ENGINES[name]
+    except KeyError:
+        raise ValueError(f"Unknown engine {name!r}; choose one of {sorted(ENGINES)}") from None
+    return factory()

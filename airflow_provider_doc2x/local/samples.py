@@ -1,0 +1,141 @@
+"""
+Document-like images with known text, rendered here (the example DAGs' samples and the tests' inputs).
+
+Each page is drawn as a person would see it (a heading, paragraphs, a grid table, a figure) and also
+carries its Markdown in a ``doc2x`` text chunk, which is what the ``simple`` engine answers: so the
+expected Markdown of every sample is known exactly.
+
+``python -m airflow_provider_doc2x.local.samples DIR`` writes the example pages into DIR.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from airflow_provider_doc2x.local.engines import TEXT_KEY
+
+PAGE_SIZE = (1000, 1400)
+MARGIN = 80
+
+
+@dataclass
+class Page:
+    title: str
+    paragraphs: list[str] = field(default_factory=list)
+    table: list[list[str]] = field(default_factory=list)
+    figure: bool = False
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
+def _wrap(draw, text: str, font, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if draw.textlength(candidate, font=font) <= width:
+            line = candidate
+        else:
+            lines.append(line)
+            line = word
+    return [*lines, line] if line else lines
+
+
+def render(page: Page, *, fmt: str = "PNG", size: tuple[int, int] = PAGE_SIZE) -> bytes:
+    """Draw the page and embed its Markdown; return PNG or JPEG bytes."""
+    from PIL import Image, ImageDraw, PngImagePlugin
+
+    picture = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(picture)
+    width = size[0] - 2 * MARGIN
+    y = MARGIN
+    markdown = [f"# {page.title}"]
+    draw.text((MARGIN, y), page.title, fill="black", font=_font(44))
+    y += 90
+    body = _font(26)
+    for paragraph in page.paragraphs:
+        for line in _wrap(draw, paragraph, body, width):
+            draw.text((MARGIN, y), line, fill="black", font=body)
+            y += 36
+        y += 24
+        markdown.append(paragraph)
+    if page.table:
+        column = width // len(page.table[0])
+        for row_index, row in enumerate(page.table):
+            for col_index, cell in enumerate(row):
+                box = (MARGIN + col_index * column, y, MARGIN + (col_index + 1) * column, y + 50)
+                draw.rectangle(box, outline="black", width=2)
+                draw.text((box[0] + 12, y + 10), cell, fill="black", font=body)
+            y += 50
+            if row_index == 0:
+                markdown.append("| " + " | ".join(row) + " |")
+                markdown[-1] += "\n|" + "---|" * len(row)
+            else:
+                markdown[-1] += "\n| " + " | ".join(row) + " |"
+        y += 40
+    if page.figure:
+        box = (MARGIN, y, MARGIN + 360, y + 240)
+        draw.rectangle(box, fill=(220, 235, 250), outline="navy", width=3)
+        draw.ellipse((box[0] + 40, box[1] + 40, box[0] + 200, box[1] + 200), fill=(240, 120, 60))
+        draw.polygon(
+            [(box[0] + 220, box[3] - 30), (box[2] - 30, box[3] - 30), (box[2] - 90, box[1] + 40)],
+            fill="green",
+        )
+        markdown.append(f"<!-- figure: {box[0]},{box[1]},{box[2] - box[0]},{box[3] - box[1]} -->")
+    text = "\n\n".join(markdown)
+    out = io.BytesIO()
+    if fmt.upper() == "PNG":
+        info = PngImagePlugin.PngInfo()
+        info.add_text(TEXT_KEY, text)
+        picture.save(out, format="PNG", pnginfo=info, optimize=True)
+    else:
+        picture.save(out, format="JPEG", quality=85, comment=text.encode())
+    return out.getvalue()
+
+
+EXAMPLE_PAGES = {
+    "invoice.png": Page(
+        title="Invoice 2026-0042",
+        paragraphs=[
+            "Billed to Northwind Traders, 12 Harbour Road, Portsmouth.",
+            "Payment is due within thirty days of the invoice date.",
+        ],
+        table=[["Item", "Qty", "Price"], ["Scanner", "2", "310.00"], ["Toner", "5", "42.50"]],
+    ),
+    "report.jpg": Page(
+        title="Quarterly Report",
+        paragraphs=[
+            "Revenue grew by eleven percent over the quarter, led by the document services line.",
+            "The figure below shows the share of each region.",
+        ],
+        figure=True,
+    ),
+    "letter.png": Page(
+        title="Letter of Intent",
+        paragraphs=[
+            "We intend to digitise the archive of scanned contracts before the end of the year.",
+            "Each page will be converted to Markdown and indexed for search.",
+        ],
+    ),
+}
+
+
+def write_examples(folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, page in EXAMPLE_PAGES.items():
+        path = folder / name
+        path.write_bytes(render(page, fmt="JPEG" if name.endswith(".jpg") else "PNG"))
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    for written_path in write_examples(Path(sys.argv[1] if len(sys.argv) > 1 else ".")):
+        print(written_path)

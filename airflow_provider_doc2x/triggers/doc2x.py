@@ -1,0 +1,168 @@
+"""
+The trigger that waits for Doc2X jobs in the triggerer, so that no worker is held while Doc2X works.
+
+One trigger polls every uid of a task, a few at a time, until each is finished or the absolute
+deadline passes. Its kwargs are JSON (conn id, jobs, interval, deadline; never the key), so a
+triggerer that restarts rebuilds it and resumes the same uids. Its one event carries uids and
+statuses only; the task fetches the results itself when it resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from airflow_provider_doc2x import protocol
+from airflow_provider_doc2x.exceptions import Doc2XAuthError, Doc2XError, Doc2XTransientError
+from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
+
+#: Event statuses: all done well; all done, some failed; out of time; the trigger itself gave up.
+EVENT_SUCCESS = "success"
+EVENT_FAILED = "failed"
+EVENT_TIMEOUT = "timeout"
+EVENT_ERROR = "error"
+EVENT_STATUSES = frozenset({EVENT_SUCCESS, EVENT_FAILED, EVENT_TIMEOUT, EVENT_ERROR})
+
+
+class Doc2XImageParseTrigger(BaseTrigger):
+    """
+    Poll Doc2X until every job is done, then fire one event with each job's status.
+
+    :param doc2x_conn_id: the ``doc2x`` connection; fetched the async way, inside the triggerer.
+    :param jobs: one dict per image: ``uid`` and ``source`` (the image's name, for messages).
+    :param poll_interval: seconds between two rounds of status calls.
+    :param deadline: absolute Unix time after which the event reports a timeout, so that a
+        restarted triggerer keeps the original budget instead of starting a new one.
+    :param max_concurrent_polls: status calls in flight at once for this trigger.
+    :param max_consecutive_errors: rounds in a row with transient failures tolerated before giving up.
+    """
+
+    def __init__(
+        self,
+        *,
+        doc2x_conn_id: str,
+        jobs: list[dict[str, Any]],
+        poll_interval: float,
+        deadline: float,
+        max_concurrent_polls: int = 8,
+        max_consecutive_errors: int = 5,
+    ) -> None:
+        super().__init__()
+        self.doc2x_conn_id = doc2x_conn_id
+        self.jobs = [dict(job) for job in jobs]
+        self.poll_interval = float(poll_interval)
+        self.deadline = float(deadline)
+        self.max_concurrent_polls = max_concurrent_polls
+        self.max_consecutive_errors = max_consecutive_errors
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "doc2x_conn_id": self.doc2x_conn_id,
+                "jobs": self.jobs,
+                "poll_interval": self.poll_interval,
+                "deadline": self.deadline,
+                "max_concurrent_polls": self.max_concurrent_polls,
+                "max_consecutive_errors": self.max_consecutive_errors,
+            },
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        hook = Doc2XHook(doc2x_conn_id=self.doc2x_conn_id)
+        try:
+            yield TriggerEvent(await self.wait(hook))
+        finally:
+            await hook.aclose()
+
+    async def wait(self, hook: Doc2XHook) -> dict[str, Any]:
+        """
+        Poll until every job is terminal; return the event's payload.
+
+        Jobs that arrive terminal (a failed upload, a job an earlier try already finished) are not
+        polled. The worker runs this same loop when the operator does not defer.
+        """
+        jobs = [dict(job) for job in self.jobs]
+        limit = asyncio.Semaphore(self.max_concurrent_polls)
+        failed_rounds = 0
+        reported = -1
+
+        async def poll(uid: str) -> protocol.Doc2XJobStatus | Doc2XError:
+            async with limit:
+                try:
+                    return await hook.aget_job_status(uid)
+                except Doc2XError as error:  # anything else is a bug: let it surface
+                    return error
+
+        while True:
+            pending = [job for job in jobs if job.get("status") not in protocol.TERMINAL_STATUSES]
+            answers = await asyncio.gather(*(poll(job["uid"]) for job in pending))
+            transient: list[Doc2XError] = []
+            for job, answer in zip(pending, answers, strict=True):
+                if isinstance(answer, Doc2XTransientError):
+                    transient.append(answer)
+                elif isinstance(answer, Doc2XAuthError):
+                    # The key itself is refused: no other job can do better.
+                    return _event(EVENT_ERROR, jobs, str(answer), code=answer.code)
+                elif isinstance(answer, Doc2XError):
+                    job.update(status=protocol.STATUS_FAILED, code=answer.code, message=str(answer))
+                else:
+                    job.update(status=answer.status, progress=answer.progress)
+            failed_rounds = failed_rounds + 1 if transient else 0
+            done = sum(job["status"] in protocol.TERMINAL_STATUSES for job in jobs)
+            if done != reported:
+                self.log.info("Doc2X: %d/%d done", done, len(jobs))
+                reported = done
+            if done == len(jobs):
+                failed = any(job["status"] != protocol.STATUS_SUCCESS for job in jobs)
+                return _event(EVENT_FAILED if failed else EVENT_SUCCESS, jobs, f"{done}/{len(jobs)} done")
+            if failed_rounds > self.max_consecutive_errors:
+                return _event(
+                    EVENT_ERROR,
+                    jobs,
+                    f"Doc2X status calls failed {failed_rounds} rounds in a row; last error: {transient[-1]}",
+                )
+            remaining = self.deadline - time.time()
+            if remaining <= 0:
+                return _event(
+                    EVENT_TIMEOUT,
+                    jobs,
+                    f"{len(jobs) - done} of {len(jobs)} Doc2X jobs were still processing at the deadline",
+                )
+            await asyncio.sleep(min(self.poll_interval, remaining))
+
+
+def _event(status: str, jobs: list[dict[str, Any]], message: str, code: str | None = None) -> dict[str, Any]:
+    """The event's payload: ids and statuses only, never results (events go through the database)."""
+    return {
+        "status": status,
+        "message": message,
+        "code": code,
+        "jobs": [
+            {
+                "uid": job.get("uid"),
+                "source": job.get("source"),
+                "sha256": job.get("sha256"),
+                "status": job.get("status") or protocol.STATUS_PROCESSING,
+                "code": job.get("code"),
+                "message": job.get("message"),
+            }
+            for job in jobs
+        ],
+    }
+
+
+def validate_event(event: Any) -> dict[str, Any]:
+    """Refuse a missing or malformed event loudly: resuming on a guess could lose or repeat pages."""
+    if not isinstance(event, dict):
+        raise Doc2XError(f"The Doc2X trigger resumed the task without an event (got {event!r})")
+    if event.get("status") not in EVENT_STATUSES or not isinstance(event.get("jobs"), list):
+        raise Doc2XError(f"The Doc2X trigger sent an event this provider does not know: {event!r}")
+    for job in event["jobs"]:
+        if not isinstance(job, dict) or "status" not in job or "source" not in job:
+            raise Doc2XError(f"The Doc2X trigger sent a malformed job in its event: {job!r}")
+    return event

@@ -1,0 +1,142 @@
+"""
+Fixtures shared by the suite: an isolated Airflow home, the local Doc2X server on a free port,
+a ``doc2x_default`` connection pointing at it, and images with known content.
+
+Everything talks real HTTP over loopback to the server, started once per session as its own
+process (``python -m airflow_provider_doc2x.local --port 0``) exactly as a user starts it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+# Airflow reads its home and configuration when first imported: set them before any test module does.
+AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="doc2x-airflow-home-"))
+REPO = Path(__file__).resolve().parents[1]
+os.environ.update(
+    {
+        "AIRFLOW_HOME": str(AIRFLOW_HOME),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "example_dags"),
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "True",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+    }
+)
+
+import httpx  # noqa: E402
+
+from airflow_provider_doc2x.local.samples import Page, render  # noqa: E402
+
+API_KEY = "sk-test-0123"
+
+
+class LocalDoc2X:
+    """The running local server, seen from the tests: its URL, knobs and billing counters."""
+
+    def __init__(self, url: str, process: subprocess.Popen) -> None:
+        self.url = url
+        self.process = process
+        self.client = httpx.Client(base_url=url, timeout=10)
+
+    def configure(self, **knobs) -> None:
+        self.client.post("/local/config", json=knobs).raise_for_status()
+
+    def reset(self) -> None:
+        self.client.post("/local/reset").raise_for_status()
+
+    def stats(self) -> dict:
+        return self.client.get("/local/stats").json()
+
+    def connection_json(self, api_key: str = API_KEY, **extra) -> str:
+        extra = {"retry_wait": 0.01, "retry_wait_max": 0.05, **extra}
+        return json.dumps({"conn_type": "doc2x", "host": self.url, "password": api_key, "extra": extra})
+
+
+def wait_until(condition, *, timeout: float = 10.0, interval: float = 0.02, message: str = "condition"):
+    """Poll with a deadline: the suite never sleeps a fixed time to wait for state."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"Timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def local_server():
+    process = subprocess.Popen(
+        [sys.executable, "-m", "airflow_provider_doc2x.local", "--port", "0", "--api-key", API_KEY],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    seen = []
+    for line in process.stdout or []:  # Airflow may log a line or two before the server's own
+        seen.append(line)
+        if "listening on " in line or len(seen) > 50:
+            break
+    if "listening on " not in line:
+        process.kill()
+        raise RuntimeError(f"The local Doc2X server did not start: {''.join(seen)!r}")
+    server = LocalDoc2X(line.rsplit("listening on ", 1)[1].strip(), process)
+
+    def healthy() -> bool:
+        try:
+            return server.client.get("/local/health").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(healthy, message="the local Doc2X server to answer")
+    yield server
+    process.terminate()
+    process.wait(timeout=10)
+
+
+@pytest.fixture
+def doc2x(local_server, monkeypatch):
+    """The local server, reset, fast (0.2 s jobs), wired as ``doc2x_default`` through the environment."""
+    from airflow_provider_doc2x import pacing
+
+    local_server.reset()
+    local_server.configure(processing_time=0.2)
+    monkeypatch.setenv("AIRFLOW_CONN_DOC2X_DEFAULT", local_server.connection_json())
+    monkeypatch.setattr(pacing, "_limiters", {})
+    return local_server
+
+
+@pytest.fixture
+def make_image(tmp_path):
+    """Write a page with known Markdown; ``make_image("a.png", "Title")``."""
+    counter = iter(range(10_000))
+
+    def make(name: str | None = None, title: str | None = None, *, fmt: str | None = None, **page) -> Path:
+        number = next(counter)
+        name = name or f"page-{number}.png"
+        fmt = fmt or ("JPEG" if name.endswith((".jpg", ".jpeg")) else "PNG")
+        path = tmp_path / name
+        path.write_bytes(render(Page(title=title or f"Page {number}", **page), fmt=fmt, size=(400, 300)))
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """Airflow's metadata database, migrated once (SQLite in the session's Airflow home)."""
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "airflow"), "db", "migrate"],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return AIRFLOW_HOME
