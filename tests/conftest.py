@@ -8,8 +8,10 @@ process (``python -m airflow_provider_doc2x.local --port 0``) exactly as a user 
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,13 +22,13 @@ import pytest
 
 # Airflow reads its home and configuration when first imported: set them before any test module does.
 AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="doc2x-airflow-home-"))
+atexit.register(shutil.rmtree, AIRFLOW_HOME, ignore_errors=True)
 REPO = Path(__file__).resolve().parents[1]
 os.environ.update(
     {
         "AIRFLOW_HOME": str(AIRFLOW_HOME),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "example_dags"),
-        "AIRFLOW__CORE__UNIT_TEST_MODE": "True",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
     }
 )

@@ -75,7 +75,6 @@ class Job:
     uid: str
     sha256: str
     created: float
-    ready_at: float
     work: asyncio.Task | None = None
     result: EngineResult | None = None
 
@@ -91,6 +90,8 @@ class ServerState:
     requests: Counter = field(default_factory=Counter)
     windows: defaultdict[str, deque] = field(default_factory=lambda: defaultdict(deque))
     rate_limited: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
 
     def reset(self) -> None:
         for job in self.jobs.values():
@@ -103,6 +104,7 @@ class ServerState:
         self.requests.clear()
         self.windows.clear()
         self.rate_limited = 0
+        self.max_in_flight = self.in_flight
 
 
 def error(code: str, msg: str, status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -146,18 +148,28 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     @app.middleware("http")
     async def trace_and_faults(request: Request, call_next):
         trace_id = uuid.uuid4().hex
-        if not request.url.path.startswith("/local/"):
-            settings = state.config
-            if settings.latency:
-                await asyncio.sleep(settings.latency)
-            if settings.fail_next > 0:
-                state.config = replace(settings, fail_next=settings.fail_next - 1)
-                return html_failure(503, "Service Unavailable", trace_id)
-            if settings.error_rate and state.random.random() < settings.error_rate:
-                return html_failure(502, "Bad Gateway", trace_id)
-        response = await call_next(request)
+        if request.url.path.startswith("/local/"):
+            return await call_next(request)
+        state.in_flight += 1
+        state.max_in_flight = max(state.max_in_flight, state.in_flight)
+        try:
+            response = await answer_api_call(request, call_next, trace_id)
+        finally:
+            state.in_flight -= 1
         response.headers["trace-id"] = trace_id
         return response
+
+    async def answer_api_call(request: Request, call_next, trace_id: str) -> Response:
+        """The API's answer, or the faults the knobs ask for: latency, then a gateway's HTML error."""
+        settings = state.config
+        if settings.latency:
+            await asyncio.sleep(settings.latency)
+        if settings.fail_next > 0:
+            state.config = replace(settings, fail_next=settings.fail_next - 1)
+            return html_failure(503, "Service Unavailable", trace_id)
+        if settings.error_rate and state.random.random() < settings.error_rate:
+            return html_failure(502, "Bad Gateway", trace_id)
+        return await call_next(request)
 
     def authorize(request: Request) -> JSONResponse | None:
         header = request.headers.get("authorization", "")
@@ -259,7 +271,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             return refused
         now = time.monotonic()
         uid = str(uuid.uuid4())
-        job = Job(uid=uid, sha256=digest, created=now, ready_at=now + state.config.processing_time)
+        job = Job(uid=uid, sha256=digest, created=now)
         job.work = asyncio.create_task(run_engine(image, uid))
         state.jobs[uid] = job
         await stall_if_asked()
@@ -276,9 +288,10 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         if job is None or now - job.created > state.config.result_ttl:
             return error("parse_status_not_found", f"No task with uid {uid!r}, or its result expired")
         assert job.work is not None
-        if now < job.ready_at or not job.work.done():
-            span = max(job.ready_at - job.created, 1e-9)
-            progress = min(99, int(100 * (now - job.created) / span))
+        # Readiness follows the current processing_time, so a test can let waiting jobs finish.
+        processing_time = state.config.processing_time
+        if now < job.created + processing_time or not job.work.done():
+            progress = min(99, int(100 * (now - job.created) / max(processing_time, 1e-9)))
             return success({"status": protocol.STATUS_PROCESSING, "progress": progress})
         if job.result is None:
             try:
@@ -304,6 +317,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             "max_billed_per_image": max(state.billed.values(), default=0),
             "requests": dict(state.requests),
             "rate_limited": state.rate_limited,
+            "max_in_flight": state.max_in_flight,
             "jobs": len(state.jobs),
         }
 

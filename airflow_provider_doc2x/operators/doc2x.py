@@ -23,6 +23,8 @@ from airflow_provider_doc2x import protocol
 from airflow_provider_doc2x.exceptions import (
     Doc2XAuthError,
     Doc2XError,
+    Doc2XJobFailedError,
+    Doc2XJobNotFoundError,
     Doc2XPermanentError,
     Doc2XQuotaError,
     Doc2XSubmitUncertainError,
@@ -181,9 +183,9 @@ class Doc2XImageParseOperator(BaseOperator):
             return None
         try:
             status = self.hook.get_job_status(uid)
-        except (Doc2XAuthError, Doc2XQuotaError):
-            raise
-        except Doc2XError as error:
+        except (Doc2XJobFailedError, Doc2XJobNotFoundError) as error:
+            # Failed or expired: a new upload is the only way to a result. Any other error (Doc2X
+            # unreachable, say) propagates: resubmitting on a guess could pay for the image twice.
             self.log.warning(
                 "Recorded Doc2X job %s for %s cannot be reused (%s); submitting again", uid, source.uri, error
             )

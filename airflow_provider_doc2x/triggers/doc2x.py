@@ -113,7 +113,7 @@ class Doc2XImageParseTrigger(BaseTrigger):
                 else:
                     job.update(status=answer.status, progress=answer.progress)
             failed_rounds = failed_rounds + 1 if transient else 0
-            done = sum(job["status"] in protocol.TERMINAL_STATUSES for job in jobs)
+            done = sum(job.get("status") in protocol.TERMINAL_STATUSES for job in jobs)
             if done != reported:
                 self.log.info("Doc2X: %d/%d done", done, len(jobs))
                 reported = done

@@ -1,0 +1,72 @@
+"""The sensor: a job submitted elsewhere, waited for by poking or in the triggerer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from airflow.providers.common.compat.sdk import TaskDeferred
+
+from airflow_provider_doc2x.exceptions import Doc2XJobFailedError, Doc2XJobNotFoundError
+from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
+from airflow_provider_doc2x.sensors.doc2x import Doc2XImageParseSensor
+from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
+from tests.conftest import REPO, wait_until
+from tests.test_example_dags import airflow_cli
+
+
+def sensor(uid: str, **kwargs) -> Doc2XImageParseSensor:
+    return Doc2XImageParseSensor(task_id="wait", uid=uid, poke_interval=0.05, timeout=30, **kwargs)
+
+
+def test_poke_until_done_then_return_the_record(doc2x, make_image):
+    uid = Doc2XHook().submit_image(make_image(title="Sensed"))
+    waiter = sensor(uid)
+    assert waiter.poke({}).is_done is False
+    done = wait_until(lambda: (value := waiter.poke({})).is_done and value)
+    assert done.xcom_value["uid"] == uid
+    assert done.xcom_value["markdown"].startswith("# Sensed")
+
+
+def test_a_failed_or_unknown_job_fails_the_sensor_with_its_code(doc2x, make_image):
+    uid = Doc2XHook().submit_image(make_image(paragraphs=["<!-- doc2x-fail: parse_error -->"]))
+    waiter = sensor(uid)
+    with pytest.raises(Doc2XJobFailedError, match=uid):
+        wait_until(lambda: waiter.poke({}).is_done)
+    with pytest.raises(Doc2XJobNotFoundError, match="no-such-uid"):
+        sensor("no-such-uid").poke({})
+
+
+def test_deferrable_defers_while_processing_and_not_once_done(doc2x, make_image):
+    doc2x.configure(processing_time=30)
+    uid = Doc2XHook().submit_image(make_image(title="Later"))
+    with pytest.raises(TaskDeferred) as deferred:
+        sensor(uid, deferrable=True).execute({})
+    trigger = deferred.value.trigger
+    assert isinstance(trigger, Doc2XImageParseTrigger)
+    assert [job["uid"] for job in trigger.jobs] == [uid]
+    doc2x.configure(processing_time=0)
+    record = sensor(uid, deferrable=True).execute({})
+    assert record["markdown"].startswith("# Later")
+    event = {"status": "success", "message": "", "jobs": [{"uid": uid, "source": uid, "status": "success"}]}
+    assert sensor(uid).execute_complete({}, event)["uid"] == uid
+    assert "sk-" not in json.dumps(trigger.serialize()[1])
+
+
+def test_sensor_dag_pokes_and_defers(doc2x, airflow_db, make_image):
+    image = make_image(title="Submitted Elsewhere")
+    result = airflow_cli(
+        "dags",
+        "test",
+        "doc2x_sensor",
+        "-c",
+        json.dumps({"image": str(image)}),
+        env={
+            "AIRFLOW_CONN_DOC2X_DEFAULT": doc2x.connection_json(),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "tests" / "dags"),
+        },
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert output.count(": # Submitted Elsewhere") == 2, output[-4000:]
+    assert doc2x.stats()["billed_total"] == 1

@@ -1,0 +1,130 @@
+"""
+The example DAGs are the docs' snippets and the end-to-end tests: they import cleanly without
+touching the network, and run against the local server with ``airflow dags test``, deferrable
+(trigger run in line) and not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from airflow.providers.common.compat.sdk import BaseHook
+
+from tests.conftest import REPO
+
+try:
+    from airflow.sdk import ResumableJobMixin  # noqa: F401  (arrived with the task state store)
+
+    HAS_TASK_STATE_STORE = True
+except ImportError:
+    HAS_TASK_STATE_STORE = False
+
+EXAMPLES = REPO / "example_dags"
+EXAMPLE_DAG_IDS = {"example_doc2x_parse_image", "example_doc2x_parse_folder"}
+TITLES = {"invoice": "# Invoice 2026-0042", "letter": "# Letter of Intent", "report": "# Quarterly Report"}
+
+
+def dag_bag():
+    try:
+        from airflow.dag_processing.dagbag import DagBag
+    except ImportError:  # Airflow 2
+        from airflow.models.dagbag import DagBag
+    return DagBag(dag_folder=str(EXAMPLES))  # [core] load_examples is off in the suite
+
+
+def test_every_example_dag_imports_without_opening_a_connection(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("parsing a DAG file must not open a connection or call the network")
+
+    monkeypatch.setattr(BaseHook, "get_connection", classmethod(no_network))
+    monkeypatch.setattr(httpx.Client, "send", no_network)
+    monkeypatch.setattr(httpx.AsyncClient, "send", no_network)
+    bag = dag_bag()
+    assert bag.import_errors == {}
+    assert set(bag.dag_ids) >= EXAMPLE_DAG_IDS
+    for dag_id in EXAMPLE_DAG_IDS:
+        assert set(bag.dags[dag_id].tags) == {"example", "doc2x"}
+
+
+def airflow_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "airflow"), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=300,
+    )
+
+
+def markdown_files(folder: Path) -> dict[str, str]:
+    return {path.stem: path.read_text() for path in sorted(folder.glob("*.md"))}
+
+
+@pytest.mark.parametrize(
+    ("dag_id", "expected"),
+    [("example_doc2x_parse_image", {"invoice"}), ("example_doc2x_parse_folder", set(TITLES))],
+)
+def test_example_dag_with_airflow_dags_test_deferrable(doc2x, airflow_db, tmp_path, dag_id, expected):
+    result = airflow_cli(
+        "dags",
+        "test",
+        dag_id,
+        "-c",
+        json.dumps({"markdown_dir": str(tmp_path)}),
+        env={"AIRFLOW_CONN_DOC2X_DEFAULT": doc2x.connection_json()},
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "state=success" in output or "success" in output
+    written = markdown_files(tmp_path)
+    assert set(written) == expected
+    for stem, text in written.items():
+        assert text.startswith(TITLES[stem])
+    assert doc2x.stats()["max_billed_per_image"] == 1
+
+
+def run_dag(dag, **run_conf):
+    run = dag.test(run_conf=run_conf)
+    return run.state if hasattr(run, "state") else run
+
+
+def test_example_dag_not_deferrable(doc2x, airflow_db, tmp_path):
+    dag = dag_bag().dags["example_doc2x_parse_folder"]
+    dag.get_task("parse").partial_kwargs["deferrable"] = False
+    assert run_dag(dag, markdown_dir=str(tmp_path)) == "success"
+    written = markdown_files(tmp_path)
+    assert set(written) == set(TITLES)
+    assert written["report"].startswith(TITLES["report"])
+    assert "<!-- Media -->" in written["report"]
+
+
+def test_a_forced_second_try_makes_no_new_submission(doc2x, airflow_db, make_image):
+    """Tries that time out while Doc2X still works; each next try reconnects to the recorded uid."""
+    if not HAS_TASK_STATE_STORE:
+        pytest.skip("the task state store arrived in Airflow 3.3; older versions resubmit on a new try")
+    doc2x.configure(processing_time=1.5)
+    image = make_image(title="Pay Once")
+    result = airflow_cli(
+        "dags",
+        "test",
+        "doc2x_forced_retry",
+        "-c",
+        json.dumps({"image": str(image)}),
+        env={
+            "AIRFLOW_CONN_DOC2X_DEFAULT": doc2x.connection_json(),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "tests" / "dags"),
+        },
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "Reconnected" in output  # the later tries said what they did
+    assert "still processing at the deadline" in output  # and the first one did time out
+    stats = doc2x.stats()
+    assert stats["requests"]["submit"] == 1
+    assert stats["billed_total"] == 1

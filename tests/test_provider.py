@@ -1,0 +1,85 @@
+"""The provider as Airflow sees it: entry point, CLI listing, connection type and its form."""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+
+from airflow_provider_doc2x import __version__
+from airflow_provider_doc2x.get_provider_info import get_provider_info
+from tests.conftest import API_KEY
+from tests.test_example_dags import airflow_cli
+
+
+def test_entry_point_returns_the_provider_info():
+    (entry,) = [
+        ep
+        for ep in entry_points(group="apache_airflow_provider")
+        if ep.value.startswith("airflow_provider_doc2x")
+    ]
+    info = entry.load()()
+    assert info == get_provider_info()
+    assert info["package-name"] == "airflow-provider-doc2x"
+    (connection,) = info["connection-types"]
+    assert connection["connection-type"] == "doc2x"
+    assert connection["hook-class-name"] == "airflow_provider_doc2x.hooks.doc2x.Doc2XHook"
+    modules = {
+        module
+        for kind in ("hooks", "operators", "sensors", "triggers")
+        for item in info[kind]
+        for module in item["python-modules"]
+    }
+    for module in modules:
+        __import__(module)
+
+
+def test_providers_get_lists_it(airflow_db):
+    result = airflow_cli("providers", "get", "airflow-provider-doc2x", env={})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "airflow-provider-doc2x" in result.stdout
+    assert __version__ in result.stdout
+
+
+def test_connection_form_is_labelled_as_the_provider_says():
+    from airflow.providers_manager import ProvidersManager
+
+    manager = ProvidersManager()
+    behaviour = manager.field_behaviours["doc2x"]
+    assert set(behaviour["hidden_fields"]) == {"schema", "login", "port"}
+    assert behaviour["relabeling"] == {"password": "API key", "host": "Base URL"}
+    assert behaviour["placeholders"]["host"] == "https://v2.doc2x.noedgeai.com"
+    widgets = manager.connection_form_widgets
+    assert {"extra__doc2x__timeout", "extra__doc2x__max_retries", "extra__doc2x__rate_limit_images"} <= set(
+        widgets
+    )
+    assert manager.hooks["doc2x"].hook_name == "Doc2X"
+
+
+def add_connection(conn_id: str, host: str, password: str):
+    return airflow_cli(
+        "connections",
+        "add",
+        conn_id,
+        "--conn-type",
+        "doc2x",
+        "--conn-host",
+        host,
+        "--conn-password",
+        password,
+        env={},
+    )
+
+
+def test_connections_add_and_test_from_the_cli(doc2x, airflow_db):
+    enabled = {"AIRFLOW__CORE__TEST_CONNECTION": "Enabled"}
+    for conn_id, key in (("doc2x_good_key", API_KEY), ("doc2x_bad_key", "sk-not-this-one")):
+        added = add_connection(conn_id, doc2x.url, key)
+        assert added.returncode == 0, added.stderr[-3000:]
+    good = airflow_cli("connections", "test", "doc2x_good_key", env=enabled)
+    assert good.returncode == 0, good.stdout[-3000:] + good.stderr[-3000:]
+    assert "Connection success!" in good.stdout
+    bad = airflow_cli("connections", "test", "doc2x_bad_key", env=enabled)
+    assert "Doc2X refused the API key" in bad.stdout
+    assert "sk-not-this-one" not in bad.stdout + bad.stderr
+    assert doc2x.stats()["billed_total"] == 0
+    for conn_id in ("doc2x_good_key", "doc2x_bad_key"):
+        airflow_cli("connections", "delete", conn_id, env={})

@@ -1,0 +1,186 @@
+"""The trigger in an event loop against the local server: statuses, failures, timeouts, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import time
+
+import pytest
+
+from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
+from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
+from tests.conftest import API_KEY
+
+
+def make_trigger(uids, *, timeout: float = 30, **kwargs) -> Doc2XImageParseTrigger:
+    return Doc2XImageParseTrigger(
+        doc2x_conn_id="doc2x_default",
+        jobs=[{"uid": uid, "source": f"image-{n}.png"} for n, uid in enumerate(uids)],
+        poll_interval=kwargs.pop("poll_interval", 0.05),
+        deadline=time.time() + timeout,
+        **kwargs,
+    )
+
+
+async def first_event(trigger: Doc2XImageParseTrigger) -> dict:
+    async for event in trigger.run():
+        return event.payload
+    raise AssertionError("the trigger ended without an event")
+
+
+def submit(*images) -> list[str]:
+    hook = Doc2XHook()
+    return [hook.submit_image(image) for image in images]
+
+
+def rebuild(trigger: Doc2XImageParseTrigger) -> Doc2XImageParseTrigger:
+    """What the triggerer does after a restart: import the class path, call it with the kwargs."""
+    classpath, kwargs = trigger.serialize()
+    module, name = classpath.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)(**json.loads(json.dumps(kwargs)))
+
+
+def test_serialize_round_trip_is_json_and_holds_no_key(doc2x):
+    trigger = make_trigger(["uid-1", "uid-2"], max_concurrent_polls=3)
+    classpath, kwargs = trigger.serialize()
+    assert classpath == "airflow_provider_doc2x.triggers.doc2x.Doc2XImageParseTrigger"
+    assert rebuild(trigger).serialize() == (classpath, kwargs)
+    assert API_KEY not in json.dumps(kwargs)
+    assert set(kwargs) == {
+        "doc2x_conn_id",
+        "jobs",
+        "poll_interval",
+        "deadline",
+        "max_concurrent_polls",
+        "max_consecutive_errors",
+    }
+
+
+async def test_processing_then_success(doc2x, make_image):
+    uids = submit(make_image(title="One"), make_image(title="Two"))
+    event = await first_event(make_trigger(uids))
+    assert event["status"] == "success"
+    assert [job["uid"] for job in event["jobs"]] == uids
+    assert {job["status"] for job in event["jobs"]} == {"success"}
+    assert "markdown" not in json.dumps(event)  # results are fetched by the task, not carried here
+    assert doc2x.stats()["requests"]["status"] >= 2
+
+
+async def test_a_failure_code_is_reported_with_the_others_finished(doc2x, make_image):
+    uids = submit(
+        make_image(title="Fine"), make_image(title="Bad", paragraphs=["<!-- doc2x-fail: parse_error -->"])
+    )
+    event = await first_event(make_trigger(uids))
+    assert event["status"] == "failed"
+    good, bad = event["jobs"]
+    assert good["status"] == "success"
+    assert (bad["status"], bad["code"]) == ("failed", "parse_error")
+    assert bad["uid"] in bad["message"]
+
+
+async def test_unknown_uid_fails_that_job(doc2x):
+    event = await first_event(make_trigger(["no-such-uid"]))
+    assert event["status"] == "failed"
+    assert event["jobs"][0]["code"] == "parse_status_not_found"
+
+
+async def test_timeout_names_what_is_still_processing(doc2x, make_image):
+    doc2x.configure(processing_time=30)
+    uids = submit(make_image())
+    event = await first_event(make_trigger(uids, timeout=0.3))
+    assert event["status"] == "timeout"
+    assert event["jobs"][0]["status"] == "processing"
+    assert event["jobs"][0]["uid"] == uids[0]
+
+
+async def test_a_run_of_5xx_is_tolerated(doc2x, make_image, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_DOC2X_DEFAULT", doc2x.connection_json(max_retries=0))
+    uids = submit(make_image())
+    doc2x.configure(fail_next=3)
+    event = await first_event(make_trigger(uids, max_consecutive_errors=5))
+    assert event["status"] == "success"
+
+
+async def test_too_long_a_run_of_5xx_gives_up_with_a_clear_error(doc2x, make_image, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_DOC2X_DEFAULT", doc2x.connection_json(max_retries=0))
+    uids = submit(make_image())
+    doc2x.configure(fail_next=100)
+    event = await first_event(make_trigger(uids, max_consecutive_errors=2))
+    assert event["status"] == "error"
+    assert "3 rounds in a row" in event["message"]
+    assert "HTTP 503" in event["message"]
+
+
+async def test_a_refused_key_stops_the_wait(doc2x, make_image, monkeypatch):
+    uids = submit(make_image())
+    monkeypatch.setenv("AIRFLOW_CONN_DOC2X_DEFAULT", doc2x.connection_json(api_key="sk-revoked"))
+    event = await first_event(make_trigger(uids))
+    assert (event["status"], event["code"]) == ("error", "unauthorized")
+
+
+async def test_rebuilt_mid_poll_it_resumes_the_same_uid(doc2x, make_image):
+    doc2x.configure(processing_time=1.0)
+    uids = submit(make_image(title="Survivor"))
+    trigger = make_trigger(uids)
+    running = asyncio.ensure_future(first_event(trigger))
+    while doc2x.stats()["requests"].get("status", 0) < 2:  # polled at least twice, still processing
+        await asyncio.sleep(0.02)
+    running.cancel()  # the triggerer dies
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    event = await first_event(rebuild(trigger))
+    assert event["status"] == "success"
+    assert event["jobs"][0]["uid"] == uids[0]
+    assert doc2x.stats()["billed_total"] == 1
+    assert doc2x.stats()["requests"]["submit"] == 1
+
+
+async def test_jobs_that_arrive_terminal_are_not_polled(doc2x):
+    trigger = Doc2XImageParseTrigger(
+        doc2x_conn_id="doc2x_default",
+        jobs=[
+            {"uid": None, "source": "lost.png", "status": "failed", "code": None, "message": "upload lost"},
+            {"uid": "done-uid", "source": "done.png", "status": "success"},
+        ],
+        poll_interval=0.05,
+        deadline=time.time() + 5,
+    )
+    event = await first_event(trigger)
+    assert event["status"] == "failed"
+    assert doc2x.stats()["requests"] == {}
+
+
+async def test_it_never_takes_the_synchronous_connection_path(doc2x, make_image, monkeypatch):
+    uids = submit(make_image())
+
+    def blocked(self):
+        raise AssertionError("the sync connection lookup ran on the event loop")
+
+    monkeypatch.setattr(Doc2XHook, "settings", property(blocked))
+    ticks = 0
+
+    async def heartbeat():
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    beating = asyncio.ensure_future(heartbeat())
+    try:
+        event = await first_event(make_trigger(uids))
+    finally:
+        beating.cancel()
+    assert event["status"] == "success"
+    assert ticks > 5  # the loop kept running other work while the trigger waited
+
+
+async def test_polls_are_bounded_and_every_job_is_reported(doc2x, make_image):
+    doc2x.configure(processing_time=0.3)
+    uids = submit(*(make_image(title=f"Many {n}") for n in range(6)))
+    doc2x.configure(latency=0.05)
+    event = await first_event(make_trigger(uids, max_concurrent_polls=2))
+    assert event["status"] == "success"
+    assert [job["uid"] for job in event["jobs"]] == uids
+    assert doc2x.stats()["max_in_flight"] <= 2
