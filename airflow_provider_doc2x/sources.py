@@ -9,6 +9,7 @@ and is named in the error. The full bytes are read only when the image is submit
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,20 +26,18 @@ class ImageSource:
     """One image to parse; ``uri`` is how it is named in logs, errors, XCom and lineage."""
 
     uri: str
-    path: Any  # pathlib.Path for local files, ObjectStoragePath for URIs
+    path: Any  # ObjectStoragePath (file:// for a local path)
 
     @classmethod
     def of(cls, value: str | Path | Any) -> ImageSource:
-        if isinstance(value, Path):
-            return cls(str(value), value)
-        text = str(value)
-        if "://" not in text:
-            return cls(text, Path(text))
-        if text.startswith("file://"):
-            return cls(text, Path(text[len("file://") :]))
+        """A local path or a URI; every read goes through ObjectStoragePath, which feeds hook lineage."""
         from airflow.providers.common.compat.sdk import ObjectStoragePath
 
-        return cls(text, value if isinstance(value, ObjectStoragePath) else ObjectStoragePath(text))
+        if isinstance(value, ObjectStoragePath):
+            return cls(str(value), value)
+        text = str(value)
+        uri = text if "://" in text else f"file://{os.path.abspath(text)}"
+        return cls(text, ObjectStoragePath(uri))
 
     def check(self) -> None:
         """Raise :class:`Doc2XInputError` if Doc2X would refuse this image; reads only its first bytes."""
@@ -58,7 +57,8 @@ class ImageSource:
 
     def read(self) -> bytes:
         self.check()  # before reading: never load a 2 GB file to find out it is too large
-        data = self.path.read_bytes()
+        with self.path.open("rb") as handle:  # open + read: the call Airflow's hook lineage sees
+            data = handle.read()
         protocol.check_image(data, source=self.uri)
         return data
 

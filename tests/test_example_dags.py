@@ -26,7 +26,11 @@ except ImportError:
     HAS_TASK_STATE_STORE = False
 
 EXAMPLES = REPO / "example_dags"
-EXAMPLE_DAG_IDS = {"example_doc2x_parse_image", "example_doc2x_parse_folder"}
+EXAMPLE_DAG_IDS = {
+    "example_doc2x_parse_image",
+    "example_doc2x_parse_folder",
+    "example_doc2x_parse_to_storage",
+}
 TITLES = {"invoice": "# Invoice 2026-0042", "letter": "# Letter of Intent", "report": "# Quarterly Report"}
 
 
@@ -87,6 +91,22 @@ def test_example_dag_with_airflow_dags_test_deferrable(doc2x, airflow_db, tmp_pa
     for stem, text in written.items():
         assert text.startswith(TITLES[stem])
     assert doc2x.stats()["max_billed_per_image"] == 1
+
+
+def test_example_dag_to_storage_twice_pays_once(doc2x, airflow_db, tmp_path):
+    lake = tmp_path / "lake"
+    conf = json.dumps({"output_path": str(lake)})
+    env = {"AIRFLOW_CONN_DOC2X_DEFAULT": doc2x.connection_json()}
+    first = airflow_cli("dags", "test", "example_doc2x_parse_to_storage", "-c", conf, env=env)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    assert first.stdout.count("parsed: ") == 3
+    folders = sorted(path.name for path in lake.iterdir())
+    assert [name.rsplit("-", 1)[0] for name in folders] == ["invoice", "letter", "report"]
+    assert (lake / folders[0] / "invoice.md").read_text().startswith(TITLES["invoice"])
+    second = airflow_cli("dags", "test", "example_doc2x_parse_to_storage", "-c", conf, env=env)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
+    assert second.stdout.count("reused: ") == 3
+    assert doc2x.stats()["requests"]["submit"] == 3
 
 
 def run_dag(dag, **run_conf):

@@ -30,6 +30,7 @@ from airflow_provider_doc2x.exceptions import (
     Doc2XSubmitUncertainError,
 )
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
+from airflow_provider_doc2x.results import ResultStore
 from airflow_provider_doc2x.sources import ImageSource, check_all, resolve_images, sha256_of
 from airflow_provider_doc2x.triggers.doc2x import EVENT_ERROR, Doc2XImageParseTrigger, validate_event
 
@@ -68,7 +69,11 @@ class Doc2XImageParseOperator(BaseOperator):
 
     :param image_path: one local path or ``ObjectStoragePath`` URI, or a list of them (templated).
     :param doc2x_conn_id: the ``doc2x`` connection.
-    :param output_path: where to write results (templated); None keeps them in XCom.
+    :param output_path: a local directory or ``ObjectStoragePath`` URI (templated) to write each
+        image's Markdown, figures and sidecar into (see :mod:`airflow_provider_doc2x.results`); XCom
+        then holds their paths. None keeps the Markdown itself in XCom.
+    :param overwrite: with ``output_path``, parse an image again even if its content already has a
+        complete result there (by default that result is reused and nothing is submitted).
     :param method: ``"async"`` (submit, then wait without a worker when deferrable) or ``"sync"``
         (Doc2X's synchronous endpoint, one image at a time, in the worker).
     :param deferrable: wait in the triggerer instead of the worker.
@@ -91,6 +96,7 @@ class Doc2XImageParseOperator(BaseOperator):
         poll_interval: float = 2.0,
         timeout: float = 600,
         max_concurrent_polls: int = 8,
+        overwrite: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -104,10 +110,17 @@ class Doc2XImageParseOperator(BaseOperator):
         self.poll_interval = poll_interval
         self.timeout = timeout
         self.max_concurrent_polls = max_concurrent_polls
+        self.overwrite = overwrite
+        self._records: list[dict[str, Any]] = []
 
     @cached_property
     def hook(self) -> Doc2XHook:
         return Doc2XHook(doc2x_conn_id=self.doc2x_conn_id)
+
+    @cached_property
+    def results(self) -> ResultStore | None:
+        """Where results go: built at run time, once ``output_path`` is rendered."""
+        return ResultStore(self.output_path) if self.output_path else None
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
         sources = resolve_images(self.image_path)
@@ -141,9 +154,23 @@ class Doc2XImageParseOperator(BaseOperator):
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """Resume after the trigger: fetch each finished result; fail naming every image that did not end well."""
-        records = records_from_event(self.hook, event)
+        records = records_from_event(self.hook, event, results=self.results, overwrite=self.overwrite)
         self.log.info("Doc2X parsed %d images", len(records))
+        self._records = records
         return records
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """Each input image and each written Markdown file as datasets (OpenLineage is optional)."""
+        from airflow.providers.openlineage.extractors import OperatorLineage
+
+        return OperatorLineage(
+            inputs=[lineage_dataset(record["source"]) for record in self._records],
+            outputs=[
+                lineage_dataset(record["markdown_path"])
+                for record in self._records
+                if "markdown_path" in record
+            ],
+        )
 
     # -- submission ------------------------------------------------------------------------------
 
@@ -162,12 +189,39 @@ class Doc2XImageParseOperator(BaseOperator):
             if digest in by_content:
                 jobs.append({**by_content[digest], "source": source.uri})
                 continue
-            job = self._reconnect(store, source, digest) or self._submit(store, source, data, digest)
+            job = (
+                self._cached(source, digest)
+                or self._reconnect(store, source, digest)
+                or self._submit(store, source, data, digest)
+            )
             by_content[digest] = job
             jobs.append(job)
             if number % 10 == 0 or number == len(sources):
                 self.log.info("Doc2X: %d/%d submitted", number, len(sources))
         return jobs
+
+    def _stored(self, source: ImageSource, digest: str) -> dict[str, Any] | None:
+        """The record of a complete earlier result of this content under ``output_path``, if reusable."""
+        if self.results is None or self.overwrite:
+            return None
+        record = self.results.cached(digest)
+        if record is None:
+            return None
+        self.log.info(
+            "Cache hit: %s is already parsed in %s; not submitted", source.uri, record["markdown_path"]
+        )
+        return {**record, "source": source.uri}
+
+    def _cached(self, source: ImageSource, digest: str) -> dict[str, Any] | None:
+        record = self._stored(source, digest)
+        if record is None:
+            return None
+        return {
+            "uid": record["uid"],
+            "source": source.uri,
+            "sha256": digest,
+            "status": protocol.STATUS_SUCCESS,
+        }
 
     def _reconnect(self, store: Any, source: ImageSource, digest: str) -> dict[str, Any] | None:
         recorded = store.get(STATE_KEY_PREFIX + digest) if store is not None else None
@@ -215,20 +269,51 @@ class Doc2XImageParseOperator(BaseOperator):
         records, failures = [], []
         for source in sources:
             data = source.read()
+            digest = sha256_of(data)
+            stored = self._stored(source, digest)
+            if stored is not None:
+                records.append(stored)
+                continue
             try:
                 result = self.hook.parse_image(data, source=source.uri)
             except (Doc2XAuthError, Doc2XQuotaError):
                 raise
             except Doc2XError as error:
-                failures.append(_failed_job(source, sha256_of(data), error))
+                failures.append(_failed_job(source, digest, error))
                 continue
-            records.append(result_record(source.uri, result, sha256_of(data)))
+            records.append(store_or_record(self.results, source.uri, digest, result))
         if failures:
             raise _batch_failure(failures, len(sources))
+        self._records = records
         return records
 
 
-def records_from_event(hook: Doc2XHook, event: dict[str, Any] | None) -> list[dict[str, Any]]:
+def store_or_record(
+    results: ResultStore | None, source: str, digest: str | None, result: protocol.Doc2XResult
+) -> dict[str, Any]:
+    """Write the result to storage and return its paths, or return it whole for XCom."""
+    if results is not None and digest:
+        return results.write(source, digest, result)
+    return result_record(source, result, digest)
+
+
+def lineage_dataset(uri: str) -> Any:
+    """An OpenLineage dataset for a path or URI: namespace ``file`` or ``scheme://bucket``, name the key."""
+    from airflow.providers.common.compat.openlineage.facet import Dataset
+
+    path = ImageSource.of(uri).path
+    if path.protocol in ("file", "local", ""):
+        return Dataset(namespace="file", name=path.path)
+    return Dataset(namespace=path.namespace, name=path.key)
+
+
+def records_from_event(
+    hook: Doc2XHook,
+    event: dict[str, Any] | None,
+    *,
+    results: ResultStore | None = None,
+    overwrite: bool = False,
+) -> list[dict[str, Any]]:
     """The records of a trigger event, in input order; raise naming every job that did not succeed."""
     event = validate_event(event)
     if event["status"] == EVENT_ERROR:
@@ -240,13 +325,16 @@ def records_from_event(hook: Doc2XHook, event: dict[str, Any] | None) -> list[di
         if job["status"] != protocol.STATUS_SUCCESS:
             failures.append(job)
             continue
+        if results is not None and not overwrite and (stored := results.cached(job["sha256"])):
+            records.append({**stored, "source": job["source"]})
+            continue
         status = hook.get_job_status(job["uid"])
         if status.result is None:
             failures.append(
                 {**job, "message": f"the job answered {status.status} when its result was fetched"}
             )
             continue
-        records.append(result_record(job["source"], status.result, job.get("sha256")))
+        records.append(store_or_record(results, job["source"], job.get("sha256"), status.result))
     if failures:
         raise _batch_failure(failures, len(event["jobs"]))
     return records
