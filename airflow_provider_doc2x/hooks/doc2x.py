@@ -9,8 +9,10 @@ try again. The API key lives in the connection's password and leaves this module
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
+import weakref
 from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -36,6 +38,12 @@ from airflow_provider_doc2x.pacing import RateLimiter, limiter_for
 from airflow_provider_doc2x.sources import ImageSource
 
 ImageInput = bytes | str | os.PathLike
+
+#: Connections kept by the shared async client of an event loop (the triggerer's).
+ASYNC_POOL_LIMITS = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+_async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, httpx.AsyncClient]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 @dataclass(frozen=True)
@@ -211,17 +219,25 @@ class Doc2XHook(BaseHook):
     def get_conn(self) -> httpx.Client:
         if self._client is None:
             settings = self.settings
-            self._client = httpx.Client(
-                base_url=settings.base_url, headers=_auth_headers(settings), timeout=settings.http_timeout
-            )
+            self._client = httpx.Client(base_url=settings.base_url, timeout=settings.http_timeout)
         return self._client
 
     async def aget_conn(self) -> httpx.AsyncClient:
+        """
+        The event loop's shared client for this URL: a thousand triggers share one connection pool
+        (and one TLS context, which is slow to build and large) instead of each making their own.
+        The key is not part of the client; each request carries its own.
+        """
         if self._async_client is None:
             settings = await self.aget_settings()
-            self._async_client = httpx.AsyncClient(
-                base_url=settings.base_url, headers=_auth_headers(settings), timeout=settings.http_timeout
-            )
+            clients = _async_clients.setdefault(asyncio.get_running_loop(), {})
+            key = (settings.base_url, settings.timeout, settings.connect_timeout)
+            client = clients.get(key)
+            if client is None or client.is_closed:
+                client = clients[key] = httpx.AsyncClient(
+                    base_url=settings.base_url, timeout=settings.http_timeout, limits=ASYNC_POOL_LIMITS
+                )
+            self._async_client = client
         return self._async_client
 
     def close(self) -> None:
@@ -230,9 +246,8 @@ class Doc2XHook(BaseHook):
             self._client = None
 
     async def aclose(self) -> None:
-        if self._async_client is not None:
-            await self._async_client.aclose()
-            self._async_client = None
+        """Let go of the shared client; it stays open for the other hooks on this event loop."""
+        self._async_client = None
 
     def _call(self, request: protocol.Doc2XRequest) -> dict[str, Any]:
         settings = self.settings
@@ -244,7 +259,7 @@ class Doc2XHook(BaseHook):
                         request.path,
                         params=request.params,
                         content=request.content,
-                        headers=request.headers,
+                        headers={**request.headers, **_auth_headers(settings)},
                     )
                 except httpx.TransportError as error:
                     raise _transport_error(request, error) from error
@@ -263,7 +278,7 @@ class Doc2XHook(BaseHook):
                             request.path,
                             params=request.params,
                             content=request.content,
-                            headers=request.headers,
+                            headers={**request.headers, **_auth_headers(settings)},
                         )
                     except httpx.TransportError as error:
                         raise _transport_error(request, error) from error
