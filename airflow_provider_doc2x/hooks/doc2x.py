@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import time
 import weakref
 from collections.abc import Mapping
 from contextlib import nullcontext
@@ -39,9 +40,24 @@ from airflow_provider_doc2x.sources import ImageSource
 
 ImageInput = bytes | str | os.PathLike
 
-#: Connections kept by the shared async client of an event loop (the triggerer's).
-ASYNC_POOL_LIMITS = httpx.Limits(max_connections=64, max_keepalive_connections=32)
-_async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, httpx.AsyncClient]] = (
+#: Requests in flight at once through the shared async client of an event loop (the triggerer's).
+#: Requests past it wait on a semaphore rather than in httpcore's pool, whose queue handling costs
+#: time proportional to the queue on every request: a thousand queued polls would stall the loop.
+ASYNC_MAX_IN_FLIGHT = 16
+
+
+@dataclass
+class _SharedAsyncClient:
+    client: httpx.AsyncClient
+    gate: asyncio.Semaphore
+
+
+#: Seconds the hooks of one event loop share a connection lookup.
+ASYNC_SETTINGS_TTL = 60.0
+_async_settings: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[str, tuple[float, asyncio.Future[Doc2XSettings]]]
+] = weakref.WeakKeyDictionary()
+_async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, _SharedAsyncClient]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -160,7 +176,7 @@ class Doc2XHook(BaseHook):
         super().__init__(**kwargs)
         self.doc2x_conn_id = doc2x_conn_id
         self._client: httpx.Client | None = None
-        self._async_client: httpx.AsyncClient | None = None
+        self._async_client: _SharedAsyncClient | None = None
         self._async_settings: Doc2XSettings | None = None
 
     # -- the connection form (Airflow 2.11; Airflow 3 reads the same from the provider info) ----
@@ -207,12 +223,29 @@ class Doc2XHook(BaseHook):
         return settings
 
     async def aget_settings(self) -> Doc2XSettings:
-        """The connection, fetched once, without blocking the event loop (triggers)."""
+        """
+        The connection, fetched without blocking the event loop (triggers).
+
+        Hooks on one event loop share one lookup per connection for ``ASYNC_SETTINGS_TTL`` seconds:
+        a triggerer that starts a thousand Doc2X triggers fetches the connection once, not a
+        thousand times in one tick of the loop. A rotated key is picked up after the TTL.
+        """
         if self._async_settings is None:
-            conn = await get_async_connection(self.doc2x_conn_id, hook=self)
-            extra = await get_async_extra_dejson(conn)
-            self._async_settings = Doc2XSettings.from_connection(conn, extra)
+            lookups = _async_settings.setdefault(asyncio.get_running_loop(), {})
+            cached = lookups.get(self.doc2x_conn_id)
+            if cached is None or cached[0] < time.monotonic() or (cached[1].done() and cached[1].exception()):
+                cached = (
+                    time.monotonic() + ASYNC_SETTINGS_TTL,
+                    asyncio.ensure_future(self._fetch_settings()),
+                )
+                lookups[self.doc2x_conn_id] = cached
+            self._async_settings = await asyncio.shield(cached[1])
         return self._async_settings
+
+    async def _fetch_settings(self) -> Doc2XSettings:
+        conn = await get_async_connection(self.doc2x_conn_id, hook=self)
+        extra = await get_async_extra_dejson(conn)
+        return Doc2XSettings.from_connection(conn, extra)
 
     # -- transports ----------------------------------------------------------------------------
 
@@ -223,21 +256,28 @@ class Doc2XHook(BaseHook):
         return self._client
 
     async def aget_conn(self) -> httpx.AsyncClient:
+        return (await self._shared_async_client()).client
+
+    async def _shared_async_client(self) -> _SharedAsyncClient:
         """
         The event loop's shared client for this URL: a thousand triggers share one connection pool
         (and one TLS context, which is slow to build and large) instead of each making their own.
         The key is not part of the client; each request carries its own.
         """
-        if self._async_client is None:
+        if self._async_client is None or self._async_client.client.is_closed:
             settings = await self.aget_settings()
             clients = _async_clients.setdefault(asyncio.get_running_loop(), {})
             key = (settings.base_url, settings.timeout, settings.connect_timeout)
-            client = clients.get(key)
-            if client is None or client.is_closed:
-                client = clients[key] = httpx.AsyncClient(
-                    base_url=settings.base_url, timeout=settings.http_timeout, limits=ASYNC_POOL_LIMITS
+            shared = clients.get(key)
+            if shared is None or shared.client.is_closed:
+                limits = httpx.Limits(
+                    max_connections=ASYNC_MAX_IN_FLIGHT, max_keepalive_connections=ASYNC_MAX_IN_FLIGHT
                 )
-            self._async_client = client
+                client = httpx.AsyncClient(
+                    base_url=settings.base_url, timeout=settings.http_timeout, limits=limits
+                )
+                shared = clients[key] = _SharedAsyncClient(client, asyncio.Semaphore(ASYNC_MAX_IN_FLIGHT))
+            self._async_client = shared
         return self._async_client
 
     def close(self) -> None:
@@ -270,10 +310,10 @@ class Doc2XHook(BaseHook):
         settings = await self.aget_settings()
         async for attempt in tenacity.AsyncRetrying(**self._retry_options(settings, request)):
             with attempt:
-                client = await self.aget_conn()
-                async with settings.limiter.aupload() if request.bills else nullcontext():
+                shared = await self._shared_async_client()
+                async with settings.limiter.aupload() if request.bills else nullcontext(), shared.gate:
                     try:
-                        response = await client.request(
+                        response = await shared.client.request(
                             request.method,
                             request.path,
                             params=request.params,

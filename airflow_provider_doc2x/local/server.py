@@ -92,6 +92,8 @@ class ServerState:
     rate_limited: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
+    #: Server times of the first and last billed upload, for throughput figures.
+    upload_times: list[float] = field(default_factory=lambda: [0.0, 0.0])
 
     def reset(self) -> None:
         for job in self.jobs.values():
@@ -105,6 +107,7 @@ class ServerState:
         self.windows.clear()
         self.rate_limited = 0
         self.max_in_flight = self.in_flight
+        self.upload_times = [0.0, 0.0]
 
 
 def error(code: str, msg: str, status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -217,6 +220,9 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         if settings.quota is not None and sum(state.billed.values()) >= settings.quota:
             return "", error("parse_quota_limit", "No page quota left")
         digest = hashlib.sha256(image).hexdigest()
+        if not state.billed:
+            state.upload_times[0] = time.monotonic()
+        state.upload_times[1] = time.monotonic()
         state.billed[digest] += 1
         return digest, None
 
@@ -318,6 +324,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             "requests": dict(state.requests),
             "rate_limited": state.rate_limited,
             "max_in_flight": state.max_in_flight,
+            "upload_span_seconds": state.upload_times[1] - state.upload_times[0],
             "jobs": len(state.jobs),
         }
 

@@ -89,7 +89,7 @@ class Doc2XImageParseTrigger(BaseTrigger):
         jobs = [dict(job) for job in self.jobs]
         limit = asyncio.Semaphore(self.max_concurrent_polls)
         failed_rounds = 0
-        reported = -1
+        reported = 0  # "0/N done" is not news: log from the first finished job on
 
         async def poll(uid: str) -> protocol.Doc2XJobStatus | Doc2XError:
             async with limit:

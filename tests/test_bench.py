@@ -1,0 +1,46 @@
+"""The bench scripts still run (tiny parameters); their figures are read by people, not asserted."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+RUNS = {
+    "throughput.py": [
+        "--images",
+        "24",
+        "--limit",
+        "6",
+        "--window",
+        "0.5",
+        "--processing",
+        "0.2",
+        "--tasks",
+        "2",
+    ],
+    "worker_occupancy.py": ["--processing", "0.3", "--tasks", "1", "--poll-interval", "0.1"],
+    "triggerer.py": ["--triggers", "20", "--processing", "0.3", "--poll-interval", "0.1"],
+    "upload.py": [],
+}
+
+
+@pytest.mark.parametrize("script", sorted(RUNS))
+def test_bench_script_runs_and_prints_its_figures(script):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *RUNS[script]],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO / "bench",
+        env={key: value for key, value in os.environ.items() if not key.startswith("AIRFLOW_CONN_")},
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "\n## " in result.stdout
+    if script == "throughput.py":  # never billed twice, whatever the timing
+        assert re.findall(r"max billings of one image\s+(\d+)", result.stdout) == ["1", "1", "1"]
