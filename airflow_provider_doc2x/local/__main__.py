@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 
@@ -23,6 +24,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rate-limit", type=int, default=defaults.rate_limit)
     parser.add_argument("--rate-window", type=float, default=defaults.rate_window)
     parser.add_argument("--result-ttl", type=float, default=defaults.result_ttl)
+    parser.add_argument(
+        "--ocr-threads", type=int, default=0, help="onnxruntime threads of the ocr engine (0: all cores)"
+    )
     parser.add_argument("--log-level", default="warning")
     return parser.parse_args(argv)
 
@@ -31,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     args = parse_args(argv)
+    if args.ocr_threads:
+        os.environ["DOC2X_OCR_THREADS"] = str(args.ocr_threads)
     config = ServerConfig(
         api_key=args.api_key,
         engine=args.engine,

@@ -109,7 +109,17 @@ class SimpleEngine:
         return EngineResult(pages=[EnginePage(width, height, md)], figures=figures)
 
 
-ENGINES: dict[str, Callable[[], Engine]] = {"simple": SimpleEngine}
+def _ocr_engine() -> Engine:
+    try:
+        from airflow_provider_doc2x.local.ocr import OcrEngine
+    except ImportError as error:
+        raise RuntimeError(
+            f"The ocr engine needs the ocr extra ({error}): pip install 'airflow-provider-doc2x[local,ocr]'"
+        ) from error
+    return OcrEngine()
+
+
+ENGINES: dict[str, Callable[[], Engine]] = {"simple": SimpleEngine, "ocr": _ocr_engine}
 
 
 def load_engine(name: str) -> Engine:

@@ -27,6 +27,8 @@ class Page:
     paragraphs: list[str] = field(default_factory=list)
     table: list[list[str]] = field(default_factory=list)
     figure: bool = False
+    #: Make it look scanned: slightly tilted, blurred, speckled, saved as a lossy JPEG.
+    scanned: bool = False
 
 
 def _font(size: int):
@@ -89,14 +91,36 @@ def render(page: Page, *, fmt: str = "PNG", size: tuple[int, int] = PAGE_SIZE) -
         )
         markdown.append(f"<!-- figure: {box[0]},{box[1]},{box[2] - box[0]},{box[3] - box[1]} -->")
     text = "\n\n".join(markdown)
+    if page.scanned:
+        picture = _scanned(picture)
     out = io.BytesIO()
     if fmt.upper() == "PNG":
         info = PngImagePlugin.PngInfo()
         info.add_text(TEXT_KEY, text)
         picture.save(out, format="PNG", pnginfo=info, optimize=True)
     else:
-        picture.save(out, format="JPEG", quality=85, comment=text.encode())
+        picture.save(out, format="JPEG", quality=70 if page.scanned else 85, comment=text.encode())
     return out.getvalue()
+
+
+def _scanned(picture):
+    """A fixed, repeatable imitation of a desk scan: 0.6 degree tilt, blur, grey paper, speckle."""
+    import random
+
+    from PIL import Image, ImageFilter
+
+    noise_source = random.Random(42)
+    tilted = picture.rotate(0.6, resample=Image.Resampling.BICUBIC, expand=False, fillcolor="white")
+    blurred = tilted.filter(ImageFilter.GaussianBlur(0.9))
+    paper = Image.new("RGB", picture.size, (236, 233, 225))
+    scan = Image.blend(blurred, paper, 0.12)
+    speckle = scan.load()
+    width, height = scan.size
+    for _ in range(width * height // 150):
+        x, y = noise_source.randrange(width), noise_source.randrange(height)
+        shade = noise_source.randrange(120, 200)
+        speckle[x, y] = (shade, shade, shade)
+    return scan
 
 
 EXAMPLE_PAGES = {
@@ -115,6 +139,20 @@ EXAMPLE_PAGES = {
             "The figure below shows the share of each region.",
         ],
         figure=True,
+    ),
+    "scan.jpg": Page(
+        title="Shipping Manifest",
+        paragraphs=[
+            "Consignment of archive boxes from the Leeds office to the central records centre.",
+            "All boxes were sealed and counted at departure and on arrival.",
+        ],
+        table=[
+            ["Box", "Contents", "Pages"],
+            ["A-101", "Contracts", "2400"],
+            ["A-102", "Invoices", "1850"],
+            ["A-103", "Letters", "960"],
+        ],
+        scanned=True,
     ),
     "letter.png": Page(
         title="Letter of Intent",
