@@ -9,7 +9,6 @@ process (``python -m airflow_provider_doc2x.local --port 0``) exactly as a user 
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import shutil
 import subprocess
@@ -33,33 +32,17 @@ os.environ.update(
     }
 )
 
-import httpx  # noqa: E402
-
+from airflow_provider_doc2x.local.process import LocalServerProcess  # noqa: E402
 from airflow_provider_doc2x.local.samples import Page, render  # noqa: E402
 
 API_KEY = "sk-test-0123"
 
 
-class LocalDoc2X:
-    """The running local server, seen from the tests: its URL, knobs and billing counters."""
+class LocalDoc2X(LocalServerProcess):
+    """The running local server, seen from the tests; connections retry fast to keep the suite quick."""
 
-    def __init__(self, url: str, process: subprocess.Popen) -> None:
-        self.url = url
-        self.process = process
-        self.client = httpx.Client(base_url=url, timeout=10)
-
-    def configure(self, **knobs) -> None:
-        self.client.post("/local/config", json=knobs).raise_for_status()
-
-    def reset(self) -> None:
-        self.client.post("/local/reset").raise_for_status()
-
-    def stats(self) -> dict:
-        return self.client.get("/local/stats").json()
-
-    def connection_json(self, api_key: str = API_KEY, **extra) -> str:
-        extra = {"retry_wait": 0.01, "retry_wait_max": 0.05, **extra}
-        return json.dumps({"conn_type": "doc2x", "host": self.url, "password": api_key, "extra": extra})
+    def connection_json(self, api_key: str | None = None, **extra) -> str:
+        return super().connection_json(api_key, **{"retry_wait": 0.01, "retry_wait_max": 0.05, **extra})
 
 
 def wait_until(condition, *, timeout: float = 10.0, interval: float = 0.02, message: str = "condition"):
@@ -76,31 +59,9 @@ def wait_until(condition, *, timeout: float = 10.0, interval: float = 0.02, mess
 
 @pytest.fixture(scope="session")
 def local_server():
-    process = subprocess.Popen(
-        [sys.executable, "-m", "airflow_provider_doc2x.local", "--port", "0", "--api-key", API_KEY],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    seen = []
-    for line in process.stdout or []:  # Airflow may log a line or two before the server's own
-        seen.append(line)
-        if "listening on " in line or len(seen) > 50:
-            break
-    if "listening on " not in line:
-        process.kill()
-        raise RuntimeError(f"The local Doc2X server did not start: {''.join(seen)!r}")
-    server = LocalDoc2X(line.rsplit("listening on ", 1)[1].strip(), process)
-
-    def healthy() -> bool:
-        try:
-            return server.client.get("/local/health").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_until(healthy, message="the local Doc2X server to answer")
+    server = LocalDoc2X(api_key=API_KEY)
     yield server
-    process.terminate()
-    process.wait(timeout=10)
+    server.stop()
 
 
 @pytest.fixture

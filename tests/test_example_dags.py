@@ -71,6 +71,17 @@ def airflow_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     )
 
 
+def dags_test(dag_id: str, conf: dict, doc2x, *, dags_folder: Path | None = None) -> str:
+    """``airflow dags test DAG -c CONF`` against the local server; the run must succeed. Returns its output."""
+    env = {"AIRFLOW_CONN_DOC2X_DEFAULT": doc2x.connection_json()}
+    if dags_folder is not None:
+        env["AIRFLOW__CORE__DAGS_FOLDER"] = str(dags_folder)
+    result = airflow_cli("dags", "test", dag_id, "-c", json.dumps(conf), env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    return output
+
+
 def markdown_files(folder: Path) -> dict[str, str]:
     return {path.stem: path.read_text() for path in sorted(folder.glob("*.md"))}
 
@@ -80,17 +91,7 @@ def markdown_files(folder: Path) -> dict[str, str]:
     [("example_doc2x_parse_image", {"invoice"}), ("example_doc2x_parse_folder", set(TITLES))],
 )
 def test_example_dag_with_airflow_dags_test_deferrable(doc2x, airflow_db, tmp_path, dag_id, expected):
-    result = airflow_cli(
-        "dags",
-        "test",
-        dag_id,
-        "-c",
-        json.dumps({"markdown_dir": str(tmp_path)}),
-        env={"AIRFLOW_CONN_DOC2X_DEFAULT": doc2x.connection_json()},
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
-    assert "state=success" in output or "success" in output
+    dags_test(dag_id, {"markdown_dir": str(tmp_path)}, doc2x)
     written = markdown_files(tmp_path)
     assert set(written) == expected
     for stem, text in written.items():
@@ -100,17 +101,13 @@ def test_example_dag_with_airflow_dags_test_deferrable(doc2x, airflow_db, tmp_pa
 
 def test_example_dag_to_storage_twice_pays_once(doc2x, airflow_db, tmp_path):
     lake = tmp_path / "lake"
-    conf = json.dumps({"output_path": str(lake)})
-    env = {"AIRFLOW_CONN_DOC2X_DEFAULT": doc2x.connection_json()}
-    first = airflow_cli("dags", "test", "example_doc2x_parse_to_storage", "-c", conf, env=env)
-    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
-    assert first.stdout.count("parsed: ") == len(TITLES)
+    first = dags_test("example_doc2x_parse_to_storage", {"output_path": str(lake)}, doc2x)
+    assert first.count("parsed: ") == len(TITLES)
     folders = sorted(path.name for path in lake.iterdir())
     assert [name.rsplit("-", 1)[0] for name in folders] == sorted(TITLES)
     assert (lake / folders[0] / "invoice.md").read_text().startswith(TITLES["invoice"])
-    second = airflow_cli("dags", "test", "example_doc2x_parse_to_storage", "-c", conf, env=env)
-    assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
-    assert second.stdout.count("reused: ") == len(TITLES)
+    second = dags_test("example_doc2x_parse_to_storage", {"output_path": str(lake)}, doc2x)
+    assert second.count("reused: ") == len(TITLES)
     assert doc2x.stats()["requests"]["submit"] == len(TITLES)
 
 
@@ -135,19 +132,9 @@ def test_a_forced_second_try_makes_no_new_submission(doc2x, airflow_db, make_ima
         pytest.skip("the task state store arrived in Airflow 3.3; older versions resubmit on a new try")
     doc2x.configure(processing_time=1.5)
     image = make_image(title="Pay Once")
-    result = airflow_cli(
-        "dags",
-        "test",
-        "doc2x_forced_retry",
-        "-c",
-        json.dumps({"image": str(image)}),
-        env={
-            "AIRFLOW_CONN_DOC2X_DEFAULT": doc2x.connection_json(),
-            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "tests" / "dags"),
-        },
+    output = dags_test(
+        "doc2x_forced_retry", {"image": str(image)}, doc2x, dags_folder=REPO / "tests" / "dags"
     )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
     assert "Reconnected" in output  # the later tries said what they did
     assert "still processing at the deadline" in output  # and the first one did time out
     stats = doc2x.stats()

@@ -12,7 +12,7 @@ from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
 from airflow_provider_doc2x.sensors.doc2x import Doc2XImageParseSensor
 from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
 from tests.conftest import REPO, wait_until
-from tests.test_example_dags import airflow_cli
+from tests.test_example_dags import dags_test
 
 
 def sensor(uid: str, **kwargs) -> Doc2XImageParseSensor:
@@ -55,18 +55,6 @@ def test_deferrable_defers_while_processing_and_not_once_done(doc2x, make_image)
 
 def test_sensor_dag_pokes_and_defers(doc2x, airflow_db, make_image):
     image = make_image(title="Submitted Elsewhere")
-    result = airflow_cli(
-        "dags",
-        "test",
-        "doc2x_sensor",
-        "-c",
-        json.dumps({"image": str(image)}),
-        env={
-            "AIRFLOW_CONN_DOC2X_DEFAULT": doc2x.connection_json(),
-            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "tests" / "dags"),
-        },
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
+    output = dags_test("doc2x_sensor", {"image": str(image)}, doc2x, dags_folder=REPO / "tests" / "dags")
     assert output.count(": # Submitted Elsewhere") == 2, output[-4000:]
     assert doc2x.stats()["billed_total"] == 1
