@@ -176,3 +176,125 @@ def test_a_killed_triggerer_is_replaced_and_nothing_is_billed_twice(deployment, 
     assert stats["billed_total"] == PAGES
     assert stats["max_billed_per_image"] == 1
     assert len(list((tmp_path / "lake").glob("*/*.md"))) == PAGES
+
+
+# -- the connection form, in a browser ----------------------------------------------------------------
+
+ARTIFACTS = REPO / "artifacts"
+
+
+@pytest.fixture
+def browser():
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, chromedriver = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+    if not (chromium.exists() and chromedriver.exists()):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+    options = Options()
+    options.binary_location = str(chromium)
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1400,1100",
+    ):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(str(chromedriver)), options=options)
+    driver.implicitly_wait(10)
+    yield driver
+    driver.quit()
+
+
+def button(driver, text: str):
+    """The button with this text, once the page has rendered it."""
+    from selenium.webdriver.common.by import By
+
+    return wait_until(
+        lambda: next(
+            (item for item in driver.find_elements(By.TAG_NAME, "button") if item.text == text), None
+        ),
+        timeout=30,
+        interval=0.2,
+        message=f"a {text!r} button",
+    )
+
+
+def field(driver, label_text: str):
+    """The input a form label points at (the UI's ids are generated)."""
+    from selenium.webdriver.common.by import By
+
+    labels = [
+        label
+        for label in driver.find_elements(By.TAG_NAME, "label")
+        if label.text.split("\n")[0] == label_text
+    ]
+    assert labels, f"no field labelled {label_text!r}"
+    return driver.find_element(By.ID, labels[0].get_attribute("for"))
+
+
+def test_the_connection_form_in_a_browser(deployment, local_server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    local_server.reset()
+    browser.get(f"{deployment.api.base_url}/connections")
+    button(browser, "Add Connection").click()
+    field(browser, "Connection ID").send_keys("doc2x_from_ui")
+    connection_type = field(browser, "Connection Type")
+    connection_type.send_keys("Doc2X")
+    offered = wait_until(
+        lambda: [option.text for option in browser.find_elements(By.CSS_SELECTOR, "[role=option]")]
+    )
+    assert "Doc2X" in offered
+    connection_type.send_keys(Keys.ENTER)
+    host, key = field(browser, "Base URL"), field(browser, "API key")
+    assert host.get_attribute("placeholder") == "https://v2.doc2x.noedgeai.com"
+    assert key.get_attribute("type") == "password"  # the key is masked as it is typed
+    labels = {label.text.split("\n")[0] for label in browser.find_elements(By.TAG_NAME, "label")}
+    assert not labels & {"Login", "Port", "Schema"}  # hidden: Doc2X does not use them
+    host.send_keys(local_server.url)
+    key.send_keys("sk-typed-in-the-form")
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "doc2x-connection-form.png"))
+    button(browser, "Save").click()
+    wait_until(lambda: deployment.api.get("/api/v2/connections/doc2x_from_ui").status_code == 200, timeout=20)
+    stored = deployment.api.get("/api/v2/connections/doc2x_from_ui").json()
+    assert (stored["conn_type"], stored["host"], stored["password"]) == ("doc2x", local_server.url, "***")
+
+    # The Test button posts the stored connection to /connections/test, where the hook answers.
+    browser.find_element(By.CSS_SELECTOR, "button[aria-label='Test Connection']").click()
+    toast = wait_until(
+        lambda: next(
+            (
+                item.text
+                for item in browser.find_elements(By.CSS_SELECTOR, "[role=status]")
+                if "Test" in item.text
+            ),
+            None,
+        ),
+        timeout=20,
+        message="the Test button's answer",
+    )
+    browser.save_screenshot(str(ARTIFACTS / "doc2x-connection-test.png"))
+    body = {"connection_id": "doc2x_from_ui", "conn_type": "doc2x", "host": local_server.url}
+    good = deployment.api.post(
+        "/api/v2/connections/test", json={**body, "password": local_server.api_key}
+    ).json()
+    assert good == {"status": True, "message": f"Doc2X at {local_server.url} accepted the API key"}
+    bad = deployment.api.post("/api/v2/connections/test", json={**body, "password": "sk-wrong"}).json()
+    assert bad["status"] is False
+    assert "Doc2X refused the API key" in bad["message"]
+    assert "sk-wrong" not in bad["message"]
+    assert local_server.stats()["billed_total"] == 0
+    if "Bad Request" in toast and AIRFLOW_VERSION == (3, 3):
+        # Airflow 3.3.2's UI posts port 0 for a connection without a port, and its API then refuses
+        # the test as "a different destination" (apache/airflow#73298, fixed after 3.3.2).
+        pytest.xfail(f"Airflow's own Test-button bug for connections without a port: {toast!r}")
+    assert "Doc2X refused the API key" in toast  # the form's key is not the server's
