@@ -212,17 +212,28 @@ def browser():
     driver.quit()
 
 
+def rendered(find, what: str):
+    """Poll ``find`` until it returns something: React re-renders, and stale elements are retried."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    def attempt():
+        try:
+            return find()
+        except StaleElementReferenceException:
+            return None
+
+    return wait_until(attempt, timeout=30, interval=0.2, message=what)
+
+
 def button(driver, text: str):
     """The button with this text, once the page has rendered it."""
     from selenium.webdriver.common.by import By
 
-    return wait_until(
+    return rendered(
         lambda: next(
             (item for item in driver.find_elements(By.TAG_NAME, "button") if item.text == text), None
         ),
-        timeout=30,
-        interval=0.2,
-        message=f"a {text!r} button",
+        f"a {text!r} button",
     )
 
 
@@ -230,13 +241,13 @@ def field(driver, label_text: str):
     """The input a form label points at (the UI's ids are generated)."""
     from selenium.webdriver.common.by import By
 
-    labels = [
-        label
-        for label in driver.find_elements(By.TAG_NAME, "label")
-        if label.text.split("\n")[0] == label_text
-    ]
-    assert labels, f"no field labelled {label_text!r}"
-    return driver.find_element(By.ID, labels[0].get_attribute("for"))
+    def find():
+        for label in driver.find_elements(By.TAG_NAME, "label"):
+            if label.text.split("\n")[0] == label_text:
+                return driver.find_element(By.ID, label.get_attribute("for"))
+        return None
+
+    return rendered(find, f"a field labelled {label_text!r}")
 
 
 def test_the_connection_form_in_a_browser(deployment, local_server, browser):
@@ -249,15 +260,17 @@ def test_the_connection_form_in_a_browser(deployment, local_server, browser):
     field(browser, "Connection ID").send_keys("doc2x_from_ui")
     connection_type = field(browser, "Connection Type")
     connection_type.send_keys("Doc2X")
-    offered = wait_until(
-        lambda: [option.text for option in browser.find_elements(By.CSS_SELECTOR, "[role=option]")]
+    offered = rendered(
+        lambda: [option.text for option in browser.find_elements(By.CSS_SELECTOR, "[role=option]")], "options"
     )
     assert "Doc2X" in offered
     connection_type.send_keys(Keys.ENTER)
     host, key = field(browser, "Base URL"), field(browser, "API key")
     assert host.get_attribute("placeholder") == "https://v2.doc2x.noedgeai.com"
     assert key.get_attribute("type") == "password"  # the key is masked as it is typed
-    labels = {label.text.split("\n")[0] for label in browser.find_elements(By.TAG_NAME, "label")}
+    labels = rendered(
+        lambda: {label.text.split("\n")[0] for label in browser.find_elements(By.TAG_NAME, "label")}, "labels"
+    )
     assert not labels & {"Login", "Port", "Schema"}  # hidden: Doc2X does not use them
     host.send_keys(local_server.url)
     key.send_keys("sk-typed-in-the-form")
@@ -270,18 +283,13 @@ def test_the_connection_form_in_a_browser(deployment, local_server, browser):
 
     # The Test button posts the stored connection to /connections/test, where the hook answers.
     browser.find_element(By.CSS_SELECTOR, "button[aria-label='Test Connection']").click()
-    toast = wait_until(
-        lambda: next(
-            (
-                item.text
-                for item in browser.find_elements(By.CSS_SELECTOR, "[role=status]")
-                if "Test" in item.text
-            ),
-            None,
-        ),
-        timeout=20,
-        message="the Test button's answer",
-    )
+
+    def test_answer() -> str | None:
+        """The Test toast once it shows both its title and its message."""
+        texts = [item.text for item in browser.find_elements(By.CSS_SELECTOR, "[role=status]")]
+        return next((text for text in texts if text.startswith("Test Connection") and "\n" in text), None)
+
+    toast = rendered(test_answer, "the Test button's answer")
     browser.save_screenshot(str(ARTIFACTS / "doc2x-connection-test.png"))
     body = {"connection_id": "doc2x_from_ui", "conn_type": "doc2x", "host": local_server.url}
     good = deployment.api.post(
