@@ -255,9 +255,6 @@ class Doc2XHook(BaseHook):
             self._client = httpx.Client(base_url=settings.base_url, timeout=settings.http_timeout)
         return self._client
 
-    async def aget_conn(self) -> httpx.AsyncClient:
-        return (await self._shared_async_client()).client
-
     async def _shared_async_client(self) -> _SharedAsyncClient:
         """
         The event loop's shared client for this URL: a thousand triggers share one connection pool

@@ -72,6 +72,20 @@ async def test_async_status_from_an_event_loop(doc2x, make_image):
         await hook.aclose()
 
 
+async def test_async_submit_is_paced_and_billed_once(doc2x, make_image, monkeypatch):
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_DOC2X_DEFAULT", doc2x.connection_json(rate_limit_images=2, rate_limit_window=0.3)
+    )
+    doc2x.configure(rate_limit=2, rate_window=0.3)
+    hook = Doc2XHook()
+    images = [make_image(title=f"Async {n}").read_bytes() for n in range(5)]
+    uids = [await hook.asubmit_image(image, source=f"async-{n}.png") for n, image in enumerate(images)]
+    await hook.aclose()
+    stats = doc2x.stats()
+    assert len(set(uids)) == 5
+    assert (stats["billed_total"], stats["max_billed_per_image"], stats["rate_limited"]) == (5, 1, 0)
+
+
 def test_figures_come_as_a_zip_the_markdown_refers_to(doc2x, make_image):
     result = Doc2XHook().parse_image(
         make_image(title="Figure Page", figure=False, paragraphs=["<!-- figure: 10,10,50,40 -->"])
