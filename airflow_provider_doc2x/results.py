@@ -197,14 +197,13 @@ class ResultStore:
     def cached(self, sha256: str) -> dict[str, Any] | None:
         """The record of a complete earlier result for this content, or None."""
         for folder in self._index().get(sha256[:12], []):
-            for sidecar in folder.iterdir():
-                if sidecar.name.endswith(".json"):
-                    try:
-                        meta = json.loads(sidecar.read_text())
-                    except (ValueError, OSError):
-                        continue
-                    if meta.get("sha256") == sha256 and meta.get("markdown"):
-                        return self._record(folder, meta, cached=True)
+            sidecar = folder / f"{folder.name.rsplit('-', 1)[0]}.json"
+            try:
+                meta = json.loads(sidecar.read_text())
+            except (ValueError, OSError):
+                continue  # no sidecar: an interrupted write, not a result
+            if meta.get("sha256") == sha256 and meta.get("markdown"):
+                return self._record(folder, meta, cached=True)
         return None
 
     def write(self, source: str, sha256: str, result: protocol.Doc2XResult) -> dict[str, Any]:

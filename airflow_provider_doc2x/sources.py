@@ -41,6 +41,20 @@ class ImageSource:
 
     def check(self) -> None:
         """Raise :class:`Doc2XInputError` if Doc2X would refuse this image; reads only its first bytes."""
+        self._check_file()
+        with self.path.open("rb") as handle:
+            head = handle.read(_HEAD_BYTES)
+        protocol.check_image(head, source=self.uri)
+
+    def read(self) -> bytes:
+        self._check_file()  # before reading: never load a 2 GB file to find out it is too large
+        with self.path.open("rb") as handle:  # open + read: the call Airflow's hook lineage sees
+            data = handle.read()
+        protocol.check_image(data, source=self.uri)
+        return data
+
+    def _check_file(self) -> None:
+        """It exists, is a file, and its size is one Doc2X takes (from its metadata alone)."""
         try:
             is_file = self.path.is_file()
         except OSError as error:
@@ -51,16 +65,6 @@ class ImageSource:
                 source=self.uri,
             )
         protocol.check_image_size(self.path.stat().st_size, source=self.uri)
-        with self.path.open("rb") as handle:
-            head = handle.read(_HEAD_BYTES)
-        protocol.check_image(head, source=self.uri)
-
-    def read(self) -> bytes:
-        self.check()  # before reading: never load a 2 GB file to find out it is too large
-        with self.path.open("rb") as handle:  # open + read: the call Airflow's hook lineage sees
-            data = handle.read()
-        protocol.check_image(data, source=self.uri)
-        return data
 
 
 def resolve_images(value: str | Path | Sequence[str | Path]) -> list[ImageSource]:
