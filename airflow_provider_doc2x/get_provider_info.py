@@ -71,6 +71,27 @@ def get_provider_info() -> dict[str, Any]:
         "triggers": [
             {"integration-name": "Doc2X", "python-modules": ["airflow_provider_doc2x.triggers.doc2x"]}
         ],
+        "config": {
+            "doc2x": {
+                "description": "Options of the Doc2X provider.",
+                "options": {
+                    "freeze_triggerer_heap": {
+                        "description": (
+                            "Whether the first Doc2X trigger of a triggerer process moves the objects "
+                            "alive at that moment (Airflow's modules, classes and functions) out of "
+                            "CPython's garbage collections with ``gc.freeze()``. Without it, every full "
+                            "collection walks Airflow's whole start-up heap, which stops every trigger "
+                            "of the process for about 100 ms. The cost: a reference cycle among those "
+                            "objects that becomes garbage later is never freed.\n"
+                        ),
+                        "version_added": "0.1.0",
+                        "type": "boolean",
+                        "example": "False",
+                        "default": "True",
+                    }
+                },
+            }
+        },
         "connection-types": [
             {
                 "hook-class-name": "airflow_provider_doc2x.hooks.doc2x.Doc2XHook",

@@ -57,9 +57,9 @@ ASYNC_SETTINGS_TTL = 60.0
 _async_settings: weakref.WeakKeyDictionary[
     asyncio.AbstractEventLoop, dict[str, tuple[float, asyncio.Future[Doc2XSettings]]]
 ] = weakref.WeakKeyDictionary()
-_async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, _SharedAsyncClient]] = (
-    weakref.WeakKeyDictionary()
-)
+_async_clients: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[tuple, asyncio.Future[_SharedAsyncClient]]
+] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -259,22 +259,21 @@ class Doc2XHook(BaseHook):
         """
         The event loop's shared client for this URL: a thousand triggers share one connection pool
         (and one TLS context, which is slow to build and large) instead of each making their own.
-        The key is not part of the client; each request carries its own.
+        The key is not part of the client; each request carries its own. The client is built in a
+        thread: building its TLS context reads the CA bundle from disk, which would stall the loop.
         """
         if self._async_client is None or self._async_client.client.is_closed:
             settings = await self.aget_settings()
             clients = _async_clients.setdefault(asyncio.get_running_loop(), {})
             key = (settings.base_url, settings.timeout, settings.connect_timeout)
-            shared = clients.get(key)
-            if shared is None or shared.client.is_closed:
-                limits = httpx.Limits(
-                    max_connections=ASYNC_MAX_IN_FLIGHT, max_keepalive_connections=ASYNC_MAX_IN_FLIGHT
+            building = clients.get(key)
+            if building is None or (
+                building.done() and (building.exception() or building.result().client.is_closed)
+            ):
+                building = clients[key] = asyncio.ensure_future(
+                    asyncio.to_thread(_new_shared_client, settings)
                 )
-                client = httpx.AsyncClient(
-                    base_url=settings.base_url, timeout=settings.http_timeout, limits=limits
-                )
-                shared = clients[key] = _SharedAsyncClient(client, asyncio.Semaphore(ASYNC_MAX_IN_FLIGHT))
-            self._async_client = shared
+            self._async_client = await asyncio.shield(building)
         return self._async_client
 
     def close(self) -> None:
@@ -385,6 +384,12 @@ class Doc2XHook(BaseHook):
         finally:
             self.close()
         return True, f"Doc2X at {self.settings.base_url} accepted the API key"
+
+
+def _new_shared_client(settings: Doc2XSettings) -> _SharedAsyncClient:
+    limits = httpx.Limits(max_connections=ASYNC_MAX_IN_FLIGHT, max_keepalive_connections=ASYNC_MAX_IN_FLIGHT)
+    client = httpx.AsyncClient(base_url=settings.base_url, timeout=settings.http_timeout, limits=limits)
+    return _SharedAsyncClient(client, asyncio.Semaphore(ASYNC_MAX_IN_FLIGHT))
 
 
 def _auth_headers(settings: Doc2XSettings) -> dict[str, str]:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -184,3 +187,47 @@ async def test_polls_are_bounded_and_every_job_is_reported(doc2x, make_image):
     assert event["status"] == "success"
     assert [job["uid"] for job in event["jobs"]] == uids
     assert doc2x.stats()["max_in_flight"] <= 2
+
+
+#: Two triggers run one after the other in a fresh process, as in a triggerer.
+TWO_TRIGGERS_IN_A_PROCESS = """
+import asyncio, gc, time
+from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
+
+async def main():
+    for n in range(2):
+        trigger = Doc2XImageParseTrigger(
+            doc2x_conn_id="doc2x_default",
+            jobs=[{"uid": f"uid-{n}", "source": f"page-{n}.png", "status": "success"}],
+            poll_interval=1,
+            deadline=time.time() + 60,
+        )
+        async for event in trigger.run():
+            assert event.payload["status"] == "success"
+    print("frozen objects:", gc.get_freeze_count())
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("setting", [None, "False"])
+def test_the_first_trigger_of_a_process_freezes_its_start_up_heap(setting):
+    env = {key: value for key, value in os.environ.items() if key != "AIRFLOW__DOC2X__FREEZE_TRIGGERER_HEAP"}
+    if setting is not None:
+        env["AIRFLOW__DOC2X__FREEZE_TRIGGERER_HEAP"] = setting
+    result = subprocess.run(
+        [sys.executable, "-c", TWO_TRIGGERS_IN_A_PROCESS],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    frozen = int(result.stdout.split("frozen objects:")[1])
+    logs = result.stdout + result.stderr
+    if setting is None:
+        assert frozen > 10_000  # Airflow's modules, classes and functions
+        assert logs.count("out of garbage collection") == 1  # once per process
+    else:
+        assert frozen == 0
+        assert "out of garbage collection" not in logs
