@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -43,18 +42,6 @@ class LocalDoc2X(LocalServerProcess):
 
     def connection_json(self, api_key: str | None = None, **extra) -> str:
         return super().connection_json(api_key, **{"retry_wait": 0.01, "retry_wait_max": 0.05, **extra})
-
-
-def wait_until(condition, *, timeout: float = 10.0, interval: float = 0.02, message: str = "condition"):
-    """Poll with a deadline: the suite never sleeps a fixed time to wait for state."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"Timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)
 
 
 @pytest.fixture(scope="session")

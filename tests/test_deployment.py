@@ -6,125 +6,18 @@ Doc2X server beside them. Runs are started and watched through Airflow's REST AP
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
-import httpx
 import psutil
 import pytest
 
-from tests.conftest import REPO, wait_until
+from tests.deployment import AIRFLOW_VERSION, REPO, Deployment
+from tests.waiting import wait_until
 
-AIRFLOW_VERSION = tuple(int(part) for part in __import__("airflow").__version__.split(".")[:2])
 pytestmark = pytest.mark.skipif(AIRFLOW_VERSION < (3, 3), reason="the deployment test runs Airflow 3.3")
 
 DAG_ID = "example_doc2x_parse_to_storage"
 PAGES = 4  # the example images
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Deployment:
-    """Airflow's components as separate processes (each in its own process group), and a REST client."""
-
-    def __init__(self, home: Path, doc2x) -> None:
-        port = free_port()
-        bin_dir = str(Path(sys.executable).parent)
-        self.env = {
-            **os.environ,
-            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-            "AIRFLOW_HOME": str(home),
-            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "example_dags"),
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-            "AIRFLOW__CORE__PARALLELISM": "4",
-            "AIRFLOW__API__PORT": str(port),
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://localhost:{port}/execution/",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
-            "AIRFLOW__CORE__TEST_CONNECTION": "Enabled",
-            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-            "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "10",
-            "AIRFLOW_CONN_DOC2X_DEFAULT": doc2x.connection_json(),
-            "DOC2X_PACING_DIR": str(home / "pacing"),
-        }
-        self.home = home
-        self.api = httpx.Client(base_url=f"http://localhost:{port}", timeout=30)
-        self.processes: dict[str, subprocess.Popen] = {}
-        migrate = subprocess.run(["airflow", "db", "migrate"], env=self.env, capture_output=True, text=True)
-        assert migrate.returncode == 0, migrate.stderr[-3000:]
-        for component in ("api-server", "scheduler", "dag-processor", "triggerer"):
-            self.start(component)
-        wait_until(self.healthy, timeout=120, interval=0.5, message="Airflow's components to report healthy")
-
-    def start(self, component: str) -> None:
-        log = open(self.home / f"{component}.log", "ab")  # noqa: SIM115 - the process owns it
-        self.processes[component] = subprocess.Popen(
-            ["airflow", component], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-    def kill(self, component: str, sig: int = signal.SIGKILL) -> None:
-        """Signal the component's whole process group (its children outlive a plain kill)."""
-        process = self.processes.pop(component)
-        try:
-            os.killpg(process.pid, sig)
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
-        except ProcessLookupError:
-            pass
-
-    def stop(self) -> None:
-        for component in list(self.processes):
-            self.kill(component, signal.SIGTERM)
-
-    def healthy(self) -> bool:
-        try:
-            health = self.api.get("/api/v2/monitor/health").json()
-        except (httpx.TransportError, ValueError):
-            return False
-        return all(health.get(part, {}).get("status") == "healthy" for part in ("scheduler", "triggerer"))
-
-    def trigger(self, conf: dict) -> str:
-        wait_until(
-            lambda: self.api.get(f"/api/v2/dags/{DAG_ID}").status_code == 200, timeout=120, interval=0.5
-        )
-        self.api.patch(f"/api/v2/dags/{DAG_ID}", json={"is_paused": False}).raise_for_status()
-        answer = self.api.post(f"/api/v2/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": conf})
-        answer.raise_for_status()
-        return answer.json()["dag_run_id"]
-
-    def task_instance(self, run_id: str, task_id: str) -> dict:
-        answer = self.api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}")
-        return answer.json() if answer.status_code == 200 else {}
-
-    def task_state(self, run_id: str, task_id: str) -> str | None:
-        return self.task_instance(run_id, task_id).get("state")
-
-    def run_state(self, run_id: str) -> str:
-        return self.api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}").json()["state"]
-
-    def wait_for_run(self, run_id: str, timeout: float = 240) -> None:
-        state = wait_until(
-            lambda: (state := self.run_state(run_id)) in ("success", "failed") and state,
-            timeout=timeout,
-            interval=0.5,
-            message=f"run {run_id} to finish",
-        )
-        assert state == "success", self.logs()
-
-    def logs(self) -> str:
-        return "\n".join(
-            f"--- {path.name}\n{path.read_text(errors='replace')[-3000:]}" for path in self.home.glob("*.log")
-        )
 
 
 def busy_workers() -> list[str]:
@@ -139,7 +32,7 @@ def busy_workers() -> list[str]:
 
 @pytest.fixture(scope="module")
 def deployment(local_server, tmp_path_factory):
-    airflow = Deployment(tmp_path_factory.mktemp("deployment"), local_server)
+    airflow = Deployment(tmp_path_factory.mktemp("deployment"), local_server.connection_json())
     yield airflow
     airflow.stop()
 
@@ -147,7 +40,7 @@ def deployment(local_server, tmp_path_factory):
 def test_the_parse_task_defers_frees_the_worker_and_the_run_succeeds(deployment, local_server, tmp_path):
     local_server.reset()
     local_server.configure(processing_time=6)
-    run_id = deployment.trigger({"output_path": str(tmp_path / "lake")})
+    run_id = deployment.trigger(DAG_ID, {"output_path": str(tmp_path / "lake")})
     wait_until(lambda: deployment.task_state(run_id, "parse") == "deferred", timeout=120, interval=0.2)
     assert local_server.stats()["jobs"] == PAGES  # submitted, and Doc2X is still processing them
     ti_id = deployment.task_instance(run_id, "parse")["id"]
@@ -165,7 +58,7 @@ def test_the_parse_task_defers_frees_the_worker_and_the_run_succeeds(deployment,
 def test_a_killed_triggerer_is_replaced_and_nothing_is_billed_twice(deployment, local_server, tmp_path):
     local_server.reset()
     local_server.configure(processing_time=15)
-    run_id = deployment.trigger({"output_path": str(tmp_path / "lake")})
+    run_id = deployment.trigger(DAG_ID, {"output_path": str(tmp_path / "lake")})
     wait_until(lambda: deployment.task_state(run_id, "parse") == "deferred", timeout=120, interval=0.2)
     wait_until(lambda: local_server.stats()["requests"].get("status", 0) >= PAGES, timeout=60, interval=0.2)
     deployment.kill("triggerer")  # mid-poll, without a chance to clean up

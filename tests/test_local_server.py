@@ -6,7 +6,8 @@ import httpx
 import pytest
 
 from airflow_provider_doc2x import protocol
-from tests.conftest import API_KEY, wait_until
+from tests.conftest import API_KEY
+from tests.waiting import wait_until
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
