@@ -92,12 +92,20 @@ class Doc2XImageParseTrigger(BaseTrigger):
         Poll until every job is terminal; return the event's payload.
 
         Jobs that arrive terminal (a failed upload, a job an earlier try already finished) are not
-        polled. The worker runs this same loop when the operator does not defer.
+        polled. The first round comes one interval after the start. The worker runs this same loop
+        when the operator does not defer.
         """
         jobs = [dict(job) for job in self.jobs]
         limit = asyncio.Semaphore(self.max_concurrent_polls)
         failed_rounds = 0
         reported = 0  # "0/N done" is not news: log from the first finished job on
+        if any(job.get("status") not in protocol.TERMINAL_STATUSES for job in jobs):
+            # The first round waits one interval: the task has just learnt these statuses (it
+            # submitted or checked the jobs), so asking at once would be a wasted request. It also
+            # keeps the event clear of the deferral: Airflow 3.3's scheduler can fail a task whose
+            # trigger fires before it has seen the deferring worker exit (apache/airflow#67287,
+            # #72716).
+            await asyncio.sleep(max(0.0, min(self.poll_interval, self.deadline - time.time())))
 
         async def poll(uid: str) -> protocol.Doc2XJobStatus | Doc2XError:
             async with limit:
