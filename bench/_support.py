@@ -11,7 +11,10 @@ import tempfile
 from pathlib import Path
 
 SCRATCH = Path(tempfile.mkdtemp(prefix="doc2x-bench-"))
-atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
+if os.environ.get("DOC2X_BENCH_KEEP"):  # keep the scratch folder (Airflow home, logs) to look into
+    print(f"# scratch folder, kept: {SCRATCH}")
+else:
+    atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
 os.environ.setdefault("AIRFLOW_HOME", str(SCRATCH / "airflow-home"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ["DOC2X_PACING_DIR"] = str(SCRATCH / "pacing")
@@ -60,3 +63,22 @@ def report(title: str, rows: list[tuple[str, object]]) -> None:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"  {name.ljust(width)}  {value}")
+
+
+def figures(server: LocalServer, count: int, seconds: float, parsed: int, limit: int, window: float):
+    """The rows of a throughput run, from the server's own count of what it billed and refused."""
+    stats = server.stats()
+    limit_rate = limit / window
+    # The first `limit` uploads may go at once; after that the window allows `limit_rate` per second.
+    sustained = (
+        (stats["billed_total"] - limit) / stats["upload_span_seconds"] if stats["billed_total"] > limit else 0
+    )
+    return [
+        ("images", count),
+        ("sustained uploads/s / limit", f"{sustained / limit_rate:.3f}"),
+        ("end-to-end seconds", f"{seconds:.1f}"),
+        ("end-to-end images/s / limit", f"{count / seconds / limit_rate:.3f}"),
+        ("429 answers", stats["rate_limited"]),
+        ("dropped", count - parsed),
+        ("max billings of one image", stats["max_billed_per_image"]),
+    ]

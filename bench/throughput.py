@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from _support import SCRATCH, LocalServer, make_images, report
+from _support import SCRATCH, LocalServer, figures, make_images, report
 
 TASK = """
 import json, sys
@@ -52,24 +52,6 @@ def run_tasks(image_groups: list[list[str]], *, shared_pacing: bool) -> tuple[fl
             raise SystemExit(f"a task failed (exit {worker.returncode})")
         parsed += int(out.strip().splitlines()[-1])
     return time.monotonic() - started, parsed
-
-
-def figures(server: LocalServer, count: int, seconds: float, parsed: int, limit: int, window: float):
-    stats = server.stats()
-    limit_rate = limit / window
-    # The first `limit` uploads may go at once; after that the window allows `limit_rate` per second.
-    sustained = (
-        (stats["billed_total"] - limit) / stats["upload_span_seconds"] if stats["billed_total"] > limit else 0
-    )
-    return [
-        ("images", count),
-        ("sustained uploads/s / limit", f"{sustained / limit_rate:.3f}"),
-        ("end-to-end seconds", f"{seconds:.1f}"),
-        ("end-to-end images/s / limit", f"{count / seconds / limit_rate:.3f}"),
-        ("429 answers", stats["rate_limited"]),
-        ("dropped", count - parsed),
-        ("max billings of one image", stats["max_billed_per_image"]),
-    ]
 
 
 def main() -> None:
