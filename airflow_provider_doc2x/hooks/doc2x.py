@@ -143,23 +143,20 @@ def read_image(image: ImageInput, *, source: str | None = None) -> tuple[bytes, 
 
 
 class _Backoff:
-    """
-    Exponential back-off with jitter; when the server says when to come back (``Retry-After``),
-    that time plus up to a tenth more: Doc2X's window frees exactly then, and waiting longer
-    would run below the key's limit.
-    """
+    """Exponential back-off with full jitter, never shorter than the server's Retry-After."""
 
     def __init__(self, initial: float, maximum: float) -> None:
         self.initial = initial
         self.maximum = maximum
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        ceiling = min(self.maximum, self.initial * 2 ** (retry_state.attempt_number - 1))
+        wait = random.uniform(ceiling / 2, ceiling)
         error = retry_state.outcome.exception() if retry_state.outcome else None
         retry_after = getattr(error, "retry_after", None)
         if retry_after:
-            return min(retry_after, 300.0) * random.uniform(1.0, 1.1)
-        ceiling = min(self.maximum, self.initial * 2 ** (retry_state.attempt_number - 1))
-        return random.uniform(ceiling / 2, ceiling)
+            wait = max(wait, min(retry_after, 300.0))
+        return wait
 
 
 class Doc2XHook(BaseHook):
