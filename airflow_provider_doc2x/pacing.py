@@ -9,8 +9,7 @@ and process of the machine that uses the key: mapped tasks on one host, run by s
 processes at once, pace together instead of each bursting 30 uploads. The file is named by a digest
 of the base URL and the key; the key itself is never written. ``DOC2X_PACING_DIR`` chooses the
 folder (default: ``<tmp>/airflow-doc2x-pacing``). Across hosts, an Airflow pool of one slot lets
-one task of the key upload at a time (see the README); a 429 from the server, caused by another
-host, holds this host's window until the server's ``Retry-After``.
+one task of the key upload at a time (see the README).
 """
 
 from __future__ import annotations
@@ -28,8 +27,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
-
-from airflow_provider_doc2x.exceptions import Doc2XRateLimitError
 
 #: An upload still "in flight" after this long is taken for a crashed process and forgotten.
 STALE_IN_FLIGHT_SECONDS = 600.0
@@ -112,21 +109,6 @@ class RateLimiter:
                     slot["at"] = max(slot["at"], self._clock())
                     slot["open"] = False
 
-    def refuse(self, slot_id: str, retry_after: float | None) -> None:
-        """
-        The server refused the upload (429): it counted nothing, so the slot goes. The server's
-        window is fuller than ours (another machine uses the key too) until ``Retry-After``, so
-        ours is filled until then: no upload of the key leaves this machine for a certain 429.
-        """
-        with self._slots() as slots:
-            now = self._clock()
-            full_until = now + min(retry_after or self.window / self.limit, 300.0)
-            slots[:] = [slot for slot in slots if slot["id"] != slot_id]
-            slots.extend(
-                {"id": uuid.uuid4().hex, "at": full_until - self.window, "open": False}
-                for _ in range(self.limit)
-            )
-
     @contextmanager
     def upload(self) -> Iterator[None]:
         """Wait for room in the window (blocking: workers only), then hold a slot while the upload runs."""
@@ -137,9 +119,6 @@ class RateLimiter:
             time.sleep(delay)
         try:
             yield
-        except Doc2XRateLimitError as error:
-            self.refuse(slot_id, error.retry_after)
-            raise
         finally:
             self.release(slot_id)
 
@@ -153,9 +132,6 @@ class RateLimiter:
             await asyncio.sleep(delay)
         try:
             yield
-        except Doc2XRateLimitError as error:
-            await asyncio.to_thread(self.refuse, slot_id, error.retry_after)
-            raise
         finally:
             await asyncio.to_thread(self.release, slot_id)
 

@@ -6,9 +6,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
-from airflow_provider_doc2x.exceptions import Doc2XRateLimitError
 from airflow_provider_doc2x.pacing import RateLimiter
 
 
@@ -43,17 +40,6 @@ def test_the_window_counts_from_the_answer_not_the_send():
     clock = FakeClock()
     # Uploads of 4 s: the server may count one as late as its answer, so the next waits 10 s from there.
     assert upload_times(RateLimiter(1, 10.0, clock=clock), clock, 3, duration=4) == [0, 14, 28]
-
-
-def test_after_a_429_no_upload_leaves_the_machine_before_retry_after(tmp_path):
-    clock = FakeClock()
-    limiter = RateLimiter(3, 9.0, state_file=tmp_path / "key.json", clock=clock)
-    other_process = RateLimiter(3, 9.0, state_file=tmp_path / "key.json", clock=clock)
-    # Another machine filled the server's window: the server answers 429, retry after 4 s.
-    with pytest.raises(Doc2XRateLimitError), limiter.upload():
-        raise Doc2XRateLimitError("Doc2X rate limit exceeded for this key", retry_after=4.0)
-    # The whole machine waits for the server's word; the refused upload took no slot.
-    assert upload_times(other_process, clock, 4) == [4, 4, 4, 13]
 
 
 def test_an_upload_in_flight_holds_its_slot():

@@ -167,8 +167,9 @@ def freeze_startup_heap() -> int:
     process) where collections no longer look, as Airflow's DAG processor does after start-up.
     Young garbage is collected first (a cheap, young-generation collection); what is frozen and
     later becomes cyclic garbage stays in memory, a one-time cost. ``[doc2x]
-    freeze_triggerer_heap = False`` leaves the collector alone. Only triggers call this, so a
-    worker's process is never frozen. Returns how many objects it froze (0 when it did nothing).
+    freeze_triggerer_heap = False`` leaves the collector alone. Only a trigger's ``run`` calls
+    this, so a worker's process is never frozen (``dag.test()``, which runs triggers in its own
+    process, is). Returns how many objects it froze (0 when it did nothing).
     """
     global _startup_heap_frozen
     if _startup_heap_frozen:
