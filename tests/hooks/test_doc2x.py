@@ -6,8 +6,10 @@ import base64
 import io
 import logging
 import pickle
+import threading
 import zipfile
 
+import httpx
 import pytest
 import tenacity
 
@@ -71,6 +73,28 @@ async def test_async_status_from_an_event_loop(doc2x, make_image):
         assert status.result.markdown.startswith("# Loop Page")
     finally:
         await hook.aclose()
+
+
+async def test_the_shared_async_client_is_built_off_the_event_loop(doc2x, monkeypatch):
+    """Building a TLS context reads the CA bundle from disk: the triggerer's loop must not wait for it."""
+    built_in = []
+    build = httpx.AsyncClient.__init__
+
+    def recording_build(self, *args, **kwargs):
+        built_in.append(threading.current_thread())
+        build(self, *args, **kwargs)
+
+    monkeypatch.setattr(httpx.AsyncClient, "__init__", recording_build)
+    hooks = [Doc2XHook(), Doc2XHook()]
+    try:
+        for hook in hooks:
+            with pytest.raises(Doc2XJobNotFoundError):
+                await hook.aget_job_status("no-such-uid")
+    finally:
+        for hook in hooks:
+            await hook.aclose()
+    assert len(built_in) == 1  # one client for the loop, shared by both hooks
+    assert built_in[0] is not threading.current_thread()
 
 
 async def test_async_submit_is_paced_and_billed_once(doc2x, make_image, monkeypatch):

@@ -140,6 +140,16 @@ async def test_rebuilt_mid_poll_it_resumes_the_same_uid(doc2x, make_image):
     assert doc2x.stats()["requests"]["submit"] == 1
 
 
+async def test_the_first_status_round_waits_one_interval(doc2x, make_image):
+    uids = submit(make_image())
+    waiting = asyncio.ensure_future(first_event(make_trigger(uids, poll_interval=30)))
+    done, _ = await asyncio.wait({waiting}, timeout=0.5)
+    waiting.cancel()
+    assert not done
+    # The task has just submitted (or checked) the job: asking again at once would be wasted.
+    assert doc2x.stats()["requests"].get("status", 0) == 0
+
+
 async def test_jobs_that_arrive_terminal_are_not_polled(doc2x):
     trigger = Doc2XImageParseTrigger(
         doc2x_conn_id="doc2x_default",
