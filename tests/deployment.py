@@ -120,9 +120,11 @@ class Deployment:
         self.dag_of_run[run_id] = dag_id
         return run_id
 
+    def _task_instance_path(self, run_id: str, task_id: str) -> str:
+        return f"/api/v2/dags/{self.dag_of_run[run_id]}/dagRuns/{run_id}/taskInstances/{task_id}"
+
     def task_instance(self, run_id: str, task_id: str, map_index: int = -1) -> dict:
-        dag_id = self.dag_of_run[run_id]
-        path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}"
+        path = self._task_instance_path(run_id, task_id)
         answer = self.api.get(path if map_index < 0 else f"{path}/{map_index}")
         return answer.json() if answer.status_code == 200 else {}
 
@@ -147,8 +149,7 @@ class Deployment:
     def xcom(self, run_id: str, task_id: str, map_index: int = -1) -> object:
         """What the task instance returned, as stored; None when it returned nothing."""
         answer = self.api.get(
-            f"/api/v2/dags/{self.dag_of_run[run_id]}/dagRuns/{run_id}/taskInstances/{task_id}"
-            "/xcomEntries/return_value",
+            f"{self._task_instance_path(run_id, task_id)}/xcomEntries/return_value",
             params={"map_index": map_index},
         )
         return answer.json()["value"] if answer.status_code == 200 else None
