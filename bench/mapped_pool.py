@@ -27,7 +27,8 @@ from pathlib import Path
 
 from _support import SCRATCH, LocalServer, figures, make_images, report
 
-from tests.deployment import AIRFLOW_VERSION, Deployment
+from tests.helpers import AIRFLOW_VERSION
+from tests.helpers.deployment import Deployment
 
 
 def main() -> None:

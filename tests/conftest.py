@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import API_KEY, REPO
+
 # Airflow reads its home and configuration when first imported: set them before any test module does.
 AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="doc2x-airflow-home-"))
 atexit.register(shutil.rmtree, AIRFLOW_HOME, ignore_errors=True)
-REPO = Path(__file__).resolve().parents[1]
 os.environ.update(
     {
         "AIRFLOW_HOME": str(AIRFLOW_HOME),
@@ -33,8 +34,6 @@ os.environ.update(
 
 from airflow_provider_doc2x.local.process import LocalServerProcess  # noqa: E402
 from airflow_provider_doc2x.local.samples import Page, render  # noqa: E402
-
-API_KEY = "sk-test-0123"
 
 
 class LocalDoc2X(LocalServerProcess):

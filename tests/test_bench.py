@@ -9,8 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
-from tests.deployment import AIRFLOW_VERSION
+from tests.helpers import AIRFLOW_VERSION, REPO
 
 RUNS = {
     "throughput.py": [

@@ -11,8 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.deployment import AIRFLOW_VERSION, REPO, Deployment
-from tests.waiting import wait_until
+from tests.helpers import AIRFLOW_VERSION, REPO, wait_until
+from tests.helpers.deployment import Deployment
 
 pytestmark = pytest.mark.skipif(AIRFLOW_VERSION < (3, 3), reason="the deployment test runs Airflow 3.3")
 

@@ -6,24 +6,13 @@ touching the network, and run against the local server with ``airflow dags test`
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 from airflow.providers.common.compat.sdk import BaseHook
 
-from tests.conftest import REPO
-
-try:
-    from airflow.sdk import ResumableJobMixin  # noqa: F401  (arrived with the task state store)
-
-    HAS_TASK_STATE_STORE = True
-except ImportError:
-    HAS_TASK_STATE_STORE = False
+from tests.helpers import HAS_TASK_STATE_STORE, REPO, dags_test
 
 EXAMPLES = REPO / "example_dags"
 EXAMPLE_DAG_IDS = {
@@ -59,27 +48,6 @@ def test_every_example_dag_imports_without_opening_a_connection(monkeypatch):
     assert set(bag.dag_ids) >= EXAMPLE_DAG_IDS
     for dag_id in EXAMPLE_DAG_IDS:
         assert set(bag.dags[dag_id].tags) == {"example", "doc2x"}
-
-
-def airflow_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(Path(sys.executable).parent / "airflow"), *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
-        timeout=300,
-    )
-
-
-def dags_test(dag_id: str, conf: dict, doc2x, *, dags_folder: Path | None = None) -> str:
-    """``airflow dags test DAG -c CONF`` against the local server; the run must succeed. Returns its output."""
-    env = {"AIRFLOW_CONN_DOC2X_DEFAULT": doc2x.connection_json()}
-    if dags_folder is not None:
-        env["AIRFLOW__CORE__DAGS_FOLDER"] = str(dags_folder)
-    result = airflow_cli("dags", "test", dag_id, "-c", json.dumps(conf), env=env)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
-    return output
 
 
 def markdown_files(folder: Path) -> dict[str, str]:

@@ -6,8 +6,7 @@ from importlib.metadata import entry_points
 
 from airflow_provider_doc2x import __version__
 from airflow_provider_doc2x.get_provider_info import get_provider_info
-from tests.conftest import API_KEY
-from tests.test_example_dags import airflow_cli
+from tests.helpers import API_KEY, airflow_cli
 
 
 def test_entry_point_returns_the_provider_info():

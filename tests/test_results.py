@@ -17,7 +17,7 @@ import pytest
 
 from airflow_provider_doc2x import protocol
 from airflow_provider_doc2x.results import ResultStore, decode_base64, unpack_figures
-from tests.operators.test_doc2x import operator, run_deferred
+from tests.helpers import parse_operator, run_deferred
 
 #: The seed page's own example value of convert_zip: not a zip, a small protobuf-like record.
 VENDOR_EXAMPLE = (
@@ -55,7 +55,7 @@ def files_under(root: Path) -> set[str]:
 def test_local_directory_output(doc2x, make_image, tmp_path, deferrable):
     out = tmp_path / "lake"
     image = make_image("report.png", "Annual Report", paragraphs=["Text.", "<!-- figure: 20,20,60,40 -->"])
-    op = operator([image], deferrable=deferrable, output_path=str(out))
+    op = parse_operator([image], deferrable=deferrable, output_path=str(out))
     (record,) = run_deferred(op, {}) if deferrable else op.execute({})
     assert "markdown" not in record
     assert set(record) >= {"source", "uid", "markdown_path", "figure_paths", "sidecar_path"}
@@ -79,7 +79,10 @@ def test_memory_output(doc2x, make_image, memory_fs):
     from airflow.providers.common.compat.sdk import ObjectStoragePath
 
     records = run_deferred(
-        operator([make_image("a.png", "In Memory")], deferrable=True, output_path="memory://lake/doc2x"), {}
+        parse_operator(
+            [make_image("a.png", "In Memory")], deferrable=True, output_path="memory://lake/doc2x"
+        ),
+        {},
     )
     markdown = ObjectStoragePath(records[0]["markdown_path"]).read_text()
     assert markdown.startswith("# In Memory")
@@ -183,29 +186,31 @@ def test_second_run_submits_nothing_a_changed_image_is_parsed_overwrite_resubmit
 ):
     out = str(tmp_path / "lake")
     first, second = make_image("one.png", "One"), make_image("two.png", "Two")
-    run_deferred(operator([first, second], deferrable=True, output_path=out), {})
+    run_deferred(parse_operator([first, second], deferrable=True, output_path=out), {})
     assert doc2x.stats()["requests"]["submit"] == 2
 
-    records = operator([first, second], deferrable=True, output_path=out).execute({})  # no deferral needed
+    records = parse_operator([first, second], deferrable=True, output_path=out).execute(
+        {}
+    )  # no deferral needed
     assert [record["cached"] for record in records] == [True, True]
     assert doc2x.stats()["requests"]["submit"] == 2
 
     make_image("two.png", "Two, revised")  # same name, new content
-    records = run_deferred(operator([first, second], deferrable=True, output_path=out), {})
+    records = run_deferred(parse_operator([first, second], deferrable=True, output_path=out), {})
     assert [record["cached"] for record in records] == [True, False]
     assert doc2x.stats()["requests"]["submit"] == 3
     assert Path(records[1]["markdown_path"].removeprefix("file://")).read_text().startswith("# Two, revised")
 
-    run_deferred(operator([first], deferrable=True, output_path=out, overwrite=True), {})
+    run_deferred(parse_operator([first], deferrable=True, output_path=out, overwrite=True), {})
     assert doc2x.stats()["requests"]["submit"] == 4
 
 
 def test_an_interrupted_write_is_not_a_cache_hit(doc2x, make_image, tmp_path):
     out = tmp_path / "lake"
     image = make_image("half.png", "Half")
-    (record,) = run_deferred(operator([image], deferrable=True, output_path=str(out)), {})
+    (record,) = run_deferred(parse_operator([image], deferrable=True, output_path=str(out)), {})
     Path(record["sidecar_path"].removeprefix("file://")).unlink()
-    run_deferred(operator([image], deferrable=True, output_path=str(out)), {})
+    run_deferred(parse_operator([image], deferrable=True, output_path=str(out)), {})
     assert doc2x.stats()["requests"]["submit"] == 2
 
 
@@ -215,7 +220,7 @@ def test_an_interrupted_write_is_not_a_cache_hit(doc2x, make_image, tmp_path):
 def test_openlineage_facets_list_images_and_markdown_files(doc2x, make_image, tmp_path):
     pytest.importorskip("airflow.providers.openlineage")
     images = [make_image("a.png", "A"), make_image("b.jpg", "B")]
-    op = operator(images, deferrable=True, output_path=str(tmp_path / "lake"))
+    op = parse_operator(images, deferrable=True, output_path=str(tmp_path / "lake"))
     records = run_deferred(op, {})
     lineage = op.get_openlineage_facets_on_complete(None)
     assert [(dataset.namespace, dataset.name) for dataset in lineage.inputs] == [

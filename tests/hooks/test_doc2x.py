@@ -26,8 +26,7 @@ from airflow_provider_doc2x.exceptions import (
     Doc2XTransientError,
 )
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook, _Backoff
-from tests.conftest import API_KEY
-from tests.waiting import wait_until
+from tests.helpers import API_KEY, wait_until
 
 try:
     from airflow.sdk.exceptions import AirflowFailException

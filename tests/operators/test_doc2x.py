@@ -16,49 +16,14 @@ from airflow_provider_doc2x.exceptions import (
 )
 from airflow_provider_doc2x.operators.doc2x import STATE_KEY_PREFIX, Doc2XImageParseOperator
 from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
-from tests.conftest import API_KEY
-
-
-class StateStore:
-    """The task state store's interface (get/set), kept across the tries of one test."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, object] = {}
-
-    def get(self, key, default=None):
-        return self.values.get(key, default)
-
-    def set(self, key, value, **_):
-        json.dumps(value)  # what the real store accepts
-        self.values[key] = value
-
-
-def operator(images, **kwargs) -> Doc2XImageParseOperator:
-    kwargs.setdefault("poll_interval", 0.05)
-    return Doc2XImageParseOperator(task_id="parse", image_path=[str(image) for image in images], **kwargs)
-
-
-def run_deferred(op, context):
-    """One try of a deferrable task: execute, run its trigger to its event, resume."""
-    import asyncio
-
-    with pytest.raises(TaskDeferred) as deferred:
-        op.execute(context)
-    trigger = deferred.value.trigger
-
-    async def first():
-        async for event in trigger.run():
-            return event.payload
-
-    event = asyncio.run(first())
-    return getattr(op, deferred.value.method_name)(context, event)
+from tests.helpers import API_KEY, StateStore, parse_operator, run_deferred
 
 
 def test_deferrable_submits_records_and_defers_with_the_right_trigger(doc2x, make_image):
     store = StateStore()
     images = [make_image(title="Alpha"), make_image(title="Beta")]
     with pytest.raises(TaskDeferred) as deferred:
-        operator(images, deferrable=True, timeout=120).execute({"task_state_store": store})
+        parse_operator(images, deferrable=True, timeout=120).execute({"task_state_store": store})
     trigger = deferred.value.trigger
     assert isinstance(trigger, Doc2XImageParseTrigger)
     assert deferred.value.method_name == "execute_complete"
@@ -78,7 +43,7 @@ def test_records_in_input_order(doc2x, make_image, deferrable):
         make_image("a.jpg", "First Page"),
         make_image("c.png", "Third"),
     ]
-    op = operator(images, deferrable=deferrable)
+    op = parse_operator(images, deferrable=deferrable)
     records = run_deferred(op, {}) if deferrable else op.execute({})
     assert [record["source"] for record in records] == [str(image) for image in images]
     assert records[0]["markdown"].startswith("# Second Page")
@@ -89,13 +54,13 @@ def test_records_in_input_order(doc2x, make_image, deferrable):
 
 def test_the_same_image_twice_is_paid_once(doc2x, make_image):
     image = make_image(title="Twice")
-    records = operator([image, image]).execute({})
+    records = parse_operator([image, image]).execute({})
     assert records[0]["uid"] == records[1]["uid"]
     assert doc2x.stats()["billed_total"] == 1
 
 
 def test_synchronous_method(doc2x, make_image):
-    records = operator([make_image(title="Sync One")], method="sync").execute({})
+    records = parse_operator([make_image(title="Sync One")], method="sync").execute({})
     assert records[0]["markdown"].startswith("# Sync One")
     assert doc2x.stats()["requests"] == {"parse": 1}
 
@@ -104,7 +69,7 @@ def test_a_failed_image_fails_the_task_after_the_others_finished(doc2x, make_ima
     bad = make_image("bad.png", "Bad", paragraphs=["<!-- doc2x-fail: parse_error -->"])
     good = [make_image("good-1.png", "Good"), make_image("good-2.png", "Good Too")]
     with pytest.raises(Doc2XError) as caught:
-        run_deferred(operator([good[0], bad, good[1]], deferrable=True), {})
+        run_deferred(parse_operator([good[0], bad, good[1]], deferrable=True), {})
     message = str(caught.value)
     assert message.startswith("1 of 3 images were not parsed")
     assert str(bad) in message and "parse_error" in message
@@ -117,7 +82,7 @@ def test_invalid_inputs_are_all_named_and_nothing_is_sent(doc2x, make_image, tmp
     text.write_text("hello")
     missing = tmp_path / "missing.jpg"
     with pytest.raises(Doc2XInputError) as caught:
-        operator([make_image(), text, missing]).execute({})
+        parse_operator([make_image(), text, missing]).execute({})
     assert "2 of 3 images cannot be sent" in str(caught.value)
     assert str(text) in str(caught.value) and str(missing) in str(caught.value)
     assert doc2x.stats()["requests"] == {}
@@ -126,7 +91,7 @@ def test_invalid_inputs_are_all_named_and_nothing_is_sent(doc2x, make_image, tmp
 def test_a_refused_key_stops_the_batch_at_once(doc2x, make_image, monkeypatch):
     monkeypatch.setenv("AIRFLOW_CONN_DOC2X_DEFAULT", doc2x.connection_json(api_key="sk-nope"))
     with pytest.raises(Doc2XAuthError):
-        operator([make_image(), make_image()]).execute({})
+        parse_operator([make_image(), make_image()]).execute({})
     assert doc2x.stats()["requests"] == {"submit": 1}
 
 
@@ -136,7 +101,7 @@ def test_a_batch_runs_at_the_key_limit_without_429(doc2x, make_image, monkeypatc
     )
     doc2x.configure(rate_limit=4, rate_window=0.3, processing_time=0.1)
     images = [make_image(title=f"Batch {n}") for n in range(14)]
-    records = run_deferred(operator(images, deferrable=True), {})
+    records = run_deferred(parse_operator(images, deferrable=True), {})
     assert len(records) == 14
     stats = doc2x.stats()
     assert (stats["rate_limited"], stats["billed_total"], stats["max_billed_per_image"]) == (0, 14, 1)
@@ -147,9 +112,11 @@ def test_a_second_try_reconnects_instead_of_paying_again(doc2x, make_image):
     store = StateStore()
     images = [make_image(title="Once"), make_image(title="Only Once")]
     with pytest.raises(Doc2XError, match="still processing"):
-        run_deferred(operator(images, deferrable=True, timeout=0.2), {"task_state_store": store})
+        run_deferred(parse_operator(images, deferrable=True, timeout=0.2), {"task_state_store": store})
     doc2x.configure(processing_time=0)  # the jobs finish; a new try of the task starts
-    records = operator(images, deferrable=True).execute({"task_state_store": store})  # done: no deferral
+    records = parse_operator(images, deferrable=True).execute(
+        {"task_state_store": store}
+    )  # done: no deferral
     assert [record["markdown"].split("\n")[0] for record in records] == ["# Once", "# Only Once"]
     stats = doc2x.stats()
     assert stats["billed_total"] == 2
@@ -159,8 +126,8 @@ def test_a_second_try_reconnects_instead_of_paying_again(doc2x, make_image):
 def test_a_finished_job_is_reused_without_deferring(doc2x, make_image):
     store = StateStore()
     image = make_image(title="Done Before")
-    first = run_deferred(operator([image], deferrable=True), {"task_state_store": store})
-    again = operator([image], deferrable=True).execute({"task_state_store": store})  # no TaskDeferred
+    first = run_deferred(parse_operator([image], deferrable=True), {"task_state_store": store})
+    again = parse_operator([image], deferrable=True).execute({"task_state_store": store})  # no TaskDeferred
     assert again[0]["uid"] == first[0]["uid"]
     assert doc2x.stats()["billed_total"] == 1
 
@@ -168,9 +135,9 @@ def test_a_finished_job_is_reused_without_deferring(doc2x, make_image):
 def test_an_expired_recorded_job_is_submitted_again(doc2x, make_image):
     store = StateStore()
     image = make_image(title="Expired")
-    run_deferred(operator([image], deferrable=True), {"task_state_store": store})
+    run_deferred(parse_operator([image], deferrable=True), {"task_state_store": store})
     doc2x.reset()  # the server forgot the job, as Doc2X does after 24 h
-    records = run_deferred(operator([image], deferrable=True), {"task_state_store": store})
+    records = run_deferred(parse_operator([image], deferrable=True), {"task_state_store": store})
     assert records[0]["markdown"].startswith("# Expired")
     assert doc2x.stats()["billed_total"] == 1
 
@@ -181,10 +148,10 @@ def test_a_lost_upload_answer_fails_the_image_and_the_next_try_resubmits_it(doc2
     store = StateStore()
     image = make_image("lost.png", "Lost")
     with pytest.raises(Doc2XError) as caught:
-        run_deferred(operator([image], deferrable=True), {"task_state_store": store})
+        run_deferred(parse_operator([image], deferrable=True), {"task_state_store": store})
     assert str(image) in str(caught.value) and "may have billed" in str(caught.value)
     assert store.values[next(iter(store.values))]["uncertain"] is True
-    records = run_deferred(operator([image], deferrable=True), {"task_state_store": store})
+    records = run_deferred(parse_operator([image], deferrable=True), {"task_state_store": store})
     assert records[0]["markdown"].startswith("# Lost")
     assert doc2x.stats()["requests"]["submit"] == 2
 
@@ -200,11 +167,11 @@ def test_a_lost_upload_answer_fails_the_image_and_the_next_try_resubmits_it(doc2
 )
 def test_execute_complete_refuses_missing_and_unknown_events(doc2x, event, match):
     with pytest.raises(Doc2XError, match=match):
-        operator(["x.png"]).execute_complete({}, event)
+        parse_operator(["x.png"]).execute_complete({}, event)
 
 
 def test_execute_complete_reports_error_and_timeout_events(doc2x):
-    op = operator(["x.png"])
+    op = parse_operator(["x.png"])
     with pytest.raises(Doc2XAuthError, match="refused"):
         op.execute_complete(
             {}, {"status": "error", "code": "unauthorized", "message": "key refused", "jobs": []}
@@ -230,9 +197,9 @@ def test_an_unreachable_status_on_reconnect_fails_the_try_instead_of_paying_agai
     store = StateStore()
     image = make_image(title="Hold On")
     with pytest.raises(TaskDeferred):
-        operator([image], deferrable=True).execute({"task_state_store": store})
+        parse_operator([image], deferrable=True).execute({"task_state_store": store})
     monkeypatch.setenv("AIRFLOW_CONN_DOC2X_DEFAULT", doc2x.connection_json(max_retries=1))
     doc2x.configure(fail_next=10)
     with pytest.raises(Doc2XTransientError):
-        operator([image], deferrable=True).execute({"task_state_store": store})
+        parse_operator([image], deferrable=True).execute({"task_state_store": store})
     assert doc2x.stats()["requests"]["submit"] == 1

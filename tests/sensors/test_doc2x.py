@@ -11,9 +11,7 @@ from airflow_provider_doc2x.exceptions import Doc2XJobFailedError, Doc2XJobNotFo
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
 from airflow_provider_doc2x.sensors.doc2x import Doc2XImageParseSensor
 from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
-from tests.conftest import REPO
-from tests.test_example_dags import dags_test
-from tests.waiting import wait_until
+from tests.helpers import REPO, dags_test, wait_until
 
 
 def sensor(uid: str, **kwargs) -> Doc2XImageParseSensor:

@@ -14,7 +14,7 @@ import pytest
 
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
 from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
-from tests.conftest import API_KEY
+from tests.helpers import API_KEY, first_event
 
 
 def make_trigger(uids, *, timeout: float = 30, **kwargs) -> Doc2XImageParseTrigger:
@@ -25,12 +25,6 @@ def make_trigger(uids, *, timeout: float = 30, **kwargs) -> Doc2XImageParseTrigg
         deadline=time.time() + timeout,
         **kwargs,
     )
-
-
-async def first_event(trigger: Doc2XImageParseTrigger) -> dict:
-    async for event in trigger.run():
-        return event.payload
-    raise AssertionError("the trigger ended without an event")
 
 
 def submit(*images) -> list[str]:

@@ -8,25 +8,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import airflow
 import httpx
 
-from tests.waiting import wait_until
-
-REPO = Path(__file__).resolve().parents[1]
-#: The deployment runs Airflow 3.3's components (and its REST API v2).
-AIRFLOW_VERSION = tuple(int(part) for part in airflow.__version__.split(".")[:2])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.helpers import REPO, free_port, wait_until
 
 
 class Deployment:
