@@ -1,0 +1,121 @@
+"""
+What the tests and the benches share: the repository's paths, the suite's API key, waiting with a
+deadline, running Airflow's CLI and ``airflow dags test``, one try of a deferrable task, and a task
+state store. Test modules import from here, never from each other or from ``conftest``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+#: The key the suite's local server accepts.
+API_KEY = "sk-test-0123"
+#: The Airflow line under test, as (major, minor).
+AIRFLOW_VERSION = tuple(int(part) for part in version("apache-airflow").split(".")[:2])
+#: Airflow 3.3 brought the task state store (what a new try reconnects through).
+HAS_TASK_STATE_STORE = AIRFLOW_VERSION >= (3, 3)
+
+
+def wait_until(condition, *, timeout: float = 10.0, interval: float = 0.02, message: str = "condition"):
+    """Poll ``condition`` until it returns something truthy, and return that; fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"Timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+async def async_wait_until(
+    condition, *, timeout: float = 10.0, interval: float = 0.02, message: str = "condition"
+):
+    """:func:`wait_until` for a coroutine: the event loop keeps running while it waits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"Timed out after {timeout}s waiting for {message}")
+        await asyncio.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class StateStore:
+    """The task state store's interface (get/set), kept across the tries of one test."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, object] = {}
+
+    def get(self, key, default=None):
+        return self.values.get(key, default)
+
+    def set(self, key, value, **_):
+        json.dumps(value)  # what the real store accepts
+        self.values[key] = value
+
+
+async def first_event(trigger) -> dict:
+    """Run a trigger to its first event, as the triggerer does, and return the event's payload."""
+    async for event in trigger.run():
+        return event.payload
+    raise AssertionError("the trigger ended without an event")
+
+
+def parse_operator(images, **kwargs):
+    """A ``Doc2XImageParseOperator`` over these images, polling fast (the suite's jobs take 0.2 s)."""
+    from airflow_provider_doc2x.operators.doc2x import Doc2XImageParseOperator
+
+    kwargs.setdefault("poll_interval", 0.05)
+    return Doc2XImageParseOperator(task_id="parse", image_path=[str(image) for image in images], **kwargs)
+
+
+def run_deferred(op, context: dict[str, Any]):
+    """One try of a deferrable task: execute, run its trigger to its event, resume."""
+    import pytest
+    from airflow.providers.common.compat.sdk import TaskDeferred
+
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute(context)
+    event = asyncio.run(first_event(deferred.value.trigger))
+    return getattr(op, deferred.value.method_name)(context, event)
+
+
+def airflow_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run ``airflow ARGS`` of the venv under test with extra environment; return what it did."""
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "airflow"), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=300,
+    )
+
+
+def dags_test(dag_id: str, conf: dict, doc2x, *, dags_folder: Path | None = None) -> str:
+    """``airflow dags test DAG -c CONF`` against the local server; the run must succeed. Returns its output."""
+    env = {"AIRFLOW_CONN_DOC2X_DEFAULT": doc2x.connection_json()}
+    if dags_folder is not None:
+        env["AIRFLOW__CORE__DAGS_FOLDER"] = str(dags_folder)
+    result = airflow_cli("dags", "test", dag_id, "-c", json.dumps(conf), env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    return output
