@@ -1,12 +1,31 @@
-"""The rolling-window limiter: exact on a fake clock, shared through its file, across processes."""
+"""
+The rolling-window limiter: exact on a fake clock, shared through its file, across processes; and
+its file kept private, so that no other local user can steer, stall or crash the uploads of a host.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import os
+import stat
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
-from airflow_provider_doc2x.pacing import RateLimiter
+import pytest
+
+from airflow_provider_doc2x import pacing
+from airflow_provider_doc2x.pacing import RateLimiter, key_digest, limiter_for, pacing_dir, reset_limiters
+from tests.helpers import async_wait_until
+
+NOBODY = 65534
+BASE_URL = "https://doc2x.example"
+KEY = "sk-pacing-test"
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="giving a folder to another uid needs root")
 
 
 class FakeClock:
@@ -15,6 +34,22 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+@pytest.fixture(autouse=True)
+def fresh_limiters(monkeypatch, tmp_path):
+    monkeypatch.setenv("DOC2X_PACING_DIR", str(tmp_path / "pacing"))
+    reset_limiters()
+    yield
+    reset_limiters()
+
+
+def warnings_of(caplog) -> list[str]:
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name.startswith(pacing.__name__) and record.levelno == logging.WARNING
+    ]
 
 
 def upload_times(limiter: RateLimiter, clock: FakeClock, count: int, duration: float = 0.0) -> list[float]:
@@ -68,6 +103,246 @@ def test_a_crashed_upload_is_forgotten(tmp_path):
     limiter.reserve()  # never released: its process died
     clock.now += 601
     assert limiter.reserve()[1] is not None
+
+
+async def test_a_cancelled_upload_frees_the_slot_its_thread_booked():
+    booking = threading.Event()
+
+    class SlowLimiter(RateLimiter):
+        def reserve(self):
+            booking.wait(5)  # the window file is slow to lock
+            return super().reserve()
+
+    clock = FakeClock()
+    limiter = SlowLimiter(1, 10.0, clock=clock)
+
+    async def upload():
+        async with limiter.aupload():
+            raise AssertionError("the upload was cancelled before it got a slot")
+
+    task = asyncio.create_task(upload())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    await asyncio.sleep(0)
+    booking.set()  # the thread books the slot after its caller gave up
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    clock.now += 10  # a released slot has left the window by now; one still in flight would not
+    await async_wait_until(lambda: limiter.reserve()[1] is not None, message="the slot to be released")
+
+
+# The folder and the file: private to this user.
+
+
+def window_file(folder: Path) -> Path:
+    return folder / f"{key_digest(BASE_URL, KEY)}.json"
+
+
+def test_limiter_for_touches_nothing_before_the_first_upload(tmp_path):
+    limiter = limiter_for(BASE_URL, KEY, 2, 10.0)
+    assert limiter is limiter_for(BASE_URL, KEY, 2, 10.0)
+    assert not (tmp_path / "pacing").exists()
+    limiter.release(limiter.reserve()[1])
+    assert json.loads(window_file(tmp_path / "pacing").read_text())[0]["open"] is False
+    assert KEY not in window_file(tmp_path / "pacing").read_text()
+
+
+def test_reset_limiters_forgets_them():
+    limiter = limiter_for(BASE_URL, KEY, 2, 10.0)
+    reset_limiters()
+    assert limiter_for(BASE_URL, KEY, 2, 10.0) is not limiter
+
+
+def test_a_new_folder_is_0700_and_a_new_window_file_0600(tmp_path):
+    mask = os.umask(0)  # nothing taken away: the modes are asked for, not left to the umask
+    try:
+        limiter = limiter_for(BASE_URL, KEY, 2, 10.0)
+        limiter.release(limiter.reserve()[1])
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(os.lstat(tmp_path / "pacing").st_mode) == 0o700
+    assert stat.S_IMODE(os.lstat(window_file(tmp_path / "pacing")).st_mode) == 0o600
+
+
+def test_a_folder_of_ours_open_to_others_is_closed(tmp_path):
+    folder = tmp_path / "pacing"
+    folder.mkdir()
+    folder.chmod(0o777)
+    window_file(folder).write_text("[]")
+    window_file(folder).chmod(0o666)
+    limiter = limiter_for(BASE_URL, KEY, 2, 10.0)
+    assert limiter.reserve()[1] is not None
+    assert stat.S_IMODE(os.lstat(folder).st_mode) == 0o700
+    assert stat.S_IMODE(os.lstat(window_file(folder)).st_mode) == 0o600
+    assert len(json.loads(window_file(folder).read_text())) == 1  # still used: it is ours
+
+
+@needs_root
+def test_a_folder_of_another_user_is_refused_and_pacing_goes_on(tmp_path, caplog):
+    folder = tmp_path / "pacing"
+    folder.mkdir(mode=0o700)
+    os.chown(folder, NOBODY, NOBODY)
+    clock = FakeClock()
+    limiter = RateLimiter(1, 10.0, state_file=window_file(folder), clock=clock)
+    with caplog.at_level(logging.WARNING):
+        limiter.release(limiter.reserve()[1])
+        assert limiter.reserve() == (10.0, None)  # paced in memory, by the same rules
+        clock.now += 10
+        assert limiter.reserve()[1] is not None
+    assert list(folder.iterdir()) == []
+    [warning] = warnings_of(caplog)
+    assert str(folder) in warning and "uid 65534" in warning and "DOC2X_PACING_DIR" in warning
+
+
+@needs_root
+def test_doc2x_pacing_dir_of_another_user_is_refused(tmp_path, monkeypatch, caplog):
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    folder.chmod(0o777)
+    os.chown(folder, NOBODY, NOBODY)  # made by another local user before the workers started
+    monkeypatch.setenv("DOC2X_PACING_DIR", str(folder))
+    limiter = limiter_for(BASE_URL, KEY, 2, 10.0)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            limiter.release(limiter.reserve()[1])
+    assert list(folder.iterdir()) == []
+    assert stat.S_IMODE(os.lstat(folder).st_mode) == 0o777  # not ours: left alone
+    assert [str(folder) in warning for warning in warnings_of(caplog)] == [True]
+
+
+def test_a_symlinked_folder_is_refused(tmp_path, caplog):
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    (tmp_path / "pacing").symlink_to(real)
+    limiter = limiter_for(BASE_URL, KEY, 2, 10.0)
+    with caplog.at_level(logging.WARNING):
+        limiter.release(limiter.reserve()[1])
+    assert list(real.iterdir()) == []
+    assert ["symbolic link" in warning for warning in warnings_of(caplog)] == [True]
+
+
+def test_a_symlinked_window_file_is_not_followed(tmp_path, caplog):
+    folder = tmp_path / "pacing"
+    folder.mkdir(mode=0o700)
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    window_file(folder).symlink_to(target)
+    clock = FakeClock()
+    limiter = RateLimiter(1, 10.0, state_file=window_file(folder), clock=clock)
+    with caplog.at_level(logging.WARNING):
+        limiter.release(limiter.reserve()[1])
+        assert limiter.reserve() == (10.0, None)  # paced in memory
+    assert target.read_text() == "keep me"
+    assert [str(window_file(folder)) in warning for warning in warnings_of(caplog)] == [True]
+
+
+@pytest.mark.parametrize(
+    "contents",
+    [
+        "{}",
+        "garbage",
+        "[1, 2]",
+        '[{"id": 1, "at": 1000.0, "open": false}]',
+        '[{"id": "a", "at": "1000", "open": false}]',
+        '[{"id": "a", "at": true, "open": false}]',
+        '[{"id": "a", "at": NaN, "open": false}]',
+        '[{"id": "a", "at": 1e400, "open": false}]',
+        '[{"id": "a", "at": 1' + "0" * 400 + ', "open": false}]',
+        '[{"id": "a", "at": 1000.0, "open": 1}]',
+        '[{"id": "a", "at": 1000.0}]',
+        '{"id": "a", "at": 1000.0, "open": false}',
+        "\udcff",
+    ],
+    ids=lambda contents: contents[:24].encode("ascii", "backslashreplace").decode(),
+)
+def test_contents_that_are_not_a_window_start_anew_with_one_warning(tmp_path, caplog, contents):
+    state_file = tmp_path / "key.json"
+    clock = FakeClock()
+    limiter = RateLimiter(2, 10.0, state_file=state_file, clock=clock)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            state_file.write_bytes(contents.encode("utf-8", "surrogateescape"))
+            delay, slot = limiter.reserve()
+            assert (delay, slot is None) == (0.0, False)
+            limiter.release(slot)
+    assert [slot["open"] for slot in json.loads(state_file.read_text())] == [False]
+    [warning] = warnings_of(caplog)  # once per limiter, not per call
+    assert str(state_file) in warning and "starts anew" in warning
+
+
+def test_a_slot_dated_far_ahead_is_dropped(tmp_path, caplog):
+    state_file = tmp_path / "key.json"
+    state_file.write_text(json.dumps([{"id": "x", "at": 1e12, "open": False}]))
+    limiter = RateLimiter(1, 10.0, state_file=state_file, clock=FakeClock())
+    with caplog.at_level(logging.WARNING):
+        assert limiter.reserve()[0] == 0.0
+    assert len(warnings_of(caplog)) == 1
+
+
+@pytest.mark.parametrize("ahead", [1.0, 9.9])
+def test_a_slot_dated_ahead_of_the_clock_waits_one_window_at_most(tmp_path, caplog, ahead):
+    state_file = tmp_path / "key.json"
+    state_file.write_text(json.dumps([{"id": "x", "at": 1000.0 + ahead, "open": False}]))
+    clock = FakeClock()
+    limiter = RateLimiter(1, 10.0, state_file=state_file, clock=clock)
+    with caplog.at_level(logging.WARNING):
+        assert limiter.reserve() == (10.0, None)
+        clock.now += 10
+        assert limiter.reserve()[1] is not None
+    assert len(warnings_of(caplog)) == 1
+
+
+def test_a_clock_set_back_waits_one_window_at_most(caplog):
+    clock = FakeClock()
+    limiter = RateLimiter(1, 10.0, clock=clock)
+    limiter.release(limiter.reserve()[1])
+    clock.now -= 8  # NTP stepped the clock back
+    with caplog.at_level(logging.WARNING):
+        assert limiter.reserve() == (10.0, None)
+    assert len(warnings_of(caplog)) == 1
+
+
+def test_an_upload_never_sleeps_past_the_window(tmp_path):
+    state_file = tmp_path / "key.json"
+    limiter = RateLimiter(1, 0.2, state_file=state_file)
+    done = threading.Event()
+
+    def upload():
+        state_file.write_text(json.dumps([{"id": "x", "at": time.time() + 1e6, "open": False}]))
+        with limiter.upload():
+            pass
+        state_file.write_text(json.dumps([{"id": "y", "at": time.time() + 0.19, "open": False}]))
+        with limiter.upload():
+            done.set()
+
+    threading.Thread(target=upload, daemon=True).start()
+    assert done.wait(5)
+
+
+# Where the window files are kept by default: a private folder, never a shared /tmp.
+
+
+def test_the_default_folder_is_the_private_runtime_dir(tmp_path, monkeypatch):
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.delenv("DOC2X_PACING_DIR")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "airflow"))
+    assert pacing_dir() == runtime / "airflow-doc2x-pacing"
+    runtime.chmod(0o755)  # not private: not trusted
+    assert pacing_dir() == tmp_path / "airflow" / "doc2x-pacing"
+
+
+def test_the_default_folder_is_in_airflow_home(tmp_path, monkeypatch):
+    monkeypatch.delenv("DOC2X_PACING_DIR")
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "airflow"))
+    limiter = limiter_for(BASE_URL, KEY, 2, 10.0)
+    limiter.release(limiter.reserve()[1])
+    assert window_file(tmp_path / "airflow" / "doc2x-pacing").exists()
+    monkeypatch.delenv("AIRFLOW_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert pacing_dir() == tmp_path / "home" / "airflow" / "doc2x-pacing"
 
 
 SUBMIT = "import sys\nfrom airflow_provider_doc2x.hooks.doc2x import Doc2XHook\nhook = Doc2XHook()\n[hook.submit_image(p) for p in sys.argv[1:]]"

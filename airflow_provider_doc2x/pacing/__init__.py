@@ -1,0 +1,93 @@
+"""
+Pacing uploads to the key's limit: at most N images in any rolling window of W seconds.
+
+Doc2X allows 30 images per 30 s per key and answers 429 past that. Pacing on our side means a batch
+never trips the limit, so no upload is wasted and the batch runs at the limit, not below it.
+
+Where a key's window is kept (:func:`limiter_for`):
+
+- By default, on the host: a small file under a lock (``fcntl.flock``), shared by every thread and
+  process of the machine that runs as the same user. Mapped tasks on one host pace together instead
+  of each bursting 30 uploads. The folder is private to the user (mode 0700, checked); it is
+  ``DOC2X_PACING_DIR`` if set, else ``$XDG_RUNTIME_DIR/airflow-doc2x-pacing`` when that is a
+  private folder of the user, else ``$AIRFLOW_HOME/doc2x-pacing`` (``~/airflow/doc2x-pacing``).
+  A folder or file that is not the user's is refused (with a warning), and the process then paces
+  on its own, in memory.
+
+The window is named by a digest of the base URL and the key; the key itself is never written.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+from airflow_provider_doc2x.pacing.private import is_private_dir
+from airflow_provider_doc2x.pacing.window import STALE_IN_FLIGHT_SECONDS, RateLimiter
+
+__all__ = [
+    "STALE_IN_FLIGHT_SECONDS",
+    "RateLimiter",
+    "key_digest",
+    "limiter_for",
+    "pacing_dir",
+    "reset_limiters",
+]
+
+#: The environment that decides where the host-local windows are kept.
+_PLACE_VARIABLES = ("DOC2X_PACING_DIR", "XDG_RUNTIME_DIR", "AIRFLOW_HOME")
+
+_limiters: dict[tuple[object, ...], RateLimiter] = {}
+_limiters_lock = threading.Lock()
+
+
+def key_digest(base_url: str, api_key: str) -> str:
+    """What names a key's window, in files and in Redis: a digest of the endpoint and the key."""
+    return hashlib.sha256(f"{base_url}\n{api_key}".encode()).hexdigest()[:24]
+
+
+def _pacing_dir_of(configured: str | None, runtime: str | None, airflow_home: str | None) -> Path:
+    if configured:
+        return Path(configured)
+    if runtime and Path(runtime).is_absolute() and is_private_dir(Path(runtime)):
+        return Path(runtime) / "airflow-doc2x-pacing"
+    return Path(airflow_home or "~/airflow").expanduser() / "doc2x-pacing"
+
+
+def pacing_dir() -> Path:
+    """The folder of this host's window files, as the environment chooses it now (see the module doc)."""
+    return _pacing_dir_of(*(os.environ.get(name) for name in _PLACE_VARIABLES))
+
+
+def _window_file(place: tuple[str | None, ...], digest: str) -> Path:
+    return _pacing_dir_of(*place) / f"{digest}.json"
+
+
+def limiter_for(base_url: str, api_key: str, limit: int, window: float) -> RateLimiter:
+    """
+    The limiter of one key at one endpoint, shared by the threads of this process.
+
+    It paces with the other processes of this host (a window file). Cheap: no file is touched until
+    the first upload.
+    """
+    digest = key_digest(base_url, api_key)
+    place = tuple(os.environ.get(name) for name in _PLACE_VARIABLES)
+    registry_key = (digest, limit, float(window), place)
+    with _limiters_lock:
+        limiter = _limiters.get(registry_key)
+        if limiter is None:
+            state_file = functools.partial(_window_file, place, digest)
+            limiter = _limiters[registry_key] = RateLimiter(limit, window, state_file=state_file)
+        return limiter
+
+
+def reset_limiters() -> None:
+    """Forget this process's limiters (tests): the next :func:`limiter_for` reads the environment anew."""
+    with _limiters_lock:
+        limiters = list(_limiters.values())
+        _limiters.clear()
+    for limiter in limiters:
+        limiter.close()

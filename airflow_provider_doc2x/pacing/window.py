@@ -1,0 +1,265 @@
+"""
+The rolling window of one key, kept in process memory or in a private file shared by a host's processes.
+
+A window is a list of slots ``{"id": str, "at": float, "open": bool}``: one per upload, booked at the
+send (``open``: in flight) and moved to the answer's time at release. The file is locked
+(``fcntl.flock``) while a process reads and rewrites it. Whatever it holds is checked before it is
+believed: a file that is not a window, or a slot dated ahead of this host's clock, starts a new
+window (with one warning per limiter), so no file content can crash an upload or stall it for more
+than one window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import logging
+import math
+import os
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+from airflow_provider_doc2x.pacing.private import NotPrivateError, open_private_file
+
+log = logging.getLogger(__name__)
+
+#: An upload still "in flight" after this long is taken for a crashed process and forgotten.
+STALE_IN_FLIGHT_SECONDS = 600.0
+#: A window file longer than this is not a window (a slot takes about 70 bytes).
+MAX_STATE_BYTES = 1 << 20
+
+Slot = dict[str, Any]
+
+
+def valid_slots(data: object, *, now: float, window: float) -> list[Slot] | None:
+    """``data`` as a list of slots if it is one, with no slot dated more than ``window`` ahead; else None."""
+    if not isinstance(data, list):
+        return None
+    slots = []
+    for slot in data:
+        if not (
+            isinstance(slot, dict)
+            and slot.keys() == {"id", "at", "open"}
+            and isinstance(slot["id"], str)
+            and isinstance(slot["open"], bool)
+            and isinstance(slot["at"], (int, float))
+            and not isinstance(slot["at"], bool)
+        ):
+            return None
+        try:
+            at = float(slot["at"])
+        except OverflowError:
+            return None
+        if not math.isfinite(at) or at > now + window:
+            return None
+        slots.append({"id": slot["id"], "at": at, "open": slot["open"]})
+    return slots
+
+
+class RateLimiter:
+    """
+    A rolling-window limiter: at most ``limit`` uploads whose slots fall in any ``window`` seconds.
+
+    The server counts an upload when it arrives, somewhere between our send and its answer. So a
+    slot is booked at the send (to space the sends) and moved to the answer's time when the upload
+    ends (so the next window is measured from a time that is never earlier than the server's).
+    While an upload is in flight, its slot counts as taken now.
+
+    ``state_file`` (a path, or a function that gives it at first use) shares the window with the
+    other processes of the host; its folder must be private to this user. Without it, or when the
+    folder or file cannot be trusted, the window lives in this process's memory.
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        window: float,
+        *,
+        state_file: Path | Callable[[], Path] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if limit < 1 or not window > 0 or not math.isfinite(window):
+            raise ValueError(f"A rate limit needs limit >= 1 and window > 0, got {limit} per {window}s")
+        self.limit = limit
+        self.window = float(window)
+        self.state_file = state_file
+        self._clock = clock
+        self._memory: list[Slot] = []
+        self._lock = threading.Lock()
+        #: The file could not be trusted: this limiter paces in memory from then on.
+        self._in_memory = state_file is None
+        self._warned: set[str] = set()
+        self._warned_lock = threading.Lock()
+
+    def _warn_once(self, kind: str, message: str, *args: object) -> bool:
+        """Log a warning of this kind unless this limiter already did; return whether it did now."""
+        with self._warned_lock:
+            if kind in self._warned:
+                return False
+            self._warned.add(kind)
+        log.warning(message, *args)
+        return True
+
+    def _state_path(self) -> Path:
+        assert self.state_file is not None
+        return self.state_file if isinstance(self.state_file, Path) else self.state_file()
+
+    def _open_state(self) -> int | None:
+        """The locked window file's descriptor, or None to pace in memory (with one warning)."""
+        if self._in_memory:
+            return None
+        path = self._state_path()
+        try:
+            fd = open_private_file(path.parent, path.name)
+        except NotPrivateError as error:
+            self._in_memory = True
+            log.warning(
+                "Doc2X pacing: %s, so another local user could read or change the upload window there. "
+                "This process paces the key on its own from now on (other processes of the host do not "
+                "see its uploads). Remove %s, or set DOC2X_PACING_DIR to a folder of this user with mode 0700.",
+                error,
+                error.path,
+            )
+            return None
+        except OSError as error:
+            self._in_memory = True
+            log.warning(
+                "Doc2X pacing: the window file %s cannot be opened (%s). This process paces the key on "
+                "its own from now on. Set DOC2X_PACING_DIR to a folder this user can write.",
+                path,
+                error,
+            )
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _read(self, fd: int, now: float) -> list[Slot]:
+        raw = os.pread(fd, MAX_STATE_BYTES + 1, 0)
+        if not raw:
+            return []  # a new file
+        try:
+            slots = valid_slots(json.loads(raw), now=now, window=self.window)
+        except ValueError:  # not JSON (or not UTF-8)
+            slots = None
+        if slots is None or len(raw) > MAX_STATE_BYTES:
+            self._distrust(f"the window file {self._state_path()} does not hold a valid window")
+            return []
+        return slots
+
+    def _distrust(self, what: str) -> None:
+        self._warn_once(
+            "distrust",
+            "Doc2X pacing: %s (it was changed by hand or by another program, or this host's clock was "
+            "set back); it starts anew. Uploads go on; a few may be answered 429 and retried.",
+            what,
+        )
+
+    @contextmanager
+    def _slots(self) -> Iterator[tuple[list[Slot], float]]:
+        """The window's slots and the time, locked for this thread and, with a file, for every process."""
+        with self._lock:
+            fd = self._open_state()
+            if fd is None:
+                yield self._memory, self._clock()
+                return
+            try:
+                now = self._clock()  # once the lock is ours: the slot is dated when it is booked
+                slots = self._read(fd, now)
+                yield slots, now
+                data = json.dumps(slots).encode()
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, data, 0)
+            finally:
+                os.close(fd)  # and with it the lock
+
+    def reserve(self) -> tuple[float, str | None]:
+        """
+        Book a slot now if the window has room: return ``(0, slot_id)``; else ``(wait, None)``.
+
+        An upload still in flight counts as happening now: when it ends is not known yet, so the
+        window cannot be measured from its start. The caller waits and asks again. The wait is
+        never longer than the window.
+        """
+        with self._slots() as (slots, now):
+            slots[:] = [
+                slot
+                for slot in slots
+                if (slot["open"] and slot["at"] > now - STALE_IN_FLIGHT_SECONDS)
+                or slot["at"] > now - self.window
+            ]
+            times = sorted(max(slot["at"], now) if slot["open"] else slot["at"] for slot in slots)
+            if len(times) >= self.limit:
+                wait = times[-self.limit] + self.window - now
+                if wait > self.window:  # only a slot dated ahead of the clock waits that long
+                    self._distrust("the upload window held a slot dated ahead of this host's clock")
+                    slots.clear()
+                    return self.window, None
+                return wait, None
+            slot_id = uuid.uuid4().hex
+            slots.append({"id": slot_id, "at": now, "open": True})
+            return 0.0, slot_id
+
+    def release(self, slot_id: str) -> None:
+        """The upload ended: its slot now counts from this moment, no longer as in flight."""
+        with self._slots() as (slots, now):
+            for slot in slots:
+                if slot["id"] == slot_id:
+                    slot["at"] = max(slot["at"], now)
+                    slot["open"] = False
+
+    def close(self) -> None:
+        """Let go of what the limiter holds open (nothing for a host-local window)."""
+
+    @contextmanager
+    def upload(self) -> Iterator[None]:
+        """Wait for room in the window (blocking: workers only), then hold a slot while the upload runs."""
+        while True:
+            delay, slot_id = self.reserve()
+            if slot_id is not None:
+                break
+            time.sleep(min(delay, self.window))
+        try:
+            yield
+        finally:
+            self.release(slot_id)
+
+    @asynccontextmanager
+    async def aupload(self) -> AsyncIterator[None]:
+        """
+        :meth:`upload` for an event loop: the window is read and written in a thread, the wait is async.
+
+        A booking that the caller gave up on (cancelled) while its thread ran is released as soon as
+        the thread returns, so a cancelled upload never holds a slot.
+        """
+        while True:
+            booking = asyncio.ensure_future(asyncio.to_thread(self.reserve))
+            try:
+                delay, slot_id = await asyncio.shield(booking)
+            except asyncio.CancelledError:
+                booking.add_done_callback(self._release_abandoned)
+                raise
+            if slot_id is not None:
+                break
+            await asyncio.sleep(min(delay, self.window))
+        try:
+            yield
+        finally:
+            # Shielded: a cancelled caller still frees its slot (the thread runs to its end anyway).
+            await asyncio.shield(asyncio.to_thread(self.release, slot_id))
+
+    def _release_abandoned(self, booking: asyncio.Future[tuple[float, str | None]]) -> None:
+        if booking.cancelled() or booking.exception() is not None:
+            return
+        slot_id = booking.result()[1]
+        if slot_id is not None:
+            booking.get_loop().run_in_executor(None, self.release, slot_id)
