@@ -7,7 +7,7 @@ import os
 import socket
 import sys
 
-from airflow_provider_doc2x.local.engines import ENGINES
+from airflow_provider_doc2x.local.registry import ENGINES
 from airflow_provider_doc2x.local.server import ServerConfig, create_app
 
 

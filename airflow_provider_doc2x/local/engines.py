@@ -1,11 +1,13 @@
-"""
-Engines of the local Doc2X server: what turns an image into Doc2X-shaped pages.
+"""Engines of the local Doc2X server: what turns an image into Doc2X-shaped pages.
 
 ``simple`` is fast and deterministic (the test suite's engine): it reads the image's size and any
 text embedded in it (a PNG ``doc2x`` text chunk or a JPEG comment) and returns that text as the
 page's Markdown. Two directives in the embedded text drive the server the way a real document
 would: ``<!-- figure: x,y,w,h -->`` crops that box into a figure of ``convert_zip``, and
 ``<!-- doc2x-fail: CODE -->`` makes the job fail with that error code.
+
+The engines by name, and the ``ocr`` engine's lazy import, are in
+:mod:`~airflow_provider_doc2x.local.registry`: this module imports no other engine.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import io
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -29,6 +30,8 @@ class ImageUnreadable(Exception):
 
 @dataclass
 class EnginePage:
+    """One page of a result: its size in pixels and its Doc2X Markdown."""
+
     width: int
     height: int
     md: str
@@ -36,6 +39,8 @@ class EnginePage:
 
 @dataclass
 class EngineResult:
+    """What an engine makes of one image: its pages, the figures they name, or a failure code."""
+
     pages: list[EnginePage]
     #: Figure files by name, as the Markdown's ``<img src=...>`` names them.
     figures: dict[str, bytes] = field(default_factory=dict)
@@ -44,9 +49,18 @@ class EngineResult:
 
 
 class Engine(Protocol):
+    """What the server needs of an engine: a name, and a blocking ``parse`` (run in a thread)."""
+
+    #: The name ``--engine`` chooses it by.
     name: str
 
-    def parse(self, image: bytes, uid: str) -> EngineResult: ...
+    def parse(self, image: bytes, uid: str) -> EngineResult:
+        """Turn one image's bytes into pages; ``uid`` names the job (figure files start with it).
+
+        Raises:
+            ImageUnreadable: the bytes do not decode as an image.
+        """
+        ...
 
 
 def open_image(image: bytes):
@@ -62,6 +76,7 @@ def open_image(image: bytes):
 
 
 def embedded_text(picture) -> str:
+    """Return the text carried inside the image: its PNG ``doc2x`` text chunk, or its JPEG comment."""
     if picture.format == "PNG":
         return str(getattr(picture, "text", {}).get(TEXT_KEY, ""))
     comment = picture.info.get("comment", b"")
@@ -69,11 +84,12 @@ def embedded_text(picture) -> str:
 
 
 def media_block(name: str) -> str:
-    """A figure as Doc2X writes it in Markdown."""
+    """Return a figure's Markdown, as Doc2X writes it."""
     return f'<!-- Media -->\n\n<img src="{name}"/>\n\n<!-- Media -->'
 
 
 def crop_figure(picture, box: tuple[int, int, int, int]) -> bytes:
+    """Crop the ``(x, y, width, height)`` box of the picture into a figure file's JPEG bytes."""
     x, y, width, height = box
     figure = picture.convert("RGB").crop((x, y, x + width, y + height))
     out = io.BytesIO()
@@ -87,6 +103,11 @@ class SimpleEngine:
     name = "simple"
 
     def parse(self, image: bytes, uid: str) -> EngineResult:
+        """Read the image's embedded text and obey its directives (see the module's docstring).
+
+        Raises:
+            ImageUnreadable: the bytes do not decode as an image.
+        """
         picture = open_image(image)
         width, height = picture.size
         text = embedded_text(picture).strip()
@@ -107,25 +128,3 @@ class SimpleEngine:
 
         md = FIGURE_DIRECTIVE.sub(figure, text)
         return EngineResult(pages=[EnginePage(width, height, md)], figures=figures)
-
-
-def _ocr_engine() -> Engine:
-    try:
-        from airflow_provider_doc2x.local.ocr import OcrEngine
-    except ImportError as error:
-        raise RuntimeError(
-            f"The ocr engine needs the ocr extra ({error}): pip install 'airflow-provider-doc2x[local,ocr]'"
-        ) from error
-    return OcrEngine()
-
-
-ENGINES: dict[str, Callable[[], Engine]] = {"simple": SimpleEngine, "ocr": _ocr_engine}
-
-
-def load_engine(name: str) -> Engine:
-    """Build the named engine once; the server keeps it for its whole life."""
-    try:
-        factory = ENGINES[name]
-    except KeyError:
-        raise ValueError(f"Unknown engine {name!r}; choose one of {sorted(ENGINES)}") from None
-    return factory()

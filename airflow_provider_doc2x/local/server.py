@@ -27,13 +27,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from airflow_provider_doc2x import protocol
-from airflow_provider_doc2x.local.engines import (
-    Engine,
-    EngineResult,
-    ImageUnreadable,
-    load_engine,
-    open_image,
-)
+from airflow_provider_doc2x.local.engines import Engine, EngineResult, ImageUnreadable, open_image
+from airflow_provider_doc2x.local.registry import load_engine
 
 
 @dataclass
