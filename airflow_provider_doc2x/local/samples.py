@@ -1,7 +1,7 @@
 """
 Document-like images with known text, rendered here (the example DAGs' samples and the tests' inputs).
 
-Each page is drawn as a person would see it (a heading, paragraphs, a grid table, a figure) and also
+Each page is drawn as a person would see it (headings, paragraphs, a grid table, a figure) and also
 carries its Markdown in a ``doc2x`` text chunk, which is what the ``simple`` engine answers: so the
 expected Markdown of every sample is known exactly.
 
@@ -22,6 +22,14 @@ MARGIN = 80
 
 
 @dataclass
+class Section:
+    """A further heading of a page and the paragraphs under it."""
+
+    heading: str
+    paragraphs: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Page:
     title: str
     paragraphs: list[str] = field(default_factory=list)
@@ -29,6 +37,13 @@ class Page:
     figure: bool = False
     #: Make it look scanned: slightly tilted, blurred, speckled, saved as a lossy JPEG.
     scanned: bool = False
+    #: Headings after the title's paragraphs, drawn like the title, each with its own paragraphs.
+    sections: list[Section] = field(default_factory=list)
+
+    @property
+    def outline(self) -> list[Section]:
+        """Every heading with its paragraphs, the title's first: the page's text in reading order."""
+        return [Section(self.title, self.paragraphs), *self.sections]
 
 
 def _font(size: int):
@@ -57,16 +72,20 @@ def render(page: Page, *, fmt: str = "PNG", size: tuple[int, int] = PAGE_SIZE) -
     draw = ImageDraw.Draw(picture)
     width = size[0] - 2 * MARGIN
     y = MARGIN
-    markdown = [f"# {page.title}"]
-    draw.text((MARGIN, y), page.title, fill="black", font=_font(44))
-    y += 90
-    body = _font(26)
-    for paragraph in page.paragraphs:
-        for line in _wrap(draw, paragraph, body, width):
-            draw.text((MARGIN, y), line, fill="black", font=body)
-            y += 36
-        y += 24
-        markdown.append(paragraph)
+    markdown: list[str] = []
+    heading, body = _font(44), _font(26)
+    for number, section in enumerate(page.outline):
+        if number:
+            y += 16  # a little more air above a section than between paragraphs
+        markdown.append(f"# {section.heading}")
+        draw.text((MARGIN, y), section.heading, fill="black", font=heading)
+        y += 90
+        for paragraph in section.paragraphs:
+            for line in _wrap(draw, paragraph, body, width):
+                draw.text((MARGIN, y), line, fill="black", font=body)
+                y += 36
+            y += 24
+            markdown.append(paragraph)
     if page.table:
         column = width // len(page.table[0])
         for row_index, row in enumerate(page.table):
@@ -160,6 +179,42 @@ EXAMPLE_PAGES = {
             "We intend to digitise the archive of scanned contracts before the end of the year.",
             "Each page will be converted to Markdown and indexed for search.",
         ],
+    ),
+}
+
+#: Pages only the tests read (``write_examples`` leaves them out): a scanned memo of several sections.
+TEST_PAGES = {
+    "memo.jpg": Page(
+        title="Records Office Memo",
+        paragraphs=[
+            "To all staff of the records office, from the head of archives, on the move to digital files."
+        ],
+        sections=[
+            Section(
+                "Scanning Schedule",
+                [
+                    "Scanning of the paper archive starts on the first Monday of March "
+                    "and runs for six weeks.",
+                    "Each team scans its own boxes in the order given on the shipping manifest.",
+                ],
+            ),
+            Section(
+                "Handling of Originals",
+                [
+                    "Staples and clips are removed before a page goes through the feeder, "
+                    "and torn pages are copied by hand.",
+                    "Originals go back into their box, which is sealed and kept on site for one year.",
+                ],
+            ),
+            Section(
+                "Questions and Support",
+                [
+                    "Send any question about the schedule to the archive desk by mail "
+                    "or telephone on extension 214."
+                ],
+            ),
+        ],
+        scanned=True,
     ),
 }
 
