@@ -10,28 +10,115 @@ import sys
 from airflow_provider_doc2x.local.registry import ENGINES
 from airflow_provider_doc2x.local.server import ServerConfig, create_app
 
+DESCRIPTION = """\
+A local server that answers like the Doc2X v2 image API: the synchronous
+parse, the async submit and its status, with the API's key check, 7 MB limit,
+error codes and per-key rate limit (HTTP 429). It bills nothing real and needs
+no network: it is the backend of the tests, of benchmarks and of offline work.
+
+Point a doc2x connection's host at the URL it prints, with any key (or the one
+--api-key names), e.g.:
+  export AIRFLOW_CONN_DOC2X_DEFAULT='{"conn_type": "doc2x",
+      "host": "http://127.0.0.1:8765", "password": "sk-local"}'
+"""
+
+EPILOG = """\
+While it runs, the knobs above and more (fail_next, stall_next, quota, ...)
+can be changed with POST /local/config, e.g.
+  curl -X POST localhost:8765/local/config -d '{"latency": 0.5}'
+GET /local/stats shows what was billed per image and the load;
+POST /local/reset starts over; /local/docs lists every endpoint.
+"""
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Read the command line; defaults come from :class:`ServerConfig`."""
     defaults = ServerConfig()
-    parser = argparse.ArgumentParser(prog="doc2x-local-server", description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8765, help="0 picks a free port (printed at start)")
-    parser.add_argument("--api-key", default=None, help="the only key accepted (default: any non-empty key)")
-    parser.add_argument("--engine", default=defaults.engine, choices=sorted(ENGINES))
-    parser.add_argument("--processing-time", type=float, default=defaults.processing_time)
-    parser.add_argument("--latency", type=float, default=defaults.latency)
-    parser.add_argument("--error-rate", type=float, default=defaults.error_rate)
-    parser.add_argument("--rate-limit", type=int, default=defaults.rate_limit)
-    parser.add_argument("--rate-window", type=float, default=defaults.rate_window)
-    parser.add_argument("--result-ttl", type=float, default=defaults.result_ttl)
-    parser.add_argument(
-        "--ocr-threads", type=int, default=0, help="onnxruntime threads of the ocr engine (0: all cores)"
+    parser = argparse.ArgumentParser(
+        prog="doc2x-local-server",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=8765,
+        help="port to listen on; 0 picks a free one (the URL is printed at start) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="the only key accepted (default: any non-empty Bearer key)",
+    )
+    parser.add_argument(
+        "--engine",
+        default=defaults.engine,
+        choices=sorted(ENGINES),
+        help="what reads the images: 'simple' returns the text embedded in the image, at once; "
+        "'ocr' runs real offline OCR and needs the ocr extra (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--processing-time",
+        type=float,
+        default=defaults.processing_time,
+        metavar="SECONDS",
+        help="how long an async job stays 'processing'; also the least a parse takes (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--latency",
+        type=float,
+        default=defaults.latency,
+        metavar="SECONDS",
+        help="delay added before every API answer (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--error-rate",
+        type=float,
+        default=defaults.error_rate,
+        metavar="SHARE",
+        help="share of API calls answered with an HTML 502 page, 0 to 1 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rate-limit",
+        type=int,
+        default=defaults.rate_limit,
+        metavar="IMAGES",
+        help="images a key may upload per rate window; more get HTTP 429 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rate-window",
+        type=float,
+        default=defaults.rate_window,
+        metavar="SECONDS",
+        help="length of the rolling rate window (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--result-ttl",
+        type=float,
+        default=defaults.result_ttl,
+        metavar="SECONDS",
+        help="how long a job's result can be fetched (default: %(default)s, 24 hours)",
+    )
+    parser.add_argument(
+        "--ocr-threads",
+        type=int,
+        default=0,
+        metavar="THREADS",
+        help="onnxruntime threads of the ocr engine; 0 uses all cores (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="uvicorn's log level (default: %(default)s)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Start the server and serve until interrupted."""
     import uvicorn
 
     args = parse_args(argv)

@@ -1,5 +1,4 @@
-"""
-The local Doc2X server in a child process: for tests of DAGs that use Doc2X, benchmarks and scripts.
+"""The local Doc2X server in a child process: for tests of DAGs that use Doc2X, benchmarks and scripts.
 
     with LocalServerProcess(api_key="sk-test") as server:
         os.environ["AIRFLOW_CONN_DOC2X_DEFAULT"] = server.connection_json()
@@ -20,9 +19,20 @@ import httpx
 
 
 class LocalServerProcess:
-    """Start, steer (``configure``, ``reset``) and read (``stats``) a local Doc2X server process."""
+    """Start, steer (``configure``, ``reset``) and read (``stats``) a local Doc2X server process.
+
+    Args:
+        args: more command-line options, e.g. ``"--engine", "ocr"`` (see ``doc2x-local-server --help``).
+        api_key: the only key the server accepts; by default it accepts any, and
+            :meth:`connection_json` uses ``sk-local``.
+        startup_timeout: seconds to wait for the server to answer.
+
+    Raises:
+        RuntimeError: the server did not start, or did not answer in time.
+    """
 
     def __init__(self, *args: str, api_key: str | None = None, startup_timeout: float = 60.0) -> None:
+        """Start the server and wait until it answers."""
         self.api_key = api_key or "sk-local"
         command = [sys.executable, "-m", "airflow_provider_doc2x.local", "--port", "0", *args]
         if api_key:
@@ -57,28 +67,34 @@ class LocalServerProcess:
             time.sleep(0.05)
 
     def configure(self, **knobs: Any) -> None:
+        """Change knobs of the running server (the fields of ``ServerConfig``), e.g. ``latency=0.5``."""
         self.client.post("/local/config", json=knobs).raise_for_status()
 
     def reset(self) -> None:
+        """Return to the knobs the server started with; forget jobs, billing and counters."""
         self.client.post("/local/reset").raise_for_status()
 
     def stats(self) -> dict[str, Any]:
+        """Read the server's counters: ``billed_total``, ``billed`` per image hash, ``uploads_in_flight``, ..."""
         return self.client.get("/local/stats").json()
 
     def connection_json(self, api_key: str | None = None, **extra: Any) -> str:
-        """A ``doc2x`` connection to this server, for ``AIRFLOW_CONN_...`` variables."""
+        """Describe a ``doc2x`` connection to this server, for ``AIRFLOW_CONN_...`` variables."""
         return json.dumps(
             {"conn_type": "doc2x", "host": self.url, "password": api_key or self.api_key, "extra": extra}
         )
 
     def stop(self) -> None:
+        """Stop the server and wait for it to exit."""
         self.client.close()
         if self.process.poll() is None:
             self.process.terminate()
             self.process.wait(timeout=10)
 
     def __enter__(self) -> LocalServerProcess:
+        """Return the running server."""
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        """Stop the server."""
         self.stop()

@@ -1,5 +1,4 @@
-"""
-A local Doc2X-compatible server: the API's three image endpoints, faithfully, on FastAPI.
+"""A local Doc2X-compatible server: the API's three image endpoints, faithfully, on FastAPI.
 
 It answers as the API notes describe (Bearer auth and 401, the 7 MB and type checks with their
 codes, the per-key rate limit as HTTP 429 ``request_limit_exceeded``, async jobs that are
@@ -7,6 +6,8 @@ codes, the per-key rate limit as HTTP 429 ``request_limit_exceeded``, async jobs
 uids, ``convert_zip`` as base64 of a real zip of ``images/...``), plus what tests and benchmarks
 need: knobs (latency, processing time, injected 5xx, stalled answers, rate window, quota) under
 ``/local/config``, and billing counters per image content hash under ``/local/stats``.
+
+:class:`LocalServer` holds the state and the API's rules; :func:`create_app` maps the routes onto it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import time
 import uuid
 import zipfile
 from collections import Counter, defaultdict, deque
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -49,6 +52,7 @@ class ServerConfig:
     #: The next N uploads are accepted and billed, then their answer stalls for ``stall_seconds``.
     stall_next: int = 0
     stall_seconds: float = 30.0
+    #: Images a key may upload per ``rate_window`` seconds.
     rate_limit: int = protocol.DEFAULT_RATE_LIMIT_IMAGES
     rate_window: float = protocol.DEFAULT_RATE_LIMIT_WINDOW
     #: Seconds a job's result is kept (Doc2X: 24 h).
@@ -58,6 +62,11 @@ class ServerConfig:
     seed: int = 0
 
     def updated(self, changes: dict[str, Any]) -> ServerConfig:
+        """Return a copy with ``changes`` applied.
+
+        Raises:
+            ValueError: a change names no knob.
+        """
         known = {item.name for item in fields(self)}
         unknown = set(changes) - known
         if unknown:
@@ -67,6 +76,8 @@ class ServerConfig:
 
 @dataclass
 class Job:
+    """An async job: the image's content hash, when it was submitted, and the engine's work on it."""
+
     uid: str
     sha256: str
     created: float
@@ -74,42 +85,22 @@ class Job:
     result: EngineResult | None = None
 
 
-@dataclass
-class ServerState:
-    config: ServerConfig
-    initial: ServerConfig
-    engine: Engine
-    random: random.Random
-    jobs: dict[str, Job] = field(default_factory=dict)
-    billed: Counter = field(default_factory=Counter)
-    requests: Counter = field(default_factory=Counter)
-    windows: defaultdict[str, deque] = field(default_factory=lambda: defaultdict(deque))
-    rate_limited: int = 0
-    in_flight: int = 0
-    max_in_flight: int = 0
-    #: Server times of the first and last billed upload, for throughput figures.
-    upload_times: list[float] = field(default_factory=lambda: [0.0, 0.0])
+class Refused(Exception):
+    """A call refused with an API answer: ``response`` is what the client gets."""
 
-    def reset(self) -> None:
-        for job in self.jobs.values():
-            if job.work is not None:
-                job.work.cancel()
-        self.config = self.initial
-        self.random = random.Random(self.initial.seed)
-        self.jobs.clear()
-        self.billed.clear()
-        self.requests.clear()
-        self.windows.clear()
-        self.rate_limited = 0
-        self.max_in_flight = self.in_flight
-        self.upload_times = [0.0, 0.0]
+    def __init__(self, response: Response) -> None:
+        """Carry the answer."""
+        super().__init__(response.status_code)
+        self.response = response
 
 
-def error(code: str, msg: str, status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"code": code, "msg": msg}, status_code=status, headers=headers)
+def api_error(code: str, msg: str, status: int = 200, headers: dict[str, str] | None = None) -> Refused:
+    """Build an API error, ready to raise: ``{"code": ..., "msg": ...}`` with its HTTP status."""
+    return Refused(JSONResponse({"code": code, "msg": msg}, status_code=status, headers=headers))
 
 
 def success(data: dict[str, Any]) -> JSONResponse:
+    """Build an API success: ``{"code": "success", "data": ...}``."""
     return JSONResponse({"code": "success", "data": data})
 
 
@@ -125,6 +116,7 @@ def convert_zip(figures: dict[str, bytes]) -> str | None:
 
 
 def result_data(uid: str, result: EngineResult, *, with_index: bool) -> dict[str, Any]:
+    """Show a result's pages and figures as the API's ``data`` does (the status adds url and index)."""
     pages = []
     for index, page in enumerate(result.pages):
         entry: dict[str, Any] = {"page_width": page.width, "page_height": page.height, "md": page.md}
@@ -134,228 +126,334 @@ def result_data(uid: str, result: EngineResult, *, with_index: bool) -> dict[str
     return {"result": {"pages": pages}, "convert_zip": convert_zip(result.figures)}
 
 
-def create_app(config: ServerConfig | None = None) -> FastAPI:
-    """Build the server; one engine is loaded here and serves every request of the process."""
-    config = config or ServerConfig()
-    state = ServerState(
-        config=config, initial=config, engine=load_engine(config.engine), random=random.Random(config.seed)
+def html_failure(status: int, title: str, trace_id: str) -> HTMLResponse:
+    """Answer as a gateway in front of the API does when it fails: HTML, not the API's JSON."""
+    return HTMLResponse(
+        f"<html><head><title>{status} {title}</title></head><body><h1>{status} {title}</h1></body></html>",
+        status_code=status,
+        headers={"trace-id": trace_id},
     )
-    app = FastAPI(title="Doc2X local server", docs_url="/local/docs", openapi_url="/local/openapi.json")
-    app.state.doc2x = state
 
-    @app.middleware("http")
-    async def trace_and_faults(request: Request, call_next):
-        trace_id = uuid.uuid4().hex
-        if request.url.path.startswith("/local/"):
-            return await call_next(request)
-        state.in_flight += 1
-        state.max_in_flight = max(state.max_in_flight, state.in_flight)
+
+class LocalServer:
+    """The state of one local Doc2X server and the API's rules, for :func:`create_app`'s routes.
+
+    Args:
+        config: the knobs at start; :meth:`reset` returns to them.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        """Load the engine; start with no jobs and zeroed counters."""
+        self.config = config
+        self.initial = config
+        #: Loaded once; it serves every request of the process.
+        self.engine: Engine = load_engine(config.engine)
+        self.random = random.Random(config.seed)
+        self.jobs: dict[str, Job] = {}
+        #: Billed pages per image content hash.
+        self.billed: Counter[str] = Counter()
+        #: Requests per endpoint (``parse``, ``submit``, ``status``), including refused ones.
+        self.requests: Counter[str] = Counter()
+        #: Per key (its Authorization header): when each upload of the rate window was admitted.
+        self.windows: defaultdict[str, deque[float]] = defaultdict(deque)
+        self.rate_limited = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        #: Server times of the first and last billed upload, for throughput figures.
+        self.upload_times = [0.0, 0.0]
+
+    def reset(self) -> None:
+        """Back to the knobs at start, with no jobs and zeroed counters (calls in flight stay counted)."""
+        for job in self.jobs.values():
+            if job.work is not None:
+                job.work.cancel()
+        self.config = self.initial
+        self.random = random.Random(self.initial.seed)
+        self.jobs.clear()
+        self.billed.clear()
+        self.requests.clear()
+        self.windows.clear()
+        self.rate_limited = 0
+        self.max_in_flight = self.in_flight
+        self.upload_times = [0.0, 0.0]
+
+    def configure(self, changes: dict[str, Any]) -> None:
+        """Apply ``POST /local/config``.
+
+        Raises:
+            ValueError: an unknown knob, a value of the wrong type, or another engine.
+        """
+        if "engine" in changes and changes["engine"] != self.config.engine:
+            raise ValueError("the engine is chosen when the server starts")
         try:
-            response = await answer_api_call(request, call_next, trace_id)
-        finally:
-            state.in_flight -= 1
-        response.headers["trace-id"] = trace_id
-        return response
+            self.config = self.config.updated(changes)
+        except TypeError as problem:
+            raise ValueError(str(problem)) from problem
+        if "seed" in changes:
+            self.random = random.Random(self.config.seed)
 
-    async def answer_api_call(request: Request, call_next, trace_id: str) -> Response:
-        """The API's answer, or the faults the knobs ask for: latency, then a gateway's HTML error."""
-        settings = state.config
+    def settings(self) -> dict[str, Any]:
+        """Show the knobs as ``GET /local/config`` does (without the key)."""
+        return {key: value for key, value in asdict(self.config).items() if key != "api_key"}
+
+    def stats(self) -> dict[str, Any]:
+        """Count what was billed, per image content hash (proof that nothing was billed twice), and the load."""
+        return {
+            "billed_total": sum(self.billed.values()),
+            "billed": dict(self.billed),
+            "max_billed_per_image": max(self.billed.values(), default=0),
+            "requests": dict(self.requests),
+            "rate_limited": self.rate_limited,
+            "max_in_flight": self.max_in_flight,
+            "upload_span_seconds": self.upload_times[1] - self.upload_times[0],
+            "jobs": len(self.jobs),
+        }
+
+    # Every API call
+
+    @contextmanager
+    def api_call(self) -> Iterator[None]:
+        """Count an API call in flight (``max_in_flight``) while it runs."""
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+    async def inject_faults(self, trace_id: str) -> Response | None:
+        """Apply the faults the knobs ask for: latency, then maybe a gateway's HTML error to answer instead."""
+        settings = self.config
         if settings.latency:
             await asyncio.sleep(settings.latency)
         if settings.fail_next > 0:
-            state.config = replace(settings, fail_next=settings.fail_next - 1)
+            self.config = replace(settings, fail_next=settings.fail_next - 1)
             return html_failure(503, "Service Unavailable", trace_id)
-        if settings.error_rate and state.random.random() < settings.error_rate:
+        if settings.error_rate and self.random.random() < settings.error_rate:
             return html_failure(502, "Bad Gateway", trace_id)
-        return await call_next(request)
-
-    def authorize(request: Request) -> JSONResponse | None:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        expected = state.config.api_key
-        if scheme.lower() != "bearer" or not token.strip() or (expected is not None and token != expected):
-            return error("unauthorized", "Invalid or missing API key", status=401)
         return None
 
-    def admit_upload(request: Request) -> JSONResponse | None:
-        """Auth, then the key's rolling window: at most ``rate_limit`` images per ``rate_window``."""
-        refused = authorize(request)
-        if refused:
-            return refused
-        settings = state.config
-        window = state.windows[request.headers["authorization"]]
+    def authorize(self, request: Request) -> None:
+        """Check the Bearer key.
+
+        Raises:
+            Refused: HTTP 401 ``unauthorized``.
+        """
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        expected = self.config.api_key
+        if scheme.lower() != "bearer" or not token.strip() or (expected is not None and token != expected):
+            raise api_error("unauthorized", "Invalid or missing API key", status=401)
+
+    # Uploads
+
+    @asynccontextmanager
+    async def upload(self, request: Request, endpoint: str) -> AsyncIterator[bytes]:
+        """Open an upload, as both upload endpoints do; yield the image once it is admitted.
+
+        Counts the request, checks the key, admits the upload into the key's rate window, then reads
+        the body and checks its size and type.
+
+        Raises:
+            Refused: 401, 429, or an image refused for its size or type.
+        """
+        self.requests[endpoint] += 1
+        self.authorize(request)
+        self.admit_upload(request)
+        declared = request.headers.get("content-length")
+        if declared and int(declared) > protocol.MAX_IMAGE_BYTES:
+            raise api_error("parse_file_too_large", "File too large, at most 7M")
+        image = await request.body()
+        self.check_image(image)
+        yield image
+
+    def admit_upload(self, request: Request) -> None:
+        """Count the upload in its key's rolling window: at most ``rate_limit`` per ``rate_window``.
+
+        Raises:
+            Refused: HTTP 429 ``request_limit_exceeded`` with ``Retry-After``.
+        """
+        settings = self.config
+        window = self.windows[request.headers["authorization"]]
         now = time.monotonic()
         while window and window[0] <= now - settings.rate_window:
             window.popleft()
         if len(window) >= settings.rate_limit:
-            state.rate_limited += 1
+            self.rate_limited += 1
             retry_after = window[0] + settings.rate_window - now
-            return error(
+            raise api_error(
                 "request_limit_exceeded",
                 "Too many requests",
                 status=429,
                 headers={"Retry-After": f"{retry_after:.3f}"},
             )
         window.append(now)
-        return None
 
-    async def read_image(request: Request) -> tuple[bytes, JSONResponse | None]:
-        declared = request.headers.get("content-length")
-        if declared and int(declared) > protocol.MAX_IMAGE_BYTES:
-            return b"", error("parse_file_too_large", "File too large, at most 7M")
-        body = await request.body()
+    def check_image(self, body: bytes) -> None:
+        """Check size and type (content, not the header).
+
+        Raises:
+            Refused: ``parse_file_too_large`` or ``parse_file_not_image``.
+        """
         if len(body) > protocol.MAX_IMAGE_BYTES:
-            return b"", error("parse_file_too_large", "File too large, at most 7M")
+            raise api_error("parse_file_too_large", "File too large, at most 7M")
         if protocol.sniff_image_type(body) is None:
-            return b"", error("parse_file_not_image", "The file is not a jpg/png image")
-        return body, None
+            raise api_error("parse_file_not_image", "The file is not a jpg/png image")
 
-    def bill(image: bytes) -> tuple[str, JSONResponse | None]:
-        settings = state.config
-        if settings.quota is not None and sum(state.billed.values()) >= settings.quota:
-            return "", error("parse_quota_limit", "No page quota left")
+    def bill(self, image: bytes) -> str:
+        """Bill one page for the image and return its content hash.
+
+        Raises:
+            Refused: ``parse_quota_limit`` when the account's quota is used up.
+        """
+        settings = self.config
+        if settings.quota is not None and sum(self.billed.values()) >= settings.quota:
+            raise api_error("parse_quota_limit", "No page quota left")
         digest = hashlib.sha256(image).hexdigest()
-        if not state.billed:
-            state.upload_times[0] = time.monotonic()
-        state.upload_times[1] = time.monotonic()
-        state.billed[digest] += 1
-        return digest, None
+        if not self.billed:
+            self.upload_times[0] = time.monotonic()
+        self.upload_times[1] = time.monotonic()
+        self.billed[digest] += 1
+        return digest
 
-    async def run_engine(image: bytes, uid: str) -> EngineResult:
-        return await asyncio.to_thread(state.engine.parse, image, uid)
-
-    async def stall_if_asked() -> None:
-        settings = state.config
+    async def stall(self) -> None:
+        """Hold this answer for ``stall_seconds`` if ``stall_next`` asks for it."""
+        settings = self.config
         if settings.stall_next > 0:
-            state.config = replace(settings, stall_next=settings.stall_next - 1)
+            self.config = replace(settings, stall_next=settings.stall_next - 1)
             await asyncio.sleep(settings.stall_seconds)
 
-    @app.post(protocol.PARSE_PATH)
-    async def parse(request: Request) -> Response:
-        state.requests["parse"] += 1
-        refused = admit_upload(request)
-        if refused:
-            return refused
-        image, refused = await read_image(request)
-        if refused:
-            return refused
-        uid = str(uuid.uuid4())
-        try:
-            started = time.monotonic()
-            result = await run_engine(image, uid)
-        except ImageUnreadable:
-            return error("parse_file_invalid", "The image cannot be read")
-        _, refused = bill(image)
-        if refused:
-            return refused
-        await asyncio.sleep(max(0.0, state.config.processing_time - (time.monotonic() - started)))
-        await stall_if_asked()
-        if result.fail_code:
-            return error(result.fail_code, f"Failed: {result.fail_code}")
-        return success({"uid": uid, **result_data(uid, result, with_index=False)})
+    async def run_engine(self, image: bytes, uid: str) -> EngineResult:
+        """Run the engine on one image, in a thread."""
+        return await asyncio.to_thread(self.engine.parse, image, uid)
 
-    @app.post(protocol.SUBMIT_PATH)
-    async def submit(request: Request) -> Response:
-        state.requests["submit"] += 1
-        refused = admit_upload(request)
-        if refused:
-            return refused
-        image, refused = await read_image(request)
-        if refused:
-            return refused
-        try:  # refused at once, unbilled, like the synchronous endpoint
+    # The endpoints' own work
+
+    async def parse(self, image: bytes) -> dict[str, Any]:
+        """Parse now: the synchronous endpoint's ``data``. Billed once the engine read the image.
+
+        Raises:
+            Refused: ``parse_file_invalid``, ``parse_quota_limit`` or the job's failure code.
+        """
+        uid = str(uuid.uuid4())
+        started = time.monotonic()
+        try:
+            result = await self.run_engine(image, uid)
+        except ImageUnreadable:
+            raise api_error("parse_file_invalid", "The image cannot be read") from None
+        self.bill(image)
+        await asyncio.sleep(max(0.0, self.config.processing_time - (time.monotonic() - started)))
+        await self.stall()
+        if result.fail_code:
+            raise api_error(result.fail_code, f"Failed: {result.fail_code}")
+        return {"uid": uid, **result_data(uid, result, with_index=False)}
+
+    async def submit(self, image: bytes) -> dict[str, Any]:
+        """Start an async job: the submit endpoint's ``data``. An unreadable image is refused unbilled.
+
+        Raises:
+            Refused: ``parse_file_invalid`` or ``parse_quota_limit``.
+        """
+        try:
             await asyncio.to_thread(open_image, image)
         except ImageUnreadable:
-            return error("parse_file_invalid", "The image cannot be read")
-        digest, refused = bill(image)
-        if refused:
-            return refused
-        now = time.monotonic()
+            raise api_error("parse_file_invalid", "The image cannot be read") from None
+        digest = self.bill(image)
         uid = str(uuid.uuid4())
-        job = Job(uid=uid, sha256=digest, created=now)
-        job.work = asyncio.create_task(run_engine(image, uid))
-        state.jobs[uid] = job
-        await stall_if_asked()
-        return success({"uid": uid})
+        job = Job(uid=uid, sha256=digest, created=time.monotonic())
+        job.work = asyncio.create_task(self.run_engine(image, uid))
+        self.jobs[uid] = job
+        await self.stall()
+        return {"uid": uid}
 
-    @app.get(protocol.STATUS_PATH)
-    async def status(request: Request, uid: str = "") -> Response:
-        state.requests["status"] += 1
-        refused = authorize(request)
-        if refused:
-            return refused
-        job = state.jobs.get(uid)
+    def status(self, uid: str) -> dict[str, Any]:
+        """Report an async job's status ``data``; readiness follows the current ``processing_time``.
+
+        Raises:
+            Refused: ``parse_status_not_found`` (unknown or expired), or the job's failure code.
+        """
+        job = self.jobs.get(uid)
         now = time.monotonic()
-        if job is None or now - job.created > state.config.result_ttl:
-            return error("parse_status_not_found", f"No task with uid {uid!r}, or its result expired")
+        if job is None or now - job.created > self.config.result_ttl:
+            raise api_error("parse_status_not_found", f"No task with uid {uid!r}, or its result expired")
         assert job.work is not None
         # Readiness follows the current processing_time, so a test can let waiting jobs finish.
-        processing_time = state.config.processing_time
+        processing_time = self.config.processing_time
         if now < job.created + processing_time or not job.work.done():
             progress = min(99, int(100 * (now - job.created) / max(processing_time, 1e-9)))
-            return success({"status": protocol.STATUS_PROCESSING, "progress": progress})
+            return {"status": protocol.STATUS_PROCESSING, "progress": progress}
         if job.result is None:
             try:
                 job.result = job.work.result()
             except ImageUnreadable:
-                return error("parse_file_invalid", "The image cannot be read")
+                raise api_error("parse_file_invalid", "The image cannot be read") from None
         if job.result.fail_code:
-            return error(job.result.fail_code, f"Failed: {job.result.fail_code}")
-        return success(
-            {
-                "status": protocol.STATUS_SUCCESS,
-                "progress": 100,
-                **result_data(uid, job.result, with_index=True),
-            }
-        )
+            raise api_error(job.result.fail_code, f"Failed: {job.result.fail_code}")
+        return {
+            "status": protocol.STATUS_SUCCESS,
+            "progress": 100,
+            **result_data(uid, job.result, with_index=True),
+        }
+
+
+def create_app(config: ServerConfig | None = None) -> FastAPI:
+    """Build the server's ASGI app; its :class:`LocalServer` is ``app.state.doc2x``."""
+    server = LocalServer(config or ServerConfig())
+    app = FastAPI(title="Doc2X local server", docs_url="/local/docs", openapi_url="/local/openapi.json")
+    app.state.doc2x = server
+
+    @app.exception_handler(Refused)
+    async def refused(request: Request, refusal: Refused) -> Response:
+        return refusal.response
+
+    @app.middleware("http")
+    async def trace_and_faults(request: Request, call_next) -> Response:
+        if request.url.path.startswith("/local/"):
+            return await call_next(request)
+        trace_id = uuid.uuid4().hex
+        with server.api_call():
+            response = await server.inject_faults(trace_id) or await call_next(request)
+        response.headers["trace-id"] = trace_id
+        return response
+
+    @app.post(protocol.PARSE_PATH)
+    async def parse(request: Request) -> Response:
+        async with server.upload(request, "parse") as image:
+            return success(await server.parse(image))
+
+    @app.post(protocol.SUBMIT_PATH)
+    async def submit(request: Request) -> Response:
+        async with server.upload(request, "submit") as image:
+            return success(await server.submit(image))
+
+    @app.get(protocol.STATUS_PATH)
+    async def status(request: Request, uid: str = "") -> Response:
+        server.requests["status"] += 1
+        server.authorize(request)
+        return success(server.status(uid))
 
     @app.get("/local/stats")
     async def stats() -> dict[str, Any]:
-        """What was billed, per image content hash: proof that nothing was billed twice."""
-        return {
-            "billed_total": sum(state.billed.values()),
-            "billed": dict(state.billed),
-            "max_billed_per_image": max(state.billed.values(), default=0),
-            "requests": dict(state.requests),
-            "rate_limited": state.rate_limited,
-            "max_in_flight": state.max_in_flight,
-            "upload_span_seconds": state.upload_times[1] - state.upload_times[0],
-            "jobs": len(state.jobs),
-        }
+        return server.stats()
 
     @app.get("/local/config")
     async def get_config() -> dict[str, Any]:
-        return {key: value for key, value in asdict(state.config).items() if key != "api_key"}
+        return server.settings()
 
     @app.post("/local/config")
     async def set_config(request: Request) -> Response:
-        changes = await request.json()
-        if "engine" in changes and changes["engine"] != state.config.engine:
-            return JSONResponse({"error": "the engine is chosen when the server starts"}, status_code=400)
         try:
-            state.config = state.config.updated(changes)
-        except (TypeError, ValueError) as problem:
+            server.configure(await request.json())
+        except ValueError as problem:
             return JSONResponse({"error": str(problem)}, status_code=400)
-        if "seed" in changes:
-            state.random = random.Random(state.config.seed)
-        return JSONResponse(await get_config())
+        return JSONResponse(server.settings())
 
     @app.post("/local/reset")
     async def reset() -> dict[str, str]:
-        state.reset()
+        server.reset()
         return {"status": "reset"}
 
     @app.get("/local/health")
     async def health() -> dict[str, str]:
-        return {"status": "ok", "engine": state.engine.name}
+        return {"status": "ok", "engine": server.engine.name}
 
     return app
-
-
-def html_failure(status: int, title: str, trace_id: str) -> HTMLResponse:
-    """What a gateway in front of the API answers when it fails: HTML, not the API's JSON."""
-    return HTMLResponse(
-        f"<html><head><title>{status} {title}</title></head><body><h1>{status} {title}</h1></body></html>",
-        status_code=status,
-        headers={"trace-id": trace_id},
-    )
