@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import random
+import socket
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import httpcore
 import httpx
 import pytest
+from PIL import Image
 
 from airflow_provider_doc2x import protocol
-from tests.conftest import API_KEY
-from tests.waiting import wait_until
+from tests.helpers import API_KEY, wait_until
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -84,3 +91,99 @@ def test_unknown_knob_is_refused(doc2x):
     answer = doc2x.client.post("/local/config", json={"speed": "ludicrous"})
     assert answer.status_code == 400
     assert "speed" in answer.json()["error"]
+
+
+# A slow, flaky link: uploads paced by upload_seconds/upload_bandwidth, and connections reset mid-upload
+
+
+def big_png(side: int = 1000) -> bytes:
+    """A valid PNG of about 3 MB (uncompressed noise): more than a small send buffer holds."""
+    picture = Image.frombytes("RGB", (side, side), random.Random(side).randbytes(side * side * 3))
+    out = io.BytesIO()
+    picture.save(out, format="PNG", compress_level=0)
+    return out.getvalue()
+
+
+def os_error(error: BaseException | None) -> BaseException | None:
+    """The operating system's error under an httpx or httpcore one."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def upload_in_thread(doc2x, pool: ThreadPoolExecutor, body: bytes) -> Future[httpx.Response]:
+    """Submit from another thread, on a connection of its own."""
+
+    def send() -> httpx.Response:
+        with httpx.Client(base_url=doc2x.url, timeout=60) as client:
+            return client.post(protocol.SUBMIT_PATH, content=body, headers=AUTH)
+
+    return pool.submit(send)
+
+
+def test_slow_uploads_overlap(doc2x, make_image):
+    doc2x.configure(upload_seconds=60)  # released below, once both are seen arriving
+    with ThreadPoolExecutor(2) as pool:
+        answers = [upload_in_thread(doc2x, pool, make_image().read_bytes()) for _ in range(2)]
+        wait_until(lambda: doc2x.stats()["uploads_in_flight"] == 2, message="two uploads arriving at once")
+        assert doc2x.stats()["billed_total"] == 0  # billed once the body has arrived, not before
+        doc2x.configure(upload_seconds=0)
+        assert [answer.result().json()["code"] for answer in answers] == ["success", "success"]
+    stats = doc2x.stats()
+    assert stats["max_uploads_in_flight"] == 2
+    assert stats["uploads_in_flight"] == 0
+    assert stats["billed_total"] == 2
+
+
+def test_upload_enters_the_rate_window_when_its_body_has_arrived(doc2x, make_image):
+    doc2x.configure(rate_limit=1, rate_window=30, upload_bandwidth=100_000)  # 3 MB: 30 s
+    with ThreadPoolExecutor(1) as pool:
+        slow = upload_in_thread(doc2x, pool, big_png())
+        wait_until(lambda: doc2x.stats()["uploads_in_flight"] == 1, message="the big upload arriving")
+        small = make_image().read_bytes()
+        assert submit(doc2x, small).json()["code"] == "success"  # started later, arrived first
+        doc2x.configure(upload_bandwidth=0)
+        refused = slow.result()
+    assert refused.status_code == 429
+    assert refused.json()["code"] == "request_limit_exceeded"
+    stats = doc2x.stats()
+    assert stats["billed"] == {hashlib.sha256(small).hexdigest(): 1}  # the 429 is not billed
+    assert stats["rate_limited"] == 1
+
+
+def test_reset_while_the_client_sends(doc2x, make_image):
+    doc2x.configure(reset_next_uploads=1, reset_after_bytes=65536, rate_limit=1, rate_window=30)
+    body = big_png()
+    failed_sends = []
+
+    def trace(event: str, info: dict) -> None:
+        if event == "http11.send_request_body.failed":
+            failed_sends.append(info["exception"])
+
+    # A send buffer of its own size, so that most of the 3 MB is still to send when the reset comes.
+    small_buffer = httpx.HTTPTransport(socket_options=[(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)])
+    with (
+        httpx.Client(base_url=doc2x.url, transport=small_buffer, timeout=30) as client,
+        pytest.raises(httpx.RemoteProtocolError, match="without sending a response"),
+    ):
+        client.post(protocol.SUBMIT_PATH, content=body, headers=AUTH, extensions={"trace": trace})
+    # httpcore swallows the write error and reads on; the trace shows the send that failed.
+    [write_error] = failed_sends
+    assert isinstance(write_error, httpcore.WriteError)
+    assert isinstance(os_error(write_error), (ConnectionResetError, BrokenPipeError))
+    stats = doc2x.stats()
+    assert stats["uploads_reset"] == 1
+    assert stats["billed_total"] == 0
+    assert stats["uploads_in_flight"] == 0
+    # Only the next one was cut, and it did not take the rate window's one place.
+    assert submit(doc2x, make_image().read_bytes()).json()["code"] == "success"
+    assert doc2x.stats()["uploads_reset"] == 1
+
+
+def test_reset_after_a_small_body_is_a_reset_read(doc2x, make_image):
+    doc2x.configure(reset_next_uploads=1)
+    with pytest.raises(httpx.ReadError) as caught:  # all sent; the answer never comes
+        submit(doc2x, make_image().read_bytes())
+    assert isinstance(os_error(caught.value), ConnectionResetError)
+    assert doc2x.stats()["uploads_reset"] == 1
+    assert doc2x.stats()["billed_total"] == 0

@@ -8,7 +8,7 @@ import socket
 import sys
 
 from airflow_provider_doc2x.local.registry import ENGINES
-from airflow_provider_doc2x.local.server import ServerConfig, create_app
+from airflow_provider_doc2x.local.server import ServerConfig, TransportInScope, create_app
 
 DESCRIPTION = """\
 A local server that answers like the Doc2X v2 image API: the synchronous
@@ -23,9 +23,9 @@ Point a doc2x connection's host at the URL it prints, with any key (or the one
 """
 
 EPILOG = """\
-While it runs, the knobs above and more (fail_next, stall_next, quota, ...)
-can be changed with POST /local/config, e.g.
-  curl -X POST localhost:8765/local/config -d '{"latency": 0.5}'
+While it runs, the knobs above and more (fail_next, stall_next, quota,
+reset_next_uploads, ...) can be changed with POST /local/config, e.g.
+  curl -X POST localhost:8765/local/config -d '{"upload_bandwidth": 200000}'
 GET /local/stats shows what was billed per image and the load;
 POST /local/reset starts over; /local/docs lists every endpoint.
 """
@@ -102,6 +102,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="how long a job's result can be fetched (default: %(default)s, 24 hours)",
     )
     parser.add_argument(
+        "--upload-seconds",
+        type=float,
+        default=defaults.upload_seconds,
+        metavar="SECONDS",
+        help="how long each upload's body takes to arrive; 0 is at once (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--upload-bandwidth",
+        type=float,
+        default=defaults.upload_bandwidth,
+        metavar="BYTES_PER_SECOND",
+        help="rate at which each upload's body is read; 0 is unlimited (default: %(default)s)",
+    )
+    parser.add_argument(
         "--ocr-threads",
         type=int,
         default=0,
@@ -133,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
         rate_limit=args.rate_limit,
         rate_window=args.rate_window,
         result_ttl=args.result_ttl,
+        upload_seconds=args.upload_seconds,
+        upload_bandwidth=args.upload_bandwidth,
     )
     app = create_app(config)
     # Bind first, so that --port 0 can print the port it got before serving.
@@ -141,7 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     sock.bind((args.host, args.port))
     host, port = sock.getsockname()[:2]
     print(f"Doc2X local server ({config.engine} engine) listening on http://{host}:{port}", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False))
+    server = uvicorn.Server(
+        uvicorn.Config(app, http=TransportInScope, log_level=args.log_level, access_log=False)
+    )
     server.run(sockets=[sock])
     sys.exit(0 if server.started else 1)
 

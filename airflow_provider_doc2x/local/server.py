@@ -4,34 +4,48 @@ It answers as the API notes describe (Bearer auth and 401, the 7 MB and type che
 codes, the per-key rate limit as HTTP 429 ``request_limit_exceeded``, async jobs that are
 ``processing`` then ``success`` or a failure code, ``parse_status_not_found`` for unknown or expired
 uids, ``convert_zip`` as base64 of a real zip of ``images/...``), plus what tests and benchmarks
-need: knobs (latency, processing time, injected 5xx, stalled answers, rate window, quota) under
-``/local/config``, and billing counters per image content hash under ``/local/stats``.
+need: knobs (latency, processing time, injected 5xx, stalled answers, rate window, quota, a slow
+and flaky upload link) under ``/local/config``, and billing counters per image content hash under
+``/local/stats``.
 
-:class:`LocalServer` holds the state and the API's rules; :func:`create_app` maps the routes onto it.
+:class:`LocalServer` holds the state and the API's rules; :func:`create_app` maps the routes onto
+it. :class:`TransportInScope` is the uvicorn protocol that lets the server reset a connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import io
 import random
+import socket
+import struct
 import time
 import uuid
 import zipfile
 from collections import Counter, defaultdict, deque
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from airflow_provider_doc2x import protocol
 from airflow_provider_doc2x.local.engines import Engine, EngineResult, ImageUnreadable, open_image
 from airflow_provider_doc2x.local.registry import load_engine
+
+try:  # what uvicorn's "auto" HTTP protocol picks
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _UvicornProtocol
+except ImportError:  # pragma: no cover
+    from uvicorn.protocols.http.h11_impl import H11Protocol as _UvicornProtocol  # type: ignore[assignment]
+
+#: The ASGI scope extension under which :class:`TransportInScope` puts a request's connection.
+TRANSPORT_EXTENSION = "doc2x.transport"
 
 
 @dataclass
@@ -52,7 +66,7 @@ class ServerConfig:
     #: The next N uploads are accepted and billed, then their answer stalls for ``stall_seconds``.
     stall_next: int = 0
     stall_seconds: float = 30.0
-    #: Images a key may upload per ``rate_window`` seconds.
+    #: Images a key may upload per ``rate_window`` seconds; an upload counts once its body has arrived.
     rate_limit: int = protocol.DEFAULT_RATE_LIMIT_IMAGES
     rate_window: float = protocol.DEFAULT_RATE_LIMIT_WINDOW
     #: Seconds a job's result is kept (Doc2X: 24 h).
@@ -60,6 +74,26 @@ class ServerConfig:
     #: Pages the account may still bill; None is unlimited.
     quota: int | None = None
     seed: int = 0
+    #: Seconds each upload's body takes to arrive (0: at once). The server reads the body in step:
+    #: uvicorn stops reading the socket once 64 KiB wait unread, the kernel's buffers fill, and a
+    #: client with more to send than they hold is held back. A small body fits in the buffers: its
+    #: client is done sending and waits for the answer. Either way the upload is in flight
+    #: (``uploads_in_flight``) until it is answered, and it enters the rate window (and is billed)
+    #: once its body has arrived. Uploads on the way follow a change of this knob or the next.
+    upload_seconds: float = 0.0
+    #: Bytes per second at which each upload's body is read (0: unlimited). With ``upload_seconds``
+    #: too, the slower of the two paces the body.
+    upload_bandwidth: float = 0.0
+    #: The next N uploads are cut off: once ``reset_after_bytes`` of the body have arrived (or the
+    #: whole body, if it is shorter), the server resets the TCP connection (RST) and sends no answer.
+    #: A cut upload is neither billed nor counted in the rate window; ``uploads_reset`` counts it.
+    #: A client still sending (its body is bigger than the socket buffers hold; on loopback the
+    #: client's send buffer alone grows to a few MiB unless it sets ``SO_SNDBUF``) gets ECONNRESET or
+    #: EPIPE from its send; one already waiting for the answer gets ECONNRESET from its read. httpx
+    #: reports the first as ``RemoteProtocolError`` (httpcore swallows the write error and finds the
+    #: connection closed), the second as ``ReadError``.
+    reset_next_uploads: int = 0
+    reset_after_bytes: int = 65536
 
     def updated(self, changes: dict[str, Any]) -> ServerConfig:
         """Return a copy with ``changes`` applied.
@@ -92,6 +126,10 @@ class Refused(Exception):
         """Carry the answer."""
         super().__init__(response.status_code)
         self.response = response
+
+
+class ConnectionGone(Exception):
+    """The upload's connection is gone (reset by the server, or closed by the client): nothing to answer."""
 
 
 def api_error(code: str, msg: str, status: int = 200, headers: dict[str, str] | None = None) -> Refused:
@@ -135,6 +173,27 @@ def html_failure(status: int, title: str, trace_id: str) -> HTMLResponse:
     )
 
 
+def declared_length(request: Request) -> int | None:
+    """Read the body's size from its ``Content-Length`` header, if it has one."""
+    value = request.headers.get("content-length")
+    return int(value) if value and value.isdigit() else None
+
+
+def reset_connection(request: Request) -> None:
+    """Reset the request's TCP connection at once: RST, no answer, unread bytes dropped.
+
+    Raises:
+        RuntimeError: the server was not started with :class:`TransportInScope` (see ``__main__``).
+    """
+    transport = request.scope.get("extensions", {}).get(TRANSPORT_EXTENSION, {}).get("transport")
+    if transport is None:
+        raise RuntimeError("Resetting uploads needs the server's TransportInScope uvicorn protocol")
+    sock = transport.get_extra_info("socket")
+    if sock is not None:  # linger 0: close() sends RST, not FIN
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
 class LocalServer:
     """The state of one local Doc2X server and the API's rules, for :func:`create_app`'s routes.
 
@@ -159,8 +218,13 @@ class LocalServer:
         self.rate_limited = 0
         self.in_flight = 0
         self.max_in_flight = 0
+        self.uploads_in_flight = 0
+        self.max_uploads_in_flight = 0
+        self.uploads_reset = 0
         #: Server times of the first and last billed upload, for throughput figures.
         self.upload_times = [0.0, 0.0]
+        #: Set (and replaced) when the knobs change: paced uploads compute their pace again.
+        self.knobs_changed = asyncio.Event()
 
     def reset(self) -> None:
         """Back to the knobs at start, with no jobs and zeroed counters (calls in flight stay counted)."""
@@ -175,7 +239,10 @@ class LocalServer:
         self.windows.clear()
         self.rate_limited = 0
         self.max_in_flight = self.in_flight
+        self.max_uploads_in_flight = self.uploads_in_flight
+        self.uploads_reset = 0
         self.upload_times = [0.0, 0.0]
+        self.announce_change()
 
     def configure(self, changes: dict[str, Any]) -> None:
         """Apply ``POST /local/config``.
@@ -191,6 +258,12 @@ class LocalServer:
             raise ValueError(str(problem)) from problem
         if "seed" in changes:
             self.random = random.Random(self.config.seed)
+        self.announce_change()
+
+    def announce_change(self) -> None:
+        """Wake the uploads on the way, so that they follow the knobs' new pace."""
+        self.knobs_changed.set()
+        self.knobs_changed = asyncio.Event()
 
     def settings(self) -> dict[str, Any]:
         """Show the knobs as ``GET /local/config`` does (without the key)."""
@@ -205,6 +278,9 @@ class LocalServer:
             "requests": dict(self.requests),
             "rate_limited": self.rate_limited,
             "max_in_flight": self.max_in_flight,
+            "uploads_in_flight": self.uploads_in_flight,
+            "max_uploads_in_flight": self.max_uploads_in_flight,
+            "uploads_reset": self.uploads_reset,
             "upload_span_seconds": self.upload_times[1] - self.upload_times[0],
             "jobs": len(self.jobs),
         }
@@ -250,21 +326,70 @@ class LocalServer:
     async def upload(self, request: Request, endpoint: str) -> AsyncIterator[bytes]:
         """Open an upload, as both upload endpoints do; yield the image once it is admitted.
 
-        Counts the request, checks the key, admits the upload into the key's rate window, then reads
-        the body and checks its size and type.
+        Counts the request and the upload in flight until the endpoint is done with it, checks the
+        key, receives the body at the link's pace (or resets it), admits it into the key's rate
+        window, then checks size and type.
 
         Raises:
             Refused: 401, 429, or an image refused for its size or type.
+            ConnectionGone: the connection was reset, or the client went away.
         """
         self.requests[endpoint] += 1
-        self.authorize(request)
-        self.admit_upload(request)
-        declared = request.headers.get("content-length")
-        if declared and int(declared) > protocol.MAX_IMAGE_BYTES:
-            raise api_error("parse_file_too_large", "File too large, at most 7M")
-        image = await request.body()
-        self.check_image(image)
-        yield image
+        self.uploads_in_flight += 1
+        self.max_uploads_in_flight = max(self.max_uploads_in_flight, self.uploads_in_flight)
+        try:
+            self.authorize(request)
+            declared = declared_length(request)
+            if declared is not None and declared > protocol.MAX_IMAGE_BYTES:
+                self.admit_upload(request)  # refused without reading it; a Doc2X attempt all the same
+                raise api_error("parse_file_too_large", "File too large, at most 7M")
+            image = await self.receive_body(request, declared)
+            self.admit_upload(request)
+            self.check_image(image)
+            yield image
+        finally:
+            self.uploads_in_flight -= 1
+
+    async def receive_body(self, request: Request, declared: int | None) -> bytes:
+        """Read the body as the link delivers it: paced by ``upload_seconds`` and ``upload_bandwidth``.
+
+        Raises:
+            ConnectionGone: the upload was cut off (``reset_next_uploads``) or the client went away.
+        """
+        settings = self.config
+        cut_after: int | None = None
+        if settings.reset_next_uploads > 0:
+            self.config = replace(settings, reset_next_uploads=settings.reset_next_uploads - 1)
+            cut_after = settings.reset_after_bytes
+        body = bytearray()
+        started = time.monotonic()
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if cut_after is not None and len(body) >= cut_after:
+                    break
+                await self.await_arrival(started, len(body), declared or len(body))
+        except ClientDisconnect as gone:
+            raise ConnectionGone("the client closed the connection during the upload") from gone
+        if cut_after is not None:
+            reset_connection(request)
+            self.uploads_reset += 1
+            raise ConnectionGone(f"upload reset after {len(body)} bytes")
+        return bytes(body)
+
+    async def await_arrival(self, started: float, received: int, total: int) -> None:
+        """Sleep until ``received`` of ``total`` bytes are due; a change of the knobs applies at once."""
+        while (delay := started + self.arrival_time(received, total) - time.monotonic()) > 0:
+            changed = self.knobs_changed
+            with suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(changed.wait(), delay)
+
+    def arrival_time(self, received: int, total: int) -> float:
+        """Seconds after the upload's start at which ``received`` of its ``total`` bytes have arrived."""
+        settings = self.config
+        by_duration = settings.upload_seconds * received / total if total else settings.upload_seconds
+        by_bandwidth = received / settings.upload_bandwidth if settings.upload_bandwidth > 0 else 0.0
+        return max(by_duration, by_bandwidth)
 
     def admit_upload(self, request: Request) -> None:
         """Count the upload in its key's rolling window: at most ``rate_limit`` per ``rate_window``.
@@ -405,6 +530,10 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     async def refused(request: Request, refusal: Refused) -> Response:
         return refusal.response
 
+    @app.exception_handler(ConnectionGone)
+    async def gone(request: Request, problem: ConnectionGone) -> Response:
+        return Response(status_code=499)  # nobody reads it
+
     @app.middleware("http")
     async def trace_and_faults(request: Request, call_next) -> Response:
         if request.url.path.startswith("/local/"):
@@ -457,3 +586,22 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         return {"status": "ok", "engine": server.engine.name}
 
     return app
+
+
+class TransportInScope(_UvicornProtocol):
+    """uvicorn's HTTP/1.1 protocol, also handing each request its connection's asyncio transport.
+
+    ASGI gives an app no way to reset a connection; ``reset_next_uploads`` needs one. This protocol
+    puts the transport in every request's scope, as ``scope["extensions"]["doc2x.transport"]
+    ["transport"]``. Use it as ``uvicorn.Config(app, http=TransportInScope)``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Take uvicorn's arguments, and wrap the app it loaded."""
+        super().__init__(*args, **kwargs)
+        self.app = functools.partial(self._with_transport, self.app)
+
+    async def _with_transport(self, app: Any, scope: Any, receive: Any, send: Any) -> None:
+        extensions = scope.setdefault("extensions", {})
+        extensions[TRANSPORT_EXTENSION] = {"transport": self.transport}
+        await app(scope, receive, send)
