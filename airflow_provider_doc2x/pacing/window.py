@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 #: An upload still "in flight" after this long is taken for a crashed process and forgotten.
 STALE_IN_FLIGHT_SECONDS = 600.0
+#: A slot dated further ahead of the clock than this is not believed: the window starts anew. Nearer,
+#: it waits one window at most (a clock stepped back a little).
+CLOCK_TOLERANCE_SECONDS = 1.0
 #: A window file longer than this is not a window (a slot takes about 70 bytes).
 MAX_STATE_BYTES = 1 << 20
 
@@ -97,14 +100,13 @@ class RateLimiter:
         self._warned: set[str] = set()
         self._warned_lock = threading.Lock()
 
-    def _warn_once(self, kind: str, message: str, *args: object) -> bool:
-        """Log a warning of this kind unless this limiter already did; return whether it did now."""
+    def _first_warning(self, kind: str) -> bool:
+        """Whether this limiter has yet to warn of this kind (then it counts as warned)."""
         with self._warned_lock:
             if kind in self._warned:
                 return False
             self._warned.add(kind)
-        log.warning(message, *args)
-        return True
+            return True
 
     def _state_path(self) -> Path:
         assert self.state_file is not None
@@ -157,8 +159,9 @@ class RateLimiter:
         return slots
 
     def _distrust(self, what: str) -> None:
-        self._warn_once(
-            "distrust",
+        if not self._first_warning("distrust"):
+            return
+        log.warning(
             "Doc2X pacing: %s (it was changed by hand or by another program, or this host's clock was "
             "set back); it starts anew. Uploads go on; a few may be answered 429 and retried.",
             what,
@@ -199,12 +202,12 @@ class RateLimiter:
             ]
             times = sorted(max(slot["at"], now) if slot["open"] else slot["at"] for slot in slots)
             if len(times) >= self.limit:
-                wait = times[-self.limit] + self.window - now
-                if wait > self.window:  # only a slot dated ahead of the clock waits that long
+                ahead = times[-self.limit] - now  # > 0 only for a slot dated ahead of the clock
+                if ahead > CLOCK_TOLERANCE_SECONDS:
                     self._distrust("the upload window held a slot dated ahead of this host's clock")
                     slots.clear()
                     return self.window, None
-                return wait, None
+                return min(ahead, 0.0) + self.window, None
             slot_id = uuid.uuid4().hex
             slots.append({"id": slot_id, "at": now, "open": True})
             return 0.0, slot_id
