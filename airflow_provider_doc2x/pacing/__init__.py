@@ -13,8 +13,11 @@ Where a key's window is kept (:func:`limiter_for`):
   private folder of the user, else ``$AIRFLOW_HOME/doc2x-pacing`` (``~/airflow/doc2x-pacing``).
   A folder or file that is not the user's is refused (with a warning), and the process then paces
   on its own, in memory.
+- With ``pacing_conn_id`` (an Airflow connection of type ``redis``), in Redis: every process of
+  every worker host books and releases the key's slots there, by the same rules; the host-local
+  window stands in while Redis is down (:mod:`~airflow_provider_doc2x.pacing.redis_window`).
 
-The window is named by a digest of the base URL and the key; the key itself is never written.
+Both are named by a digest of the base URL and the key; the key itself is never written.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ import threading
 from pathlib import Path
 
 from airflow_provider_doc2x.pacing.private import is_private_dir
+from airflow_provider_doc2x.pacing.redis_window import RedisRateLimiter
 from airflow_provider_doc2x.pacing.window import STALE_IN_FLIGHT_SECONDS, RateLimiter
 
 __all__ = [
     "STALE_IN_FLIGHT_SECONDS",
     "RateLimiter",
+    "RedisRateLimiter",
     "key_digest",
     "limiter_for",
     "pacing_dir",
@@ -66,21 +71,34 @@ def _window_file(place: tuple[str | None, ...], digest: str) -> Path:
     return _pacing_dir_of(*place) / f"{digest}.json"
 
 
-def limiter_for(base_url: str, api_key: str, limit: int, window: float) -> RateLimiter:
+def limiter_for(
+    base_url: str, api_key: str, limit: int, window: float, *, pacing_conn_id: str | None = None
+) -> RateLimiter:
     """
     The limiter of one key at one endpoint, shared by the threads of this process.
 
-    It paces with the other processes of this host (a window file). Cheap: no file is touched until
-    the first upload.
+    Without ``pacing_conn_id`` it paces with the other processes of this host (a window file); with
+    it, with every process of every host that uses the same Redis connection. Cheap: no file, no
+    connection and no network is touched until the first upload.
     """
     digest = key_digest(base_url, api_key)
     place = tuple(os.environ.get(name) for name in _PLACE_VARIABLES)
-    registry_key = (digest, limit, float(window), place)
+    registry_key = (digest, limit, float(window), pacing_conn_id or None, place)
     with _limiters_lock:
         limiter = _limiters.get(registry_key)
         if limiter is None:
             state_file = functools.partial(_window_file, place, digest)
-            limiter = _limiters[registry_key] = RateLimiter(limit, window, state_file=state_file)
+            if pacing_conn_id:
+                limiter = RedisRateLimiter(
+                    limit,
+                    window,
+                    redis_conn_id=pacing_conn_id,
+                    redis_key=f"doc2x:pacing:{digest}",
+                    state_file=state_file,
+                )
+            else:
+                limiter = RateLimiter(limit, window, state_file=state_file)
+            _limiters[registry_key] = limiter
         return limiter
 
 

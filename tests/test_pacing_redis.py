@@ -1,0 +1,384 @@
+"""
+Pacing across hosts through Redis: the host-local window's rules, kept in a real ``redis-server``
+shared by limiters that stand for different hosts (each its own DOC2X_PACING_DIR); the fallback to
+the host-local window while Redis is down or hung; and worker processes of two "hosts" uploading to
+the local Doc2X server under the key's limit together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from airflow_provider_doc2x import pacing
+from airflow_provider_doc2x.pacing import (
+    STALE_IN_FLIGHT_SECONDS,
+    RateLimiter,
+    RedisRateLimiter,
+    key_digest,
+    limiter_for,
+    reset_limiters,
+)
+from tests.helpers import API_KEY, free_port, wait_until
+
+redis = pytest.importorskip("redis", reason="the Redis client comes with apache-airflow-providers-redis")
+pytest.importorskip(
+    "airflow.providers.redis.hooks.redis", reason="apache-airflow-providers-redis is not installed"
+)
+REDIS_SERVER = shutil.which("redis-server")
+pytestmark = pytest.mark.skipif(
+    REDIS_SERVER is None, reason="redis-server is not on PATH (apt-get install redis-server)"
+)
+
+CONN_ID = "pacing_redis"
+PASSWORD = "s3cret-redis-pw"
+BASE_URL = "https://doc2x.example"
+KEY = "sk-pacing-test"
+
+
+class RedisServer:
+    """A ``redis-server`` of the test's own on a free loopback port, no persistence, stopped by its pid."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.url = f"redis://:{PASSWORD}@127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        assert REDIS_SERVER is not None
+        with open(self.directory / "redis.log", "ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    *(REDIS_SERVER, "--bind", "127.0.0.1", "--port", str(self.port)),
+                    *("--dir", str(self.directory), "--save", "", "--appendonly", "no"),
+                    *("--requirepass", PASSWORD),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        wait_until(self._answers, timeout=20, message=f"redis-server on port {self.port}")
+
+    def _answers(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError((self.directory / "redis.log").read_text()[-2000:])
+        try:
+            return bool(self.client().ping())
+        except redis.RedisError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGCONT)  # in case a test left it stopped
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, password=PASSWORD, socket_timeout=5)
+
+
+@pytest.fixture
+def redis_server(tmp_path, monkeypatch):
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    server = RedisServer(directory)
+    server.start()
+    monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", server.url)
+    monkeypatch.setenv("DOC2X_PACING_DIR", str(tmp_path / "pacing"))
+    reset_limiters()
+    yield server
+    reset_limiters()
+    server.stop()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def pacing_logs(caplog, level: int = logging.WARNING) -> list[str]:
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name.startswith(pacing.__name__) and record.levelno == level
+    ]
+
+
+def in_redis(
+    tmp_path: Path, clock: FakeClock, limit: int, window: float, host: str = "a"
+) -> RedisRateLimiter:
+    """A limiter on the test key in Redis, standing for one host (its own host-local window file)."""
+    return RedisRateLimiter(
+        limit,
+        window,
+        redis_conn_id=CONN_ID,
+        redis_key="doc2x:pacing:test",
+        state_file=tmp_path / f"host-{host}" / "window.json",
+        clock=clock,
+    )
+
+
+def upload_times(limiter: RateLimiter, clock: FakeClock, count: int, duration: float = 0.0) -> list[float]:
+    """When each of ``count`` back-to-back uploads of ``duration`` seconds may start."""
+    starts = []
+    while len(starts) < count:
+        delay, slot = limiter.reserve()
+        if slot is None:
+            clock.now += delay
+            continue
+        starts.append(clock.now - 1000)
+        clock.now += duration
+        limiter.release(slot)
+    return starts
+
+
+@pytest.mark.parametrize(
+    ("limit", "count", "duration", "expected"),
+    [(3, 7, 0.0, [0, 0, 0, 10, 10, 10, 20]), (1, 3, 4.0, [0, 14, 28]), (2, 5, 3.0, [0, 3, 13, 16, 26])],
+)
+def test_the_redis_window_keeps_the_host_windows_rules(
+    redis_server, tmp_path, caplog, limit, count, duration, expected
+):
+    clock, host_clock = FakeClock(), FakeClock()
+    shared = in_redis(tmp_path, clock, limit, 10.0)
+    assert upload_times(shared, clock, count, duration) == expected
+    assert upload_times(RateLimiter(limit, 10.0, clock=host_clock), host_clock, count, duration) == expected
+    assert redis_server.client().zcard("doc2x:pacing:test") >= 1  # paced in Redis, not on the host
+    assert not (tmp_path / "host-a").exists()
+    assert pacing_logs(caplog) == []
+
+
+def test_an_upload_in_flight_holds_its_slot_in_redis(redis_server, tmp_path):
+    clock = FakeClock()
+    limiter = in_redis(tmp_path, clock, 1, 10.0)
+    _, slot = limiter.reserve()
+    clock.now += 30  # still uploading
+    assert limiter.reserve() == (10.0, None)
+    limiter.release(slot)
+    assert limiter.reserve()[0] == 10.0
+    clock.now += 10
+    assert limiter.reserve()[1] is not None
+
+
+def test_two_hosts_on_one_redis_key_pace_as_one(redis_server, tmp_path):
+    clock = FakeClock()
+    first, second = in_redis(tmp_path, clock, 2, 10.0, "a"), in_redis(tmp_path, clock, 2, 10.0, "b")
+    for limiter in (first, second):
+        limiter.release(limiter.reserve()[1])
+    assert first.reserve() == (10.0, None)
+    assert second.reserve() == (10.0, None)
+    clock.now += 10
+    assert second.reserve()[1] is not None
+    assert not (tmp_path / "host-a").exists() and not (tmp_path / "host-b").exists()
+
+
+def test_a_crashed_holder_expires_in_redis(redis_server, tmp_path):
+    clock = FakeClock()
+    crashed, alive = in_redis(tmp_path, clock, 1, 10.0, "a"), in_redis(tmp_path, clock, 1, 10.0, "b")
+    crashed.reserve()  # never released: its host died
+    clock.now += STALE_IN_FLIGHT_SECONDS - 1
+    assert alive.reserve() == (10.0, None)
+    clock.now += 2
+    assert alive.reserve()[1] is not None
+    # And a key nobody uses any more leaves Redis by itself.
+    assert 0 < redis_server.client().pttl("doc2x:pacing:test") <= (STALE_IN_FLIGHT_SECONDS + 10) * 1000
+
+
+@pytest.mark.parametrize(("ahead", "warnings"), [(0.5, 0), (9.9, 1), (1e9, 1)])
+def test_a_slot_dated_ahead_in_redis_waits_one_window_at_most(
+    redis_server, tmp_path, caplog, ahead, warnings
+):
+    redis_server.client().zadd("doc2x:pacing:test", {"done:x": 1000.0 + ahead})
+    clock = FakeClock()
+    limiter = in_redis(tmp_path, clock, 1, 10.0)
+    with caplog.at_level(logging.WARNING):
+        delay, slot = limiter.reserve()
+        if ahead <= 10:
+            assert (delay, slot) == (10.0, None)  # never more than the window
+            clock.now += 10.0
+            delay, slot = limiter.reserve()
+        if slot is None:  # a slot a little ahead is still in the window: its remainder is waited out
+            assert delay == pytest.approx(ahead)
+            clock.now += delay
+            slot = limiter.reserve()[1]
+        assert slot is not None
+    assert len(pacing_logs(caplog)) == warnings
+
+
+def test_a_redis_key_that_is_not_a_window_starts_anew(redis_server, tmp_path, caplog):
+    client = redis_server.client()
+    client.set("doc2x:pacing:test", "not a window")
+    limiter = in_redis(tmp_path, FakeClock(), 1, 10.0)
+    with caplog.at_level(logging.WARNING):
+        assert limiter.reserve()[1] is not None
+    client.zadd("doc2x:pacing:test", {"someone else's": 1000.0})
+    assert limiter.reserve()[1] is not None
+    assert ["not hold a valid window" in message for message in pacing_logs(caplog)] == [True]
+
+
+def test_the_redis_key_is_a_digest_never_the_api_key(redis_server, tmp_path, caplog):
+    limiter = limiter_for(BASE_URL, KEY, 2, 10.0, pacing_conn_id=CONN_ID)
+    with limiter.upload():
+        pass
+    client = redis_server.client()
+    assert client.keys("*") == [f"doc2x:pacing:{key_digest(BASE_URL, KEY)}".encode()]
+    members = client.zrange(f"doc2x:pacing:{key_digest(BASE_URL, KEY)}", 0, -1)
+    assert len(members) == 1 and members[0].startswith(b"done:")
+    assert KEY.encode() not in b"".join(members)
+    assert not (tmp_path / "pacing").exists()  # the host-local window was not needed
+    assert pacing_logs(caplog) == []
+
+
+def test_limiter_for_looks_nothing_up_and_a_missing_connection_only_warns(redis_server, tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        limiter = limiter_for(BASE_URL, KEY, 1, 10.0, pacing_conn_id="no_such_redis")
+        assert caplog.records == []
+        with limiter.upload():
+            pass
+    [warning] = pacing_logs(caplog)
+    assert "'no_such_redis'" in warning
+    assert (tmp_path / "pacing" / f"{key_digest(BASE_URL, KEY)}.json").exists()  # paced on the host
+
+
+async def test_aupload_talks_to_redis_off_the_event_loop(redis_server, monkeypatch, caplog):
+    from airflow.providers.redis.hooks.redis import RedisHook
+    from redis.commands.core import Script
+
+    threads = []
+    for owner, name in ((RedisHook, "get_conn"), (Script, "__call__")):
+        original = getattr(owner, name)
+
+        def spy(*args, _original=original, **kwargs):
+            threads.append(threading.get_ident())
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, spy)
+    limiter = limiter_for(BASE_URL, KEY, 2, 0.2, pacing_conn_id=CONN_ID)
+    started = []
+
+    async def upload():
+        async with limiter.aupload():
+            started.append(time.monotonic())
+            await asyncio.sleep(0.01)
+
+    await asyncio.gather(*(upload() for _ in range(6)))
+    assert len(started) == 6 and max(started) - min(started) >= 0.4  # three windows of two
+    assert threads and threading.get_ident() not in threads
+    assert pacing_logs(caplog) == []
+
+
+def test_redis_down_falls_back_to_the_host_window_with_one_warning_then_comes_back(
+    redis_server, tmp_path, caplog
+):
+    limiter = limiter_for(BASE_URL, KEY, 2, 0.3, pacing_conn_id=CONN_ID)
+    assert isinstance(limiter, RedisRateLimiter)
+    limiter.fallback_seconds = 0.5
+    redis_key = f"doc2x:pacing:{key_digest(BASE_URL, KEY)}"
+    host_window = tmp_path / "pacing" / f"{key_digest(BASE_URL, KEY)}.json"
+    with caplog.at_level(logging.INFO):
+        for _ in range(2):
+            with limiter.upload():
+                pass
+        assert redis_server.client().zcard(redis_key) == 2
+        assert not host_window.exists()
+
+        redis_server.stop()
+        started = time.monotonic()
+        for _ in range(6):
+            with limiter.upload():
+                pass
+        took = time.monotonic() - started
+        assert 0.6 <= took < 10  # paced by the host window (3 windows of 2), not stalled
+        assert host_window.exists()
+        [warning] = pacing_logs(caplog)
+        assert repr(CONN_ID) in warning and PASSWORD not in warning
+
+        redis_server.start()
+        time.sleep(limiter.fallback_seconds)
+        with limiter.upload():
+            pass
+        assert redis_server.client().zcard(redis_key) == 1  # Redis is used again
+    assert len(pacing_logs(caplog)) == 1  # one warning for the limiter, however long Redis was down
+    assert any("answers again" in message for message in pacing_logs(caplog, logging.INFO))
+    assert PASSWORD not in caplog.text
+
+
+def test_a_hung_redis_does_not_hold_uploads(redis_server, tmp_path, caplog):
+    limiter = limiter_for(BASE_URL, KEY, 5, 1.0, pacing_conn_id=CONN_ID)
+    assert isinstance(limiter, RedisRateLimiter)
+    limiter.socket_timeout = 0.3
+    with limiter.upload():
+        pass
+    assert redis_server.process is not None
+    os.kill(redis_server.process.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with limiter.upload():
+            pass
+        assert time.monotonic() - started < 3
+    finally:
+        os.kill(redis_server.process.pid, signal.SIGCONT)
+    [warning] = pacing_logs(caplog)
+    assert "Timeout" in warning
+
+
+# Two hosts' worker processes against the local Doc2X server: under the key's limit only with Redis.
+
+HOST = """
+import os, sys, time
+from pathlib import Path
+import httpx
+import airflow.providers.redis.hooks.redis
+from airflow_provider_doc2x.pacing import limiter_for
+url, key, conn_id, barrier, *images = sys.argv[1:]
+limiter = limiter_for(url, key, 3, 0.5, pacing_conn_id=conn_id or None)
+Path(barrier, f"ready-{os.getpid()}").touch()
+while not Path(barrier, "go").exists():
+    time.sleep(0.01)
+with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
+    for image in images:
+        with limiter.upload():
+            client.post("/api/v2/async/parse/img/layout", content=Path(image).read_bytes())
+"""
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["redis", "each-host-alone"])
+def test_two_hosts_stay_under_the_key_limit_together(redis_server, doc2x, make_image, tmp_path, shared):
+    doc2x.configure(rate_limit=3, rate_window=0.5)
+    images = [str(make_image(title=f"Host {n}")) for n in range(24)]
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    hosts = [
+        subprocess.Popen(
+            [
+                *(sys.executable, "-c", HOST, doc2x.url, API_KEY, CONN_ID if shared else "", str(barrier)),
+                *images[index::2],
+            ],
+            env={**os.environ, "DOC2X_PACING_DIR": str(tmp_path / f"host-{index}")},
+        )
+        for index in range(2)
+    ]
+    wait_until(lambda: len(list(barrier.glob("ready-*"))) == 2, timeout=120, message="both hosts")
+    (barrier / "go").touch()
+    assert [host.wait(timeout=300) for host in hosts] == [0, 0]
+    stats = doc2x.stats()
+    if shared:
+        assert (stats["billed_total"], stats["rate_limited"]) == (24, 0)
+        assert redis_server.client().exists(f"doc2x:pacing:{key_digest(doc2x.url, API_KEY)}")
+    else:  # what the Redis window prevents: each host paces alone, both together trip the limit
+        assert stats["rate_limited"] > 0
