@@ -4,8 +4,14 @@ The errors a Doc2X call can end in, one class per meaning.
 The class says what to do about it: a :class:`Doc2XTransientError` is retried by the hook with
 back-off; a :class:`Doc2XPermanentError` is also an ``AirflowFailException``, so Airflow fails the
 task without spending its retries on something that cannot succeed (a bad key, an invalid image,
-no quota, an unknown uid). The attributes carry what support and code need (``code``,
-``http_status``, ``uid``, ``trace_id``, ``source``) rather than hiding it in the message.
+no quota, an unknown uid). "Is this permanent?" is answered by the class alone, everywhere: the
+operator, the trigger and the sensor ask :func:`is_permanent`.
+
+The attributes carry what support and code need (``code``, ``http_status``, ``uid``, ``trace_id``,
+``source``) rather than hiding it in the message. Each class also has a short fixed ``summary``:
+what trigger kwargs, trigger events and failure summaries carry, since those are stored in
+Airflow's database and must never hold the server's own words (a misbehaving server or proxy may
+echo the API key back).
 """
 
 from __future__ import annotations
@@ -15,6 +21,11 @@ from airflow.providers.common.compat.sdk import AirflowException, AirflowFailExc
 
 class Doc2XError(AirflowException):
     """Base of every Doc2X error; the message names the code, the uid or file, and the trace id."""
+
+    #: A fixed description of this kind of failure, safe to store anywhere.
+    summary = "the Doc2X call failed"
+    #: The code a failure of this class carries when Doc2X gave none (a local or transport failure).
+    default_code = "doc2x_error"
 
     def __init__(
         self,
@@ -34,9 +45,14 @@ class Doc2XError(AirflowException):
         self.message = message
         super().__init__(self._describe())
 
+    @property
+    def failure_code(self) -> str:
+        """The Doc2X code of this failure, or this class's own code when Doc2X gave none."""
+        return self.code or self.default_code
+
     def _describe(self) -> str:
         details = [
-            f"{name}={value}"
+            f"{name}={printable(value)}"
             for name, value in (
                 ("source", self.source),
                 ("uid", self.uid),
@@ -50,75 +66,120 @@ class Doc2XError(AirflowException):
 
     def __reduce__(self):
         # Keyword-only attributes must survive pickling (task results, multiprocessing).
-        return _rebuild, (
-            type(self),
-            self.message,
-            {
-                "code": self.code,
-                "http_status": self.http_status,
-                "uid": self.uid,
-                "trace_id": self.trace_id,
-                "source": self.source,
-            },
-        )
+        return _rebuild, (type(self), self.message, self._attributes())
+
+    def _attributes(self) -> dict:
+        return {
+            "code": self.code,
+            "http_status": self.http_status,
+            "uid": self.uid,
+            "trace_id": self.trace_id,
+            "source": self.source,
+        }
 
 
 def _rebuild(cls: type[Doc2XError], message: str, attributes: dict) -> Doc2XError:
     return cls(message, **attributes)
 
 
+def printable(value: object) -> str:
+    """A value as text that cannot forge a log line: control characters are escaped, as ``repr`` does."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return repr(text)[1:-1]
+
+
 class Doc2XTransientError(Doc2XError):
     """A failure that may pass: 5xx, an HTML error page, a reset or timed-out connection."""
 
+    summary = "a transient failure (a server error, a timeout or a reset connection)"
+    default_code = "transient_error"
     retry_after: float | None = None
 
 
 class Doc2XRateLimitError(Doc2XTransientError):
     """Too many requests or tasks for the key (HTTP 429 and the limit codes); retried after a pause."""
 
+    summary = "the key's rate or task limit was reached"
+    default_code = "request_limit_exceeded"
+
     def __init__(self, message: str, *, retry_after: float | None = None, **kwargs) -> None:
         super().__init__(message, **kwargs)
         self.retry_after = retry_after
 
+    def _attributes(self) -> dict:
+        return {**super()._attributes(), "retry_after": self.retry_after}
+
 
 class Doc2XJobFailedError(Doc2XError):
     """
-    Doc2X accepted the image but could not parse it (``parse_error``).
+    Doc2X accepted the image but could not parse it (``parse_error``, or a ``failed`` status).
 
     Not retried by the hook (that would upload and bill again at once); the vendor advises a retry
     after a short wait, so Airflow's own task retries apply.
     """
 
+    summary = "Doc2X could not parse it"
+    default_code = "parse_error"
+
 
 class Doc2XSubmitUncertainError(Doc2XError):
     """
-    The upload was sent whole but its answer was lost (read timeout, connection reset).
+    The upload was sent whole but its answer was lost or unreadable (timeout, reset, garbage).
 
     Doc2X may have accepted and billed the image, and there is no call to find the uid again, so
     the hook never resends it on its own: a silent resend could bill the image twice. The task
     fails naming the file; a task retry submits it again knowingly, with a warning in the log.
     """
 
+    summary = "its upload was sent but the answer was lost, so Doc2X may have billed it"
+    default_code = "upload_answer_lost"
+
 
 class Doc2XProtocolError(Doc2XError):
-    """An answer the API notes do not describe: an unknown code, or a body that is not the API's JSON."""
+    """An answer the API notes do not describe: an unknown code, a malformed body, an answer too large."""
+
+    summary = "Doc2X answered something this provider does not understand"
+    default_code = "protocol_error"
 
 
 class Doc2XPermanentError(AirflowFailException, Doc2XError):
     """A failure no retry can fix; Airflow fails the task at once."""
 
+    summary = "a failure no retry can fix"
+    default_code = "permanent_error"
+
 
 class Doc2XAuthError(Doc2XPermanentError):
     """The API key is missing or refused (HTTP 401, ``unauthorized``)."""
 
+    summary = "Doc2X refused the API key"
+    default_code = "unauthorized"
+
 
 class Doc2XInputError(Doc2XPermanentError):
-    """The image is missing, empty, not a JPEG/PNG or over 7 MB: checked locally or by Doc2X."""
+    """The image is missing, unreadable, empty, not a JPEG/PNG or over 7 MB: checked locally or by Doc2X."""
+
+    summary = "the image cannot be parsed (missing, empty, too large, or not a JPEG/PNG)"
+    default_code = "invalid_input"
 
 
 class Doc2XQuotaError(Doc2XPermanentError):
     """The account has no page quota left (``parse_quota_limit``)."""
 
+    summary = "the account has no page quota left"
+    default_code = "parse_quota_limit"
+
 
 class Doc2XJobNotFoundError(Doc2XPermanentError):
     """Doc2X does not know the uid, or its result expired after 24 hours (``parse_status_not_found``)."""
+
+    summary = "Doc2X does not know the job, or its result expired (24 h)"
+    default_code = "parse_status_not_found"
+
+
+def is_permanent(error: BaseException | type[BaseException]) -> bool:
+    """Whether no retry can fix this failure: the one rule, by class, for every component."""
+    error_class = error if isinstance(error, type) else type(error)
+    return issubclass(error_class, Doc2XPermanentError)

@@ -5,50 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from airflow_provider_doc2x import __version__
-
-#: Extra fields of a ``doc2x`` connection, in the declarative form Airflow 3 reads.
-CONN_FIELDS: dict[str, dict[str, Any]] = {
-    "timeout": {
-        "label": "Timeout (s)",
-        "description": "Read/write timeout of one HTTP call in seconds (uploads from far away are slow).",
-        "schema": {"type": ["number", "null"], "default": 120},
-    },
-    "connect_timeout": {
-        "label": "Connect timeout (s)",
-        "schema": {"type": ["number", "null"], "default": 10},
-    },
-    "max_retries": {
-        "label": "Max retries",
-        "description": "Retries of a transient failure (5xx, 429, reset), with exponential back-off.",
-        "schema": {"type": ["integer", "null"], "default": 5},
-    },
-    "retry_wait": {
-        "label": "First retry wait (s)",
-        "schema": {"type": ["number", "null"], "default": 1},
-    },
-    "retry_wait_max": {
-        "label": "Longest retry wait (s)",
-        "schema": {"type": ["number", "null"], "default": 30},
-    },
-    "rate_limit_images": {
-        "label": "Images per window",
-        "description": "The key's upload limit: images per rate window (Doc2X: 30).",
-        "schema": {"type": ["integer", "null"], "default": 30},
-    },
-    "rate_limit_window": {
-        "label": "Rate window (s)",
-        "schema": {"type": ["number", "null"], "default": 30},
-    },
-}
-
-UI_FIELD_BEHAVIOUR: dict[str, Any] = {
-    "hidden-fields": ["schema", "login", "port"],
-    "relabeling": {"password": "API key", "host": "Base URL"},
-    "placeholders": {"host": "https://v2.doc2x.noedgeai.com", "password": "sk-..."},
-}
+from airflow_provider_doc2x.settings import UI_FIELD_BEHAVIOUR, conn_fields
 
 
 def get_provider_info() -> dict[str, Any]:
+    """What Airflow's providers manager needs: modules, connection type and form, and config options."""
     return {
         "package-name": "airflow-provider-doc2x",
         "name": "Doc2X",
@@ -97,7 +58,7 @@ def get_provider_info() -> dict[str, Any]:
                 "hook-class-name": "airflow_provider_doc2x.hooks.doc2x.Doc2XHook",
                 "hook-name": "Doc2X",
                 "connection-type": "doc2x",
-                "conn-fields": CONN_FIELDS,
+                "conn-fields": conn_fields(),
                 "ui-field-behaviour": UI_FIELD_BEHAVIOUR,
             }
         ],

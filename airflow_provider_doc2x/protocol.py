@@ -1,16 +1,24 @@
 """
 The Doc2X v2 image API as data: what to send, and what an answer means.
 
-This module does no I/O. The hook's synchronous and asynchronous transports both build their
-requests here and hand every answer back here, so the two paths cannot drift apart: one table of
-endpoints, one reading of answers, one mapping of error codes to exception classes, one rule for
-what may be retried.
+This module does no I/O. The hook's transport builds every request here and hands every answer
+back here, for the worker and the triggerer alike: one table of endpoints, one reading of
+answers, one mapping of error codes to exception classes, one rule for what may be retried.
+
+Every byte of an answer is treated as hostile. Whatever its shape (a field of the wrong type, a
+number that is infinite or not a number, JSON nested too deep, a uid with a newline in it), an
+answer either reads into the types below or raises a :class:`Doc2XError` subclass: never a bare
+``TypeError`` that would kill a trigger. Any text the server wrote passes through :func:`redact`
+before it reaches a message, so that a server or proxy that echoes the ``Authorization`` header
+cannot put the key into an exception, a log line or the database.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import math
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,23 +32,41 @@ from airflow_provider_doc2x.exceptions import (
     Doc2XProtocolError,
     Doc2XQuotaError,
     Doc2XRateLimitError,
+    Doc2XSubmitUncertainError,
     Doc2XTransientError,
 )
+from airflow_provider_doc2x.settings import (  # noqa: F401 - the API's facts, named here too
+    DEFAULT_BASE_URL,
+    DEFAULT_RATE_LIMIT_IMAGES,
+    DEFAULT_RATE_LIMIT_WINDOW,
+)
 
-DEFAULT_BASE_URL = "https://v2.doc2x.noedgeai.com"
 PARSE_PATH = "/api/v2/parse/img/layout"
 SUBMIT_PATH = "/api/v2/async/parse/img/layout"
 STATUS_PATH = "/api/v2/parse/img/layout/status"
 
 #: Largest image the API takes ("<= 7M"); checked before a byte is sent.
 MAX_IMAGE_BYTES = 7 * 1024 * 1024
-#: The key's limit as the vendor states it: 30 images per 30 seconds.
-DEFAULT_RATE_LIMIT_IMAGES = 30
-DEFAULT_RATE_LIMIT_WINDOW = 30.0
 #: How long Doc2X keeps a job's result.
 RESULT_LIFETIME_SECONDS = 24 * 3600
+#: Longest uid accepted from the server (Doc2X's are 36-character UUIDs).
+MAX_UID_CHARS = 128
+#: Characters of server text quoted in a message, after redaction.
+QUOTE_CHARS = 200
 
 IMAGE_MAGIC = {b"\xff\xd8\xff": "image/jpeg", b"\x89PNG\r\n\x1a\n": "image/png"}
+#: What a refused file looks like, to name it in the error (never quoting its bytes).
+OTHER_FILE_MAGIC = {
+    b"%PDF": "a PDF document",
+    b"GIF8": "a GIF image",
+    b"II*\x00": "a TIFF image",
+    b"MM\x00*": "a TIFF image",
+    b"BM": "a BMP image",
+    b"PK\x03\x04": "a ZIP archive (or an Office document)",
+    b"\x1f\x8b": "a gzip archive",
+    b"<svg": "an SVG image",
+    b"<?xml": "an XML document",
+}
 
 STATUS_PROCESSING = "processing"
 STATUS_SUCCESS = "success"
@@ -62,8 +88,52 @@ ERROR_CODES: dict[str, type[Doc2XError]] = {
     "parse_create_task_error": Doc2XTransientError,
     "internal_error": Doc2XTransientError,
 }
+#: The codes this provider gives failures that Doc2X did not name (see ``Doc2XError.default_code``).
+OWN_CODES: dict[str, type[Doc2XError]] = {
+    error_class.default_code: error_class
+    for error_class in (
+        Doc2XError,
+        Doc2XTransientError,
+        Doc2XSubmitUncertainError,
+        Doc2XProtocolError,
+        Doc2XPermanentError,
+        Doc2XInputError,
+    )
+}
+#: A code Doc2X may use that this provider has not seen: letters, digits and underscores.
+_CODE_SHAPE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+#: A pasted bearer token or Doc2X key, wherever it appears in server text.
+_TOKENS = re.compile(r"(?i)(bearer\s+)[^\s\"',;&<>]+|\bsk-[A-Za-z0-9_\-]{4,}")
+_MIN_SECRET_CHARS = 4
 
-_BODY_QUOTE_CHARS = 200
+
+def error_class_for(code: str | None) -> type[Doc2XError]:
+    """The exception class a failure code means: Doc2X's own codes, then this provider's."""
+    if code is None:
+        return Doc2XError
+    return ERROR_CODES.get(code) or OWN_CODES.get(code) or Doc2XProtocolError
+
+
+def is_permanent_code(code: str | None) -> bool:
+    """Whether a failure with this code can be fixed by no retry (by its class, as everywhere)."""
+    return issubclass(error_class_for(code), Doc2XPermanentError)
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """Remove the given secrets, and anything shaped like ``Bearer ...`` or ``sk-...``, from text."""
+    for secret in secrets:
+        if secret and len(secret) >= _MIN_SECRET_CHARS:
+            text = text.replace(secret, "***")
+    return _TOKENS.sub(lambda match: f"{match.group(1)}***" if match.group(1) else "sk-***", text)
+
+
+def quote(value: Any, secrets: Iterable[str] = ()) -> str:
+    """Server text as it may appear in a message: redacted, shortened, and quoted like ``%r``."""
+    text = value if isinstance(value, str) else str(value)
+    text = redact(text[: QUOTE_CHARS * 4], secrets)
+    if len(text) > QUOTE_CHARS:
+        text = text[:QUOTE_CHARS] + "..."
+    return repr(text)
 
 
 @dataclass(frozen=True)
@@ -80,26 +150,53 @@ class Doc2XRequest:
 
     @property
     def headers(self) -> dict[str, str]:
+        """The request's own headers (the transport adds the key and the accepted encodings)."""
         # The body is raw image bytes, not multipart: that is what the API expects.
         return {"Content-Type": "application/octet-stream"} if self.content is not None else {}
 
+    @property
+    def what(self) -> str:
+        """The call in a few words, for messages: ``GET /api/v2/...``."""
+        return f"{self.method} {self.path}"
+
 
 def parse_request(image: bytes, *, source: str | None = None) -> Doc2XRequest:
+    """Doc2X's synchronous parse of one image: answers when the result is ready."""
     return Doc2XRequest("POST", PARSE_PATH, content=image, bills=True, source=source)
 
 
 def submit_request(image: bytes, *, source: str | None = None) -> Doc2XRequest:
+    """Doc2X's asynchronous submission of one image: answers its job's uid."""
     return Doc2XRequest("POST", SUBMIT_PATH, content=image, bills=True, source=source)
 
 
 def status_request(uid: str) -> Doc2XRequest:
-    if not uid or not isinstance(uid, str):
-        raise Doc2XJobNotFoundError(f"A Doc2X job uid must be a non-empty string, got {uid!r}")
+    """The status (and, once done, the result) of one job."""
+    check_uid(uid)
     return Doc2XRequest("GET", STATUS_PATH, params={"uid": uid}, uid=uid)
+
+
+def check_uid(uid: Any, *, source: str | None = None) -> str:
+    """A uid is a short string of printable characters; anything else is refused before it is used."""
+    if (
+        not isinstance(uid, str)
+        or not uid
+        or len(uid) > MAX_UID_CHARS
+        or not uid.isprintable()
+        or any(character.isspace() for character in uid)
+    ):
+        raise Doc2XProtocolError(
+            f"A Doc2X job uid must be 1-{MAX_UID_CHARS} printable characters without spaces, "
+            f"got {quote(uid) if isinstance(uid, str) else type(uid).__name__}",
+            source=source,
+        )
+    return uid
 
 
 @dataclass(frozen=True)
 class Doc2XPage:
+    """One page of a result: its index, its size in pixels and its Markdown."""
+
     page_idx: int
     page_width: int
     page_height: int
@@ -107,6 +204,7 @@ class Doc2XPage:
     url: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The page as JSON for XCom (the page image's url is left out: it expires with the job)."""
         return {
             "page_idx": self.page_idx,
             "page_width": self.page_width,
@@ -125,9 +223,11 @@ class Doc2XResult:
 
     @property
     def markdown(self) -> str:
+        """The Markdown of every page, pages separated by a blank line."""
         return "\n\n".join(page.md for page in self.pages)
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as JSON."""
         return {
             "uid": self.uid,
             "pages": [page.to_dict() for page in self.pages],
@@ -138,6 +238,8 @@ class Doc2XResult:
 
 @dataclass(frozen=True)
 class Doc2XJobStatus:
+    """Where a job stands; ``result`` is set once it succeeded, ``detail`` may say why it failed."""
+
     uid: str
     status: str
     progress: int | None = None
@@ -146,12 +248,25 @@ class Doc2XJobStatus:
 
     @property
     def is_terminal(self) -> bool:
+        """Done, well or not: no later answer will differ."""
         return self.status in TERMINAL_STATUSES
+
+    def failure(self) -> Doc2XError:
+        """
+        The error a ``failed`` status means.
+
+        The vendor's clients read the reason from ``detail``: when it is one of Doc2X's codes it
+        picks the class, otherwise the job failed to parse (``parse_error``), and the detail is
+        kept in the message only.
+        """
+        code = self.detail if self.detail in ERROR_CODES else "parse_error"
+        reason = f": {quote(self.detail)}" if self.detail and self.detail != code else ""
+        return error_class_for(code)(f"Doc2X reports the job failed{reason}", code=code, uid=self.uid)
 
 
 @dataclass(frozen=True)
 class Doc2XAnswer:
-    """An HTTP answer as the transports saw it, before it is read."""
+    """An HTTP answer as the transport saw it, before it is read."""
 
     http_status: int
     body: bytes
@@ -159,15 +274,21 @@ class Doc2XAnswer:
 
     @property
     def trace_id(self) -> str | None:
-        return self.headers.get("trace-id") or self.headers.get("x-trace-id")
+        """Doc2X's trace id of the call (what its support asks for), if it is a sane value."""
+        value = self.headers.get("trace-id") or self.headers.get("x-trace-id")
+        if value and len(value) <= MAX_UID_CHARS and value.isprintable():
+            return value
+        return None
 
     @property
     def retry_after(self) -> float | None:
+        """Seconds the server asks to wait (``Retry-After``), within reason."""
         value = self.headers.get("retry-after")
         try:
-            return max(0.0, float(value)) if value is not None else None
+            seconds = float(value) if value is not None else math.nan
         except ValueError:
             return None  # An HTTP date: rare here, and the back-off covers it.
+        return min(max(0.0, seconds), 3600.0) if math.isfinite(seconds) else None
 
 
 def sniff_image_type(data: bytes) -> str | None:
@@ -178,7 +299,28 @@ def sniff_image_type(data: bytes) -> str | None:
     return None
 
 
+def describe_content(head: bytes) -> str:
+    """What a file that is not a JPEG/PNG seems to be, from its first bytes: for errors, never the bytes."""
+    for magic, kind in OTHER_FILE_MAGIC.items():
+        if head.startswith(magic):
+            return kind
+    if head[8:12] == b"WEBP":
+        return "a WebP image"
+    if head[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1"):
+        return "a HEIC image"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "an unknown binary format"
+    return (
+        "text"
+        if all(character.isprintable() or character.isspace() for character in text)
+        else "an unknown format"
+    )
+
+
 def check_image_size(size: int, *, source: str) -> None:
+    """Refuse an empty image, or one over Doc2X's 7 MB, from its size alone."""
     if size == 0:
         raise Doc2XInputError(f"Image {source} is empty: nothing to parse", source=source)
     if size > MAX_IMAGE_BYTES:
@@ -193,17 +335,23 @@ def check_image_size(size: int, *, source: str) -> None:
 def check_image(data: bytes, *, source: str) -> None:
     """Refuse, before anything is sent, an image the API would refuse (and might bill)."""
     check_image_size(len(data), source=source)
-    if sniff_image_type(data) is None:
+    check_image_head(data, source=source)
+
+
+def check_image_head(head: bytes, *, source: str) -> None:
+    """Refuse a file whose first bytes are not a JPEG's or a PNG's, naming what it seems to be."""
+    if sniff_image_type(head) is None:
         raise Doc2XInputError(
-            f"Image {source} is neither JPEG nor PNG by its content (first bytes {data[:8]!r}): "
+            f"Image {source} is not a JPEG or PNG by its content (it looks like {describe_content(head)}): "
             "Doc2X takes only jpg/png images; convert it first",
             source=source,
             code="parse_file_not_image",
         )
 
 
-def read_answer(request: Doc2XRequest, answer: Doc2XAnswer) -> dict[str, Any]:
+def read_answer(request: Doc2XRequest, answer: Doc2XAnswer, *, secrets: Iterable[str] = ()) -> dict[str, Any]:
     """Return the ``data`` of a successful answer, or raise the error class the answer means."""
+    secrets = tuple(secrets)
     context: dict[str, Any] = {
         "http_status": answer.http_status,
         "uid": request.uid,
@@ -211,8 +359,15 @@ def read_answer(request: Doc2XRequest, answer: Doc2XAnswer) -> dict[str, Any]:
         "source": request.source,
     }
     payload = _json_or_none(answer.body)
-    code = payload.get("code") if isinstance(payload, dict) else None
-    message = (payload.get("msg") or payload.get("message")) if isinstance(payload, dict) else None
+    envelope = payload if isinstance(payload, dict) else {}
+    code = envelope.get("code")
+    message = envelope.get("msg") or envelope.get("message")
+    said = f": {quote(message, secrets)}" if isinstance(message, str) and message else ""
+    if code is not None and (not isinstance(code, str) or not _CODE_SHAPE.fullmatch(code)):
+        raise Doc2XProtocolError(
+            f"Doc2X answered HTTP {answer.http_status} with a code that is not one: {quote(code, secrets)}",
+            **context,
+        )
 
     if answer.http_status == 401 or code == "unauthorized":
         raise Doc2XAuthError(
@@ -228,70 +383,119 @@ def read_answer(request: Doc2XRequest, answer: Doc2XAnswer) -> dict[str, Any]:
             **context,
         )
     if code is None:
-        quote = answer.body[:_BODY_QUOTE_CHARS].decode("utf-8", "replace")
         unreadable: type[Doc2XError] = (
             Doc2XTransientError if answer.http_status >= 500 else Doc2XProtocolError
         )
+        quoted = quote(answer.body[: QUOTE_CHARS * 4].decode("utf-8", "replace"), secrets)
         raise unreadable(
-            f"Doc2X answered HTTP {answer.http_status} with a body that is not its JSON: {quote!r}", **context
+            f"Doc2X answered HTTP {answer.http_status} with a body that is not its JSON: {quoted}", **context
         )
-    if code == "success" and answer.http_status < 400:
-        data = payload.get("data") if isinstance(payload, dict) else None
+    if code == "success" and 200 <= answer.http_status < 300:
+        data = envelope.get("data")
         if not isinstance(data, dict):
             raise Doc2XProtocolError("Doc2X answered success without a data object", code=code, **context)
         return data
     error_class = ERROR_CODES.get(code)
     if error_class is None:
         unknown: type[Doc2XError] = Doc2XTransientError if answer.http_status >= 500 else Doc2XProtocolError
-        raise unknown(
-            f"Doc2X answered an unknown error code {code!r}: {message or 'no message'}", code=code, **context
-        )
+        raise unknown(f"Doc2X answered an unknown error code {code!r}{said}", code=code, **context)
     if error_class is Doc2XRateLimitError:
         raise Doc2XRateLimitError(
-            f"Doc2X limit reached: {message or code}", code=code, retry_after=answer.retry_after, **context
+            f"Doc2X limit reached{said}", code=code, retry_after=answer.retry_after, **context
         )
-    raise error_class(f"Doc2X error {code}: {message or 'no message'}", code=code, **context)
+    raise error_class(f"Doc2X error {code}{said}", code=code, **context)
 
 
 def read_result(data: Mapping[str, Any], *, uid: str | None = None) -> Doc2XResult:
     """Read the ``data`` of a synchronous parse or of a successful status into a result."""
-    result_uid = str(data.get("uid") or uid or "")
-    result = data.get("result") or {}
+    result_uid = check_uid(data["uid"]) if data.get("uid") is not None else uid
+    if result_uid is None:
+        raise Doc2XProtocolError("Doc2X answered a result without a uid")
+    result = data.get("result")
     raw_pages = result.get("pages") if isinstance(result, dict) else None
     if not isinstance(raw_pages, list):
-        raise Doc2XProtocolError("Doc2X answered a result without pages", uid=result_uid or None)
-    pages = tuple(
-        Doc2XPage(
-            page_idx=int(page.get("page_idx", index)),
-            page_width=int(page.get("page_width") or 0),
-            page_height=int(page.get("page_height") or 0),
-            md=str(page.get("md") or ""),
-            url=page.get("url"),
+        raise Doc2XProtocolError("Doc2X answered a result without a list of pages", uid=result_uid)
+    pages = tuple(_read_page(page, index, result_uid) for index, page in enumerate(raw_pages))
+    return Doc2XResult(uid=result_uid, pages=pages, convert_zip=_convert_zip_text(data.get("convert_zip")))
+
+
+def _read_page(page: Any, index: int, uid: str) -> Doc2XPage:
+    if not isinstance(page, dict):
+        raise Doc2XProtocolError(
+            f"Doc2X answered page {index} as a {type(page).__name__}, not an object", uid=uid
         )
-        for index, page in enumerate(raw_pages)
+    md = page.get("md")
+    if md is not None and not isinstance(md, str):
+        raise Doc2XProtocolError(f"Doc2X answered page {index} with md of type {type(md).__name__}", uid=uid)
+    url = page.get("url")
+    return Doc2XPage(
+        page_idx=_whole_number(page, "page_idx", index, uid, default=index),
+        page_width=_whole_number(page, "page_width", index, uid, default=0),
+        page_height=_whole_number(page, "page_height", index, uid, default=0),
+        md=md or "",
+        url=url if isinstance(url, str) else None,
     )
-    return Doc2XResult(uid=result_uid, pages=pages, convert_zip=data.get("convert_zip") or None)
+
+
+def _whole_number(page: dict, name: str, index: int, uid: str, *, default: int) -> int:
+    """A page's integer field: an int, or a float with no fraction; anything else is refused."""
+    value = page.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Doc2XProtocolError(
+            f"Doc2X answered page {index} with {name} of type {type(value).__name__}", uid=uid
+        )
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise Doc2XProtocolError(f"Doc2X answered page {index} with {name}={value!r}", uid=uid)
+    number = int(value)
+    if not 0 <= number < 2**31:
+        raise Doc2XProtocolError(f"Doc2X answered page {index} with {name}={number} out of range", uid=uid)
+    return number
+
+
+def _convert_zip_text(value: Any) -> str | None:
+    """``convert_zip`` as text: the storage layer keeps anything it cannot unpack raw, with a warning."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, allow_nan=True, default=str)
 
 
 def read_uid(request: Doc2XRequest, data: Mapping[str, Any]) -> str:
+    """The uid of a job Doc2X just accepted."""
     uid = data.get("uid")
-    if not isinstance(uid, str) or not uid:
+    if uid is None or uid == "":
         raise Doc2XProtocolError("Doc2X accepted the image but answered no uid", source=request.source)
-    return uid
+    return check_uid(uid, source=request.source)
 
 
-def read_status(uid: str, data: Mapping[str, Any]) -> Doc2XJobStatus:
-    status = str(data.get("status") or "")
-    if not status:
-        raise Doc2XProtocolError("Doc2X answered a job status without a status", uid=uid)
+def read_status(uid: str, data: Mapping[str, Any], *, secrets: Iterable[str] = ()) -> Doc2XJobStatus:
+    """A job's status. Statuses this provider does not know are kept as they are (not terminal)."""
+    status = data.get("status")
+    if not isinstance(status, str) or not _CODE_SHAPE.fullmatch(status.lower()):
+        raise Doc2XProtocolError(
+            f"Doc2X answered a job status that is not one: {quote(status, secrets)}", uid=uid
+        )
     progress = data.get("progress")
+    detail = data.get("detail")
+    status = status.lower()
     return Doc2XJobStatus(
         uid=uid,
         status=status,
-        progress=int(progress) if isinstance(progress, (int, float)) else None,
-        detail=data.get("detail") or None,
+        progress=_progress(progress),
+        detail=redact(detail[:QUOTE_CHARS], secrets) if isinstance(detail, str) and detail else None,
         result=read_result(data, uid=uid) if status == STATUS_SUCCESS else None,
     )
+
+
+def _progress(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if not math.isfinite(value):
+        return None
+    return min(100, max(0, int(value)))
 
 
 def is_retryable(error: BaseException) -> bool:
@@ -300,7 +504,8 @@ def is_retryable(error: BaseException) -> bool:
 
 
 def _json_or_none(body: bytes) -> Any:
+    """The body as JSON, or None for anything that is not (too deep, invalid, not UTF-8)."""
     try:
         return json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError, MemoryError):
         return None

@@ -10,138 +10,30 @@ Layout under ``output_path`` (a local directory or any ``ObjectStoragePath`` URI
         convert_zip.raw              # only when Doc2X's convert_zip was not a usable zip
 
 The hash in the folder name keeps two images of the same name apart, and makes the content cache
-cheap: one listing of ``output_path`` says which images already have a complete result.
+cheap: the sidecar's name says where a content's complete result would be.
 
-Doc2X's ``convert_zip`` is untrusted input. It is unpacked here with no entry written outside the
-image's folder (``..``, absolute paths, drive letters and symlinks are refused and logged), and with
-caps on the entry count and the unpacked bytes, counted while reading (a zip bomb is stopped).
-A payload that is not a zip at all is kept raw beside the Markdown, with a warning.
+The figures come from :func:`airflow_provider_doc2x.archives.unpack_figures`, which refuses what
+is unsafe; a figure that cannot be written is skipped with a warning. Whatever ``convert_zip``
+holds, the Markdown is written and the task goes on.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import json
 import logging
 import posixpath
 import re
-import stat
-import zipfile
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from airflow_provider_doc2x import __version__, protocol
+from airflow_provider_doc2x.archives import MAX_ZIP_BYTES, MAX_ZIP_ENTRIES, unpack_figures
+from airflow_provider_doc2x.storage import storage_path
 
 log = logging.getLogger(__name__)
 
-MAX_ZIP_ENTRIES = 1000
-MAX_ZIP_BYTES = 200 * 1024 * 1024
 RAW_PAYLOAD_NAME = "convert_zip.raw"
-_DRIVE = re.compile(r"^[A-Za-z]:")
 _IMAGE_LINK = re.compile(r"""(<img\s[^>]*?src=["']|!\[[^\]]*\]\()([^"')\s]+)""")
-
-
-@dataclass
-class Figures:
-    """What a ``convert_zip`` payload yielded: safe files by relative path, or the raw payload."""
-
-    files: dict[str, bytes] = field(default_factory=dict)
-    raw: bytes | None = None
-    warnings: list[str] = field(default_factory=list)
-
-
-def decode_base64(payload: str) -> bytes | None:
-    """Base64 as clients meet it: maybe a ``data:...;base64,`` prefix, maybe unpadded; None if broken."""
-    text = payload.strip()
-    if text.startswith("data:") and "," in text:
-        text = text.split(",", 1)[1]
-    text = "".join(text.split())
-    text += "=" * (-len(text) % 4)
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        return None
-
-
-def safe_member_path(info: zipfile.ZipInfo) -> str | None:
-    """The entry's path if writing it stays inside the folder, else None (the caller logs why)."""
-    name = info.filename.replace("\\", "/")
-    if stat.S_ISLNK(info.external_attr >> 16):
-        return None
-    if name.startswith("/") or _DRIVE.match(name):
-        return None
-    parts = [part for part in name.split("/") if part not in ("", ".")]
-    if not parts or ".." in parts:
-        return None
-    return posixpath.join(*parts)
-
-
-def unpack_figures(
-    payload: str | None,
-    *,
-    source: str,
-    max_entries: int = MAX_ZIP_ENTRIES,
-    max_bytes: int = MAX_ZIP_BYTES,
-) -> Figures:
-    """Unpack ``convert_zip`` safely; never raise for a bad payload, say what was wrong instead."""
-    figures = Figures()
-    if not payload:
-        return figures
-    data = decode_base64(payload)
-    if data is None:
-        figures.raw = payload.encode()
-        figures.warnings.append(f"convert_zip of {source} is not valid base64; kept raw")
-        return figures
-    if not data.startswith(b"PK"):
-        figures.raw = data
-        figures.warnings.append(f"convert_zip of {source} is not a zip ({len(data)} bytes); kept raw")
-        return figures
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            entries = archive.infolist()
-            if len(entries) > max_entries:
-                raise _Refused(f"{len(entries)} entries, over the cap of {max_entries}")
-            total = 0
-            for info in entries:
-                if info.is_dir():
-                    continue
-                path = safe_member_path(info)
-                if path is None:
-                    figures.warnings.append(
-                        f"convert_zip of {source}: refused unsafe entry {info.filename!r}"
-                    )
-                    continue
-                chunks = []
-                with archive.open(info) as member:
-                    while chunk := member.read(1 << 16):
-                        total += len(chunk)
-                        if total > max_bytes:
-                            raise _Refused(f"more than {max_bytes} bytes unpacked")
-                        chunks.append(chunk)
-                figures.files[path] = b"".join(chunks)
-    except _Refused as refusal:
-        figures.files.clear()
-        figures.raw = data
-        figures.warnings.append(f"convert_zip of {source} refused: {refusal}; kept raw, nothing unpacked")
-    except (
-        zipfile.BadZipFile,
-        zipfile.LargeZipFile,
-        OSError,
-        EOFError,
-        ValueError,
-        NotImplementedError,
-    ) as error:
-        figures.files.clear()
-        figures.raw = data
-        figures.warnings.append(f"convert_zip of {source} is a broken zip ({error}); kept raw")
-    return figures
-
-
-class _Refused(Exception):
-    pass
 
 
 def write(path: Any, data: bytes) -> None:
@@ -164,9 +56,15 @@ def link_figures(markdown: str, files: dict[str, bytes]) -> str:
 
 
 def folder_name(source: str, sha256: str) -> str:
+    """``<stem>-<first 12 hex of sha256>``: readable, and apart from any other content of the same name."""
     stem = posixpath.splitext(posixpath.basename(source.rstrip("/")))[0] or "image"
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:80]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:80].lstrip(".") or "image"
     return f"{stem}-{sha256[:12]}"
+
+
+def markdown_text(markdown: str) -> bytes:
+    """The Markdown as written to a file: ending with one newline, as text files do."""
+    return (markdown.rstrip("\n") + "\n").encode()
 
 
 class ResultStore:
@@ -175,53 +73,78 @@ class ResultStore:
     def __init__(
         self, output_path: str, *, max_zip_entries: int = MAX_ZIP_ENTRIES, max_zip_bytes: int = MAX_ZIP_BYTES
     ) -> None:
-        from airflow.providers.common.compat.sdk import ObjectStoragePath
-
         self.max_zip_entries = max_zip_entries
         self.max_zip_bytes = max_zip_bytes
-        text = str(output_path)
-        self.root = ObjectStoragePath(text if "://" in text else f"file://{posixpath.abspath(text)}")
-        self._folders: dict[str, Any] | None = None
+        self.root = storage_path(output_path)
+        self._written: dict[str, dict[str, Any]] = {}
+        self._by_hash: dict[str, list[Any]] | None = None
 
-    def _index(self) -> dict[str, Any]:
-        """Folders by the hash prefix in their name, from one listing of the root."""
-        if self._folders is None:
-            self._folders = {}
-            if self.root.exists():
-                for child in self.root.iterdir():
-                    prefix = child.name.rsplit("-", 1)[-1]
-                    if child.is_dir() and len(prefix) == 12:
-                        self._folders.setdefault(prefix, []).append(child)
-        return self._folders
-
-    def cached(self, sha256: str) -> dict[str, Any] | None:
+    def cached(self, sha256: str, source: str) -> dict[str, Any] | None:
         """The record of a complete earlier result for this content, or None."""
-        for folder in self._index().get(sha256[:12], []):
-            sidecar = folder / f"{folder.name.rsplit('-', 1)[0]}.json"
+        if sha256 in self._written:
+            return self._written[sha256]
+        folder = self.root / folder_name(source, sha256)
+        meta = self._sidecar(folder)
+        if meta is None:
+            # The same content under another name: look for any folder with this hash.
+            for candidate in self._folders_of(sha256):
+                if candidate.name != folder.name and (meta := self._sidecar(candidate)) is not None:
+                    folder = candidate
+                    break
+        if meta is None:
+            return None
+        return self._record(folder, meta, cached=True)
+
+    def _folders_of(self, sha256: str) -> list[Any]:
+        """Folders whose name ends in this hash, from one listing of the root made at the first miss."""
+        if self._by_hash is None:
+            self._by_hash = {}
             try:
-                meta = json.loads(sidecar.read_text())
-            except (ValueError, OSError):
-                continue  # no sidecar: an interrupted write, not a result
-            if meta.get("sha256") == sha256 and meta.get("markdown"):
-                return self._record(folder, meta, cached=True)
-        return None
+                children = list(self.root.iterdir()) if self.root.exists() else []
+            except OSError:
+                children = []
+            for child in children:
+                self._by_hash.setdefault(child.name.rsplit("-", 1)[-1], []).append(child)
+        return self._by_hash.get(sha256[:12], [])
+
+    @staticmethod
+    def _sidecar(folder: Any) -> dict[str, Any] | None:
+        sidecar = folder / f"{folder.name.rsplit('-', 1)[0]}.json"
+        try:
+            meta = json.loads(sidecar.read_text())
+        except (ValueError, OSError):
+            return None  # no sidecar: an interrupted write, not a result
+        if not isinstance(meta, dict) or not isinstance(meta.get("markdown"), str):
+            return None
+        if not isinstance(meta.get("figures", []), list):
+            return None
+        return meta
 
     def write(self, source: str, sha256: str, result: protocol.Doc2XResult) -> dict[str, Any]:
+        """Write one image's result (figures, Markdown, then the sidecar); return its record of paths."""
         folder = self.root / folder_name(source, sha256)
         folder.mkdir(parents=True, exist_ok=True)
         stem = folder.name.rsplit("-", 1)[0]
         figures = unpack_figures(
             result.convert_zip, source=source, max_entries=self.max_zip_entries, max_bytes=self.max_zip_bytes
         )
-        for warning in figures.warnings:
-            log.warning(warning)
+        written: dict[str, bytes] = {}
         for path, data in figures.files.items():
             target = folder / path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            write(target, data)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                write(target, data)
+            except (OSError, ValueError) as error:
+                figures.warnings.append(
+                    f"figure {path!r} of {source} could not be written ({error}); skipped"
+                )
+                continue
+            written[path] = data
+        for warning in figures.warnings:
+            log.warning("%s", warning)
         if figures.raw is not None:
             write(folder / RAW_PAYLOAD_NAME, figures.raw)
-        write(folder / f"{stem}.md", link_figures(result.markdown, figures.files).encode())
+        write(folder / f"{stem}.md", markdown_text(link_figures(result.markdown, written)))
         meta = {
             "source": source,
             "sha256": sha256,
@@ -232,25 +155,26 @@ class ResultStore:
                 for page in result.pages
             ],
             "markdown": f"{stem}.md",
-            "figures": sorted(figures.files),
+            "figures": sorted(written),
             "raw_convert_zip": RAW_PAYLOAD_NAME if figures.raw is not None else None,
             "warnings": figures.warnings,
             "provider_version": __version__,
         }
         # The sidecar goes last: a folder without it is an interrupted write, not a cache hit.
         write(folder / f"{stem}.json", json.dumps(meta, indent=2).encode())
-        self._index().setdefault(sha256[:12], []).append(folder)
-        return self._record(folder, meta, cached=False)
+        record = self._record(folder, meta, cached=False)
+        self._written[sha256] = {**record, "cached": True}
+        return record
 
     @staticmethod
     def _record(folder: Any, meta: dict[str, Any], *, cached: bool) -> dict[str, Any]:
         stem = meta["markdown"][: -len(".md")]
         return {
-            "source": meta["source"],
-            "uid": meta["uid"],
-            "sha256": meta["sha256"],
+            "source": meta.get("source"),
+            "uid": meta.get("uid"),
+            "sha256": meta.get("sha256"),
             "markdown_path": str(folder / meta["markdown"]),
-            "figure_paths": [str(folder / path) for path in meta["figures"]],
+            "figure_paths": [str(folder / path) for path in meta.get("figures", [])],
             "sidecar_path": str(folder / f"{stem}.json"),
             "cached": cached,
         }

@@ -1,24 +1,49 @@
 """
-Where images come from: a local path or any ``ObjectStoragePath`` URI (file://, s3://, gs://, ...).
+Where images come from: a local path or an object-storage URI (``s3://``, ``gs://``, ``abfs://``, ...).
 
-Every image is checked (exists, not empty, JPEG/PNG by its magic bytes, at most 7 MB) from its size
-and first bytes before any image of the batch is uploaded, so a bad file in a list costs nothing
-and is named in the error. The full bytes are read only when the image is submitted.
+Every image is checked (a scheme we read from, exists, not empty, JPEG/PNG by its magic bytes, at
+most 7 MB) from its metadata and first bytes before any image of the batch is uploaded, so a bad
+file in a list costs nothing and is named in the error. The full bytes are read only when the
+image's turn to be uploaded comes.
+
+``image_path`` can come from a DAG run's params, which a REST call sets: a URL scheme that fetches
+from any address (``http://``, ``https://``, ``ftp://``, ...) would let whoever triggers a run make
+the worker send requests to the addresses it chooses. Such schemes are refused unless the operator
+names them in ``allow_schemes``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from airflow_provider_doc2x import protocol
 from airflow_provider_doc2x.exceptions import Doc2XInputError
+from airflow_provider_doc2x.storage import scheme_of, storage_path
 
 _HEAD_BYTES = 16
+#: Local files and object stores whose access Airflow connections govern; no fetch-anything scheme.
+STORAGE_SCHEMES = frozenset(
+    {
+        "file",
+        "local",
+        "s3",
+        "s3a",
+        "gs",
+        "gcs",
+        "abfs",
+        "abfss",
+        "az",
+        "adl",
+        "oss",
+        "hdfs",
+        "webhdfs",
+        "memory",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -29,50 +54,75 @@ class ImageSource:
     path: Any  # ObjectStoragePath (file:// for a local path)
 
     @classmethod
-    def of(cls, value: str | Path | Any) -> ImageSource:
-        """A local path or a URI; every read goes through ObjectStoragePath, which feeds hook lineage."""
-        from airflow.providers.common.compat.sdk import ObjectStoragePath
-
-        if isinstance(value, ObjectStoragePath):
-            return cls(str(value), value)
-        text = str(value)
-        uri = text if "://" in text else f"file://{os.path.abspath(text)}"
-        return cls(text, ObjectStoragePath(uri))
+    def of(cls, value: str | Path | Any, *, allow_schemes: Collection[str] = ()) -> ImageSource:
+        """A local path or a storage URI; refuse a scheme that is neither storage nor allowed explicitly."""
+        uri = str(value)
+        scheme = scheme_of(value)
+        if scheme not in STORAGE_SCHEMES and scheme not in {name.lower() for name in allow_schemes}:
+            raise Doc2XInputError(
+                f"Image {protocol.quote(uri)} uses the scheme {scheme!r}, which this operator does not read "
+                f"from: give a local path or an object-storage URI ({', '.join(sorted(STORAGE_SCHEMES))}), "
+                f"or name the scheme in the operator's allow_schemes",
+                source=uri,
+            )
+        return cls(uri, storage_path(value))
 
     def check(self) -> None:
         """Raise :class:`Doc2XInputError` if Doc2X would refuse this image; reads only its first bytes."""
         self._check_file()
-        with self.path.open("rb") as handle:
-            head = handle.read(_HEAD_BYTES)
-        protocol.check_image(head, source=self.uri)
+        protocol.check_image_head(self._read(_HEAD_BYTES), source=self.uri)
 
     def read(self) -> bytes:
-        self._check_file()  # before reading: never load a 2 GB file to find out it is too large
-        with self.path.open("rb") as handle:  # open + read: the call Airflow's hook lineage sees
-            data = handle.read()
+        """The image's bytes, checked (size first: a 2 GB file is never loaded to learn it is too large)."""
+        self._check_file()
+        data = self._read()
         protocol.check_image(data, source=self.uri)
         return data
+
+    def _read(self, size: int = -1) -> bytes:
+        try:
+            with self.path.open("rb") as handle:  # open + read: the call Airflow's hook lineage sees
+                return handle.read(size)
+        except OSError as error:
+            raise Doc2XInputError(
+                f"Image {self.uri} cannot be read ({type(error).__name__}: {error.strerror or 'no detail'}): "
+                "check that the worker may read it",
+                source=self.uri,
+            ) from error
 
     def _check_file(self) -> None:
         """It exists, is a file, and its size is one Doc2X takes (from its metadata alone)."""
         try:
             is_file = self.path.is_file()
+            size = self.path.stat().st_size if is_file else 0
         except OSError as error:
-            raise Doc2XInputError(f"Image {self.uri} cannot be read: {error}", source=self.uri) from error
+            raise Doc2XInputError(
+                f"Image {self.uri} cannot be read ({type(error).__name__}: {error.strerror or 'no detail'})",
+                source=self.uri,
+            ) from error
         if not is_file:
             raise Doc2XInputError(
                 f"Image {self.uri} does not exist or is not a file: give a path or URI of a JPEG/PNG file",
                 source=self.uri,
             )
-        protocol.check_image_size(self.path.stat().st_size, source=self.uri)
+        protocol.check_image_size(size, source=self.uri)
 
 
-def resolve_images(value: str | Path | Sequence[str | Path]) -> list[ImageSource]:
+def resolve_images(
+    value: str | Path | Sequence[str | Path], *, allow_schemes: Collection[str] = ()
+) -> list[ImageSource]:
     """The operator's ``image_path`` (one path/URI or a list of them) as sources, in order."""
     values = [value] if isinstance(value, (str, Path)) else list(value or [])
     if not values:
         raise Doc2XInputError("No image given: image_path is empty")
-    return [ImageSource.of(item) for item in values]
+    sources, problems = [], []
+    for item in values:
+        try:
+            sources.append(ImageSource.of(item, allow_schemes=allow_schemes))
+        except Doc2XInputError as error:
+            problems.append(error.message)
+    _refuse(problems, len(values))
+    return sources
 
 
 def check_all(sources: Sequence[ImageSource]) -> None:
@@ -83,12 +133,17 @@ def check_all(sources: Sequence[ImageSource]) -> None:
             source.check()
         except Doc2XInputError as error:
             problems.append(error.message)
+    _refuse(problems, len(sources))
+
+
+def _refuse(problems: list[str], total: int) -> None:
     if problems:
         raise Doc2XInputError(
-            f"{len(problems)} of {len(sources)} images cannot be sent to Doc2X; nothing was submitted:\n- "
+            f"{len(problems)} of {total} images cannot be sent to Doc2X; nothing was submitted:\n- "
             + "\n- ".join(problems)
         )
 
 
 def sha256_of(data: bytes) -> str:
+    """The content's hash: what duplicates, the task state store and the result cache are keyed by."""
     return hashlib.sha256(data).hexdigest()

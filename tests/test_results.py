@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from airflow_provider_doc2x import protocol
-from airflow_provider_doc2x.results import ResultStore, decode_base64, unpack_figures
+from airflow_provider_doc2x.archives import decode_base64, unpack_figures
+from airflow_provider_doc2x.results import ResultStore
 from tests.helpers import parse_operator, run_deferred
 
 #: The seed page's own example value of convert_zip: not a zip, a small protobuf-like record.

@@ -15,52 +15,34 @@ import time
 from collections.abc import Sequence
 from datetime import timedelta
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from airflow.providers.common.compat.sdk import BaseOperator, conf
 
 from airflow_provider_doc2x import protocol
+from airflow_provider_doc2x.events import failed_job, is_finished
 from airflow_provider_doc2x.exceptions import (
     Doc2XAuthError,
     Doc2XError,
     Doc2XJobFailedError,
     Doc2XJobNotFoundError,
-    Doc2XPermanentError,
     Doc2XQuotaError,
     Doc2XSubmitUncertainError,
 )
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
+from airflow_provider_doc2x.records import batch_failure, records_from_event, store_or_record
 from airflow_provider_doc2x.results import ResultStore
 from airflow_provider_doc2x.sources import ImageSource, check_all, resolve_images, sha256_of
-from airflow_provider_doc2x.triggers.doc2x import EVENT_ERROR, Doc2XImageParseTrigger, validate_event
+from airflow_provider_doc2x.storage import storage_path
+from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
 
 #: Key prefix of the uids recorded in the task state store (one key per image content).
 STATE_KEY_PREFIX = "doc2x/"
-#: Codes that no new try of the task can fix.
-PERMANENT_CODES = frozenset(
-    {
-        "unauthorized",
-        "parse_file_too_large",
-        "parse_file_invalid",
-        "parse_file_not_image",
-        "parse_quota_limit",
-    }
-)
-
-
-def result_record(source: str, result: protocol.Doc2XResult, sha256: str | None = None) -> dict[str, Any]:
-    """What XCom holds for one image: JSON, small enough for the metadata database (no figures)."""
-    return {
-        "source": source,
-        "uid": result.uid,
-        "sha256": sha256,
-        "pages": [page.to_dict() for page in result.pages],
-        "markdown": result.markdown,
-        "has_figures": result.convert_zip is not None,
-    }
+#: How the operator parses: submit and wait (deferrable or not), or Doc2X's synchronous endpoint.
+Method = Literal["async", "sync"]
 
 
 class Doc2XImageParseOperator(BaseOperator):
@@ -68,7 +50,7 @@ class Doc2XImageParseOperator(BaseOperator):
     Parse document images into Markdown with Doc2X.
 
     :param image_path: one local path or ``ObjectStoragePath`` URI, or a list of them (templated).
-    :param doc2x_conn_id: the ``doc2x`` connection.
+    :param doc2x_conn_id: the ``doc2x`` connection (templated).
     :param output_path: a local directory or ``ObjectStoragePath`` URI (templated) to write each
         image's Markdown, figures and sidecar into (see :mod:`airflow_provider_doc2x.results`); XCom
         then holds their paths. None keeps the Markdown itself in XCom.
@@ -80,9 +62,12 @@ class Doc2XImageParseOperator(BaseOperator):
     :param poll_interval: seconds between status rounds.
     :param timeout: seconds to wait for all jobs of one try before failing with the uids still processing.
     :param max_concurrent_polls: status calls in flight at once.
+    :param allow_schemes: URL schemes to read images from beyond local paths and object storage,
+        e.g. ``["https"]``. Refused by default: ``image_path`` may come from a run's params, and a
+        fetch-anything scheme would let whoever triggers a run make the worker call any address.
     """
 
-    template_fields: Sequence[str] = ("image_path", "output_path")
+    template_fields: Sequence[str] = ("image_path", "output_path", "doc2x_conn_id")
     ui_color = "#e8f0fe"
 
     def __init__(
@@ -91,12 +76,13 @@ class Doc2XImageParseOperator(BaseOperator):
         image_path: str | Sequence[str],
         doc2x_conn_id: str = Doc2XHook.default_conn_name,
         output_path: str | None = None,
-        method: str = "async",
+        method: Method = "async",
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         poll_interval: float = 2.0,
         timeout: float = 600,
         max_concurrent_polls: int = 8,
         overwrite: bool = False,
+        allow_schemes: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -111,10 +97,12 @@ class Doc2XImageParseOperator(BaseOperator):
         self.timeout = timeout
         self.max_concurrent_polls = max_concurrent_polls
         self.overwrite = overwrite
+        self.allow_schemes = tuple(allow_schemes)
         self._records: list[dict[str, Any]] = []
 
     @cached_property
     def hook(self) -> Doc2XHook:
+        """The hook, built at run time (once ``doc2x_conn_id`` is rendered), never at parse time."""
         return Doc2XHook(doc2x_conn_id=self.doc2x_conn_id)
 
     @cached_property
@@ -123,7 +111,8 @@ class Doc2XImageParseOperator(BaseOperator):
         return ResultStore(self.output_path) if self.output_path else None
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
-        sources = resolve_images(self.image_path)
+        """Check every image, submit (or reuse) each once, then wait: deferred, or in the worker."""
+        sources = resolve_images(self.image_path, allow_schemes=self.allow_schemes)
         check_all(sources)
         if self.method == "sync":
             return self._parse_synchronously(sources)
@@ -135,7 +124,7 @@ class Doc2XImageParseOperator(BaseOperator):
             deadline=time.time() + self.timeout,
             max_concurrent_polls=self.max_concurrent_polls,
         )
-        if self.deferrable and any(job["status"] not in protocol.TERMINAL_STATUSES for job in jobs):
+        if self.deferrable and not all(is_finished(job) for job in jobs):
             self.defer(
                 trigger=trigger,
                 method_name="execute_complete",
@@ -204,7 +193,7 @@ class Doc2XImageParseOperator(BaseOperator):
         """The record of a complete earlier result of this content under ``output_path``, if reusable."""
         if self.results is None or self.overwrite:
             return None
-        record = self.results.cached(digest)
+        record = self.results.cached(digest, source.uri)
         if record is None:
             return None
         self.log.info(
@@ -237,6 +226,8 @@ class Doc2XImageParseOperator(BaseOperator):
             return None
         try:
             status = self.hook.get_job_status(uid)
+            if status.status == protocol.STATUS_FAILED:
+                raise status.failure()
         except (Doc2XJobFailedError, Doc2XJobNotFoundError) as error:
             # Failed or expired: a new upload is the only way to a result. Any other error (Doc2X
             # unreachable, say) propagates: resubmitting on a guess could pay for the image twice.
@@ -258,9 +249,9 @@ class Doc2XImageParseOperator(BaseOperator):
         except Doc2XSubmitUncertainError as error:
             if store is not None:
                 store.set(key, {"uncertain": True, "source": source.uri, "at": time.time()})
-            return _failed_job(source, digest, error)
+            return failed_job(source.uri, digest, error)
         except Doc2XError as error:
-            return _failed_job(source, digest, error)
+            return failed_job(source.uri, digest, error)
         if store is not None:
             store.set(key, {"uid": uid, "source": source.uri, "at": time.time()})
         return {"uid": uid, "source": source.uri, "sha256": digest, "status": protocol.STATUS_PROCESSING}
@@ -279,88 +270,20 @@ class Doc2XImageParseOperator(BaseOperator):
             except (Doc2XAuthError, Doc2XQuotaError):
                 raise
             except Doc2XError as error:
-                failures.append(_failed_job(source, digest, error))
+                failures.append(failed_job(source.uri, digest, error))
                 continue
             records.append(store_or_record(self.results, source.uri, digest, result))
         if failures:
-            raise _batch_failure(failures, len(sources))
+            raise batch_failure(failures, len(sources))
         self._records = records
         return records
-
-
-def store_or_record(
-    results: ResultStore | None, source: str, digest: str | None, result: protocol.Doc2XResult
-) -> dict[str, Any]:
-    """Write the result to storage and return its paths, or return it whole for XCom."""
-    if results is not None and digest:
-        return results.write(source, digest, result)
-    return result_record(source, result, digest)
 
 
 def lineage_dataset(uri: str) -> Any:
     """An OpenLineage dataset for a path or URI: namespace ``file`` or ``scheme://bucket``, name the key."""
     from airflow.providers.common.compat.openlineage.facet import Dataset
 
-    path = ImageSource.of(uri).path
+    path = storage_path(uri)
     if path.protocol in ("file", "local", ""):
         return Dataset(namespace="file", name=path.path)
     return Dataset(namespace=path.namespace, name=path.key)
-
-
-def records_from_event(
-    hook: Doc2XHook,
-    event: dict[str, Any] | None,
-    *,
-    results: ResultStore | None = None,
-    overwrite: bool = False,
-) -> list[dict[str, Any]]:
-    """The records of a trigger event, in input order; raise naming every job that did not succeed."""
-    event = validate_event(event)
-    if event["status"] == EVENT_ERROR:
-        error_class = Doc2XAuthError if event.get("code") == "unauthorized" else Doc2XError
-        raise error_class(f"Waiting for Doc2X failed: {event['message']}", code=event.get("code"))
-    records: list[dict[str, Any]] = []
-    failures: list[dict[str, Any]] = []
-    for job in event["jobs"]:
-        if job["status"] != protocol.STATUS_SUCCESS:
-            failures.append(job)
-            continue
-        if results is not None and not overwrite and (stored := results.cached(job["sha256"])):
-            records.append({**stored, "source": job["source"]})
-            continue
-        status = hook.get_job_status(job["uid"])
-        if status.result is None:
-            failures.append(
-                {**job, "message": f"the job answered {status.status} when its result was fetched"}
-            )
-            continue
-        records.append(store_or_record(results, job["source"], job.get("sha256"), status.result))
-    if failures:
-        raise _batch_failure(failures, len(event["jobs"]))
-    return records
-
-
-def _failed_job(source: ImageSource, digest: str, error: Doc2XError) -> dict[str, Any]:
-    return {
-        "uid": error.uid,
-        "source": source.uri,
-        "sha256": digest,
-        "status": protocol.STATUS_FAILED,
-        "code": error.code,
-        "message": str(error),
-    }
-
-
-def _batch_failure(failures: list[dict[str, Any]], total: int) -> Doc2XError:
-    """One error naming every image that did not end parsed, and why; permanent if no retry can help."""
-    lines = []
-    for job in failures:
-        if job["status"] == protocol.STATUS_PROCESSING:
-            reason = "still processing at the deadline (a new try reconnects to it)"
-        else:
-            reason = job.get("message") or job.get("code") or job["status"]
-        lines.append(f"- {job['source']} (uid {job.get('uid') or 'none'}): {reason}")
-    message = f"{len(failures)} of {total} images were not parsed:\n" + "\n".join(lines)
-    permanent = all(job.get("code") in PERMANENT_CODES for job in failures)
-    error_class = Doc2XPermanentError if permanent else Doc2XError
-    return error_class(message)

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import BaseSensorOperator, PokeReturnValue, conf
 
-from airflow_provider_doc2x import protocol
+from airflow_provider_doc2x import events, protocol
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
-from airflow_provider_doc2x.operators.doc2x import records_from_event, result_record
+from airflow_provider_doc2x.records import records_from_event, result_record
 from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
 
 if TYPE_CHECKING:
@@ -23,14 +23,15 @@ class Doc2XImageParseSensor(BaseSensorOperator):
     """
     Wait until the Doc2X job ``uid`` is done; push its record (as the operator does) to XCom.
 
-    A failed, unknown or expired job fails the task with its Doc2X code. Deferrable: the wait
-    happens in the triggerer, with the sensor's ``timeout`` as the deadline.
+    A failed, unknown or expired job fails the task with its Doc2X code, the same way whether the
+    sensor pokes or defers (an unknown or expired uid fails it without Airflow retries). Deferrable:
+    the wait happens in the triggerer, with the sensor's ``timeout`` as the deadline.
 
     :param uid: the job's uid (templated).
-    :param doc2x_conn_id: the ``doc2x`` connection.
+    :param doc2x_conn_id: the ``doc2x`` connection (templated).
     """
 
-    template_fields: Sequence[str] = ("uid",)
+    template_fields: Sequence[str] = ("uid", "doc2x_conn_id")
 
     def __init__(
         self,
@@ -48,18 +49,21 @@ class Doc2XImageParseSensor(BaseSensorOperator):
 
     @cached_property
     def hook(self) -> Doc2XHook:
+        """The hook, built at run time (once ``doc2x_conn_id`` is rendered)."""
         return Doc2XHook(doc2x_conn_id=self.doc2x_conn_id)
 
     def execute(self, context: Context) -> Any:
+        """Poke in the worker, or check once and defer to the trigger while the job is processing."""
         if not self.deferrable:
             return super().execute(context)
-        status = self.hook.get_job_status(self.uid)  # one check first: a finished job needs no trigger
+        protocol.check_uid(self.uid)
+        status = self._status()  # one check first: a finished job needs no trigger
         if status.result is not None:
             return result_record(self.uid, status.result)
         self.defer(
             trigger=Doc2XImageParseTrigger(
                 doc2x_conn_id=self.doc2x_conn_id,
-                jobs=[{"uid": self.uid, "source": self.uid, "status": status.status}],
+                jobs=[events.job(self.uid, self.uid, None, status.status)],
                 poll_interval=self.poke_interval,
                 deadline=time.time() + self.timeout,
             ),
@@ -68,11 +72,21 @@ class Doc2XImageParseSensor(BaseSensorOperator):
         )
 
     def poke(self, context: Context) -> PokeReturnValue:
-        status = self.hook.get_job_status(self.uid)  # a failed job raises its Doc2X error here
-        self.log.info("Doc2X job %s is %s", self.uid, status.status)
+        """Ask once: done (the record to XCom), not yet, or failed (its Doc2X error)."""
+        protocol.check_uid(self.uid)
+        status = self._status()
+        self.log.info("Doc2X job %s is %r", self.uid, status.status)
         if status.status == protocol.STATUS_SUCCESS and status.result is not None:
             return PokeReturnValue(is_done=True, xcom_value=result_record(self.uid, status.result))
         return PokeReturnValue(is_done=False)
 
+    def _status(self) -> protocol.Doc2XJobStatus:
+        """The job's status; a failed job raises its error, as in the trigger's event."""
+        status = self.hook.get_job_status(self.uid)
+        if status.status == protocol.STATUS_FAILED:
+            raise status.failure()
+        return status
+
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Resume after the trigger: the job's record, or its error (permanent by its class)."""
         return records_from_event(self.hook, event)[0]

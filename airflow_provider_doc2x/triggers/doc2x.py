@@ -19,15 +19,22 @@ from airflow.providers.common.compat.sdk import conf
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_provider_doc2x import protocol
-from airflow_provider_doc2x.exceptions import Doc2XAuthError, Doc2XError, Doc2XTransientError
+from airflow_provider_doc2x.events import (
+    EVENT_ERROR,
+    EVENT_FAILED,
+    EVENT_SUCCESS,
+    EVENT_TIMEOUT,
+    failed_job,
+    is_finished,
+    make_event,
+)
+from airflow_provider_doc2x.exceptions import (
+    Doc2XAuthError,
+    Doc2XError,
+    Doc2XProtocolError,
+    Doc2XTransientError,
+)
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
-
-#: Event statuses: all done well; all done, some failed; out of time; the trigger itself gave up.
-EVENT_SUCCESS = "success"
-EVENT_FAILED = "failed"
-EVENT_TIMEOUT = "timeout"
-EVENT_ERROR = "error"
-EVENT_STATUSES = frozenset({EVENT_SUCCESS, EVENT_FAILED, EVENT_TIMEOUT, EVENT_ERROR})
 
 
 class Doc2XImageParseTrigger(BaseTrigger):
@@ -62,6 +69,7 @@ class Doc2XImageParseTrigger(BaseTrigger):
         self.max_consecutive_errors = max_consecutive_errors
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
+        """The classpath and JSON kwargs a triggerer rebuilds this trigger from (no key, no results)."""
         return (
             f"{type(self).__module__}.{type(self).__qualname__}",
             {
@@ -75,6 +83,7 @@ class Doc2XImageParseTrigger(BaseTrigger):
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        """Wait in the triggerer's event loop, then fire the one event."""
         if frozen := freeze_startup_heap():
             self.log.info(
                 "Froze the %d objects of this process's start-up heap out of garbage collection, so "
@@ -89,17 +98,18 @@ class Doc2XImageParseTrigger(BaseTrigger):
 
     async def wait(self, hook: Doc2XHook) -> dict[str, Any]:
         """
-        Poll until every job is terminal; return the event's payload.
+        Poll until every job is finished; return the event's payload.
 
-        Jobs that arrive terminal (a failed upload, a job an earlier try already finished) are not
-        polled. The first round comes one interval after the start. The worker runs this same loop
-        when the operator does not defer.
+        Jobs that arrive finished (a failed upload, a job an earlier try already finished) are not
+        polled. The first round comes one interval after the start. The deadline holds even while a
+        request drips: a round still running at the deadline is cancelled. The worker runs this
+        same loop when the operator does not defer.
         """
-        jobs = [dict(job) for job in self.jobs]
+        jobs = [dict(entry) for entry in self.jobs]
         limit = asyncio.Semaphore(self.max_concurrent_polls)
         failed_rounds = 0
         reported = 0  # "0/N done" is not news: log from the first finished job on
-        if any(job.get("status") not in protocol.TERMINAL_STATUSES for job in jobs):
+        if not all(is_finished(entry) for entry in jobs):
             # The first round waits one interval: the task has just learnt these statuses (it
             # submitted or checked the jobs), so asking at once would be a wasted request. It also
             # keeps the event clear of the deferral: Airflow 3.3's scheduler can fail a task whose
@@ -115,41 +125,65 @@ class Doc2XImageParseTrigger(BaseTrigger):
                     return error
 
         while True:
-            pending = [job for job in jobs if job.get("status") not in protocol.TERMINAL_STATUSES]
-            answers = await asyncio.gather(*(poll(job["uid"]) for job in pending))
+            pending = [entry for entry in jobs if not is_finished(entry)]
+            remaining = self.deadline - time.time()
+            try:
+                answers = await asyncio.wait_for(
+                    asyncio.gather(*(poll(entry["uid"]) for entry in pending)), timeout=max(remaining, 0.001)
+                )
+            except asyncio.TimeoutError:
+                return self._timeout(jobs)
             transient: list[Doc2XError] = []
-            for job, answer in zip(pending, answers, strict=True):
-                if isinstance(answer, Doc2XTransientError):
+            for entry, answer in zip(pending, answers, strict=True):
+                if isinstance(answer, (Doc2XTransientError, Doc2XProtocolError)):
+                    # A status call is safe to repeat: a garbled answer (a proxy's page) is retried
+                    # next round, like a 5xx, within max_consecutive_errors.
                     transient.append(answer)
                 elif isinstance(answer, Doc2XAuthError):
                     # The key itself is refused: no other job can do better.
-                    return _event(EVENT_ERROR, jobs, str(answer), code=answer.code)
+                    self.log.error("Doc2X refused the API key: %s", answer)
+                    return make_event(EVENT_ERROR, jobs, answer.summary, code=answer.failure_code)
                 elif isinstance(answer, Doc2XError):
-                    job.update(status=protocol.STATUS_FAILED, code=answer.code, message=str(answer))
+                    self._fail(entry, answer)
+                elif answer.status == protocol.STATUS_FAILED:
+                    self._fail(entry, answer.failure())
                 else:
-                    job.update(status=answer.status, progress=answer.progress)
+                    entry.update(status=answer.status, progress=answer.progress)
             failed_rounds = failed_rounds + 1 if transient else 0
-            done = sum(job.get("status") in protocol.TERMINAL_STATUSES for job in jobs)
+            done = sum(is_finished(entry) for entry in jobs)
             if done != reported:
                 self.log.info("Doc2X: %d/%d done", done, len(jobs))
                 reported = done
             if done == len(jobs):
-                failed = any(job["status"] != protocol.STATUS_SUCCESS for job in jobs)
-                return _event(EVENT_FAILED if failed else EVENT_SUCCESS, jobs, f"{done}/{len(jobs)} done")
+                failed = any(entry["status"] != protocol.STATUS_SUCCESS for entry in jobs)
+                return make_event(EVENT_FAILED if failed else EVENT_SUCCESS, jobs, f"{done}/{len(jobs)} done")
             if failed_rounds > self.max_consecutive_errors:
-                return _event(
+                last = transient[-1]
+                self.log.error("Doc2X status calls failed %d rounds in a row; last: %s", failed_rounds, last)
+                status = f", HTTP {last.http_status}" if last.http_status else ""
+                return make_event(
                     EVENT_ERROR,
                     jobs,
-                    f"Doc2X status calls failed {failed_rounds} rounds in a row; last error: {transient[-1]}",
+                    f"Doc2X status calls failed {failed_rounds} rounds in a row; the last failure was "
+                    f"{last.summary} (code {last.failure_code}{status})",
+                    code=last.failure_code,
                 )
             remaining = self.deadline - time.time()
             if remaining <= 0:
-                return _event(
-                    EVENT_TIMEOUT,
-                    jobs,
-                    f"{len(jobs) - done} of {len(jobs)} Doc2X jobs were still processing at the deadline",
-                )
+                return self._timeout(jobs)
             await asyncio.sleep(min(self.poll_interval, remaining))
+
+    def _fail(self, entry: dict[str, Any], error: Doc2XError) -> None:
+        """Mark a job failed with its code and fixed summary; the server's own words go to the log only."""
+        self.log.warning("Doc2X job %s of %s failed: %s", entry.get("uid"), entry.get("source"), error)
+        entry.update(failed_job(entry["source"], entry.get("sha256"), error, uid=entry.get("uid")))
+
+    @staticmethod
+    def _timeout(jobs: list[dict[str, Any]]) -> dict[str, Any]:
+        waiting = sum(not is_finished(entry) for entry in jobs)
+        return make_event(
+            EVENT_TIMEOUT, jobs, f"{waiting} of {len(jobs)} Doc2X jobs were not finished at the deadline"
+        )
 
 
 _startup_heap_frozen = False
@@ -180,35 +214,3 @@ def freeze_startup_heap() -> int:
     gc.collect(1)
     gc.freeze()
     return gc.get_freeze_count()
-
-
-def _event(status: str, jobs: list[dict[str, Any]], message: str, code: str | None = None) -> dict[str, Any]:
-    """The event's payload: ids and statuses only, never results (events go through the database)."""
-    return {
-        "status": status,
-        "message": message,
-        "code": code,
-        "jobs": [
-            {
-                "uid": job.get("uid"),
-                "source": job.get("source"),
-                "sha256": job.get("sha256"),
-                "status": job.get("status") or protocol.STATUS_PROCESSING,
-                "code": job.get("code"),
-                "message": job.get("message"),
-            }
-            for job in jobs
-        ],
-    }
-
-
-def validate_event(event: Any) -> dict[str, Any]:
-    """Refuse a missing or malformed event loudly: resuming on a guess could lose or repeat pages."""
-    if not isinstance(event, dict):
-        raise Doc2XError(f"The Doc2X trigger resumed the task without an event (got {event!r})")
-    if event.get("status") not in EVENT_STATUSES or not isinstance(event.get("jobs"), list):
-        raise Doc2XError(f"The Doc2X trigger sent an event this provider does not know: {event!r}")
-    for job in event["jobs"]:
-        if not isinstance(job, dict) or "status" not in job or "source" not in job:
-            raise Doc2XError(f"The Doc2X trigger sent a malformed job in its event: {job!r}")
-    return event

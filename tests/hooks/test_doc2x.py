@@ -8,6 +8,7 @@ import logging
 import pickle
 import threading
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -25,7 +26,8 @@ from airflow_provider_doc2x.exceptions import (
     Doc2XSubmitUncertainError,
     Doc2XTransientError,
 )
-from airflow_provider_doc2x.hooks.doc2x import Doc2XHook, _Backoff
+from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
+from airflow_provider_doc2x.transport import Backoff
 from tests.helpers import API_KEY, wait_until
 
 try:
@@ -236,9 +238,9 @@ def test_retry_after_is_a_floor_of_the_back_off():
     state.attempt_number = 1
     error = Doc2XRateLimitError("slow down", retry_after=4.0)
     state.set_exception((type(error), error, None))
-    assert _Backoff(0.01, 0.02)(state) >= 4.0
+    assert Backoff(0.01, 0.02)(state) >= 4.0
     state.set_exception((ValueError, ValueError(), None))
-    assert _Backoff(0.01, 0.02)(state) <= 0.02
+    assert Backoff(0.01, 0.02)(state) <= 0.02
 
 
 def make_broken(tmp_path):
@@ -253,8 +255,8 @@ def make_broken(tmp_path):
     return {
         "missing": (tmp_path / "missing.png", "does not exist"),
         "empty": (empty, "is empty"),
-        "text": (text, "neither JPEG nor PNG"),
-        "pdf": (pdf, "neither JPEG nor PNG"),
+        "text": (text, r"not a JPEG or PNG by its content \(it looks like text\)"),
+        "pdf": (pdf, r"not a JPEG or PNG by its content \(it looks like a PDF document\)"),
         "huge": (huge, "over Doc2X's limit"),
     }
 
@@ -300,13 +302,16 @@ def test_lost_answer_after_upload_is_never_resent(doc2x, make_image, monkeypatch
     assert stats["billed_total"] == 1
 
 
-def test_status_calls_whose_answer_is_lost_are_retried(doc2x, make_image, monkeypatch):
-    monkeypatch.setenv("AIRFLOW_CONN_DOC2X_DEFAULT", doc2x.connection_json(timeout=0.5))
-    hook = Doc2XHook()
-    uid = hook.submit_image(make_image())
-    doc2x.configure(latency=1.0)
-    with pytest.raises(Doc2XTransientError, match="ReadTimeout"):
-        Doc2XHook().get_job_status(uid)
+def test_status_calls_whose_answer_is_lost_are_retried(doc2x, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_DOC2X_DEFAULT", doc2x.connection_json(timeout=0.5, max_retries=2))
+    doc2x.configure(latency=3.0)  # the first status answer would come after the call's deadline
+    with ThreadPoolExecutor(1) as pool:
+        asking = pool.submit(Doc2XHook().get_job_status, "unknown-uid")
+        wait_until(lambda: doc2x.stats()["max_in_flight"] >= 1, message="the first status call to arrive")
+        doc2x.configure(latency=0)  # the retry is answered at once
+        # The answer that arrives is the retry's: the job is unknown (without a retry: a timeout).
+        with pytest.raises(Doc2XJobNotFoundError):
+            asking.result(timeout=30)
 
 
 def test_unreachable_server_is_transient_and_bounded(monkeypatch, make_image):

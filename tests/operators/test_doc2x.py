@@ -16,7 +16,7 @@ from airflow_provider_doc2x.exceptions import (
 )
 from airflow_provider_doc2x.operators.doc2x import STATE_KEY_PREFIX, Doc2XImageParseOperator
 from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
-from tests.helpers import API_KEY, StateStore, parse_operator, run_deferred
+from tests.helpers import API_KEY, REPO, StateStore, dags_test, parse_operator, run_deferred
 
 
 def test_deferrable_submits_records_and_defers_with_the_right_trigger(doc2x, make_image):
@@ -185,10 +185,24 @@ def test_execute_complete_reports_error_and_timeout_events(doc2x):
         op.execute_complete({}, timeout)
 
 
-def test_templated_fields_and_mapping():
-    assert set(Doc2XImageParseOperator.template_fields) == {"image_path", "output_path"}
+def test_templated_fields_and_method():
+    assert set(Doc2XImageParseOperator.template_fields) == {"image_path", "output_path", "doc2x_conn_id"}
     with pytest.raises(ValueError, match="method"):
-        Doc2XImageParseOperator(task_id="x", image_path="a.png", method="fast")
+        Doc2XImageParseOperator(task_id="x", image_path="a.png", method="fast")  # type: ignore[arg-type]
+
+
+def test_mapped_over_images_each_task_gets_its_own(doc2x, airflow_db, make_image):
+    """``.partial().expand()``: one task per image list, the conn id rendered from a template."""
+    images = [
+        make_image(title="Mapped One"),
+        make_image(title="Mapped Two"),
+        make_image(title="Mapped Three"),
+    ]
+    chunks = [[str(images[0]), str(images[1])], [str(images[2])]]
+    output = dags_test("doc2x_mapped_images", {"chunks": chunks}, doc2x, dags_folder=REPO / "tests" / "dags")
+    assert output.count("Doc2X parsed 2 images") == 1 and output.count("Doc2X parsed 1 images") == 1
+    stats = doc2x.stats()
+    assert (stats["billed_total"], stats["max_billed_per_image"]) == (3, 1)
 
 
 def test_an_unreachable_status_on_reconnect_fails_the_try_instead_of_paying_again(

@@ -1,0 +1,387 @@
+"""
+Moving bytes to and from Doc2X: one implementation for the worker and the triggerer.
+
+Every call runs as a coroutine through one ``httpx.AsyncClient`` shared by everything on an event
+loop: a triggerer's thousand triggers share one connection pool and one TLS context. A worker's
+synchronous calls run on a private event loop in a background thread of its process
+(:func:`run_sync`), so the worker and the triggerer share this code, its deadlines, its caps and
+its retries, instead of keeping two copies that drift apart.
+
+What the network sends is treated as hostile:
+
+- **An overall deadline per request.** httpx's timeouts apply to each read, so a server that
+  drips one byte a second is never cut off by them; here the whole exchange (connect, send, the
+  answer's headers and body) runs under one deadline, the connection's ``timeout``.
+- **A cap on the answer's size, after decompression.** The body is read as a stream and
+  decompressed here, a bounded piece at a time (httpx inflates each chunk without a bound on its
+  output, so a gzip bomb would land in memory whole); past ``max_answer_bytes`` the answer is
+  refused with :class:`Doc2XProtocolError`.
+- **What was sent decides what may be retried.** httpx reports, through its trace extension, when
+  a request's body has been sent whole. A failure before that point reached nobody and is retried;
+  after it, an upload may have been billed, so it is never resent on its own
+  (:class:`Doc2XSubmitUncertainError`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import logging
+import os
+import random
+import threading
+import weakref
+import zlib
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import httpx
+import tenacity
+
+from airflow_provider_doc2x import protocol
+from airflow_provider_doc2x.exceptions import (
+    Doc2XError,
+    Doc2XProtocolError,
+    Doc2XSubmitUncertainError,
+    Doc2XTransientError,
+)
+from airflow_provider_doc2x.settings import Doc2XSettings
+
+T = TypeVar("T")
+
+#: Requests in flight at once through the shared client of an event loop. Requests past it wait
+#: on a semaphore rather than in httpcore's pool, whose queue handling costs time proportional to
+#: the queue on every request: a thousand queued polls would stall the loop.
+MAX_IN_FLIGHT_PER_LOOP = 16
+#: Longest wait a server's ``Retry-After`` may impose between two tries.
+MAX_RETRY_AFTER = 300.0
+#: Encodings the transport decodes itself, with a bound (see the module's doc).
+ACCEPT_ENCODING = "gzip, deflate"
+
+
+@dataclass
+class SharedClient:
+    """The event loop's client for one base URL, and the gate that bounds its requests in flight."""
+
+    client: httpx.AsyncClient
+    gate: asyncio.Semaphore
+    lifetime: Any = field(default=None, repr=False)
+
+
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Future[SharedClient]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def shared_client(base_url: str) -> SharedClient:
+    """
+    The running loop's client for ``base_url``, built once and closed when the loop shuts down.
+
+    The client is built in a thread: building its TLS context reads the CA bundle from disk, which
+    would stall the loop. It closes with the loop: it is held by an async generator, which
+    ``asyncio.run`` (and the triggerer) finalize before closing their loop.
+    """
+    clients = _clients.setdefault(asyncio.get_running_loop(), {})
+    building = clients.get(base_url)
+    if building is None or (building.done() and (building.exception() or building.result().client.is_closed)):
+        building = clients[base_url] = asyncio.ensure_future(_open_client(base_url))
+    return await asyncio.shield(building)
+
+
+async def _open_client(base_url: str) -> SharedClient:
+    limits = httpx.Limits(
+        max_connections=MAX_IN_FLIGHT_PER_LOOP, max_keepalive_connections=MAX_IN_FLIGHT_PER_LOOP
+    )
+    client = await asyncio.to_thread(httpx.AsyncClient, base_url=base_url, limits=limits)
+    lifetime = _closed_with_the_loop(client)
+    await lifetime.__anext__()  # the loop now knows the generator: it finalizes it at shutdown
+    return SharedClient(client, asyncio.Semaphore(MAX_IN_FLIGHT_PER_LOOP), lifetime)
+
+
+async def _closed_with_the_loop(client: httpx.AsyncClient) -> AsyncIterator[httpx.AsyncClient]:
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+class _BackgroundLoop:
+    """An event loop in a daemon thread of this process: where a worker's synchronous calls run."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="doc2x-http", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        """Close the loop's clients, then the loop (at the process's exit)."""
+        if self.pid != os.getpid() or not self.thread.is_alive():
+            return
+        # At exit, a client that does not close politely is still closed by the OS.
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self.loop.shutdown_asyncgens(), self.loop).result(timeout=5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+
+
+_background: _BackgroundLoop | None = None
+_background_lock = threading.Lock()
+
+
+def _background_loop() -> _BackgroundLoop:
+    global _background
+    with _background_lock:
+        # A forked child inherits the variable but not the thread: it starts its own.
+        if _background is None or _background.pid != os.getpid():
+            _background = _BackgroundLoop()
+            atexit.register(_background.close)
+        return _background
+
+
+def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
+    """
+    Run a coroutine of this module on the process's background loop and wait for its outcome.
+
+    If the waiting thread is interrupted (Airflow's task timeout, a signal), the coroutine is
+    cancelled, so an upload in flight lets go of its pacing slot.
+    """
+    background = _background_loop()
+    if threading.get_ident() == background.thread.ident:
+        coroutine.close()
+        raise RuntimeError("run_sync was called from the Doc2X transport's own loop: await the call instead")
+    future = asyncio.run_coroutine_threadsafe(coroutine, background.loop)
+    try:
+        return future.result()
+    except BaseException:
+        future.cancel()
+        raise
+
+
+async def call(
+    settings: Doc2XSettings,
+    request: protocol.Doc2XRequest,
+    read: Callable[[dict[str, Any]], T],
+    *,
+    log: logging.Logger | Any,
+    pacer: Any = None,
+) -> T:
+    """
+    Send ``request`` until it succeeds or fails for good, and ``read`` the answer's data.
+
+    Transient failures are retried (bounded, with back-off); an upload goes through ``pacer`` (an
+    object with an ``aupload()`` async context manager holding one of the key's slots). For an
+    upload whose body was sent whole, an answer that is lost or cannot be read (including a
+    success whose data ``read`` refuses) means Doc2X may have billed it: that is
+    :class:`Doc2XSubmitUncertainError`, which is never retried here.
+    """
+    async for attempt in tenacity.AsyncRetrying(**_retry_options(settings, request, log)):
+        with attempt:
+            shared = await shared_client(settings.base_url)
+            paced = pacer.aupload() if request.bills and pacer is not None else nullcontext()
+            async with paced, shared.gate:
+                answer = await exchange(shared.client, settings, request)
+            try:
+                return read(protocol.read_answer(request, answer, secrets=settings.secrets))
+            except Doc2XProtocolError as error:
+                if request.bills and 200 <= answer.http_status < 300:
+                    raise _uncertain(request, f"its answer could not be read ({error.message})") from error
+                raise
+    raise AssertionError("unreachable: tenacity re-raises the last error")
+
+
+async def exchange(
+    client: httpx.AsyncClient, settings: Doc2XSettings, request: protocol.Doc2XRequest
+) -> protocol.Doc2XAnswer:
+    """One HTTP exchange under the request's overall deadline, its answer read up to the size cap."""
+    body_sent = request.content is None
+
+    async def trace(event: str, info: dict[str, Any]) -> None:
+        nonlocal body_sent
+        if event.endswith("send_request_body.complete"):
+            body_sent = True
+
+    try:
+        return await asyncio.wait_for(_exchange(client, settings, request, trace), timeout=settings.timeout)
+    except asyncio.TimeoutError as error:
+        raise _lost(
+            request, settings, f"no complete answer within {settings.timeout:g}s", body_sent
+        ) from error
+    except httpx.TransportError as error:
+        reason = protocol.redact(f"{type(error).__name__}: {error or 'no detail'}", settings.secrets)
+        raise _lost(request, settings, reason, body_sent) from error
+
+
+async def _exchange(
+    client: httpx.AsyncClient, settings: Doc2XSettings, request: protocol.Doc2XRequest, trace: Any
+) -> protocol.Doc2XAnswer:
+    headers = {
+        **request.headers,
+        "Authorization": f"Bearer {settings.api_key}",
+        "Accept-Encoding": ACCEPT_ENCODING,
+    }
+    async with client.stream(
+        request.method,
+        request.path,
+        params=request.params,
+        content=request.content,
+        headers=headers,
+        timeout=httpx.Timeout(settings.timeout, connect=settings.connect_timeout),
+        extensions={"trace": trace},
+    ) as response:
+        body = await _read_capped(response, settings.max_answer_bytes, request)
+        return protocol.Doc2XAnswer(response.status_code, body, response.headers)
+
+
+async def _read_capped(response: httpx.Response, cap: int, request: protocol.Doc2XRequest) -> bytes:
+    def too_large(size: str) -> Doc2XProtocolError:
+        return Doc2XProtocolError(
+            f"Doc2X's answer to {request.what} is {size}, over the cap of {cap} bytes "
+            "(the connection's max_answer_bytes); it was not read",
+            http_status=response.status_code,
+            uid=request.uid,
+            source=request.source,
+        )
+
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > cap:
+        raise too_large(f"{int(declared)} bytes")
+    try:
+        body = CappedBody(response.headers.get("content-encoding", ""), cap)
+        async for chunk in response.aiter_raw():
+            body.feed(chunk)
+        return body.finish()
+    except CappedBody.TooLarge:
+        raise too_large("larger") from None
+    except (zlib.error, ValueError) as error:
+        raise Doc2XProtocolError(
+            f"Doc2X's answer to {request.what} cannot be decoded: {error}",
+            http_status=response.status_code,
+            uid=request.uid,
+            source=request.source,
+        ) from None
+
+
+class CappedBody:
+    """
+    An answer's body, decoded as it arrives and never past ``cap`` bytes.
+
+    httpx inflates each received chunk whole (a 64 KB chunk of a gzip bomb becomes some 64 MB at
+    once), so the transport reads the raw bytes and inflates them here, at most up to the cap.
+    Only the encodings it asks for (``gzip``, ``deflate``) are accepted.
+    """
+
+    class TooLarge(Exception):
+        """The decoded body went past the cap."""
+
+    def __init__(self, content_encoding: str, cap: int) -> None:
+        encodings = [part.strip().lower() for part in content_encoding.split(",")]
+        encodings = [name for name in encodings if name and name != "identity"]
+        if len(encodings) > 1 or (encodings and encodings[0] not in ("gzip", "x-gzip", "deflate")):
+            raise ValueError(f"the answer's content encoding {content_encoding!r} was not asked for")
+        # wbits 32+: a gzip or zlib header, detected; a raw deflate stream (no header) is tried on failure.
+        self._inflate = zlib.decompressobj(32 + zlib.MAX_WBITS) if encodings else None
+        self._may_be_raw_deflate = encodings == ["deflate"]
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._cap = cap
+
+    def feed(self, data: bytes) -> None:
+        """Take the next raw chunk."""
+        if self._inflate is None:
+            self._keep(data)
+            return
+        try:
+            self._inflate_bounded(data)
+        except zlib.error:
+            if not (self._may_be_raw_deflate and self._size == 0):
+                raise
+            self._inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+            self._may_be_raw_deflate = False
+            self._inflate_bounded(data)
+
+    def _inflate_bounded(self, data: bytes) -> None:
+        assert self._inflate is not None
+        while data:
+            self._keep(self._inflate.decompress(data, self._cap - self._size + 1))
+            data = self._inflate.unconsumed_tail
+
+    def _keep(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size > self._cap:
+            raise self.TooLarge
+        if chunk:
+            self._parts.append(chunk)
+
+    def finish(self) -> bytes:
+        """The whole decoded body."""
+        if self._inflate is not None:
+            self._keep(self._inflate.flush())
+        return b"".join(self._parts)
+
+
+def _lost(
+    request: protocol.Doc2XRequest, settings: Doc2XSettings, reason: str, body_sent: bool
+) -> Doc2XError:
+    """A request that got no answer: an upload sent whole may have been billed; anything else may be retried."""
+    if request.bills and body_sent:
+        return _uncertain(request, f"its answer was lost ({reason})")
+    hint = ""
+    if settings.scheme_assumed and "ssl" in reason.lower():
+        hint = (
+            "; the connection's Base URL has no scheme, so https:// was assumed: if the server speaks "
+            "plain HTTP (a local server), write http:// before the host"
+        )
+    return Doc2XTransientError(
+        f"Doc2X {request.what} failed: {reason}{hint}", uid=request.uid, source=request.source
+    )
+
+
+def _uncertain(request: protocol.Doc2XRequest, what_happened: str) -> Doc2XSubmitUncertainError:
+    return Doc2XSubmitUncertainError(
+        f"The upload of {request.source} was sent but {what_happened}; Doc2X may have billed it, so it "
+        "is not resent automatically. A new try of the task submits it again",
+        source=request.source,
+    )
+
+
+class Backoff:
+    """Exponential back-off with full jitter, never shorter than the server's Retry-After (within reason)."""
+
+    def __init__(self, initial: float, maximum: float) -> None:
+        self.initial = initial
+        self.maximum = maximum
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        """Seconds to wait before the next try."""
+        ceiling = min(self.maximum, self.initial * 2 ** (retry_state.attempt_number - 1))
+        wait = random.uniform(ceiling / 2, ceiling)
+        error = retry_state.outcome.exception() if retry_state.outcome else None
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after:
+            wait = max(wait, min(retry_after, MAX_RETRY_AFTER))
+        return wait
+
+
+def _retry_options(settings: Doc2XSettings, request: protocol.Doc2XRequest, log: Any) -> dict[str, Any]:
+    def log_retry(state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "Doc2X %s failed (%s); try %d of %d again in %.1fs",
+            request.what,
+            error,
+            state.attempt_number + 1,
+            settings.max_retries + 1,
+            state.upcoming_sleep,
+        )
+
+    return {
+        "retry": tenacity.retry_if_exception(protocol.is_retryable),
+        "stop": tenacity.stop_after_attempt(settings.max_retries + 1),
+        "wait": Backoff(settings.retry_wait, settings.retry_wait_max),
+        "before_sleep": log_retry,
+        "reraise": True,
+    }
