@@ -3,6 +3,7 @@ The offline OCR engine: pages per second and peak memory, on the example pages (
 
     python bench/ocr_engine.py                 # every example page, 3 rounds, onnxruntime on all cores
     python bench/ocr_engine.py --threads 1     # one thread: what each of several server processes gets
+    python bench/ocr_engine.py --test-pages    # also the tests' pages: a text-dense scanned memo
 
 Needs the ocr extra. Loading the models is timed apart from parsing.
 """
@@ -31,13 +32,18 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
+    parser.add_argument(
+        "--test-pages",
+        action="store_true",
+        help="also the tests' pages (more lines a page, and each line is one recognition run)",
+    )
     args = parser.parse_args()
 
-    from airflow_provider_doc2x.local.samples import EXAMPLE_PAGES, render
+    from airflow_provider_doc2x.local.samples import EXAMPLE_PAGES, TEST_PAGES, render
 
-    pages = [
-        render(page, fmt="JPEG" if name.endswith(".jpg") else "PNG") for name, page in EXAMPLE_PAGES.items()
-    ]
+    samples = {**EXAMPLE_PAGES, **(TEST_PAGES if args.test_pages else {})}
+    kind = "example and test" if args.test_pages else "example"
+    pages = [render(page, fmt="JPEG" if name.endswith(".jpg") else "PNG") for name, page in samples.items()]
     baseline = rss_mb()
     started = time.perf_counter()
     from airflow_provider_doc2x.local.ocr import OcrEngine
@@ -52,7 +58,7 @@ def main() -> None:
     elapsed = time.perf_counter() - started
     parsed = args.rounds * len(pages)
     print(
-        f"# ocr engine: {len(pages)} example pages x {args.rounds} rounds, {os.cpu_count()} cores, threads {args.threads or 'all'}"
+        f"# ocr engine: {len(pages)} {kind} pages x {args.rounds} rounds, {os.cpu_count()} cores, threads {args.threads or 'all'}"
     )
     report(
         "figures",
