@@ -65,6 +65,17 @@ class Doc2XSettings:
     rate_limit_window: float = extra_field(
         DEFAULT_RATE_LIMIT_WINDOW, "Rate window (s)", "The key's rate window in seconds (Doc2X: 30)."
     )
+    max_concurrent_uploads: int = extra_field(
+        10,
+        "Uploads side by side",
+        "Uploads a task keeps in flight at once, within the key's rate window (slow links need several).",
+    )
+    pacing_conn_id: str | None = extra_field(
+        None,
+        "Pacing Redis connection",
+        "Id of a Redis connection in which every worker host paces this key's uploads together; "
+        "empty: each host paces on its own.",
+    )
     max_answer_bytes: int = extra_field(
         DEFAULT_MAX_ANSWER_BYTES,
         "Largest answer (bytes)",

@@ -53,14 +53,15 @@ def local_server():
 @pytest.fixture
 def doc2x(local_server, monkeypatch, tmp_path):
     """The local server, reset, fast (0.2 s jobs), wired as ``doc2x_default`` through the environment."""
-    from airflow_provider_doc2x import pacing
+    from airflow_provider_doc2x.pacing import reset_limiters
 
     local_server.reset()
     local_server.configure(processing_time=0.2)
     monkeypatch.setenv("AIRFLOW_CONN_DOC2X_DEFAULT", local_server.connection_json())
     monkeypatch.setenv("DOC2X_PACING_DIR", str(tmp_path / "pacing"))  # a fresh window per test
-    monkeypatch.setattr(pacing, "_limiters", {})
-    return local_server
+    reset_limiters()
+    yield local_server
+    reset_limiters()
 
 
 @pytest.fixture

@@ -155,14 +155,19 @@ class Doc2XHook(BaseHook):
         self, request: protocol.Doc2XRequest, read: Any, settings: Doc2XSettings | None = None
     ) -> Any:
         settings = settings or await self.aget_settings()
-        pacer = (
-            limiter_for(
-                settings.base_url, settings.api_key, settings.rate_limit_images, settings.rate_limit_window
-            )
-            if request.bills
-            else None
-        )
+        pacer = self.pacer(settings) if request.bills else None
         return await transport.call(settings, request, read, log=self.log, pacer=pacer)
+
+    @staticmethod
+    def pacer(settings: Doc2XSettings) -> Any:
+        """The key's upload window: on this host, or in Redis with the connection's ``pacing_conn_id``."""
+        return limiter_for(
+            settings.base_url,
+            settings.api_key,
+            settings.rate_limit_images,
+            settings.rate_limit_window,
+            pacing_conn_id=settings.pacing_conn_id,
+        )
 
     def _call(self, request: protocol.Doc2XRequest, read: Any) -> Any:
         settings = self.settings  # looked up here, in the caller's thread (Airflow's lookups are synchronous)
