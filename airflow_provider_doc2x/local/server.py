@@ -28,14 +28,16 @@ import zipfile
 from collections import Counter, defaultdict, deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from airflow_provider_doc2x import protocol
+from airflow_provider_doc2x.local.answers import ConnectionGone, Refused, api_error, html_failure, success
+from airflow_provider_doc2x.local.config import ServerConfig
 from airflow_provider_doc2x.local.engines import Engine, EngineResult, ImageUnreadable, open_image
 from airflow_provider_doc2x.local.registry import load_engine
 
@@ -49,66 +51,6 @@ TRANSPORT_EXTENSION = "doc2x.transport"
 
 
 @dataclass
-class ServerConfig:
-    """The server's knobs; every one can be changed at run time with ``POST /local/config``."""
-
-    #: The accepted key; None accepts any non-empty Bearer token.
-    api_key: str | None = None
-    engine: str = "simple"
-    #: Seconds an async job stays ``processing`` (also how long a synchronous parse takes at least).
-    processing_time: float = 1.0
-    #: Seconds added before every answer.
-    latency: float = 0.0
-    #: Share of requests answered with an HTML 502 page instead (seeded, so repeatable).
-    error_rate: float = 0.0
-    #: The next N requests answer an HTML 503 page, whatever they are.
-    fail_next: int = 0
-    #: The next N uploads are accepted and billed, then their answer stalls for ``stall_seconds``.
-    stall_next: int = 0
-    stall_seconds: float = 30.0
-    #: Images a key may upload per ``rate_window`` seconds; an upload counts once its body has arrived.
-    rate_limit: int = protocol.DEFAULT_RATE_LIMIT_IMAGES
-    rate_window: float = protocol.DEFAULT_RATE_LIMIT_WINDOW
-    #: Seconds a job's result is kept (Doc2X: 24 h).
-    result_ttl: float = protocol.RESULT_LIFETIME_SECONDS
-    #: Pages the account may still bill; None is unlimited.
-    quota: int | None = None
-    seed: int = 0
-    #: Seconds each upload's body takes to arrive (0: at once). The server reads the body in step:
-    #: uvicorn stops reading the socket once 64 KiB wait unread, the kernel's buffers fill, and a
-    #: client with more to send than they hold is held back. A small body fits in the buffers: its
-    #: client is done sending and waits for the answer. Either way the upload is in flight
-    #: (``uploads_in_flight``) until it is answered, and it enters the rate window (and is billed)
-    #: once its body has arrived. Uploads on the way follow a change of this knob or the next.
-    upload_seconds: float = 0.0
-    #: Bytes per second at which each upload's body is read (0: unlimited). With ``upload_seconds``
-    #: too, the slower of the two paces the body.
-    upload_bandwidth: float = 0.0
-    #: The next N uploads are cut off: once ``reset_after_bytes`` of the body have arrived (or the
-    #: whole body, if it is shorter), the server resets the TCP connection (RST) and sends no answer.
-    #: A cut upload is neither billed nor counted in the rate window; ``uploads_reset`` counts it.
-    #: A client still sending (its body is bigger than the socket buffers hold; on loopback the
-    #: client's send buffer alone grows to a few MiB unless it sets ``SO_SNDBUF``) gets ECONNRESET or
-    #: EPIPE from its send; one already waiting for the answer gets ECONNRESET from its read. httpx
-    #: reports the first as ``RemoteProtocolError`` (httpcore swallows the write error and finds the
-    #: connection closed), the second as ``ReadError``.
-    reset_next_uploads: int = 0
-    reset_after_bytes: int = 65536
-
-    def updated(self, changes: dict[str, Any]) -> ServerConfig:
-        """Return a copy with ``changes`` applied.
-
-        Raises:
-            ValueError: a change names no knob.
-        """
-        known = {item.name for item in fields(self)}
-        unknown = set(changes) - known
-        if unknown:
-            raise ValueError(f"Unknown settings {sorted(unknown)}; known: {sorted(known)}")
-        return replace(self, **changes)
-
-
-@dataclass
 class Job:
     """An async job: the image's content hash, when it was submitted, and the engine's work on it."""
 
@@ -117,29 +59,6 @@ class Job:
     created: float
     work: asyncio.Task | None = None
     result: EngineResult | None = None
-
-
-class Refused(Exception):
-    """A call refused with an API answer: ``response`` is what the client gets."""
-
-    def __init__(self, response: Response) -> None:
-        """Carry the answer."""
-        super().__init__(response.status_code)
-        self.response = response
-
-
-class ConnectionGone(Exception):
-    """The upload's connection is gone (reset by the server, or closed by the client): nothing to answer."""
-
-
-def api_error(code: str, msg: str, status: int = 200, headers: dict[str, str] | None = None) -> Refused:
-    """Build an API error, ready to raise: ``{"code": ..., "msg": ...}`` with its HTTP status."""
-    return Refused(JSONResponse({"code": code, "msg": msg}, status_code=status, headers=headers))
-
-
-def success(data: dict[str, Any]) -> JSONResponse:
-    """Build an API success: ``{"code": "success", "data": ...}``."""
-    return JSONResponse({"code": "success", "data": data})
 
 
 def convert_zip(figures: dict[str, bytes]) -> str | None:
@@ -162,15 +81,6 @@ def result_data(uid: str, result: EngineResult, *, with_index: bool) -> dict[str
             entry = {"url": f"{uid}_{index}.jpg", "page_idx": index, **entry}
         pages.append(entry)
     return {"result": {"pages": pages}, "convert_zip": convert_zip(result.figures)}
-
-
-def html_failure(status: int, title: str, trace_id: str) -> HTMLResponse:
-    """Answer as a gateway in front of the API does when it fails: HTML, not the API's JSON."""
-    return HTMLResponse(
-        f"<html><head><title>{status} {title}</title></head><body><h1>{status} {title}</h1></body></html>",
-        status_code=status,
-        headers={"trace-id": trace_id},
-    )
 
 
 def declared_length(request: Request) -> int | None:
