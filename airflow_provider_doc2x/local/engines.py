@@ -2,7 +2,8 @@
 
 ``simple`` is fast and deterministic (the test suite's engine): it reads the image's size and any
 text embedded in it (a PNG ``doc2x`` text chunk or a JPEG comment) and returns that text as the
-page's Markdown. Two directives in the embedded text drive the server the way a real document
+page's Markdown (an image without text gets a line computed from its pixels, see
+:func:`fallback_text`). Two directives in the embedded text drive the server the way a real document
 would: ``<!-- figure: x,y,w,h -->`` crops that box into a figure of ``convert_zip``, and
 ``<!-- doc2x-fail: CODE -->`` makes the job fail with that error code.
 
@@ -83,6 +84,22 @@ def embedded_text(picture) -> str:
     return comment.decode("utf-8", "replace") if isinstance(comment, bytes) else str(comment)
 
 
+def pixels_sha256(picture) -> str:
+    """Hash the picture's pixels as RGB bytes: the same for a PNG and for its pixels copied into a PDF."""
+    return hashlib.sha256(picture.convert("RGB").tobytes()).hexdigest()
+
+
+def fallback_text(picture) -> str:
+    """Return the simple engine's Markdown for an image that carries no text, computed from its pixels.
+
+    ``Image WxH (FORMAT), pixels sha256 HASH``, where HASH is the first 12 hex digits of
+    :func:`pixels_sha256`. A page that a PDF holds as Flate data (a PNG packed by img2pdf) has lost
+    its text chunk but not its pixels, so the image API and the PDF API answer it alike.
+    """
+    width, height = picture.size
+    return f"Image {width}x{height} ({picture.format}), pixels sha256 {pixels_sha256(picture)[:12]}"
+
+
 def media_block(name: str) -> str:
     """Return a figure's Markdown, as Doc2X writes it."""
     return f'<!-- Media -->\n\n<img src="{name}"/>\n\n<!-- Media -->'
@@ -115,8 +132,7 @@ class SimpleEngine:
         if failure:
             return EngineResult(pages=[], fail_code=failure.group(1))
         if not text:
-            digest = hashlib.sha256(image).hexdigest()[:12]
-            text = f"Image {width}x{height} ({picture.format}), sha256 {digest}"
+            text = fallback_text(picture)
         figures: dict[str, bytes] = {}
 
         def figure(match: re.Match) -> str:
