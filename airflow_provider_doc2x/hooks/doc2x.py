@@ -152,11 +152,19 @@ class Doc2XHook(BaseHook):
     # -- calls ---------------------------------------------------------------------------------
 
     async def _acall(
-        self, request: protocol.Doc2XRequest, read: Any, settings: Doc2XSettings | None = None
+        self,
+        request: protocol.Doc2XRequest,
+        read: Any,
+        settings: Doc2XSettings | None = None,
+        *,
+        pacer: Any = None,
     ) -> Any:
         settings = settings or await self.aget_settings()
-        pacer = self.pacer(settings) if request.bills else None
-        return await transport.call(settings, request, read, log=self.log, pacer=pacer)
+        if request.bills and pacer is None:
+            pacer = self.pacer(settings)
+        return await transport.call(
+            settings, request, read, log=self.log, pacer=pacer if request.bills else None
+        )
 
     @staticmethod
     def pacer(settings: Doc2XSettings) -> Any:
@@ -180,10 +188,17 @@ class Doc2XHook(BaseHook):
         data, name = read_image(image, source=source)
         return self._call(protocol.parse_request(data, source=name), protocol.read_result)
 
-    async def aparse_image(self, image: bytes, *, source: str | None = None) -> protocol.Doc2XResult:
-        """:meth:`parse_image` for an event loop; takes bytes so that no file is read on the loop."""
+    async def aparse_image(
+        self, image: bytes, *, source: str | None = None, pacer: Any = None
+    ) -> protocol.Doc2XResult:
+        """
+        :meth:`parse_image` for an event loop; takes bytes so that no file is read on the loop.
+
+        ``pacer`` replaces the key's window around the upload (see :meth:`pacer`); the operator's
+        batch wraps the window to stop queued uploads and record each start.
+        """
         data, name = read_image(image, source=source)
-        return await self._acall(protocol.parse_request(data, source=name), protocol.read_result)
+        return await self._acall(protocol.parse_request(data, source=name), protocol.read_result, pacer=pacer)
 
     def submit_image(self, image: ImageInput, *, source: str | None = None) -> str:
         """Submit one image to the asynchronous endpoint (one page of quota); return its uid."""
@@ -193,11 +208,11 @@ class Doc2XHook(BaseHook):
         self.log.info("Submitted %s to Doc2X as uid %s", name, uid)
         return uid
 
-    async def asubmit_image(self, image: bytes, *, source: str | None = None) -> str:
-        """:meth:`submit_image` for an event loop; takes bytes so that no file is read on the loop."""
+    async def asubmit_image(self, image: bytes, *, source: str | None = None, pacer: Any = None) -> str:
+        """:meth:`submit_image` for an event loop (bytes: no file is read on the loop); ``pacer`` as in :meth:`aparse_image`."""
         data, name = read_image(image, source=source)
         request = protocol.submit_request(data, source=name)
-        return await self._acall(request, lambda answer: protocol.read_uid(request, answer))
+        return await self._acall(request, lambda answer: protocol.read_uid(request, answer), pacer=pacer)
 
     def get_job_status(self, uid: str) -> protocol.Doc2XJobStatus:
         """The job's status, and its result once it succeeded (a failed job is a status, not an error)."""
