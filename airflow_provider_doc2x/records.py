@@ -10,10 +10,11 @@ is decided by the failures' exception classes alone (:func:`airflow_provider_doc
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_doc2x import protocol
+from airflow_provider_doc2x import protocol, transport
 from airflow_provider_doc2x.events import EVENT_ERROR, validate_event
 from airflow_provider_doc2x.exceptions import Doc2XAuthError, Doc2XError, Doc2XPermanentError
 
@@ -22,6 +23,9 @@ if TYPE_CHECKING:
     from airflow_provider_doc2x.results import ResultStore
 
 log = logging.getLogger(__name__)
+
+#: Results fetched at once when a task resumes.
+FETCHES_IN_FLIGHT = 8
 
 
 def result_record(source: str, result: protocol.Doc2XResult, sha256: str | None = None) -> dict[str, Any]:
@@ -59,27 +63,48 @@ def records_from_event(
         code = event.get("code")
         error_class = Doc2XAuthError if code == "unauthorized" else Doc2XError
         raise error_class(f"Waiting for Doc2X failed: {event['message']}", code=code)
-    records: list[dict[str, Any]] = []
-    failures: list[dict[str, Any]] = []
-    for job in event["jobs"]:
-        if job["status"] != protocol.STATUS_SUCCESS:
-            failures.append(job)
-            continue
-        if results is not None and not overwrite and job.get("sha256"):
-            stored = results.cached(job["sha256"], job["source"])
-            if stored is not None:
-                records.append({**stored, "source": job["source"]})
-                continue
-        status = hook.get_job_status(job["uid"])
-        if status.result is None:
-            failures.append(
-                {**job, "status": status.status, "message": "the job had no result when it was fetched"}
-            )
-            continue
-        records.append(store_or_record(results, job["source"], job.get("sha256"), status.result))
+    outcomes = transport.run_sync(_collect(hook, event["jobs"], results, overwrite))
+    failures = [outcome for outcome in outcomes if outcome.get("status") is not None]
     if failures:
-        raise batch_failure(failures, len(event["jobs"]))
-    return records
+        raise batch_failure(failures, len(outcomes))
+    return outcomes
+
+
+async def _collect(
+    hook: Doc2XHook, jobs: list[dict[str, Any]], results: ResultStore | None, overwrite: bool
+) -> list[dict[str, Any]]:
+    """
+    Each job's record, or the job itself (with its ``status``) when it did not succeed.
+
+    Results are fetched a few at a time and written as they arrive, so a task of a thousand images
+    neither waits for them one by one nor holds them all in memory; a uid listed twice (the same
+    content twice) is fetched once.
+    """
+    turns = asyncio.Semaphore(FETCHES_IN_FLIGHT)
+    fetched: dict[str, asyncio.Task[protocol.Doc2XJobStatus]] = {}
+
+    async def outcome(job: dict[str, Any]) -> dict[str, Any]:
+        if job["status"] != protocol.STATUS_SUCCESS:
+            return job
+        source, digest = job["source"], job.get("sha256")
+        if results is not None and not overwrite and digest:
+            stored = await asyncio.to_thread(results.cached, digest, source)
+            if stored is not None:
+                return {**stored, "source": source}
+        async with turns:
+            if job["uid"] not in fetched:
+                fetched[job["uid"]] = asyncio.ensure_future(hook.aget_job_status(job["uid"]))
+            status = await asyncio.shield(fetched[job["uid"]])
+            if status.result is None:
+                return {
+                    **job,
+                    "status": status.status,
+                    "message": "the job had no result when it was fetched",
+                }
+            record = await asyncio.to_thread(store_or_record, results, source, digest, status.result)
+            return {key: value for key, value in record.items() if key != "status"}
+
+    return list(await asyncio.gather(*(outcome(job) for job in jobs)))
 
 
 def register_key(hook: Doc2XHook) -> None:

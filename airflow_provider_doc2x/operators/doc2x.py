@@ -10,7 +10,6 @@ reconnects to the recorded uids instead of uploading again.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Sequence
 from datetime import timedelta
@@ -19,28 +18,20 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from airflow.providers.common.compat.sdk import BaseOperator, conf
 
-from airflow_provider_doc2x import protocol
-from airflow_provider_doc2x.events import failed_job, is_finished
-from airflow_provider_doc2x.exceptions import (
-    Doc2XAuthError,
-    Doc2XError,
-    Doc2XJobFailedError,
-    Doc2XJobNotFoundError,
-    Doc2XQuotaError,
-    Doc2XSubmitUncertainError,
-)
+from airflow_provider_doc2x import transport
+from airflow_provider_doc2x.events import is_finished
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
-from airflow_provider_doc2x.records import batch_failure, records_from_event, store_or_record
+from airflow_provider_doc2x.records import batch_failure, records_from_event
 from airflow_provider_doc2x.results import ResultStore
-from airflow_provider_doc2x.sources import ImageSource, check_all, resolve_images, sha256_of
+from airflow_provider_doc2x.sources import check_all, resolve_images
 from airflow_provider_doc2x.storage import storage_path
 from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
+from airflow_provider_doc2x.uploads import STATE_KEY_PREFIX, ImageUploads
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
 
-#: Key prefix of the uids recorded in the task state store (one key per image content).
-STATE_KEY_PREFIX = "doc2x/"
+__all__ = ["STATE_KEY_PREFIX", "Doc2XImageParseOperator"]
 #: How the operator parses: submit and wait (deferrable or not), or Doc2X's synchronous endpoint.
 Method = Literal["async", "sync"]
 
@@ -114,9 +105,10 @@ class Doc2XImageParseOperator(BaseOperator):
         """Check every image, submit (or reuse) each once, then wait: deferred, or in the worker."""
         sources = resolve_images(self.image_path, allow_schemes=self.allow_schemes)
         check_all(sources)
+        uploads = self._uploads(context)
         if self.method == "sync":
-            return self._parse_synchronously(sources)
-        jobs = self._submit_all(sources, context)
+            return self._finish(self._records_or_failure(uploads.parse(sources)))
+        jobs = uploads.submit(sources)
         trigger = Doc2XImageParseTrigger(
             doc2x_conn_id=self.doc2x_conn_id,
             jobs=jobs,
@@ -131,22 +123,45 @@ class Doc2XImageParseOperator(BaseOperator):
                 # Airflow's own guard, after the trigger's deadline, in case the triggerer is lost.
                 timeout=timedelta(seconds=self.timeout + 60),
             )
-        event = asyncio.run(self._wait_in_worker(trigger))
+        # The worker waits with the trigger's own loop, on the transport's loop (the hook's settings
+        # were read in this thread already).
+        event = transport.run_sync(trigger.wait(self.hook))
         return self.execute_complete(context, event)
 
-    async def _wait_in_worker(self, trigger: Doc2XImageParseTrigger) -> dict[str, Any]:
-        hook = Doc2XHook(doc2x_conn_id=self.doc2x_conn_id)
-        try:
-            return await trigger.wait(hook)
-        finally:
-            await hook.aclose()
+    def _uploads(self, context: Context) -> ImageUploads:
+        store = context.get("task_state_store")
+        if store is None:
+            self.log.info(
+                "No task state store (Airflow < 3.3): a new try of this task submits its images again"
+            )
+        ti = context.get("ti")
+        return ImageUploads(
+            self.hook,
+            store=store,
+            results=self.results,
+            overwrite=self.overwrite,
+            # A first try finds nothing recorded: one state-store read per image is saved.
+            may_hold_uids=getattr(ti, "try_number", None) != 1,
+            log=self.log,
+        )
 
-    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        """Resume after the trigger: fetch each finished result; fail naming every image that did not end well."""
-        records = records_from_event(self.hook, event, results=self.results, overwrite=self.overwrite)
+    @staticmethod
+    def _records_or_failure(outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        failures = [item for item in outcomes if item.get("status") == "failed"]
+        if failures:
+            raise batch_failure(failures, len(outcomes))
+        return outcomes
+
+    def _finish(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         self.log.info("Doc2X parsed %d images", len(records))
         self._records = records
         return records
+
+    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Resume after the trigger: fetch each finished result; fail naming every image that did not end well."""
+        return self._finish(
+            records_from_event(self.hook, event, results=self.results, overwrite=self.overwrite)
+        )
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
         """Each input image and each written Markdown file as datasets (OpenLineage is optional)."""
@@ -160,123 +175,6 @@ class Doc2XImageParseOperator(BaseOperator):
                 if "markdown_path" in record
             ],
         )
-
-    # -- submission ------------------------------------------------------------------------------
-
-    def _submit_all(self, sources: list[ImageSource], context: Context) -> list[dict[str, Any]]:
-        """Submit each image once: reconnect to a uid an earlier try recorded, reuse it for duplicates."""
-        store = context.get("task_state_store")
-        if store is None:
-            self.log.info(
-                "No task state store (Airflow < 3.3): a new try of this task submits its images again"
-            )
-        jobs: list[dict[str, Any]] = []
-        by_content: dict[str, dict[str, Any]] = {}
-        for number, source in enumerate(sources, start=1):
-            data = source.read()
-            digest = sha256_of(data)
-            if digest in by_content:
-                jobs.append({**by_content[digest], "source": source.uri})
-                continue
-            job = (
-                self._cached(source, digest)
-                or self._reconnect(store, source, digest)
-                or self._submit(store, source, data, digest)
-            )
-            by_content[digest] = job
-            jobs.append(job)
-            if number % 10 == 0 or number == len(sources):
-                self.log.info("Doc2X: %d/%d submitted", number, len(sources))
-        return jobs
-
-    def _stored(self, source: ImageSource, digest: str) -> dict[str, Any] | None:
-        """The record of a complete earlier result of this content under ``output_path``, if reusable."""
-        if self.results is None or self.overwrite:
-            return None
-        record = self.results.cached(digest, source.uri)
-        if record is None:
-            return None
-        self.log.info(
-            "Cache hit: %s is already parsed in %s; not submitted", source.uri, record["markdown_path"]
-        )
-        return {**record, "source": source.uri}
-
-    def _cached(self, source: ImageSource, digest: str) -> dict[str, Any] | None:
-        record = self._stored(source, digest)
-        if record is None:
-            return None
-        return {
-            "uid": record["uid"],
-            "source": source.uri,
-            "sha256": digest,
-            "status": protocol.STATUS_SUCCESS,
-        }
-
-    def _reconnect(self, store: Any, source: ImageSource, digest: str) -> dict[str, Any] | None:
-        recorded = store.get(STATE_KEY_PREFIX + digest) if store is not None else None
-        if not isinstance(recorded, dict):
-            return None
-        uid = recorded.get("uid")
-        if not uid:
-            if recorded.get("uncertain"):
-                self.log.warning(
-                    "An earlier try's upload of %s lost its answer and may have been billed; submitting again",
-                    source.uri,
-                )
-            return None
-        try:
-            status = self.hook.get_job_status(uid)
-            if status.status == protocol.STATUS_FAILED:
-                raise status.failure()
-        except (Doc2XJobFailedError, Doc2XJobNotFoundError) as error:
-            # Failed or expired: a new upload is the only way to a result. Any other error (Doc2X
-            # unreachable, say) propagates: resubmitting on a guess could pay for the image twice.
-            self.log.warning(
-                "Recorded Doc2X job %s for %s cannot be reused (%s); submitting again", uid, source.uri, error
-            )
-            return None
-        self.log.info(
-            "Reconnected %s to Doc2X job %s (%s), recorded by an earlier try", source.uri, uid, status.status
-        )
-        return {"uid": uid, "source": source.uri, "sha256": digest, "status": status.status}
-
-    def _submit(self, store: Any, source: ImageSource, data: bytes, digest: str) -> dict[str, Any]:
-        key = STATE_KEY_PREFIX + digest
-        try:
-            uid = self.hook.submit_image(data, source=source.uri)
-        except (Doc2XAuthError, Doc2XQuotaError):
-            raise  # no other image can do better: stop before uploading more
-        except Doc2XSubmitUncertainError as error:
-            if store is not None:
-                store.set(key, {"uncertain": True, "source": source.uri, "at": time.time()})
-            return failed_job(source.uri, digest, error)
-        except Doc2XError as error:
-            return failed_job(source.uri, digest, error)
-        if store is not None:
-            store.set(key, {"uid": uid, "source": source.uri, "at": time.time()})
-        return {"uid": uid, "source": source.uri, "sha256": digest, "status": protocol.STATUS_PROCESSING}
-
-    def _parse_synchronously(self, sources: list[ImageSource]) -> list[dict[str, Any]]:
-        records, failures = [], []
-        for source in sources:
-            data = source.read()
-            digest = sha256_of(data)
-            stored = self._stored(source, digest)
-            if stored is not None:
-                records.append(stored)
-                continue
-            try:
-                result = self.hook.parse_image(data, source=source.uri)
-            except (Doc2XAuthError, Doc2XQuotaError):
-                raise
-            except Doc2XError as error:
-                failures.append(failed_job(source.uri, digest, error))
-                continue
-            records.append(store_or_record(self.results, source.uri, digest, result))
-        if failures:
-            raise batch_failure(failures, len(sources))
-        self._records = records
-        return records
 
 
 def lineage_dataset(uri: str) -> Any:

@@ -1,0 +1,320 @@
+"""
+The worker's side of the image lane: every image of a task uploaded once, several side by side.
+
+A slow or far-away link makes each upload take seconds; one upload after another would then cap a
+task at one image per upload time, whatever the key's window allows. So a task keeps up to
+``max_concurrent_uploads`` uploads in flight, each holding one of the key's slots (an upload in
+flight holds its slot; a slot counts from the answer: :mod:`airflow_provider_doc2x.pacing`).
+
+Everything else stays as safe as one upload at a time:
+
+- **One billing per image.** The same content listed twice shares one upload; a content with a
+  complete result under ``output_path`` is not uploaded; a uid recorded by an earlier try of the
+  task (task state store) is reconnected to instead.
+- **Recorded before the task waits.** Each upload is marked as started in the task state store
+  before a byte leaves, and its uid recorded as soon as it is answered, in whatever order uploads
+  finish. A next try that finds a start without a uid (the worker was killed mid-upload) or an
+  upload whose answer was lost submits the image again and says in the log that it is possibly
+  billed twice; nothing is ever resent silently.
+- **Memory bounded by the concurrency.** An image is read (and hashed) when its turn comes, so at
+  most ``max_concurrent_uploads`` image bodies are in memory at once. (Every image was checked
+  from its first bytes before the first upload.)
+- **A refused key or an empty quota stops the batch.** Uploads still queued do not start; those
+  in flight end cleanly (their uids recorded); then the error is raised.
+- **Input order.** Jobs and records come back in the order of the input, whatever the order in
+  which uploads finish; progress is logged as images complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from airflow_provider_doc2x import protocol, transport
+from airflow_provider_doc2x.events import failed_job, job
+from airflow_provider_doc2x.exceptions import (
+    Doc2XAuthError,
+    Doc2XError,
+    Doc2XJobFailedError,
+    Doc2XJobNotFoundError,
+    Doc2XQuotaError,
+    Doc2XSubmitUncertainError,
+)
+from airflow_provider_doc2x.records import store_or_record
+from airflow_provider_doc2x.sources import ImageSource, sha256_of
+
+if TYPE_CHECKING:
+    from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
+    from airflow_provider_doc2x.results import ResultStore
+
+#: Key prefix of what the task state store records per image content.
+STATE_KEY_PREFIX = "doc2x/"
+
+
+class BatchStopped(Exception):
+    """The batch stopped (the key was refused, or the quota ran out) before this upload started."""
+
+
+@dataclass
+class _GuardedWindow:
+    """The key's window for one upload: nothing starts once the batch stopped; a start is recorded first."""
+
+    window: Any
+    stop: asyncio.Event
+    before_send: Callable[[], Awaitable[None]]
+
+    @asynccontextmanager
+    async def aupload(self):
+        """Hold one of the key's slots, then record the start, then let the upload go."""
+        async with self.window.aupload():
+            if self.stop.is_set():
+                raise BatchStopped
+            await self.before_send()
+            yield
+
+
+class ImageUploads:
+    """
+    One task's images through Doc2X's image API, as jobs (asynchronous endpoint) or records (synchronous).
+
+    :param hook: the hook, its connection already read (``hook.settings``) in the worker's thread.
+    :param store: the task state store, or None (Airflow < 3.3: nothing survives the try).
+    :param results: where results go (``output_path``), or None (XCom).
+    :param overwrite: parse again even what has a complete result under ``output_path``.
+    :param may_hold_uids: whether the store can hold uids of an earlier try (False on a first try:
+        one read per image is saved).
+    :param log: the task's logger.
+    """
+
+    def __init__(
+        self,
+        hook: Doc2XHook,
+        *,
+        store: Any,
+        results: ResultStore | None,
+        overwrite: bool,
+        may_hold_uids: bool,
+        log: Any,
+    ) -> None:
+        self.hook = hook
+        self.settings = hook.settings
+        self.store = store
+        self.results = results
+        self.overwrite = overwrite
+        self.may_hold_uids = may_hold_uids and store is not None
+        self.log = log
+        self.max_concurrent = max(1, self.settings.max_concurrent_uploads)
+        self._store_thread: ThreadPoolExecutor | None = None
+
+    async def store_call(self, method: str, *args: Any) -> Any:
+        """
+        Call the task state store, one call at a time, off the event loop.
+
+        The store talks to Airflow's supervisor; its in-process stand-in (``airflow dags test``) is
+        not safe to call from two threads at once, so every call goes through one thread.
+        """
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._store_thread, getattr(self.store, method), *args)
+
+    def submit(self, sources: Sequence[ImageSource]) -> list[dict[str, Any]]:
+        """Each image as a job of the asynchronous endpoint: reused, reconnected or submitted."""
+        with ThreadPoolExecutor(1, thread_name_prefix="doc2x-state") as self._store_thread:
+            return transport.run_sync(self._run(sources, self._submitted, "submitted"))
+
+    def parse(self, sources: Sequence[ImageSource]) -> list[dict[str, Any]]:
+        """
+        Each image through the synchronous endpoint (each request also waits for the parse).
+
+        Returns one item per image, in input order: its record, or its failed job.
+        """
+        with ThreadPoolExecutor(1, thread_name_prefix="doc2x-state") as self._store_thread:
+            return transport.run_sync(self._run(sources, self._parsed, "parsed"))
+
+    async def _run(
+        self,
+        sources: Sequence[ImageSource],
+        outcome: Callable[[ImageSource, bytes, str, asyncio.Event], Awaitable[dict[str, Any]]],
+        verb: str,
+    ) -> list[dict[str, Any]]:
+        stop = asyncio.Event()
+        turns = asyncio.Semaphore(self.max_concurrent)
+        owners: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        progress = _Progress(self.log, len(sources), verb)
+
+        async def one(source: ImageSource) -> dict[str, Any]:
+            try:
+                return await image(source)
+            except BaseException:
+                stop.set()  # whatever stops one image for good (not its own Doc2X error) stops the batch
+                raise
+
+        async def image(source: ImageSource) -> dict[str, Any]:
+            async with turns:
+                if stop.is_set():
+                    raise BatchStopped
+                data, digest = await asyncio.to_thread(_read_and_hash, source)
+                owner = owners.get(digest)
+                if owner is None:
+                    owner = owners[digest] = asyncio.get_running_loop().create_future()
+                    try:
+                        result = await outcome(source, data, digest, stop)
+                    except BaseException as error:
+                        owner.set_exception(error)
+                        owner.exception()  # retrieved: the duplicates re-raise it themselves
+                        raise
+                    owner.set_result(result)
+                    progress.one_done()
+                    return result
+                del data  # a duplicate: its body is not kept while it waits for the first's outcome
+            shared = await owner
+            progress.one_done()
+            return {**shared, "source": source.uri}
+
+        outcomes = await asyncio.gather(*(one(source) for source in sources), return_exceptions=True)
+        for item in outcomes:  # the error that stopped the batch, if any, before any other
+            if isinstance(item, BaseException) and not isinstance(item, BatchStopped):
+                raise item
+        return [item for item in outcomes if isinstance(item, dict)]
+
+    # -- one image, asynchronous endpoint --------------------------------------------------------
+
+    async def _submitted(
+        self, source: ImageSource, data: bytes, digest: str, stop: asyncio.Event
+    ) -> dict[str, Any]:
+        stored = await self._stored(source, digest)
+        if stored is not None:
+            return job(stored["uid"], source.uri, digest, protocol.STATUS_SUCCESS)
+        reconnected = await self._reconnect(source, digest)
+        if reconnected is not None:
+            return reconnected
+        upload = _Upload(self, source, digest, stop)
+        try:
+            uid = await self.hook.asubmit_image(data, source=source.uri, pacer=upload.window())
+        except Doc2XError as error:
+            return await upload.failed(error)
+        await upload.record({"uid": uid, "source": source.uri, "at": time.time()})
+        return job(uid, source.uri, digest)
+
+    async def _stored(self, source: ImageSource, digest: str) -> dict[str, Any] | None:
+        """A complete earlier result of this content under ``output_path``, if it may be reused."""
+        if self.results is None or self.overwrite:
+            return None
+        record = await asyncio.to_thread(self.results.cached, digest, source.uri)
+        if record is not None:
+            self.log.info(
+                "Cache hit: %s is already parsed in %s; not submitted", source.uri, record["markdown_path"]
+            )
+            return {**record, "source": source.uri}
+        return None
+
+    async def _reconnect(self, source: ImageSource, digest: str) -> dict[str, Any] | None:
+        """The job an earlier try recorded for this content, if Doc2X still has it."""
+        if not self.may_hold_uids:
+            return None
+        recorded = await self.store_call("get", STATE_KEY_PREFIX + digest)
+        if not isinstance(recorded, dict):
+            return None
+        uid = recorded.get("uid")
+        if not isinstance(uid, str) or not uid:
+            if recorded.get("uncertain") or recorded.get("started"):
+                what = "lost its answer" if recorded.get("uncertain") else "started and was never answered"
+                self.log.warning(
+                    "%s is submitted again and is possibly billed twice: an earlier try's upload of it %s",
+                    source.uri,
+                    what,
+                )
+            return None
+        try:
+            status = await self.hook.aget_job_status(uid)
+            if status.status == protocol.STATUS_FAILED:
+                raise status.failure()
+        except (Doc2XJobFailedError, Doc2XJobNotFoundError) as error:
+            # Failed or expired: a new upload is the only way to a result. Any other error (Doc2X
+            # unreachable, say) propagates: resubmitting on a guess could pay for the image twice.
+            self.log.warning(
+                "Recorded Doc2X job %s for %s cannot be reused (%s); submitting again", uid, source.uri, error
+            )
+            return None
+        self.log.info(
+            "Reconnected %s to Doc2X job %s (%r), recorded by an earlier try", source.uri, uid, status.status
+        )
+        return job(uid, source.uri, digest, status.status)
+
+    # -- one image, synchronous endpoint ---------------------------------------------------------
+
+    async def _parsed(
+        self, source: ImageSource, data: bytes, digest: str, stop: asyncio.Event
+    ) -> dict[str, Any]:
+        stored = await self._stored(source, digest)
+        if stored is not None:
+            return stored
+        upload = _Upload(self, source, digest, stop)
+        try:
+            result = await self.hook.aparse_image(data, source=source.uri, pacer=upload.window())
+        except Doc2XError as error:
+            return await upload.failed(error)
+        await upload.record({"uid": result.uid, "source": source.uri, "at": time.time()})
+        return await asyncio.to_thread(store_or_record, self.results, source.uri, digest, result)
+
+
+class _Upload:
+    """The bookkeeping of one upload in the task state store: started, then answered (or lost)."""
+
+    def __init__(self, batch: ImageUploads, source: ImageSource, digest: str, stop: asyncio.Event) -> None:
+        self.batch = batch
+        self.source = source
+        self.digest = digest
+        self.stop = stop
+        self.started = False
+
+    def window(self) -> _GuardedWindow:
+        """The key's window for this upload, stopping with the batch and recording the start."""
+        return _GuardedWindow(self.batch.hook.pacer(self.batch.settings), self.stop, self._mark_started)
+
+    async def _mark_started(self) -> None:
+        if not self.started:
+            self.started = True
+            await self.record({"started": True, "source": self.source.uri, "at": time.time()})
+
+    async def record(self, value: dict[str, Any]) -> None:
+        """Write this content's entry in the task state store (nothing without a store)."""
+        if self.batch.store is not None:
+            await self.batch.store_call("set", STATE_KEY_PREFIX + self.digest, value)
+
+    async def failed(self, error: Doc2XError) -> dict[str, Any]:
+        """The job of an upload that failed; a refused key or an empty quota stops the batch."""
+        if isinstance(error, (Doc2XAuthError, Doc2XQuotaError)):
+            self.stop.set()
+            raise error
+        if isinstance(error, Doc2XSubmitUncertainError):
+            await self.record({"uncertain": True, "source": self.source.uri, "at": time.time()})
+        elif self.started:
+            # Doc2X answered (a refusal, a 5xx after every retry): it did not take the image.
+            await self.record({"failed": error.failure_code, "source": self.source.uri, "at": time.time()})
+        return failed_job(self.source.uri, self.digest, error)
+
+
+def _read_and_hash(source: ImageSource) -> tuple[bytes, str]:
+    data = source.read()
+    return data, sha256_of(data)
+
+
+class _Progress:
+    """``Doc2X: 40/300 submitted`` as images complete, about twenty lines for a batch of any size."""
+
+    def __init__(self, log: Any, total: int, verb: str) -> None:
+        self.log = log
+        self.total = total
+        self.verb = verb
+        self.done = 0
+        self.step = max(10, total // 20)
+
+    def one_done(self) -> None:
+        self.done += 1
+        if self.done % self.step == 0 or self.done == self.total:
+            self.log.info("Doc2X: %d/%d %s", self.done, self.total, self.verb)

@@ -1,0 +1,195 @@
+"""
+Uploads side by side, against the local server on a slow link: concurrency within the key's window,
+and every safety of one upload at a time (one billing per image, duplicates shared, uids recorded as
+uploads finish in any order, no silent resend, a refused key or empty quota stopping the batch,
+bodies read when their turn comes, records in input order).
+"""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from airflow_provider_doc2x.exceptions import Doc2XAuthError, Doc2XQuotaError
+from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
+from airflow_provider_doc2x.sources import ImageSource
+from airflow_provider_doc2x.uploads import STATE_KEY_PREFIX, ImageUploads
+from tests.helpers import StateStore, parse_operator, run_deferred, wait_until
+
+
+class CountedPath:
+    """A real path whose opens are counted: what a test needs to see when image bodies are read."""
+
+    def __init__(self, path: Any, opened: list[str]) -> None:
+        self._path = path
+        self._opened = opened
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._path, name)
+
+    def open(self, mode: str = "rb"):
+        self._opened.append(str(self._path))
+        return self._path.open(mode)
+
+
+def counted_sources(images, opened: list[str]) -> list[ImageSource]:
+    sources = [ImageSource.of(str(image)) for image in images]
+    return [ImageSource(source.uri, CountedPath(source.path, opened)) for source in sources]
+
+
+class Log:
+    """The task's logger as the batch sees it: what it said, for assertions."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def info(self, message: str, *args: Any) -> None:
+        self.lines.append(message % args)
+
+    warning = info
+
+
+def batch(store=None, *, results=None, log=None, may_hold_uids=True) -> ImageUploads:
+    return ImageUploads(
+        Doc2XHook(),
+        store=store,
+        results=results,
+        overwrite=False,
+        may_hold_uids=may_hold_uids,
+        log=log or Log(),
+    )
+
+
+def slow_link(doc2x, monkeypatch, **extra):
+    """Each upload's body takes long to arrive; our window is generous; N uploads may be in flight."""
+    monkeypatch.setenv("AIRFLOW_CONN_DOC2X_DEFAULT", doc2x.connection_json(**extra))
+
+
+def test_uploads_are_in_flight_side_by_side(doc2x, make_image, monkeypatch):
+    slow_link(doc2x, monkeypatch, max_concurrent_uploads=4)
+    doc2x.configure(upload_seconds=0.5)
+    records = run_deferred(parse_operator([make_image() for _ in range(8)], deferrable=True), {})
+    stats = doc2x.stats()
+    assert len(records) == 8
+    assert stats["max_uploads_in_flight"] == 4
+    assert (stats["billed_total"], stats["max_billed_per_image"]) == (8, 1)
+
+
+def test_the_synchronous_endpoint_runs_side_by_side_too(doc2x, make_image, monkeypatch):
+    slow_link(doc2x, monkeypatch, max_concurrent_uploads=3)
+    doc2x.configure(upload_seconds=0.4)
+    images = [make_image(title=f"Sync {n}") for n in range(6)]
+    records = parse_operator(images, method="sync").execute({})
+    assert [record["markdown"].split("\n")[0] for record in records] == [f"# Sync {n}" for n in range(6)]
+    stats = doc2x.stats()
+    assert stats["max_uploads_in_flight"] == 3
+    assert stats["requests"] == {"parse": 6}
+
+
+def test_the_window_still_rules_uploads_in_flight(doc2x, make_image, monkeypatch):
+    """Concurrency never runs ahead of the key's window: an upload in flight holds its slot."""
+    slow_link(doc2x, monkeypatch, max_concurrent_uploads=8, rate_limit_images=3, rate_limit_window=0.5)
+    doc2x.configure(upload_seconds=0.2, rate_limit=3, rate_window=0.5)
+    records = run_deferred(parse_operator([make_image() for _ in range(9)], deferrable=True), {})
+    stats = doc2x.stats()
+    assert len(records) == 9
+    assert stats["max_uploads_in_flight"] <= 3
+    assert stats["rate_limited"] == 0
+
+
+def test_bodies_are_read_when_their_turn_comes(doc2x, make_image, monkeypatch):
+    slow_link(doc2x, monkeypatch, max_concurrent_uploads=2)
+    doc2x.configure(upload_seconds=30)  # the first two uploads stay in flight until the test lets them go
+    opened: list[str] = []
+    sources = counted_sources([make_image() for _ in range(6)], opened)
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(batch().submit, sources)
+        wait_until(lambda: doc2x.stats()["uploads_in_flight"] == 2, message="two uploads in flight")
+        assert len(opened) == 2  # two bodies in memory; the four others not read yet
+        doc2x.configure(upload_seconds=0)
+        jobs = running.result(timeout=60)
+    assert len(opened) == 6
+    assert [job["source"] for job in jobs] == [source.uri for source in sources]
+
+
+def test_uids_are_recorded_as_uploads_finish_in_any_order_and_records_keep_input_order(
+    doc2x, make_image, monkeypatch
+):
+    slow_link(doc2x, monkeypatch, max_concurrent_uploads=4)
+    doc2x.configure(upload_bandwidth=400_000)  # a big image takes longer to arrive than a small one
+    big = make_image("big.png", "Big", paragraphs=["Words " * 400] * 6)
+    small = [make_image(f"small-{n}.png", f"Small {n}") for n in range(3)]
+    images = [big, *small]
+    store = StateStore()
+    log = Log()
+    jobs = batch(store, log=log).submit([ImageSource.of(str(image)) for image in images])
+    assert [job["source"] for job in jobs] == [str(image) for image in images]
+    recorded = {value["source"]: value["uid"] for value in store.values.values()}
+    assert recorded == {job["source"]: job["uid"] for job in jobs}
+    assert all(key.startswith(STATE_KEY_PREFIX) for key in store.values)
+    finished = [line for line in log.lines if re.match(r"Doc2X: \d+/4 submitted", line)]
+    assert finished[-1] == "Doc2X: 4/4 submitted"
+
+
+def test_duplicates_share_one_upload_side_by_side(doc2x, make_image, monkeypatch):
+    slow_link(doc2x, monkeypatch, max_concurrent_uploads=4)
+    doc2x.configure(upload_seconds=0.3)
+    one, two = make_image(title="One"), make_image(title="Two")
+    jobs = batch().submit([ImageSource.of(str(path)) for path in (one, two, one, one, two)])
+    assert [job["uid"] for job in jobs][2:] == [jobs[0]["uid"], jobs[0]["uid"], jobs[1]["uid"]]
+    assert [job["source"] for job in jobs] == [str(one), str(two), str(one), str(one), str(two)]
+    stats = doc2x.stats()
+    assert (stats["requests"]["submit"], stats["billed_total"]) == (2, 2)
+
+
+def test_an_empty_quota_stops_the_queued_uploads_and_the_ones_in_flight_end_cleanly(
+    doc2x, make_image, monkeypatch
+):
+    slow_link(doc2x, monkeypatch, max_concurrent_uploads=3)
+    doc2x.configure(quota=4, upload_seconds=0.2)
+    store = StateStore()
+    with pytest.raises(Doc2XQuotaError):
+        batch(store).submit([ImageSource.of(str(make_image())) for _ in range(20)])
+    stats = doc2x.stats()
+    assert stats["billed_total"] == 4
+    assert stats["requests"]["submit"] <= 4 + 3  # the last in flight when the quota ran out, no more
+    uids = [value["uid"] for value in store.values.values() if "uid" in value]
+    assert len(uids) == 4  # every billed upload's uid was recorded before the error was raised
+
+
+def test_a_refused_key_stops_every_queued_upload(doc2x, make_image, monkeypatch):
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_DOC2X_DEFAULT", doc2x.connection_json(api_key="sk-revoked", max_concurrent_uploads=2)
+    )
+    with pytest.raises(Doc2XAuthError):
+        batch().submit([ImageSource.of(str(make_image())) for _ in range(12)])
+    assert doc2x.stats()["requests"]["submit"] <= 2
+
+
+def test_a_lost_answer_among_many_is_not_resent_and_is_marked(doc2x, make_image, monkeypatch):
+    slow_link(doc2x, monkeypatch, max_concurrent_uploads=3, timeout=1.0)
+    doc2x.configure(stall_next=1, stall_seconds=5)
+    store = StateStore()
+    images = [make_image(title=f"Page {n}") for n in range(5)]
+    jobs = batch(store).submit([ImageSource.of(str(image)) for image in images])
+    lost = [job for job in jobs if job["status"] == "failed"]
+    assert [job["code"] for job in lost] == ["upload_answer_lost"]
+    assert doc2x.stats()["requests"]["submit"] == 5  # the lost one was not sent again
+    assert sum(bool(value.get("uncertain")) for value in store.values.values()) == 1
+
+
+def test_an_upload_started_by_a_killed_worker_is_named_possibly_billed_twice(doc2x, make_image):
+    """A start recorded without a uid: the worker died mid-upload; the next try says so and submits."""
+    image = make_image("interrupted.png", "Interrupted")
+    store = StateStore()
+    first = batch(store).submit([ImageSource.of(str(image))])
+    key = next(iter(store.values))
+    store.values[key] = {"started": True, "source": str(image), "at": 0}  # what a killed worker leaves
+    log = Log()
+    again = batch(store, log=log).submit([ImageSource.of(str(image))])
+    assert again[0]["uid"] != first[0]["uid"]
+    (warning,) = [line for line in log.lines if "possibly billed twice" in line]
+    assert str(image) in warning
