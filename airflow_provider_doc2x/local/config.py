@@ -12,6 +12,11 @@ from typing import Any
 
 from airflow_provider_doc2x import protocol
 
+#: What PDF status answers before pickup (``ServerConfig.pickup_status``).
+PICKUP_STATUSES = ("processing", "not_found")
+#: How a failed PDF task shows in status (``ServerConfig.pdf_failure_shape``).
+FAILURE_SHAPES = ("status", "envelope")
+
 
 @dataclass
 class ServerConfig:
@@ -36,7 +41,7 @@ class ServerConfig:
     rate_window: float = protocol.DEFAULT_RATE_LIMIT_WINDOW
     #: Seconds a job's result is kept (Doc2X: 24 h).
     result_ttl: float = protocol.RESULT_LIFETIME_SECONDS
-    #: Pages the account may still bill; None is unlimited.
+    #: Pages the account may still bill, images and PDF pages together; None is unlimited.
     quota: int | None = None
     seed: int = 0
     #: Seconds each upload's body takes to arrive (0: at once). The server reads the body in step:
@@ -59,6 +64,75 @@ class ServerConfig:
     #: connection closed), the second as ``ReadError``.
     reset_next_uploads: int = 0
     reset_after_bytes: int = 65536
+
+    # The PDF API (preupload, PUT to a presigned url, status, export). The slow-link knobs above
+    # (upload_seconds, upload_bandwidth, reset_next_uploads, reset_after_bytes) pace and cut the
+    # PUTs too, which count in uploads_in_flight and uploads_reset. latency, error_rate and
+    # fail_next apply to the PDF API's calls (preupload, status, export) as to the image API's, not
+    # to the object store's (PUT, export download, CDN); images and PDF pages share the quota.
+    # result_ttl bounds a PDF task's life from its upload (status, export and CDN answer
+    # parse_status_not_found or 404 after it).
+
+    #: Seconds a presigned PUT url stays valid from its preupload (Doc2X: 5 min). The url keeps the
+    #: value it was issued with; a PUT after it is refused with HTTP 403.
+    upload_url_ttl: float = 300.0
+    #: Largest PDF (bytes) a task parses. The PUT takes a bigger body (the store does not know the
+    #: limit) without keeping it, and the task fails with ``parse_file_too_large``. Doc2X's error
+    #: table says 300 MB, its preupload page 1 GB: the stricter is the default.
+    pdf_max_bytes: int = 300 * 1024 * 1024
+    #: Seconds between a PUT's 200 and the service picking the task up (Doc2X: under 20 s).
+    pickup_delay: float = 1.0
+    #: What status answers before pickup: ``"processing"`` (progress 0) or ``"not_found"`` (the
+    #: envelope error ``parse_status_not_found``); Doc2X's answer is not documented.
+    pickup_status: str = "processing"
+    #: Pages parsed at once, over all PDF tasks (first come, first served; a queued page waits).
+    pdf_page_workers: int = 2
+    #: Seconds each PDF page takes at least (the engine's own time included).
+    pdf_page_seconds: float = 0.2
+    #: Most pages a PDF may have; more fail the task with ``parse_page_limit_exceeded`` (Doc2X: 2000).
+    max_pages: int = 2000
+    #: Most PDF tasks in progress (picked up, not finished) per server; a task picked up beyond it
+    #: fails with ``parse_task_limit_exceeded``. None: no limit (Doc2X's cap is not published).
+    max_tasks_in_progress: int | None = None
+    #: Most pages in progress (all pages of the tasks in progress); a task that would go beyond it
+    #: fails with ``parse_concurrency_limit``. None: no limit (Doc2X's cap is not published).
+    max_pages_in_progress: int | None = None
+    #: Preuploads a key may make per ``rate_window`` seconds; more get HTTP 429
+    #: ``request_limit_exceeded`` with ``Retry-After``. None: no limit.
+    preupload_rate_limit: int | None = None
+    #: The next N PDF tasks that pass pickup fail with ``pdf_fail_reason`` once their pages are parsed.
+    pdf_fail_next: int = 0
+    #: The code (or free text) those tasks fail with, e.g. ``"parse_error"`` or ``"parse_timeout"``.
+    pdf_fail_reason: str = "parse_error"
+    #: How a PDF task's failure shows in status (every failure: injected, a page's
+    #: ``<!-- doc2x-fail: CODE -->``, size, type, limits, quota): ``"status"`` is
+    #: ``{"status": "failed", "detail": CODE}`` in a success envelope, ``"envelope"`` the error
+    #: ``{"code": CODE, "msg": ...}``. Doc2X shows both; its choice is not documented.
+    pdf_failure_shape: str = "status"
+    #: The next N PUTs are read, then answered HTTP 503 (an XML error); the url may be used again.
+    put_fail_next: int = 0
+    #: Seconds a task's figure links (``/local/cdn/...``) work after the task finished; then 403.
+    cdn_ttl: float = protocol.RESULT_LIFETIME_SECONDS
+    #: Seconds an export stays ``processing``.
+    export_seconds: float = 0.5
+    #: Write the export url's ``&`` as a literal ``\u0026``, as Doc2X sometimes does.
+    export_url_escaped: bool = False
+    #: Whether a failed PDF task bills its pages (every page of a PDF that could be read, whatever
+    #: the failure, but a quota failure). Doc2X does not say: False bills only tasks that succeed.
+    bill_failed_pdfs: bool = False
+
+    def __post_init__(self) -> None:
+        """Check the knobs that take one of a few values.
+
+        Raises:
+            ValueError: ``pickup_status`` or ``pdf_failure_shape`` is none of its values.
+        """
+        if self.pickup_status not in PICKUP_STATUSES:
+            raise ValueError(f"pickup_status must be one of {PICKUP_STATUSES}, not {self.pickup_status!r}")
+        if self.pdf_failure_shape not in FAILURE_SHAPES:
+            raise ValueError(
+                f"pdf_failure_shape must be one of {FAILURE_SHAPES}, not {self.pdf_failure_shape!r}"
+            )
 
     def updated(self, changes: dict[str, Any]) -> ServerConfig:
         """Return a copy with ``changes`` applied.

@@ -1,12 +1,13 @@
-"""A local Doc2X-compatible server: the API's three image endpoints, faithfully, on FastAPI.
+"""A local Doc2X-compatible server: the API's image endpoints and its PDF API, faithfully, on FastAPI.
 
-It answers as the API notes describe (Bearer auth and 401, the 7 MB and type checks with their
+The image endpoints answer as the API notes describe (Bearer auth and 401, the 7 MB and type checks with their
 codes, the per-key rate limit as HTTP 429 ``request_limit_exceeded``, async jobs that are
 ``processing`` then ``success`` or a failure code, ``parse_status_not_found`` for unknown or expired
 uids, ``convert_zip`` as base64 of a real zip of ``images/...``), plus what tests and benchmarks
 need: knobs (latency, processing time, injected 5xx, stalled answers, rate window, quota, a slow
 and flaky upload link) under ``/local/config``, and billing counters per image content hash under
-``/local/stats``.
+``/local/stats``. The PDF API (preupload, PUT to a presigned url, status, export, the CDN of
+figures) is :mod:`~airflow_provider_doc2x.local.pdf`'s :class:`~airflow_provider_doc2x.local.pdf.PdfLane`.
 
 :class:`LocalServer` holds the state and the API's rules; :func:`create_app` maps the routes onto
 it. :class:`TransportInScope` is the uvicorn protocol that lets the server reset a connection.
@@ -26,7 +27,7 @@ import time
 import uuid
 import zipfile
 from collections import Counter, defaultdict, deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -39,6 +40,17 @@ from airflow_provider_doc2x import protocol
 from airflow_provider_doc2x.local.answers import ConnectionGone, Refused, api_error, html_failure, success
 from airflow_provider_doc2x.local.config import ServerConfig
 from airflow_provider_doc2x.local.engines import Engine, EngineResult, ImageUnreadable, open_image
+from airflow_provider_doc2x.local.limits import admit
+from airflow_provider_doc2x.local.pdf import (
+    CDN_ROUTE,
+    CONVERT_PATH,
+    CONVERT_RESULT_PATH,
+    EXPORT_ROUTE,
+    PDF_STATUS_PATH,
+    PREUPLOAD_PATH,
+    UPLOAD_ROUTE,
+    PdfLane,
+)
 from airflow_provider_doc2x.local.registry import load_engine
 
 try:  # what uvicorn's "auto" HTTP protocol picks
@@ -135,6 +147,8 @@ class LocalServer:
         self.upload_times = [0.0, 0.0]
         #: Set (and replaced) when the knobs change: paced uploads compute their pace again.
         self.knobs_changed = asyncio.Event()
+        #: The PDF API's state and rules.
+        self.pdf = PdfLane(self)
 
     def reset(self) -> None:
         """Back to the knobs at start, with no jobs and zeroed counters (calls in flight stay counted)."""
@@ -152,6 +166,7 @@ class LocalServer:
         self.max_uploads_in_flight = self.uploads_in_flight
         self.uploads_reset = 0
         self.upload_times = [0.0, 0.0]
+        self.pdf.reset()
         self.announce_change()
 
     def configure(self, changes: dict[str, Any]) -> None:
@@ -171,16 +186,21 @@ class LocalServer:
         self.announce_change()
 
     def announce_change(self) -> None:
-        """Wake the uploads on the way, so that they follow the knobs' new pace."""
+        """Wake whatever waits on the knobs (uploads on the way, PDF pickups and pages) to follow them."""
         self.knobs_changed.set()
         self.knobs_changed = asyncio.Event()
+        self.pdf.reconfigured()
 
     def settings(self) -> dict[str, Any]:
         """Show the knobs as ``GET /local/config`` does (without the key)."""
         return {key: value for key, value in asdict(self.config).items() if key != "api_key"}
 
     def stats(self) -> dict[str, Any]:
-        """Count what was billed, per image content hash (proof that nothing was billed twice), and the load."""
+        """Count what was billed, per image (and PDF page) content hash, and the load.
+
+        ``billed`` counts images, ``pdf_billed`` PDF pages (see :meth:`PdfLane.stats`); uploads in
+        flight and reset count the PDF API's PUTs too.
+        """
         return {
             "billed_total": sum(self.billed.values()),
             "billed": dict(self.billed),
@@ -193,6 +213,7 @@ class LocalServer:
             "uploads_reset": self.uploads_reset,
             "upload_span_seconds": self.upload_times[1] - self.upload_times[0],
             "jobs": len(self.jobs),
+            **self.pdf.stats(),
         }
 
     # Every API call
@@ -245,51 +266,76 @@ class LocalServer:
             ConnectionGone: the connection was reset, or the client went away.
         """
         self.requests[endpoint] += 1
-        self.uploads_in_flight += 1
-        self.max_uploads_in_flight = max(self.max_uploads_in_flight, self.uploads_in_flight)
-        try:
+        with self.upload_in_flight():
             self.authorize(request)
             declared = declared_length(request)
             if declared is not None and declared > protocol.MAX_IMAGE_BYTES:
                 self.admit_upload(request)  # refused without reading it; a Doc2X attempt all the same
                 raise api_error("parse_file_too_large", "File too large, at most 7M")
-            image = await self.receive_body(request, declared)
+            image, _ = await self.receive_body(request, declared)
             self.admit_upload(request)
             self.check_image(image)
             yield image
+
+    @contextmanager
+    def upload_in_flight(self) -> Iterator[None]:
+        """Count an upload (an image, or a PDF's PUT) in flight until it is answered."""
+        self.uploads_in_flight += 1
+        self.max_uploads_in_flight = max(self.max_uploads_in_flight, self.uploads_in_flight)
+        try:
+            yield
         finally:
             self.uploads_in_flight -= 1
 
-    async def receive_body(self, request: Request, declared: int | None) -> bytes:
+    async def receive_body(
+        self, request: Request, declared: int | None = None, *, keep: int | None = None
+    ) -> tuple[bytes, int]:
         """Read the body as the link delivers it: paced by ``upload_seconds`` and ``upload_bandwidth``.
+
+        Args:
+            request: the upload.
+            declared: its ``Content-Length``; read from the request when not given.
+            keep: keep at most this many bytes (the rest is read and dropped); None keeps all.
+
+        Returns:
+            The bytes kept, and the body's size.
 
         Raises:
             ConnectionGone: the upload was cut off (``reset_next_uploads``) or the client went away.
         """
+        if declared is None:
+            declared = declared_length(request)
         settings = self.config
         cut_after: int | None = None
         if settings.reset_next_uploads > 0:
             self.config = replace(settings, reset_next_uploads=settings.reset_next_uploads - 1)
             cut_after = settings.reset_after_bytes
         body = bytearray()
+        size = 0
         started = time.monotonic()
         try:
             async for chunk in request.stream():
-                body += chunk
-                if cut_after is not None and len(body) >= cut_after:
+                size += len(chunk)
+                if keep is None or len(body) < keep:
+                    body += chunk if keep is None else chunk[: keep - len(body)]
+                if cut_after is not None and size >= cut_after:
                     break
-                await self.await_arrival(started, len(body), declared or len(body))
+                await self.await_arrival(started, size, declared or size)
         except ClientDisconnect as gone:
             raise ConnectionGone("the client closed the connection during the upload") from gone
         if cut_after is not None:
             reset_connection(request)
             self.uploads_reset += 1
-            raise ConnectionGone(f"upload reset after {len(body)} bytes")
-        return bytes(body)
+            raise ConnectionGone(f"upload reset after {size} bytes")
+        return bytes(body), size
 
     async def await_arrival(self, started: float, received: int, total: int) -> None:
         """Sleep until ``received`` of ``total`` bytes are due; a change of the knobs applies at once."""
-        while (delay := started + self.arrival_time(received, total) - time.monotonic()) > 0:
+        await self.sleep_until(lambda: started + self.arrival_time(received, total))
+
+    async def sleep_until(self, due: Callable[[], float]) -> None:
+        """Sleep until the monotonic time ``due()``, reading it again whenever the knobs change."""
+        while (delay := due() - time.monotonic()) > 0:
             changed = self.knobs_changed
             with suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(changed.wait(), delay)
@@ -309,19 +355,11 @@ class LocalServer:
         """
         settings = self.config
         window = self.windows[request.headers["authorization"]]
-        now = time.monotonic()
-        while window and window[0] <= now - settings.rate_window:
-            window.popleft()
-        if len(window) >= settings.rate_limit:
+        try:
+            admit(window, limit=settings.rate_limit, seconds=settings.rate_window, now=time.monotonic())
+        except Refused:
             self.rate_limited += 1
-            retry_after = window[0] + settings.rate_window - now
-            raise api_error(
-                "request_limit_exceeded",
-                "Too many requests",
-                status=429,
-                headers={"Retry-After": f"{retry_after:.3f}"},
-            )
-        window.append(now)
+            raise
 
     def check_image(self, body: bytes) -> None:
         """Check size and type (content, not the header).
@@ -340,8 +378,8 @@ class LocalServer:
         Raises:
             Refused: ``parse_quota_limit`` when the account's quota is used up.
         """
-        settings = self.config
-        if settings.quota is not None and sum(self.billed.values()) >= settings.quota:
+        left = self.quota_left()
+        if left is not None and left <= 0:
             raise api_error("parse_quota_limit", "No page quota left")
         digest = hashlib.sha256(image).hexdigest()
         if not self.billed:
@@ -349,6 +387,16 @@ class LocalServer:
         self.upload_times[1] = time.monotonic()
         self.billed[digest] += 1
         return digest
+
+    def quota_left(self) -> int | None:
+        """Pages the account may still bill (None: no quota): images and PDF pages share the quota.
+
+        The pages of PDF tasks in progress are deducted: they are billed when their task ends.
+        """
+        quota = self.config.quota
+        if quota is None:
+            return None
+        return quota - sum(self.billed.values()) - self.pdf.pages_billed() - self.pdf.pages_in_progress
 
     async def stall(self) -> None:
         """Hold this answer for ``stall_seconds`` if ``stall_next`` asks for it."""
@@ -469,6 +517,34 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         server.requests["status"] += 1
         server.authorize(request)
         return success(server.status(uid))
+
+    @app.post(PREUPLOAD_PATH)
+    async def preupload(request: Request) -> Response:
+        return success(await server.pdf.preupload(request))
+
+    @app.put(UPLOAD_ROUTE)
+    async def put_upload(request: Request, name: str) -> Response:
+        return await server.pdf.put(request, name)
+
+    @app.get(PDF_STATUS_PATH)
+    async def pdf_status(request: Request, uid: str = "") -> Response:
+        return success(server.pdf.status(request, uid))
+
+    @app.post(CONVERT_PATH)
+    async def convert(request: Request) -> Response:
+        return success(await server.pdf.export(request))
+
+    @app.get(CONVERT_RESULT_PATH)
+    async def convert_result(request: Request, uid: str = "") -> Response:
+        return success(await server.pdf.export_result(request, uid))
+
+    @app.get(EXPORT_ROUTE)
+    async def export_file(request: Request, uid: str, name: str) -> Response:
+        return server.pdf.download(request, uid, name)
+
+    @app.get(CDN_ROUTE)
+    async def cdn(request: Request, name: str) -> Response:
+        return await server.pdf.cdn(name, request.query_params)
 
     @app.get("/local/stats")
     async def stats() -> dict[str, Any]:
