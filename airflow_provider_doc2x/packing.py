@@ -37,6 +37,7 @@ each group is cut into PDFs of at most ``pdf_max_pages`` pages and ``pdf_max_byt
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import logging
@@ -489,6 +490,10 @@ def _write_pdf(chunk: Sequence[_Content], result: PackResult) -> PackedPdf | Non
             first_frame_only=True,
             nodate=True,
         )
+    # img2pdf's document is a reference cycle (pages point to their parent) holding every image's
+    # bytes: collect it now, or the data of PDF after PDF piles up until the collector's next round.
+    del streams
+    gc.collect()
     pages = tuple(
         PackedPage(index, item.sha256, tuple(item.sources), item.header.width, item.header.height)
         for index, item in enumerate(placed)
