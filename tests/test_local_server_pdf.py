@@ -18,6 +18,7 @@ import httpx
 import img2pdf
 import pytest
 from PIL import Image
+from pypdf import PdfReader, PdfWriter
 
 from airflow_provider_doc2x.local.samples import Page, render
 from tests.helpers import API_KEY, wait_until
@@ -165,6 +166,24 @@ def test_progress_grows_as_pages_finish(lane):
     assert seen == sorted(seen)
     assert {25, 50, 75} & set(seen)
     assert seen[-1] == 100
+
+
+def test_a_blank_page_has_its_entry_in_order(lane):
+    first, last = jpeg("Before"), jpeg("After")
+    writer = PdfWriter()
+    writer.add_page(PdfReader(io.BytesIO(pdf_of(first))).pages[0])
+    writer.add_blank_page(width=200, height=100)  # no image: a blank page, sized by its media box
+    writer.add_page(PdfReader(io.BytesIO(pdf_of(last))).pages[0])
+    out = io.BytesIO()
+    writer.write(out)
+    pages = parsed(lane, upload(lane, out.getvalue()))["result"]["pages"]
+    assert [(page["page_idx"], page["md"]) for page in pages] == [
+        (0, embedded_text(first)),
+        (1, ""),
+        (2, embedded_text(last)),
+    ]
+    assert (pages[1]["page_width"], pages[1]["page_height"], pages[1]["score"]) == (200, 100, 0)
+    assert lane.stats()["pdf_pages_billed"] == 3
 
 
 @pytest.mark.parametrize("workers", [1, 2])
