@@ -1,13 +1,14 @@
 """A local Doc2X-compatible server: the API's image endpoints and its PDF API, faithfully, on FastAPI.
 
-The image endpoints answer as the API notes describe (Bearer auth and 401, the 7 MB and type checks with their
-codes, the per-key rate limit as HTTP 429 ``request_limit_exceeded``, async jobs that are
-``processing`` then ``success`` or a failure code, ``parse_status_not_found`` for unknown or expired
-uids, ``convert_zip`` as base64 of a real zip of ``images/...``), plus what tests and benchmarks
-need: knobs (latency, processing time, injected 5xx, stalled answers, rate window, quota, a slow
-and flaky upload link) under ``/local/config``, and billing counters per image content hash under
-``/local/stats``. The PDF API (preupload, PUT to a presigned url, status, export, the CDN of
-figures) is :mod:`~airflow_provider_doc2x.local.pdf`'s :class:`~airflow_provider_doc2x.local.pdf.PdfLane`.
+The image endpoints answer as the API notes describe (Bearer auth and 401, the 7 MB and type
+checks with their codes, the per-key rate limit as HTTP 429 ``request_limit_exceeded``, async jobs
+that are ``processing`` then ``success`` or a failure code, ``parse_status_not_found`` for unknown
+or expired uids, ``convert_zip`` as base64 of a real zip of ``images/...``), plus what tests and
+benchmarks need: knobs (latency, processing time, injected 5xx, stalled answers, rate window,
+quota, a slow and flaky upload link) under ``/local/config``, and billing counters per image
+content hash under ``/local/stats``. The PDF API (preupload, PUT to a presigned url, status,
+export, the CDN of figures) is :class:`~airflow_provider_doc2x.local.pdf.PdfLane`'s; its knobs are
+in :class:`~airflow_provider_doc2x.local.config.ServerConfig` too.
 
 :class:`LocalServer` holds the state and the API's rules; :func:`create_app` maps the routes onto
 it. :class:`TransportInScope` is the uvicorn protocol that lets the server reset a connection.
