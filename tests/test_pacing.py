@@ -143,7 +143,8 @@ def test_limiter_for_touches_nothing_before_the_first_upload(tmp_path):
     assert limiter is limiter_for(BASE_URL, KEY, 2, 10.0)
     assert not (tmp_path / "pacing").exists()
     limiter.release(limiter.reserve()[1])
-    assert json.loads(window_file(tmp_path / "pacing").read_text())[0]["open"] is False
+    window = json.loads(window_file(tmp_path / "pacing").read_text())
+    assert (window["open"], len(window["done"])) == ({}, 1)
     assert KEY not in window_file(tmp_path / "pacing").read_text()
 
 
@@ -168,13 +169,13 @@ def test_a_folder_of_ours_open_to_others_is_closed(tmp_path):
     folder = tmp_path / "pacing"
     folder.mkdir()
     folder.chmod(0o777)
-    window_file(folder).write_text("[]")
+    window_file(folder).write_text('{"open": {}, "done": []}')
     window_file(folder).chmod(0o666)
     limiter = limiter_for(BASE_URL, KEY, 2, 10.0)
     assert limiter.reserve()[1] is not None
     assert stat.S_IMODE(os.lstat(folder).st_mode) == 0o700
     assert stat.S_IMODE(os.lstat(window_file(folder)).st_mode) == 0o600
-    assert len(json.loads(window_file(folder).read_text())) == 1  # still used: it is ours
+    assert len(json.loads(window_file(folder).read_text())["open"]) == 1  # still used: it is ours
 
 
 @needs_root
@@ -242,6 +243,14 @@ def test_a_symlinked_window_file_is_not_followed(tmp_path, caplog):
         "{}",
         "garbage",
         "[1, 2]",
+        '{"open": [], "done": []}',
+        '{"open": {"a": "1000"}, "done": []}',
+        '{"open": {}, "done": [true]}',
+        '{"open": {}, "done": [NaN]}',
+        '{"open": {}, "done": [1e400]}',
+        '{"open": {}, "done": [1' + "0" * 400 + "]}",
+        '{"open": {}, "done": [], "more": 1}',
+        "[" * 100_000,
         '[{"id": 1, "at": 1000.0, "open": false}]',
         '[{"id": "a", "at": "1000", "open": false}]',
         '[{"id": "a", "at": true, "open": false}]',
@@ -265,14 +274,15 @@ def test_contents_that_are_not_a_window_start_anew_with_one_warning(tmp_path, ca
             delay, slot = limiter.reserve()
             assert (delay, slot is None) == (0.0, False)
             limiter.release(slot)
-    assert [slot["open"] for slot in json.loads(state_file.read_text())] == [False]
+    window = json.loads(state_file.read_text())
+    assert (window["open"], len(window["done"])) == ({}, 1)
     [warning] = warnings_of(caplog)  # once per limiter, not per call
     assert str(state_file) in warning and "starts anew" in warning
 
 
 def test_a_slot_dated_far_ahead_is_dropped(tmp_path, caplog):
     state_file = tmp_path / "key.json"
-    state_file.write_text(json.dumps([{"id": "x", "at": 1e12, "open": False}]))
+    state_file.write_text(json.dumps({"open": {}, "done": [1e12]}))
     limiter = RateLimiter(1, 10.0, state_file=state_file, clock=FakeClock())
     with caplog.at_level(logging.WARNING):
         assert limiter.reserve()[0] == 0.0
@@ -282,7 +292,7 @@ def test_a_slot_dated_far_ahead_is_dropped(tmp_path, caplog):
 @pytest.mark.parametrize(("ahead", "warnings"), [(0.5, 0), (9.9, 1)])
 def test_a_slot_dated_ahead_of_the_clock_waits_one_window_at_most(tmp_path, caplog, ahead, warnings):
     state_file = tmp_path / "key.json"
-    state_file.write_text(json.dumps([{"id": "x", "at": 1000.0 + ahead, "open": False}]))
+    state_file.write_text(json.dumps({"open": {}, "done": [1000.0 + ahead]}))
     clock = FakeClock()
     limiter = RateLimiter(1, 10.0, state_file=state_file, clock=clock)
     with caplog.at_level(logging.WARNING):
@@ -314,10 +324,10 @@ def test_an_upload_never_sleeps_past_the_window(tmp_path):
     done = threading.Event()
 
     def upload():
-        state_file.write_text(json.dumps([{"id": "x", "at": time.time() + 1e6, "open": False}]))
+        state_file.write_text(json.dumps({"open": {}, "done": [time.time() + 1e6]}))
         with limiter.upload():
             pass
-        state_file.write_text(json.dumps([{"id": "y", "at": time.time() + 0.19, "open": False}]))
+        state_file.write_text(json.dumps({"open": {}, "done": [time.time() + 0.19]}))
         with limiter.upload():
             done.set()
 

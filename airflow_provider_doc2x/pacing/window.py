@@ -1,17 +1,21 @@
 """
 The rolling window of one key, kept in process memory or in a private file shared by a host's processes.
 
-A window is a list of slots ``{"id": str, "at": float, "open": bool}``: one per upload, booked at the
-send (``open``: in flight) and moved to the answer's time at release. The file is locked
-(``fcntl.flock``) while a process reads and rewrites it. Whatever it holds is checked before it is
-believed: a file that is not a window, or a slot dated ahead of this host's clock, starts a new
-window (with one warning per limiter), so no file content can crash an upload or stall it for more
-than one window.
+A window is ``{"open": {slot id: booked at}, "done": [answered at, ...]}``: one slot per upload,
+booked at the send (``open``: in flight) and moved to the answer's time at release (``done``, kept
+sorted). The file is locked (``fcntl.flock``) while a process reads and rewrites it. Whatever it
+holds is checked before it is believed: a file that is not a window, or a slot dated ahead of this
+host's clock, starts a new window (with one warning per limiter), so no file content can crash an
+upload or stall it for more than one window.
+
+The format is compact on purpose: with a generous key (thousands of uploads per window) the file is
+read and rewritten twice per upload, and a list of plain numbers is what JSON reads and writes fastest.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import fcntl
 import json
 import logging
@@ -22,8 +26,8 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from airflow_provider_doc2x.pacing.private import NotPrivateError, open_private_file
 
@@ -37,32 +41,36 @@ CLOCK_TOLERANCE_SECONDS = 1.0
 #: A window file longer than this is not a window (a slot takes about 70 bytes).
 MAX_STATE_BYTES = 1 << 20
 
-Slot = dict[str, Any]
+
+@dataclass
+class Window:
+    """The slots of a window: in flight by id (their booking time), and answered (their times, sorted)."""
+
+    open: dict[str, float] = field(default_factory=dict)
+    done: list[float] = field(default_factory=list)
+
+    def to_json(self) -> bytes:
+        """The window as the file holds it."""
+        return json.dumps({"open": self.open, "done": self.done}, separators=(",", ":")).encode()
 
 
-def valid_slots(data: object, *, now: float, window: float) -> list[Slot] | None:
-    """``data`` as a list of slots if it is one, with no slot dated more than ``window`` ahead; else None."""
-    if not isinstance(data, list):
+def valid_window(data: object, *, now: float, window: float) -> Window | None:
+    """``data`` as a window if it is one, with no slot dated more than ``window`` ahead; else None."""
+    if not isinstance(data, dict) or data.keys() != {"open", "done"}:
         return None
-    slots = []
-    for slot in data:
-        if not (
-            isinstance(slot, dict)
-            and slot.keys() == {"id", "at", "open"}
-            and isinstance(slot["id"], str)
-            and isinstance(slot["open"], bool)
-            and isinstance(slot["at"], (int, float))
-            and not isinstance(slot["at"], bool)
-        ):
-            return None
-        try:
-            at = float(slot["at"])
-        except OverflowError:
-            return None
-        if not math.isfinite(at) or at > now + window:
-            return None
-        slots.append({"id": slot["id"], "at": at, "open": slot["open"]})
-    return slots
+    booked, answered = data["open"], data["done"]
+    if not isinstance(booked, dict) or not isinstance(answered, list):
+        return None
+    latest = now + window
+    times = [*booked.values(), *answered]
+    # JSON gives float for 1.0, 1e400 (inf) and NaN, int for 1 and for a 400-digit number: only finite
+    # floats and ints in range are times.
+    if not all((type(at) is float or type(at) is int) and -latest <= at <= latest for at in times):
+        return None
+    return Window(
+        open={str(slot_id): float(at) for slot_id, at in booked.items()},
+        done=sorted(float(at) for at in answered),
+    )
 
 
 class RateLimiter:
@@ -93,7 +101,7 @@ class RateLimiter:
         self.window = float(window)
         self.state_file = state_file
         self._clock = clock
-        self._memory: list[Slot] = []
+        self._memory = Window()
         self._lock = threading.Lock()
         #: The file could not be trusted: this limiter paces in memory from then on.
         self._in_memory = state_file is None
@@ -145,17 +153,17 @@ class RateLimiter:
             raise
         return fd
 
-    def _read(self, fd: int, now: float) -> list[Slot]:
+    def _read(self, fd: int, now: float) -> Window:
         raw = os.pread(fd, MAX_STATE_BYTES + 1, 0)
         if not raw:
-            return []  # a new file
+            return Window()  # a new file
         try:
-            slots = valid_slots(json.loads(raw), now=now, window=self.window)
-        except ValueError:  # not JSON (or not UTF-8)
+            slots = valid_window(json.loads(raw), now=now, window=self.window)
+        except (ValueError, RecursionError):  # not JSON (or not UTF-8)
             slots = None
         if slots is None or len(raw) > MAX_STATE_BYTES:
             self._distrust(f"the window file {self._state_path()} does not hold a valid window")
-            return []
+            return Window()
         return slots
 
     def _distrust(self, what: str) -> None:
@@ -168,8 +176,8 @@ class RateLimiter:
         )
 
     @contextmanager
-    def _slots(self) -> Iterator[tuple[list[Slot], float]]:
-        """The window's slots and the time, locked for this thread and, with a file, for every process."""
+    def _slots(self) -> Iterator[tuple[Window, float]]:
+        """The window and the time, locked for this thread and, with a file, for every process."""
         with self._lock:
             fd = self._open_state()
             if fd is None:
@@ -179,9 +187,9 @@ class RateLimiter:
                 now = self._clock()  # once the lock is ours: the slot is dated when it is booked
                 slots = self._read(fd, now)
                 yield slots, now
-                data = json.dumps(slots).encode()
-                os.ftruncate(fd, 0)
+                data = slots.to_json()
                 os.pwrite(fd, data, 0)
+                os.ftruncate(fd, len(data))  # after the write: cutting a file to nothing first is slower
             finally:
                 os.close(fd)  # and with it the lock
 
@@ -194,31 +202,31 @@ class RateLimiter:
         never longer than the window.
         """
         with self._slots() as (slots, now):
-            slots[:] = [
-                slot
-                for slot in slots
-                if (slot["open"] and slot["at"] > now - STALE_IN_FLIGHT_SECONDS)
-                or slot["at"] > now - self.window
-            ]
-            times = sorted(max(slot["at"], now) if slot["open"] else slot["at"] for slot in slots)
-            if len(times) >= self.limit:
+            stale = [slot_id for slot_id, at in slots.open.items() if at <= now - STALE_IN_FLIGHT_SECONDS]
+            for slot_id in stale:
+                del slots.open[slot_id]
+            del slots.done[: bisect.bisect_right(slots.done, now - self.window)]
+            in_flight = [max(at, now) for at in slots.open.values()]
+            if len(slots.done) + len(in_flight) >= self.limit:
+                # The limit-th newest slot decides when a new one fits: in-flight slots count as now.
+                times = sorted([*slots.done[-self.limit :], *in_flight])
                 ahead = times[-self.limit] - now  # > 0 only for a slot dated ahead of the clock
                 if ahead > CLOCK_TOLERANCE_SECONDS:
                     self._distrust("the upload window held a slot dated ahead of this host's clock")
-                    slots.clear()
+                    slots.open.clear()
+                    slots.done.clear()
                     return self.window, None
                 return min(ahead, 0.0) + self.window, None
             slot_id = uuid.uuid4().hex
-            slots.append({"id": slot_id, "at": now, "open": True})
+            slots.open[slot_id] = now
             return 0.0, slot_id
 
     def release(self, slot_id: str) -> None:
         """The upload ended: its slot now counts from this moment, no longer as in flight."""
         with self._slots() as (slots, now):
-            for slot in slots:
-                if slot["id"] == slot_id:
-                    slot["at"] = max(slot["at"], now)
-                    slot["open"] = False
+            booked = slots.open.pop(slot_id, None)
+            if booked is not None:
+                bisect.insort(slots.done, max(booked, now))
 
     def close(self) -> None:
         """Let go of what the limiter holds open (nothing for a host-local window)."""
