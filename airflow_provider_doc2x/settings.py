@@ -30,6 +30,10 @@ DEFAULT_RATE_LIMIT_IMAGES = 30
 DEFAULT_RATE_LIMIT_WINDOW = 30.0
 #: Default cap on the bytes of one answer, after decompression: generous for pages with figures.
 DEFAULT_MAX_ANSWER_BYTES = 64 * 1024 * 1024
+#: PDF API bounds, from the vendor's SDK (pdfdeal): 5 files in flight, at most 1000 pages in flight.
+#: The service caps tasks and pages in progress per key without publishing the numbers.
+DEFAULT_PDF_MAX_IN_FLIGHT = 5
+DEFAULT_PDF_MAX_PAGES_IN_FLIGHT = 1000
 
 
 def extra_field(default: Any, label: str, description: str = "") -> Any:
@@ -80,6 +84,16 @@ class Doc2XSettings:
         DEFAULT_MAX_ANSWER_BYTES,
         "Largest answer (bytes)",
         "Cap on the bytes of one answer after decompression; a larger answer is refused.",
+    )
+    pdf_max_in_flight: int = extra_field(
+        DEFAULT_PDF_MAX_IN_FLIGHT,
+        "PDFs in flight",
+        "PDF API: PDFs a process keeps submitted and unfinished at once (pdfdeal's default: 5).",
+    )
+    pdf_max_pages_in_flight: int = extra_field(
+        DEFAULT_PDF_MAX_PAGES_IN_FLIGHT,
+        "PDF pages in flight",
+        "PDF API: pages a process keeps in progress at once; a larger PDF is refused (pdfdeal: 1000).",
     )
 
     @classmethod

@@ -168,17 +168,19 @@ async def call(
     *,
     log: logging.Logger | Any,
     pacer: Any = None,
+    retry: Callable[[BaseException], bool] = protocol.is_retryable,
 ) -> T:
     """
     Send ``request`` until it succeeds or fails for good, and ``read`` the answer's data.
 
-    Transient failures are retried (bounded, with back-off); an upload goes through ``pacer`` (an
+    Transient failures are retried (bounded, with back-off; ``retry`` narrows which, for a call
+    whose errors mean something else than the image API's); an upload goes through ``pacer`` (an
     object with an ``aupload()`` async context manager holding one of the key's slots). For an
     upload whose body was sent whole, an answer that is lost or cannot be read (including a
     success whose data ``read`` refuses) means Doc2X may have billed it: that is
     :class:`Doc2XSubmitUncertainError`, which is never retried here.
     """
-    async for attempt in tenacity.AsyncRetrying(**_retry_options(settings, request, log)):
+    async for attempt in tenacity.AsyncRetrying(**_retry_options(settings, request, log, retry)):
         with attempt:
             shared = await shared_client(settings.base_url)
             paced = pacer.aupload() if request.bills and pacer is not None else nullcontext()
@@ -366,7 +368,12 @@ class Backoff:
         return wait
 
 
-def _retry_options(settings: Doc2XSettings, request: protocol.Doc2XRequest, log: Any) -> dict[str, Any]:
+def _retry_options(
+    settings: Doc2XSettings,
+    request: protocol.Doc2XRequest,
+    log: Any,
+    retry: Callable[[BaseException], bool] = protocol.is_retryable,
+) -> dict[str, Any]:
     def log_retry(state: tenacity.RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
         log.warning(
@@ -379,9 +386,210 @@ def _retry_options(settings: Doc2XSettings, request: protocol.Doc2XRequest, log:
         )
 
     return {
-        "retry": tenacity.retry_if_exception(protocol.is_retryable),
+        "retry": tenacity.retry_if_exception(retry),
         "stop": tenacity.stop_after_attempt(settings.max_retries + 1),
         "wait": Backoff(settings.retry_wait, settings.retry_wait_max),
         "before_sleep": log_retry,
         "reraise": True,
     }
+
+
+# -- Object storage: the PDF API's uploads and downloads -----------------------------------------
+#
+# These calls go to presigned urls (Aliyun OSS, S3, the CDN), never to the API: no Authorization
+# header is sent, no redirect is followed, and a url is named in messages only redacted
+# (``scheme://host/path``): its query is a credential for its lifetime.
+
+#: Slowest upload rate a PUT's deadline allows for: the connection's timeout, plus the file's size
+#: at this rate. Conservative for links outside mainland China, which the vendor warns about.
+MIN_UPLOAD_BYTES_PER_SECOND = 64 * 1024
+#: Bytes read from the file (in a thread) and sent per step of a PUT.
+UPLOAD_CHUNK_BYTES = 256 * 1024
+#: Cap on an object store's answer to a PUT: its status line decides, the body only names an error.
+MAX_PUT_ANSWER_BYTES = 64 * 1024
+#: The key of the loop's shared client for absolute urls (no base url, no key).
+_OUTSIDE_CLIENT = ""
+
+
+def put_deadline(settings: Doc2XSettings, size: int) -> float:
+    """Seconds a PUT of ``size`` bytes may take in all: the connection's timeout plus the size at the slowest rate."""
+    return settings.timeout + size / MIN_UPLOAD_BYTES_PER_SECOND
+
+
+async def put_file(
+    settings: Doc2XSettings,
+    url: str,
+    path: str | os.PathLike,
+    *,
+    uid: str | None = None,
+    source: str,
+    sources: tuple[str, ...] = (),
+    content_type: str = "application/pdf",
+) -> protocol.Doc2XAnswer:
+    """
+    PUT a file to a presigned url, streamed from disk, once; return the store's answer.
+
+    The body is read in chunks in a thread and sent with its ``Content-Length`` (no chunked
+    encoding, which object stores refuse) and no ``Authorization`` header, under an overall
+    deadline of :func:`put_deadline`. The answer is not judged here
+    (:func:`~airflow_provider_doc2x.protocol.read_put_answer` does). Raises:
+
+    - :class:`Doc2XTransientError` (code ``upload_failed``) when the exchange failed before the
+      body was sent whole: the store has nothing, the same url may be used again while young;
+    - :class:`Doc2XSubmitUncertainError` when the body was sent whole but no answer came: the store
+      may hold the PDF, and Doc2X may parse and bill it. It names the PDF and its images.
+    """
+    checked = protocol.check_presigned_url(url, uid=uid)
+    redacted = protocol.redact_url(checked)
+    size = await asyncio.to_thread(os.path.getsize, path)
+    body_sent = False
+
+    async def trace(event: str, info: dict[str, Any]) -> None:
+        nonlocal body_sent
+        if event.endswith("send_request_body.complete"):
+            body_sent = True
+
+    async def exchange() -> protocol.Doc2XAnswer:
+        shared = await shared_client(_OUTSIDE_CLIENT)
+        headers = {"Content-Type": content_type, "Content-Length": str(size)}
+        async with (
+            shared.gate,
+            shared.client.stream(
+                "PUT",
+                checked,
+                content=_file_chunks(path, size),
+                headers=headers,
+                timeout=httpx.Timeout(settings.timeout, connect=settings.connect_timeout),
+                extensions={"trace": trace},
+            ) as response,
+        ):
+            try:
+                body = CappedBody(response.headers.get("content-encoding", ""), MAX_PUT_ANSWER_BYTES)
+                async for chunk in response.aiter_raw():
+                    body.feed(chunk)
+                data = body.finish()
+            except (CappedBody.TooLarge, zlib.error, ValueError):
+                data = b""  # the status line decides; the body only names an error
+            return protocol.Doc2XAnswer(response.status_code, data, response.headers)
+
+    deadline = put_deadline(settings, size)
+    try:
+        return await asyncio.wait_for(exchange(), timeout=deadline)
+    except asyncio.TimeoutError as error:
+        reason = f"no complete answer within {deadline:.0f}s"
+        raise _put_lost(reason, body_sent, redacted, uid, source, sources) from error
+    except (httpx.TransportError, ValueError) as error:
+        # ValueError: the file changed size under the upload, or a bad Content-Encoding header.
+        reason = protocol.redact(f"{type(error).__name__}: {error or 'no detail'}", settings.secrets)
+        reason = reason.replace(checked, redacted)
+        raise _put_lost(reason, body_sent, redacted, uid, source, sources) from None
+
+
+async def _file_chunks(path: str | os.PathLike, size: int) -> AsyncIterator[bytes]:
+    """The file's bytes, a chunk at a time, each read in a thread; exactly ``size`` bytes or an error."""
+    handle = await asyncio.to_thread(open, path, "rb")
+    try:
+        sent = 0
+        while chunk := await asyncio.to_thread(handle.read, UPLOAD_CHUNK_BYTES):
+            sent += len(chunk)
+            if sent > size:
+                break
+            yield chunk
+        if sent != size:
+            raise ValueError(f"the file changed size while it was being uploaded ({size} bytes declared)")
+    finally:
+        await asyncio.to_thread(handle.close)
+
+
+def _put_lost(
+    reason: str, body_sent: bool, redacted: str, uid: str | None, source: str, sources: tuple[str, ...]
+) -> Doc2XError:
+    if body_sent:
+        images = (
+            f" (images: {', '.join(sources[:10])}{', ...' if len(sources) > 10 else ''})" if sources else ""
+        )
+        return Doc2XSubmitUncertainError(
+            f"The upload of {source}{images} to {redacted} was sent whole but {reason}; the store may "
+            "hold it and Doc2X may parse and bill it, so it is not sent again automatically",
+            uid=uid,
+            source=source,
+        )
+    return Doc2XTransientError(
+        f"The upload of {source} to {redacted} failed before it was sent whole: {reason}",
+        code="upload_failed",
+        uid=uid,
+        source=source,
+    )
+
+
+async def download(
+    settings: Doc2XSettings, url: str, *, cap: int, log: logging.Logger | Any, uid: str | None = None
+) -> bytes:
+    """
+    GET a file the PDF API points to (an export zip, a page image, a figure crop), up to ``cap`` bytes.
+
+    Only https urls on the hosts the vendor's files live on, or the connection's own host, are
+    fetched (:func:`~airflow_provider_doc2x.protocol.check_download_url`); no ``Authorization``
+    header, no redirect. The body is decoded and capped as the API's answers are. Transient
+    failures (reset, timeout, 408, 429, 5xx) are retried with back-off; any other answer but 200 is
+    a :class:`Doc2XProtocolError`.
+    """
+    checked = protocol.check_download_url(url, own_base_url=settings.base_url)
+    redacted = protocol.redact_url(checked)
+    named = protocol.Doc2XRequest("GET", redacted, uid=uid)
+    async for attempt in tenacity.AsyncRetrying(**_retry_options(settings, named, log)):
+        with attempt:
+            try:
+                return await asyncio.wait_for(
+                    _download_once(settings, checked, redacted, cap, uid), timeout=settings.timeout
+                )
+            except asyncio.TimeoutError as error:
+                raise Doc2XTransientError(
+                    f"The download of {redacted} got no complete answer within {settings.timeout:g}s", uid=uid
+                ) from error
+            except httpx.TransportError as error:
+                reason = protocol.redact(f"{type(error).__name__}: {error or 'no detail'}", settings.secrets)
+                raise Doc2XTransientError(
+                    f"The download of {redacted} failed: {reason.replace(checked, redacted)}", uid=uid
+                ) from None
+    raise AssertionError("unreachable: tenacity re-raises the last error")
+
+
+async def _download_once(
+    settings: Doc2XSettings, url: str, redacted: str, cap: int, uid: str | None
+) -> bytes:
+    shared = await shared_client(_OUTSIDE_CLIENT)
+    async with (
+        shared.gate,
+        shared.client.stream(
+            "GET",
+            url,
+            headers={"Accept-Encoding": ACCEPT_ENCODING},
+            timeout=httpx.Timeout(settings.timeout, connect=settings.connect_timeout),
+        ) as response,
+    ):
+        status = response.status_code
+        if status != 200:
+            error_class = Doc2XTransientError if status in (408, 429) or status >= 500 else Doc2XProtocolError
+            raise error_class(
+                f"The download of {redacted} answered HTTP {status}", http_status=status, uid=uid
+            )
+        declared = response.headers.get("content-length", "")
+        too_large = Doc2XProtocolError(
+            f"The download of {redacted} is larger than its cap of {cap} bytes; it was not read",
+            http_status=status,
+            uid=uid,
+        )
+        if declared.isdigit() and int(declared) > cap:
+            raise too_large
+        try:
+            body = CappedBody(response.headers.get("content-encoding", ""), cap)
+            async for chunk in response.aiter_raw():
+                body.feed(chunk)
+            return body.finish()
+        except CappedBody.TooLarge:
+            raise too_large from None
+        except (zlib.error, ValueError) as error:
+            raise Doc2XProtocolError(
+                f"The download of {redacted} cannot be decoded: {error}", http_status=status, uid=uid
+            ) from None
