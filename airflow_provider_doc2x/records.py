@@ -55,15 +55,21 @@ def records_from_event(
     *,
     results: ResultStore | None = None,
     overwrite: bool = False,
+    known: dict[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """The records of a trigger event, in input order; raise naming every job that did not succeed."""
+    """
+    The records of a trigger event, in input order; raise naming every job that did not succeed.
+
+    ``known`` holds records already made from results the wait brought, by uid (the worker's own
+    wait): those are not fetched again.
+    """
     event = validate_event(event)
     register_key(hook)
     if event["status"] == EVENT_ERROR:
         code = event.get("code")
         error_class = Doc2XAuthError if code == "unauthorized" else Doc2XError
         raise error_class(f"Waiting for Doc2X failed: {event['message']}", code=code)
-    outcomes = transport.run_sync(_collect(hook, event["jobs"], results, overwrite))
+    outcomes = transport.run_sync(_collect(hook, event["jobs"], results, overwrite, known or {}))
     failures = [outcome for outcome in outcomes if outcome.get("status") is not None]
     if failures:
         raise batch_failure(failures, len(outcomes))
@@ -71,7 +77,11 @@ def records_from_event(
 
 
 async def _collect(
-    hook: Doc2XHook, jobs: list[dict[str, Any]], results: ResultStore | None, overwrite: bool
+    hook: Doc2XHook,
+    jobs: list[dict[str, Any]],
+    results: ResultStore | None,
+    overwrite: bool,
+    known: dict[str, dict[str, Any]],
 ) -> list[dict[str, Any]]:
     """
     Each job's record, or the job itself (with its ``status``) when it did not succeed.
@@ -87,6 +97,8 @@ async def _collect(
         if job["status"] != protocol.STATUS_SUCCESS:
             return job
         source, digest = job["source"], job.get("sha256")
+        if job.get("uid") in known:
+            return {**known[job["uid"]], "source": source}
         if results is not None and not overwrite and digest:
             stored = await asyncio.to_thread(results.cached, digest, source)
             if stored is not None:

@@ -10,6 +10,7 @@ reconnects to the recorded uids instead of uploading again.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from datetime import timedelta
@@ -21,7 +22,9 @@ from airflow.providers.common.compat.sdk import BaseOperator, conf
 from airflow_provider_doc2x import transport
 from airflow_provider_doc2x.events import is_finished
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
-from airflow_provider_doc2x.records import batch_failure, records_from_event
+from airflow_provider_doc2x.manifest import Manifest
+from airflow_provider_doc2x.protocol import Doc2XJobStatus
+from airflow_provider_doc2x.records import batch_failure, records_from_event, store_or_record
 from airflow_provider_doc2x.results import ResultStore
 from airflow_provider_doc2x.sources import check_all, resolve_images
 from airflow_provider_doc2x.storage import storage_path
@@ -47,6 +50,10 @@ class Doc2XImageParseOperator(BaseOperator):
         then holds their paths. None keeps the Markdown itself in XCom.
     :param overwrite: with ``output_path``, parse an image again even if its content already has a
         complete result there (by default that result is reused and nothing is submitted).
+    :param incremental: with ``output_path``, keep a manifest there of each image's storage
+        fingerprint (size plus ETag, generation or modification time; see
+        :mod:`airflow_provider_doc2x.manifest`): an image unchanged since it was parsed is not read
+        at all, and its record comes from the manifest. New and changed images are read as usual.
     :param method: ``"async"`` (submit, then wait without a worker when deferrable) or ``"sync"``
         (Doc2X's synchronous endpoint, one image at a time, in the worker).
     :param deferrable: wait in the triggerer instead of the worker.
@@ -74,11 +81,14 @@ class Doc2XImageParseOperator(BaseOperator):
         max_concurrent_polls: int = 8,
         overwrite: bool = False,
         allow_schemes: Sequence[str] = (),
+        incremental: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if method not in ("async", "sync"):
             raise ValueError(f"method must be 'async' or 'sync', got {method!r}")
+        if incremental and not output_path:
+            raise ValueError("incremental=True needs an output_path: the manifest is kept there")
         self.image_path = image_path
         self.doc2x_conn_id = doc2x_conn_id
         self.output_path = output_path
@@ -89,6 +99,7 @@ class Doc2XImageParseOperator(BaseOperator):
         self.max_concurrent_polls = max_concurrent_polls
         self.overwrite = overwrite
         self.allow_schemes = tuple(allow_schemes)
+        self.incremental = incremental
         self._records: list[dict[str, Any]] = []
 
     @cached_property
@@ -101,14 +112,22 @@ class Doc2XImageParseOperator(BaseOperator):
         """Where results go: built at run time, once ``output_path`` is rendered."""
         return ResultStore(self.output_path) if self.output_path else None
 
+    @cached_property
+    def manifest(self) -> Manifest | None:
+        """The manifest under ``output_path`` when ``incremental``: built at run time, like the results."""
+        return Manifest(self.results, overwrite=self.overwrite) if self.incremental and self.results else None
+
     def execute(self, context: Context) -> list[dict[str, Any]]:
         """Check every image, submit (or reuse) each once, then wait: deferred, or in the worker."""
         sources = resolve_images(self.image_path, allow_schemes=self.allow_schemes)
-        check_all(sources)
+        split = self.manifest.partition(sources) if self.manifest else None  # unchanged: never opened
+        to_read = split.to_read if split else sources
+        check_all(to_read)
         uploads = self._uploads(context)
         if self.method == "sync":
-            return self._finish(self._records_or_failure(uploads.parse(sources)))
-        jobs = uploads.submit(sources)
+            outcomes = uploads.parse(to_read)
+            return self._finish(self._records_or_failure(split.records(outcomes) if split else outcomes))
+        jobs = split.jobs(uploads.submit(to_read)) if split else uploads.submit(to_read)
         trigger = Doc2XImageParseTrigger(
             doc2x_conn_id=self.doc2x_conn_id,
             jobs=jobs,
@@ -124,9 +143,19 @@ class Doc2XImageParseOperator(BaseOperator):
                 timeout=timedelta(seconds=self.timeout + 60),
             )
         # The worker waits with the trigger's own loop, on the transport's loop (the hook's settings
-        # were read in this thread already).
-        event = transport.run_sync(trigger.wait(self.hook))
-        return self.execute_complete(context, event)
+        # were read in this thread already), and keeps the results its polls bring.
+        known: dict[str, dict[str, Any]] = {}
+
+        async def keep(job: dict[str, Any], status: Doc2XJobStatus) -> None:
+            assert status.result is not None
+            known[job["uid"]] = await asyncio.to_thread(
+                store_or_record, self.results, job["source"], job.get("sha256"), status.result
+            )
+
+        event = transport.run_sync(trigger.wait(self.hook, on_result=keep))
+        return self._finish(
+            records_from_event(self.hook, event, results=self.results, overwrite=self.overwrite, known=known)
+        )
 
     def _uploads(self, context: Context) -> ImageUploads:
         store = context.get("task_state_store")
@@ -153,12 +182,16 @@ class Doc2XImageParseOperator(BaseOperator):
         return outcomes
 
     def _finish(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self.manifest is not None:
+            self.manifest.record(records)
         self.log.info("Doc2X parsed %d images", len(records))
         self._records = records
         return records
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """Resume after the trigger: fetch each finished result; fail naming every image that did not end well."""
+        if self.manifest is not None:
+            self.manifest.resume(event)  # results it knows are not looked up again
         return self._finish(
             records_from_event(self.hook, event, results=self.results, overwrite=self.overwrite)
         )

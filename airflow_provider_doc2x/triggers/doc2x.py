@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from airflow.providers.common.compat.sdk import conf
@@ -35,6 +35,9 @@ from airflow_provider_doc2x.exceptions import (
     Doc2XTransientError,
 )
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
+
+#: What the worker's own wait does with each result a status call brings: (job, its status).
+ResultCallback = Callable[[dict[str, Any], protocol.Doc2XJobStatus], Awaitable[None]]
 
 
 class Doc2XImageParseTrigger(BaseTrigger):
@@ -96,20 +99,28 @@ class Doc2XImageParseTrigger(BaseTrigger):
         finally:
             await hook.aclose()
 
-    async def wait(self, hook: Doc2XHook) -> dict[str, Any]:
+    async def wait(self, hook: Doc2XHook, *, on_result: ResultCallback | None = None) -> dict[str, Any]:
         """
         Poll until every job is finished; return the event's payload.
 
         Jobs that arrive finished (a failed upload, a job an earlier try already finished) are not
         polled. The first round comes one interval after the start. The deadline holds even while a
         request drips: a round still running at the deadline is cancelled. The worker runs this
-        same loop when the operator does not defer.
+        same loop when the operator does not defer, and passes ``on_result`` to keep each result
+        the polls bring (so it need not fetch it again); the triggerer never does (events carry no
+        results).
+
+        A round asks about the pending jobs in the order they were submitted (Doc2X finishes them
+        in about that order) and ends early once ``max_concurrent_polls`` of its answers say "not
+        finished": the jobs after those are most likely not finished either. Jobs found unfinished
+        go to the back of the line, so a slow job never keeps the others from being asked. A batch
+        of a thousand jobs costs about one status call per job, not one per job per round.
         """
         jobs = [dict(entry) for entry in self.jobs]
-        limit = asyncio.Semaphore(self.max_concurrent_polls)
+        pending = [entry for entry in jobs if not is_finished(entry)]
         failed_rounds = 0
         reported = 0  # "0/N done" is not news: log from the first finished job on
-        if not all(is_finished(entry) for entry in jobs):
+        if pending:
             # The first round waits one interval: the task has just learnt these statuses (it
             # submitted or checked the jobs), so asking at once would be a wasted request. It also
             # keeps the event clear of the deferral: Airflow 3.3's scheduler can fail a task whose
@@ -117,24 +128,14 @@ class Doc2XImageParseTrigger(BaseTrigger):
             # #72716).
             await asyncio.sleep(max(0.0, min(self.poll_interval, self.deadline - time.time())))
 
-        async def poll(uid: str) -> protocol.Doc2XJobStatus | Doc2XError:
-            async with limit:
-                try:
-                    return await hook.aget_job_status(uid)
-                except Doc2XError as error:  # anything else is a bug: let it surface
-                    return error
-
         while True:
-            pending = [entry for entry in jobs if not is_finished(entry)]
             remaining = self.deadline - time.time()
             try:
-                answers = await asyncio.wait_for(
-                    asyncio.gather(*(poll(entry["uid"]) for entry in pending)), timeout=max(remaining, 0.001)
-                )
+                answers = await asyncio.wait_for(self._round(hook, pending), timeout=max(remaining, 0.001))
             except asyncio.TimeoutError:
                 return self._timeout(jobs)
             transient: list[Doc2XError] = []
-            for entry, answer in zip(pending, answers, strict=True):
+            for entry, answer in answers:
                 if isinstance(answer, (Doc2XTransientError, Doc2XProtocolError)):
                     # A status call is safe to repeat: a garbled answer (a proxy's page) is retried
                     # next round, like a 5xx, within max_consecutive_errors.
@@ -148,13 +149,19 @@ class Doc2XImageParseTrigger(BaseTrigger):
                 elif answer.status == protocol.STATUS_FAILED:
                     self._fail(entry, answer.failure())
                 else:
-                    entry.update(status=answer.status, progress=answer.progress)
+                    entry.update(status=answer.status)
+                    if on_result is not None and answer.result is not None:
+                        await on_result(entry, answer)
+            polled = {id(entry) for entry, _ in answers}
+            pending = [entry for entry in pending if id(entry) not in polled] + [
+                entry for entry, _ in answers if not is_finished(entry)
+            ]
             failed_rounds = failed_rounds + 1 if transient else 0
-            done = sum(is_finished(entry) for entry in jobs)
+            done = len(jobs) - len(pending)
             if done != reported:
                 self.log.info("Doc2X: %d/%d done", done, len(jobs))
                 reported = done
-            if done == len(jobs):
+            if not pending:
                 failed = any(entry["status"] != protocol.STATUS_SUCCESS for entry in jobs)
                 return make_event(EVENT_FAILED if failed else EVENT_SUCCESS, jobs, f"{done}/{len(jobs)} done")
             if failed_rounds > self.max_consecutive_errors:
@@ -172,6 +179,30 @@ class Doc2XImageParseTrigger(BaseTrigger):
             if remaining <= 0:
                 return self._timeout(jobs)
             await asyncio.sleep(min(self.poll_interval, remaining))
+
+    async def _round(
+        self, hook: Doc2XHook, pending: list[dict[str, Any]]
+    ) -> list[tuple[dict[str, Any], protocol.Doc2XJobStatus | Doc2XError]]:
+        """One round of status calls, front of the line first, until enough say "not finished"."""
+        answers: list[tuple[dict[str, Any], protocol.Doc2XJobStatus | Doc2XError]] = []
+        unfinished = 0
+        line = iter(pending)
+
+        async def caller() -> None:
+            nonlocal unfinished
+            for entry in line:  # one line shared by the callers: each job is asked once
+                if unfinished >= self.max_concurrent_polls:
+                    return
+                try:
+                    answer: protocol.Doc2XJobStatus | Doc2XError = await hook.aget_job_status(entry["uid"])
+                except Doc2XError as error:  # anything else is a bug: let it surface
+                    answer = error
+                answers.append((entry, answer))
+                if not (isinstance(answer, protocol.Doc2XJobStatus) and answer.is_terminal):
+                    unfinished += 1
+
+        await asyncio.gather(*(caller() for _ in range(self.max_concurrent_polls)))
+        return answers
 
     def _fail(self, entry: dict[str, Any], error: Doc2XError) -> None:
         """Mark a job failed with its code and fixed summary; the server's own words go to the log only."""
