@@ -363,16 +363,12 @@ class Doc2XHook(BaseHook):
             attempt += 1
             try:
                 answer = await transport.put_file(settings, url, path, uid=uid, source=name, sources=images)
-                try:
-                    protocol.read_put_answer(answer, url=url, uid=uid, source=name)
-                except Doc2XSubmitUncertainError:
-                    _used_urls.add(url)
-                    raise
+                protocol.read_put_answer(answer, url=url, uid=uid, source=name)
                 _used_urls.add(url)
                 self.log.info("Uploaded %s (%d images) to Doc2X as uid %s", name, len(images), uid)
                 return
             except Doc2XSubmitUncertainError:
-                _used_urls.add(url)
+                _used_urls.add(url)  # the store may hold the PDF: the url is spent either way
                 raise
             except Doc2XTransientError as error:
                 young = protocol.Doc2XPreupload(uid, url, issued_at).is_young(time.monotonic())
