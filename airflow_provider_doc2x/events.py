@@ -5,12 +5,13 @@ Both travel through Airflow's database (trigger kwargs, the event, the resumed t
 they carry ids, statuses, codes and short fixed texts only: never results, never the server's own
 words. A job is a dict::
 
-    {"uid": "0194...", "source": "/scans/a.png", "sha256": "ab12...", "status": "processing",
-     "code": None, "message": None}
+    {"uid": "0194...", "source": "/scans/a.png", "sha256": "ab12...", "status": "processing"}
 
 ``status`` is Doc2X's (``processing``, ``success``, ``failed``, or a status this provider does not
-know yet, which counts as not finished); a failed job has a ``code`` (Doc2X's, or this provider's
-own, see :func:`airflow_provider_doc2x.protocol.error_class_for`) and a fixed ``message``.
+know yet, which counts as not finished); a failed job also has a ``code`` (Doc2X's, or this
+provider's own, see :func:`airflow_provider_doc2x.protocol.error_class_for`) and a fixed
+``message``. Keys without a value are left out: a task of ten thousand images carries ten
+thousand jobs through the database, twice.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def job(
     uid: str | None, source: str, sha256: str | None, status: str = protocol.STATUS_PROCESSING
 ) -> dict[str, Any]:
     """A job as the task hands it to the trigger."""
-    return {"uid": uid, "source": source, "sha256": sha256, "status": status, "code": None, "message": None}
+    return {"uid": uid, "source": source, "sha256": sha256, "status": status}
 
 
 def failed_job(source: str, sha256: str | None, error: Doc2XError, uid: str | None = None) -> dict[str, Any]:
@@ -53,22 +54,17 @@ def make_event(
     status: str, jobs: list[dict[str, Any]], message: str, code: str | None = None
 ) -> dict[str, Any]:
     """The event's payload: a fixed message, and each job's ids and status."""
-    return {
-        "status": status,
-        "message": message,
-        "code": code,
-        "jobs": [
-            {
-                "uid": entry.get("uid"),
-                "source": entry.get("source"),
-                "sha256": entry.get("sha256"),
-                "status": entry.get("status") or protocol.STATUS_PROCESSING,
-                "code": entry.get("code"),
-                "message": entry.get("message"),
-            }
-            for entry in jobs
-        ],
-    }
+    return {"status": status, "message": message, "code": code, "jobs": [_carried(entry) for entry in jobs]}
+
+
+def _carried(entry: dict[str, Any]) -> dict[str, Any]:
+    """A job as an event carries it: its ids, status and failure, and nothing the trigger added."""
+    carried = {key: entry.get(key) for key in ("uid", "source", "sha256")}
+    carried["status"] = entry.get("status") or protocol.STATUS_PROCESSING
+    for key in ("code", "message"):
+        if entry.get(key) is not None:
+            carried[key] = entry[key]
+    return carried
 
 
 def validate_event(event: Any) -> dict[str, Any]:
