@@ -78,34 +78,55 @@ class ResultStore:
         self.root = storage_path(output_path)
         self._written: dict[str, dict[str, Any]] = {}
         self._by_hash: dict[str, list[Any]] | None = None
+        self._children: list[Any] | None = None
+        self._sidecars: dict[str, dict[str, Any] | None] = {}
+        #: Each source's storage fingerprint taken before it was read (see
+        #: :mod:`airflow_provider_doc2x.manifest`); written into the sidecar so that a lost manifest
+        #: can be rebuilt from the sidecars without reading the images again.
+        self.fingerprints: dict[str, str] = {}
 
     def cached(self, sha256: str, source: str) -> dict[str, Any] | None:
         """The record of a complete earlier result for this content, or None."""
         if sha256 in self._written:
             return self._written[sha256]
         folder = self.root / folder_name(source, sha256)
-        meta = self._sidecar(folder)
+        meta = self.sidecar(folder)
         if meta is None:
             # The same content under another name: look for any folder with this hash.
             for candidate in self._folders_of(sha256):
-                if candidate.name != folder.name and (meta := self._sidecar(candidate)) is not None:
+                if candidate.name != folder.name and (meta := self.sidecar(candidate)) is not None:
                     folder = candidate
                     break
         if meta is None:
             return None
         return self._record(folder, meta, cached=True)
 
+    def remember(self, record: dict[str, Any]) -> None:
+        """Answer :meth:`cached` for this record's content from memory (a result known from the manifest)."""
+        self._written[record["sha256"]] = {**record, "cached": True}
+
+    def folders(self) -> list[Any]:
+        """The root's children, from one listing made at the first call."""
+        if self._children is None:
+            try:
+                self._children = list(self.root.iterdir()) if self.root.exists() else []
+            except OSError:
+                self._children = []
+        return self._children
+
     def _folders_of(self, sha256: str) -> list[Any]:
         """Folders whose name ends in this hash, from one listing of the root made at the first miss."""
         if self._by_hash is None:
             self._by_hash = {}
-            try:
-                children = list(self.root.iterdir()) if self.root.exists() else []
-            except OSError:
-                children = []
-            for child in children:
+            for child in self.folders():
                 self._by_hash.setdefault(child.name.rsplit("-", 1)[-1], []).append(child)
         return self._by_hash.get(sha256[:12], [])
+
+    def sidecar(self, folder: Any) -> dict[str, Any] | None:
+        """The sidecar of a result folder, validated, read once per store; None if missing or unusable."""
+        if folder.name not in self._sidecars:
+            self._sidecars[folder.name] = self._sidecar(folder)
+        return self._sidecars[folder.name]
 
     @staticmethod
     def _sidecar(folder: Any) -> dict[str, Any] | None:
@@ -160,11 +181,18 @@ class ResultStore:
             "warnings": figures.warnings,
             "provider_version": __version__,
         }
+        if source in self.fingerprints:
+            meta["source_fingerprint"] = self.fingerprints[source]
         # The sidecar goes last: a folder without it is an interrupted write, not a cache hit.
         write(folder / f"{stem}.json", json.dumps(meta, indent=2).encode())
+        self._sidecars[folder.name] = meta
         record = self._record(folder, meta, cached=False)
         self._written[sha256] = {**record, "cached": True}
         return record
+
+    def record_of(self, folder_name: str, meta: dict[str, Any]) -> dict[str, Any]:
+        """The record of an earlier result in ``folder_name`` under the root, from its (validated) metadata."""
+        return self._record(self.root / folder_name, meta, cached=True)
 
     @staticmethod
     def _record(folder: Any, meta: dict[str, Any], *, cached: bool) -> dict[str, Any]:

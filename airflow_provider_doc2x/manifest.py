@@ -1,0 +1,728 @@
+"""
+The manifest: which source is which content and which result, by what its storage tells cheaply.
+
+A DAG that runs every day over a folder or bucket prefix that only grows would otherwise read and
+hash every image to learn that it is parsed already: the whole corpus downloaded to find the few
+new files. The manifest remembers, for each source URI, its *fingerprint* as the storage describes
+it without reading it (the size plus the version tokens it lists: ETag, generation, modification
+time, change time), taken **before** the file was read, with the sha256 of what was read and the
+result folder. A source whose fingerprint is unchanged is not opened at all and its record comes
+from the manifest; a new or changed one is read, hashed and looked up in the content cache as
+before, so identical content under a new name is still not billed.
+
+It lives under ``output_path``, one flat folder that one listing shows whole::
+
+    <output_path>/_manifest/v1/
+        3.base.20260102T030405123456Z.<writer>.json    # shard 3: entries folded by a compaction
+        3.delta.20260102T031122000001Z.<writer>.json   # shard 3: the new entries of one task
+        ...
+
+Why this shape, for object stores that have neither locks nor an atomic rename (S3, GCS):
+
+- **Immutable, uniquely named objects.** A writer only ever adds objects under names of its own
+  (a timestamp and a random writer id), so concurrent tasks writing one ``output_path`` (mapped
+  tasks) cannot overwrite, and so cannot lose, each other's entries.
+- **The manifest is the merge of every object present.** For each source the newest entry wins
+  (by the time it was recorded, ties broken by a total order), so objects can be merged in any
+  order and an object read twice changes nothing.
+- **Compaction deletes only what it read.** A writer that finds many objects in a shard writes
+  one new base holding everything it read plus its own entries, then deletes exactly the objects
+  it read, never one it did not. Whatever another writer added meanwhile survives; two compactions
+  at once leave two bases, merged on read and by the next compaction. A reader that finds an
+  object gone lists again once (its entries are in a newer base).
+- **Sixteen shards by the hash of the source URI.** A mapped task with one image reads a
+  sixteenth of the manifest, not all of it; a task over the whole prefix reads all of it.
+- **Atomic objects.** On object stores (and ``memory://``) one PUT is atomic; elsewhere (a local
+  or mounted filesystem, HDFS) an object is written under a temporary name, then renamed.
+
+Every byte read back is treated as hostile. An object that is not exactly the JSON this module
+writes (types, hashes, shard, folder names that stay inside ``output_path``, figure paths that are
+plain relative paths) is ignored as a whole with a warning, and deleted when the task that rebuilds its
+entries writes the shard again. Entries that are missing (no manifest at all, or a shard with a corrupt object) are
+rebuilt from the sidecars, which carry the fingerprint of the source that produced them; a
+sidecar without one (written before the manifest existed) rebuilds nothing, and its image is read.
+An entry is trusted only as far as it goes: a fingerprint that does not match means a read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import posixpath
+import re
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from airflow_provider_doc2x import protocol
+from airflow_provider_doc2x.archives import MAX_ZIP_ENTRIES, safe_member_path
+from airflow_provider_doc2x.events import job
+from airflow_provider_doc2x.results import ResultStore, folder_name, write
+from airflow_provider_doc2x.sources import ImageSource
+
+log = logging.getLogger(__name__)
+
+#: What the objects say they are; an object of a later version is left alone, not trusted.
+FORMAT = "airflow-provider-doc2x manifest"
+VERSION = 1
+#: The manifest's folder under ``output_path``.
+MANIFEST_DIR = "_manifest"
+#: Shards (one hex digit of the sha256 of the source URI).
+SHARDS = 16
+#: Objects in a shard at which a writer folds them into one base.
+COMPACT_AT = 16
+#: Images of one task in one folder at which that folder is listed once (its sizes and version
+#: tokens come with the listing) instead of one metadata call per image.
+LIST_FOLDER_AT = 64
+#: Larger than any manifest object this module writes for a realistic corpus; anything larger is refused.
+MAX_OBJECT_BYTES = 256 * 1024 * 1024
+#: Schemes whose single write is atomic (a reader sees the whole object or nothing).
+ATOMIC_PUT_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "oss", "memory"})
+
+_OBJECT_NAME = re.compile(r"^(?P<shard>[0-9a-f])\.(?P<kind>base|delta)\.\d{8}T\d{12}Z\.[0-9a-f]{32}\.json$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_FOLDER = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,79}-[0-9a-f]{12}$")
+_MAX_URI = 4096
+_MAX_TEXT = 1024
+#: Fingerprint fields, each the first of its keys that the storage's ``info`` gives (fsspec names
+#: them per backend: s3fs, gcsfs, adlfs, the local and memory filesystems).
+_FINGERPRINT_FIELDS = (
+    ("etag", ("ETag", "etag", "e_tag")),
+    ("generation", ("generation",)),
+    ("mtime", ("mtime", "LastModified", "last_modified", "updated", "modified")),
+    ("ctime", ("created",)),
+)
+
+
+class _Unusable(ValueError):
+    """What was read back is not what this module writes."""
+
+
+def fingerprint(info: Mapping[str, Any] | None) -> str | None:
+    """
+    A file's fingerprint from its storage metadata (one ``info`` or one listing entry), or None.
+
+    The size plus every version token the storage gives: ETag, generation, modification time and,
+    on a local disk, change time (a rewrite that keeps size and mtime still changes it). Datetimes
+    and epoch numbers are written alike, so a listing and an ``info`` of one file agree. None when
+    the storage gives no token beyond the size: such a file is never skipped, it is always read.
+    """
+    if not isinstance(info, Mapping) or info.get("type", "file") != "file":
+        return None
+    size = info.get("size")
+    if type(size) is not int or size < 0:
+        return None
+    parts = [f"size={size}"]
+    for label, keys in _FINGERPRINT_FIELDS:
+        for key in keys:
+            token = _token(info.get(key))
+            if token:
+                parts.append(f"{label}={token}")
+                break
+    return ";".join(parts) if len(parts) > 1 else None
+
+
+def _token(value: Any) -> str | None:
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, datetime):
+        value = (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
+    if isinstance(value, (int, float)):
+        return f"{float(value):.6f}" if math.isfinite(value) else None
+    text = str(value).strip().replace(";", ",")
+    return text[:200] or None
+
+
+def shard_of(source: str) -> str:
+    """The shard of a source URI: the first hex digit of its sha256."""
+    return hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest()[0]
+
+
+@dataclass(frozen=True)
+class Result:
+    """Where a content's result is, relative to ``output_path``: what its record is built from."""
+
+    folder: str
+    uid: str | None
+    markdown: str
+    figures: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """As stored in a manifest object."""
+        return {
+            "folder": self.folder,
+            "uid": self.uid,
+            "markdown": self.markdown,
+            "figures": list(self.figures),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, sha256: str) -> Result:
+        """Validated: a folder directly under ``output_path`` named for this content, plain relative figures."""
+        if not isinstance(data, dict) or set(data) != {"folder", "uid", "markdown", "figures"}:
+            raise _Unusable("a result is not an object with folder, uid, markdown and figures")
+        folder, uid, markdown, figures = data["folder"], data["uid"], data["markdown"], data["figures"]
+        if not isinstance(folder, str) or not _FOLDER.fullmatch(folder) or folder[-12:] != sha256[:12]:
+            raise _Unusable("a result folder is not <name>-<first 12 hex of its sha256>")
+        if markdown != folder.rsplit("-", 1)[0] + ".md":
+            raise _Unusable("a result's Markdown is not named after its folder")
+        if uid is not None and (not isinstance(uid, str) or not 0 < len(uid) <= 200):
+            raise _Unusable("a result's uid is not a short string")
+        if not isinstance(figures, list) or len(figures) > MAX_ZIP_ENTRIES:
+            raise _Unusable("a result's figures are not a list")
+        for figure in figures:
+            if not isinstance(figure, str) or safe_member_path(figure) != figure:
+                raise _Unusable("a figure path is not a plain relative path")
+        return cls(folder, uid, markdown, tuple(figures))
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What the manifest knows of one source: fingerprint, content, and (once written) its result."""
+
+    fingerprint: str
+    sha256: str
+    at: float
+    result: Result | None = None
+
+    def order(self) -> tuple[Any, ...]:
+        """A total order: the newest wins, and among equals the one with a result (merging is commutative)."""
+        result = self.result.to_json() if self.result else {}
+        return (self.at, self.result is not None, self.fingerprint, self.sha256, json.dumps(result))
+
+    def to_json(self) -> dict[str, Any]:
+        """As stored in a manifest object."""
+        return {
+            "fingerprint": self.fingerprint,
+            "sha256": self.sha256,
+            "at": self.at,
+            "result": self.result.to_json() if self.result else None,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> Entry:
+        """Validated field by field."""
+        if not isinstance(data, dict) or set(data) != {"fingerprint", "sha256", "at", "result"}:
+            raise _Unusable("an entry is not an object with fingerprint, sha256, at and result")
+        fp, sha256, at = data["fingerprint"], data["sha256"], data["at"]
+        if not isinstance(fp, str) or not 0 < len(fp) <= _MAX_TEXT:
+            raise _Unusable("an entry's fingerprint is not a short string")
+        if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
+            raise _Unusable("an entry's sha256 is not 64 lower-case hex digits")
+        if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at):
+            raise _Unusable("an entry's time is not a number")
+        result = None if data["result"] is None else Result.from_json(data["result"], sha256)
+        return cls(fp, sha256, float(at), result)
+
+
+def _newer(entry: Entry, other: Entry | None) -> bool:
+    return other is None or entry.order() > other.order()
+
+
+class Manifest:
+    """
+    The manifest of one ``output_path``, as one task sees it: loaded shard by shard when needed.
+
+    :param results: the task's result store (the manifest lives under its root, and seeds it with
+        the results it knows, so that the content cache answers them from memory).
+    :param overwrite: the task parses everything again: nothing is skipped, but the fingerprints
+        are still taken and recorded.
+    :param compact_at: objects in a shard at which a writer folds them into one.
+    :param list_folder_at: images of one folder at which the folder is listed once instead of one
+        metadata call per image.
+    """
+
+    def __init__(
+        self,
+        results: ResultStore,
+        *,
+        overwrite: bool = False,
+        compact_at: int = COMPACT_AT,
+        list_folder_at: int = LIST_FOLDER_AT,
+    ) -> None:
+        self.results = results
+        self.folder = results.root / MANIFEST_DIR / f"v{VERSION}"
+        self.overwrite = overwrite
+        self.compact_at = max(2, compact_at)
+        self.list_folder_at = max(1, list_folder_at)
+        self._writer = uuid.uuid4().hex
+        self._listing: dict[str, int] | None = None  # object name -> size, from one listing
+        self._entries: dict[str, dict[str, Entry]] = {}  # shard -> source -> merged entry
+        self._read: dict[str, set[str]] = {}  # shard -> objects read (what a compaction may delete)
+        self._corrupt: dict[str, set[str]] = {}  # shard -> objects ignored as unusable
+        self._fingerprints: dict[str, str] = {}  # source -> fingerprint taken before this task read it
+        self._pending: dict[str, Entry] = {}  # source -> entry to write at the next save
+        self._warned_missing = False
+
+    # -- what the operator calls ---------------------------------------------------------------
+
+    def partition(self, sources: Sequence[ImageSource]) -> Split:
+        """
+        Split a task's sources into those the manifest answers (never opened) and those to read.
+
+        Each source's fingerprint is taken first (from a listing of its folder, or one metadata
+        call); a source whose fingerprint matches its entry, and whose result is complete, is known.
+        """
+        fingerprints = self.take_fingerprints(sources)
+        known: dict[str, dict[str, Any]] = {}
+        if not self.overwrite:
+            self._load({shard_of(uri) for uri in fingerprints})
+            to_recover = []
+            for source in sources:
+                fp = fingerprints.get(source.uri)
+                if fp is None or source.uri in known:
+                    continue
+                entry = self._entry(source.uri)
+                if entry is None:
+                    if not self.exists or self._corrupt.get(shard_of(source.uri)):
+                        to_recover.append(source)
+                elif entry.fingerprint == fp and (record := self._known_record(source.uri, entry)):
+                    known[source.uri] = record
+            if to_recover:
+                known.update(self._recover(to_recover))
+        split = Split(self, list(sources), known)
+        log.info(
+            "Manifest: %d of %d images unchanged since they were parsed (not read); %d to read",
+            len(sources) - len(split.to_read),
+            len(sources),
+            len(split.to_read),
+        )
+        return split
+
+    def take_fingerprints(self, sources: Sequence[ImageSource]) -> dict[str, str]:
+        """
+        Each source's fingerprint (sources with none are left out), remembered for the sidecars.
+
+        A folder holding at least ``list_folder_at`` of the sources is listed once; any other source
+        (or one the listing missed) costs one metadata call. Nothing is read.
+        """
+        groups: dict[tuple[int, str], list[ImageSource]] = {}
+        for source in sources:
+            groups.setdefault((id(source.path.fs), posixpath.dirname(source.path.path)), []).append(source)
+        taken: dict[str, str] = {}
+        for (_, parent), members in groups.items():
+            listed: dict[str, Any] = {}
+            if len(members) >= self.list_folder_at:
+                listed = _listing_by_name(members[0].path.fs, parent)
+            for source in members:
+                info = listed.get(posixpath.basename(source.path.path))
+                if info is None:
+                    try:
+                        info = source.path.fs.info(source.path.path)
+                    except (OSError, ValueError):
+                        continue  # missing or unreadable: the image check names it
+                fp = fingerprint(info)
+                if fp is not None:
+                    taken[source.uri] = fp
+        self._fingerprints.update(taken)
+        self.results.fingerprints.update(taken)
+        return taken
+
+    def resume(self, event: Any) -> None:
+        """
+        Before a resumed task collects its records: answer the known results from memory, and
+        recall the fingerprints this task's first half took (it saved them before deferring).
+        """
+        jobs = event.get("jobs") if isinstance(event, dict) else None
+        if not isinstance(jobs, list):
+            return  # the event is refused where it is validated
+        wanted = {
+            item["source"]: item["sha256"]
+            for item in jobs
+            if isinstance(item, dict)
+            and item.get("status") == protocol.STATUS_SUCCESS
+            and isinstance(item.get("source"), str)
+            and isinstance(item.get("sha256"), str)
+        }
+        self._load({shard_of(uri) for uri in wanted})
+        for uri, sha256 in wanted.items():
+            entry = self._entry(uri)
+            if entry is None or entry.sha256 != sha256:
+                continue
+            if uri not in self._fingerprints:
+                self._fingerprints[uri] = self.results.fingerprints[uri] = entry.fingerprint
+            if entry.result is not None and not self.overwrite:
+                self.results.remember(self._record_of(uri, entry.sha256, entry.result))
+
+    def note(self, source: str, sha256: str | None) -> None:
+        """A source was read and hashed: its fingerprint (taken before the read) is this content."""
+        fp = self._fingerprints.get(source)
+        if fp is None or not sha256 or not _SHA256.fullmatch(sha256):
+            return
+        current = self._pending.get(source) or self._entry(source)
+        if current is not None and current.fingerprint == fp and current.sha256 == sha256:
+            return
+        self._stage(source, Entry(fp, sha256, self._after(current)))
+
+    def record(self, records: Iterable[dict[str, Any]]) -> None:
+        """After a task's results are written: each source's complete entry, saved."""
+        for record in records:
+            source, sha256 = record.get("source"), record.get("sha256")
+            if not isinstance(source, str) or not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
+                continue
+            fp = self._fingerprints.get(source)
+            if fp is None:
+                continue
+            result = self._result_of(record, sha256)
+            if result is None:
+                continue
+            self._load({shard_of(source)})
+            current = self._entry(source)
+            if current is not None and (current.fingerprint, current.sha256, current.result) == (
+                fp,
+                sha256,
+                result,
+            ):
+                self._pending.pop(source, None)
+                continue
+            self._stage(source, Entry(fp, sha256, self._after(current), result))
+        self.save()
+
+    def save(self) -> None:
+        """Write the staged entries: one new object per shard touched; compact a shard grown large."""
+        if not self._pending:
+            return
+        by_shard: dict[str, dict[str, Entry]] = {}
+        for source, entry in self._pending.items():
+            by_shard.setdefault(shard_of(source), {})[source] = entry
+        self._load(set(by_shard))
+        for shard, entries in sorted(by_shard.items()):
+            name = self._put(shard, "delta", entries)
+            for source, entry in entries.items():
+                if _newer(entry, self._entries[shard].get(source)):
+                    self._entries[shard][source] = entry
+            self._read[shard].add(name)  # ours, and folded like the others at a compaction
+            # A shard with an unusable object is healed at once: folded, and that object deleted.
+            if self._corrupt[shard] or len(self._read[shard]) >= self.compact_at:
+                self._compact(shard)
+        self._pending.clear()
+
+    @property
+    def exists(self) -> bool:
+        """Whether any manifest object is under ``output_path`` (from the one listing)."""
+        return any(_OBJECT_NAME.fullmatch(name) for name in self._list())
+
+    def entries(self) -> dict[str, Entry]:
+        """Every entry of every shard, merged (for inspection and tests: reads the whole manifest)."""
+        self._load({f"{shard:x}" for shard in range(SHARDS)})
+        return {source: entry for shard in self._entries.values() for source, entry in shard.items()}
+
+    # -- known results ----------------------------------------------------------------------------
+
+    def _known_record(self, source: str, entry: Entry) -> dict[str, Any] | None:
+        """The record of an unchanged source: from the entry, or (no result recorded) the content cache."""
+        if entry.result is not None:
+            record = self._record_of(source, entry.sha256, entry.result)
+            self.results.remember(record)
+            return record
+        # Read and hashed by an earlier task that did not record its result: one sidecar probe.
+        cached = self.results.cached(entry.sha256, source)
+        if cached is None:
+            return None
+        record = {**cached, "source": source}
+        result = self._result_of(record, entry.sha256)
+        if result is not None:
+            self._stage(source, Entry(entry.fingerprint, entry.sha256, self._after(entry), result))
+        return record
+
+    def _record_of(self, source: str, sha256: str, result: Result) -> dict[str, Any]:
+        meta = {
+            "source": source,
+            "uid": result.uid,
+            "sha256": sha256,
+            "markdown": result.markdown,
+            "figures": list(result.figures),
+        }
+        return self.results.record_of(result.folder, meta)
+
+    def _result_of(self, record: dict[str, Any], sha256: str) -> Result | None:
+        """A written record's result, relative to the root; None if it is not a result folder there."""
+        markdown_path, figure_paths = record.get("markdown_path"), record.get("figure_paths") or []
+        if not isinstance(markdown_path, str) or not isinstance(figure_paths, list):
+            return None
+        prefix, _, markdown = markdown_path.rpartition("/")
+        folder = prefix.rpartition("/")[2]
+        if str(self.results.root / folder) != prefix:
+            return None
+        figures = []
+        for path in figure_paths:
+            if not isinstance(path, str) or not path.startswith(prefix + "/"):
+                return None
+            figures.append(path[len(prefix) + 1 :])
+        uid = record.get("uid")
+        try:
+            return Result.from_json(
+                {"folder": folder, "uid": uid, "markdown": markdown, "figures": figures}, sha256
+            )
+        except _Unusable:
+            return None
+
+    def _recover(self, sources: list[ImageSource]) -> dict[str, dict[str, Any]]:
+        """
+        Rebuild the missing entries of these sources from the sidecars (one listing of the root).
+
+        A result folder is named after its source (``<stem>-<sha12>``), so only the folders of each
+        source's own name are read; a sidecar counts only if it names this source and the
+        fingerprint the source has now.
+        """
+        by_stem: dict[str, list[Any]] = {}
+        for child in self.results.folders():
+            if _FOLDER.fullmatch(child.name):
+                by_stem.setdefault(child.name.rsplit("-", 1)[0], []).append(child)
+        if not by_stem:
+            return {}  # nothing parsed here yet: a first run, nothing to rebuild
+        if not self._warned_missing:
+            self._warned_missing = True
+            log.warning(
+                "Manifest under %s is %s: rebuilding the entries of %d images from the sidecars",
+                self.results.root,
+                "missing" if not self.exists else "partly unusable",
+                len(sources),
+            )
+        known: dict[str, dict[str, Any]] = {}
+        for source in sources:
+            fp = self._fingerprints[source.uri]
+            stem = folder_name(source.uri, "0" * 64).rsplit("-", 1)[0]
+            for candidate in by_stem.get(stem, []):
+                meta = self.results.sidecar(candidate)
+                if not meta or meta.get("source") != source.uri or meta.get("source_fingerprint") != fp:
+                    continue
+                sha256 = meta.get("sha256")
+                try:
+                    if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
+                        raise _Unusable("no sha256")
+                    result = Result.from_json(
+                        {
+                            "folder": candidate.name,
+                            "uid": meta.get("uid"),
+                            "markdown": meta.get("markdown"),
+                            "figures": meta.get("figures", []),
+                        },
+                        sha256,
+                    )
+                except _Unusable:
+                    continue
+                record = self._record_of(source.uri, sha256, result)
+                self.results.remember(record)
+                self._stage(source.uri, Entry(fp, sha256, time.time(), result))
+                known[source.uri] = record
+                break
+        log.info("Manifest: %d of %d entries rebuilt from the sidecars", len(known), len(sources))
+        return known
+
+    # -- storage ------------------------------------------------------------------------------
+
+    def _entry(self, source: str) -> Entry | None:
+        return self._entries.get(shard_of(source), {}).get(source)
+
+    def _stage(self, source: str, entry: Entry) -> None:
+        if _newer(entry, self._pending.get(source)):
+            self._pending[source] = entry
+
+    @staticmethod
+    def _after(current: Entry | None) -> float:
+        """Now, but after the entry it replaces (a worker's clock may lag another's)."""
+        now = time.time()
+        return max(now, current.at + 0.001) if current is not None else now
+
+    def _list(self, *, refresh: bool = False) -> dict[str, int]:
+        if self._listing is None or refresh:
+            self._listing = {}
+            try:
+                listed = self.folder.fs.ls(self.folder.path, detail=True)
+            except (FileNotFoundError, NotADirectoryError):
+                listed = []
+            for item in listed:
+                if isinstance(item, dict) and isinstance(item.get("name"), str):
+                    size = item.get("size")
+                    self._listing[posixpath.basename(item["name"].rstrip("/"))] = (
+                        size if isinstance(size, int) else 0
+                    )
+        return self._listing
+
+    def _load(self, shards: set[str]) -> None:
+        """Read every object of these shards (once per task), merged; list again once if one vanished."""
+        shards = {shard for shard in shards if shard not in self._entries}
+        if not shards:
+            return
+        for shard in shards:
+            self._entries[shard], self._read[shard], self._corrupt[shard] = {}, set(), set()
+        if self._read_objects(self._list(), shards):
+            # A compaction deleted what we listed: its entries are in a base we have not seen.
+            self._read_objects(self._list(refresh=True), shards)
+
+    def _read_objects(self, listing: dict[str, int], shards: set[str]) -> bool:
+        vanished = False
+        for name, size in sorted(listing.items()):
+            match = _OBJECT_NAME.fullmatch(name)
+            if not match or match["shard"] not in shards:
+                continue
+            shard = match["shard"]
+            if name in self._read[shard] or name in self._corrupt[shard]:
+                continue
+            try:
+                entries = self._parse(self._get(name, size), shard)
+            except FileNotFoundError:
+                vanished = True
+                continue
+            except _Unusable as error:
+                log.warning(
+                    "Manifest object %s is unusable (%s): ignored; the entries of its images are rebuilt "
+                    "from the sidecars, and it is deleted when its shard is next written",
+                    self.folder / name,
+                    error,
+                )
+                self._corrupt[shard].add(name)
+                continue
+            if entries is None:
+                continue  # a later format: left alone
+            merged = self._entries[shard]
+            for source, entry in entries.items():
+                if _newer(entry, merged.get(source)):
+                    merged[source] = entry
+            self._read[shard].add(name)
+        return vanished
+
+    def _get(self, name: str, size: int) -> bytes:
+        if size > MAX_OBJECT_BYTES:
+            raise _Unusable(f"{size} bytes, more than {MAX_OBJECT_BYTES}")
+        try:
+            with (self.folder / name).open("rb") as handle:
+                data = handle.read(MAX_OBJECT_BYTES + 1)
+        except FileNotFoundError:
+            raise
+        except OSError as error:
+            raise _Unusable(f"cannot be read: {type(error).__name__}") from error
+        if len(data) > MAX_OBJECT_BYTES:
+            raise _Unusable(f"more than {MAX_OBJECT_BYTES} bytes")
+        return data
+
+    @staticmethod
+    def _parse(data: bytes, shard: str) -> dict[str, Entry] | None:
+        """An object's entries, validated; None for an object of a later version of this format."""
+        try:
+            document = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise _Unusable("not JSON") from error
+        if not isinstance(document, dict) or document.get("format") != FORMAT:
+            raise _Unusable("not a manifest object")
+        version = document.get("version")
+        if isinstance(version, int) and not isinstance(version, bool) and version > VERSION:
+            log.warning(
+                "A manifest object of format version %s is left alone (this provider reads %s)",
+                version,
+                VERSION,
+            )
+            return None
+        if (
+            version != VERSION
+            or document.get("shard") != shard
+            or not isinstance(document.get("entries"), dict)
+        ):
+            raise _Unusable("wrong version, shard or entries")
+        entries = {}
+        for source, value in document["entries"].items():
+            if not 0 < len(source) <= _MAX_URI or shard_of(source) != shard:
+                raise _Unusable("an entry's source does not belong in this shard")
+            entries[source] = Entry.from_json(value)
+        return entries
+
+    def _put(self, shard: str, kind: str, entries: Mapping[str, Entry]) -> str:
+        """Write one new object (never over another); atomic: a single PUT, or a write then a rename."""
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        name = f"{shard}.{kind}.{stamp}.{uuid.uuid4().hex}.json"
+        data = json.dumps(
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "shard": shard,
+                "writer": self._writer,
+                "entries": {source: entry.to_json() for source, entry in sorted(entries.items())},
+            },
+            separators=(",", ":"),
+        ).encode()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        target = self.folder / name
+        if self.folder.protocol in ATOMIC_PUT_SCHEMES:
+            target.fs.pipe_file(target.path, data)  # one PUT: the whole object or nothing
+        else:
+            temporary = self.folder / f".tmp-{uuid.uuid4().hex}"
+            write(temporary, data)
+            temporary.rename(target)
+        if self._listing is not None:
+            self._listing[name] = len(data)
+        return name
+
+    def _compact(self, shard: str) -> None:
+        """Fold every object this task read of a shard (and its own) into one base, then delete them."""
+        folded = self._read[shard] | self._corrupt[shard]
+        base = self._put(shard, "base", self._entries[shard])
+        for name in sorted(folded):
+            # Gone already: another writer's compaction folded it first.
+            (self.folder / name).unlink(missing_ok=True)
+            if self._listing is not None:
+                self._listing.pop(name, None)
+        self._read[shard], self._corrupt[shard] = {base}, set()
+        log.info("Manifest shard %s: %d objects folded into %s", shard, len(folded), base)
+
+
+class Split:
+    """
+    A task's sources as the manifest splits them: ``known`` (source -> record, never opened) and
+    ``to_read``; :meth:`jobs` and :meth:`records` put the two back together in input order.
+    """
+
+    def __init__(self, manifest: Manifest, sources: list[ImageSource], known: dict[str, dict[str, Any]]):
+        self.manifest = manifest
+        self.sources = sources
+        self.known = known
+        self.to_read = [source for source in sources if source.uri not in known]
+
+    def jobs(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """
+        All jobs in input order, from the jobs of ``to_read``; each content read is noted, and
+        saved before the task may defer (its second half may run in another process).
+        """
+        merged = self._merge(
+            jobs,
+            lambda record: job(record["uid"], record["source"], record["sha256"], protocol.STATUS_SUCCESS),
+        )
+        if any(item.get("status") != protocol.STATUS_SUCCESS for item in merged):
+            self.manifest.save()
+        return merged
+
+    def records(self, outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """All records (or failed jobs) in input order, from those of ``to_read``."""
+        return self._merge(outcomes, dict)
+
+    def _merge(self, outcomes: list[dict[str, Any]], known_as: Any) -> list[dict[str, Any]]:
+        if len(outcomes) != len(self.to_read):
+            raise ValueError(f"{len(outcomes)} outcomes for {len(self.to_read)} images read")
+        read = iter(outcomes)
+        merged = []
+        for source in self.sources:
+            if source.uri in self.known:
+                merged.append(known_as(self.known[source.uri]))
+                continue
+            item = next(read)
+            self.manifest.note(source.uri, item.get("sha256"))
+            merged.append(item)
+        return merged
+
+
+def _listing_by_name(fs: Any, folder: str) -> dict[str, Any]:
+    """A folder's entries (with their metadata) by base name; empty if it cannot be listed."""
+    try:
+        listed = fs.ls(folder, detail=True)
+    except (OSError, ValueError):
+        return {}
+    return {
+        posixpath.basename(item["name"].rstrip("/")): item
+        for item in listed
+        if isinstance(item, dict) and isinstance(item.get("name"), str)
+    }
