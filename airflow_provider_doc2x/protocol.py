@@ -189,18 +189,16 @@ def status_request(uid: str) -> Doc2XRequest:
 
 def check_uid(uid: Any, *, source: str | None = None) -> str:
     """A uid is a short string of printable characters; anything else is refused before it is used."""
-    if (
-        not isinstance(uid, str)
-        or not uid
-        or len(uid) > MAX_UID_CHARS
-        or not uid.isprintable()
-        or any(character.isspace() for character in uid)
-    ):
+    if not isinstance(uid, str) or not uid or len(uid) > MAX_UID_CHARS or not uid.isprintable() or " " in uid:
         raise Doc2XProtocolError(
             f"A Doc2X job uid must be 1-{MAX_UID_CHARS} printable characters without spaces, "
             f"got {quote(uid) if isinstance(uid, str) else type(uid).__name__}",
             source=source,
         )
+    if _TOKENS.search(uid):
+        # A server or proxy that echoes the Authorization header as a uid must not get the key
+        # into the task state store, trigger kwargs or XCom.
+        raise Doc2XProtocolError("Doc2X answered a uid shaped like an API key; it is not used", source=source)
     return uid
 
 

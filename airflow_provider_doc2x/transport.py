@@ -332,7 +332,9 @@ def _lost(
     if request.bills and body_sent:
         return _uncertain(request, f"its answer was lost ({reason})")
     hint = ""
-    if settings.scheme_assumed and "ssl" in reason.lower():
+    # A plain-HTTP server reached over an assumed https:// fails the TLS handshake: an SSL error, or
+    # a connection that times out while the server waits for a request that never comes.
+    if settings.scheme_assumed and any(word in reason.lower() for word in ("ssl", "connect")):
         hint = (
             "; the connection's Base URL has no scheme, so https:// was assumed: if the server speaks "
             "plain HTTP (a local server), write http:// before the host"
