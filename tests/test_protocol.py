@@ -62,8 +62,9 @@ def read_or_typed_error(read, *args: Any, **kwargs: Any) -> Any:
     try:
         return read(*args, **kwargs)
     except Doc2XError as error:
-        assert KEY not in str(error) and KEY not in repr(error)
-        return error
+        outcome = error
+    assert KEY not in str(outcome) and KEY not in repr(outcome)
+    return outcome
 
 
 @PROPERTY
