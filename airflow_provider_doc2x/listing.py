@@ -112,9 +112,15 @@ def run_window(
     ``lookback`` (None on the first run), until this run's data interval end (None for a run
     without one, such as a manual run on Airflow 3: up to now).
     """
-    previous = context.get("prev_data_interval_end_success")
-    until = context.get("data_interval_end")
-    return (previous - lookback if previous is not None else None), until
+    previous = _moment(context.get("prev_data_interval_end_success"))
+    return (previous - lookback if previous is not None else None), _moment(context.get("data_interval_end"))
+
+
+def _moment(value: Any) -> datetime | None:
+    """A context value as a plain datetime or None (Airflow 3 hands some as lazy proxies, even of None)."""
+    if not value:
+        return None
+    return value + timedelta(0)
 
 
 def stored_at(info: dict[str, Any]) -> datetime | None:

@@ -6,19 +6,24 @@ touching the network, and run against the local server with ``airflow dags test`
 
 from __future__ import annotations
 
+import json
+import os
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
 import pytest
 from airflow.providers.common.compat.sdk import BaseHook
 
-from tests.helpers import HAS_TASK_STATE_STORE, REPO, dags_test
+from tests.helpers import AIRFLOW_VERSION, HAS_TASK_STATE_STORE, REPO, airflow_cli, dags_test
 
 EXAMPLES = REPO / "example_dags"
 EXAMPLE_DAG_IDS = {
     "example_doc2x_parse_image",
     "example_doc2x_parse_folder",
     "example_doc2x_parse_to_storage",
+    "example_doc2x_incremental",
+    "example_doc2x_incremental_index",
 }
 TITLES = {
     "invoice": "# Invoice 2026-0042",
@@ -108,3 +113,84 @@ def test_a_forced_second_try_makes_no_new_submission(doc2x, airflow_db, make_ima
     stats = doc2x.stats()
     assert stats["requests"]["submit"] == 1
     assert stats["billed_total"] == 1
+
+
+def asset_events_and_queue(uri: str, dag_id: str) -> tuple[list[dict], bool]:
+    """The extras of an asset's events, oldest first, and whether a run of ``dag_id`` is queued on it."""
+    from airflow.utils.session import create_session
+
+    if AIRFLOW_VERSION >= (3, 0):
+        from airflow.models import asset as models
+
+        Model, Event, Queue = models.AssetModel, models.AssetEvent, models.AssetDagRunQueue
+        event_key, queue_key = Event.asset_id, Queue.asset_id
+    else:  # Airflow 2: datasets
+        from airflow.models import dataset as models
+
+        Model, Event, Queue = models.DatasetModel, models.DatasetEvent, models.DatasetDagRunQueue
+        event_key, queue_key = Event.dataset_id, Queue.dataset_id
+    with create_session() as session:
+        (asset_id,) = session.query(Model.id).filter(Model.uri == uri).one()
+        extras = [
+            event.extra for event in session.query(Event).filter(event_key == asset_id).order_by(Event.id)
+        ]
+        queued = session.query(Queue).filter(queue_key == asset_id, Queue.target_dag_id == dag_id).count() > 0
+    return extras, queued
+
+
+def test_incremental_example_two_daily_runs_bill_what_is_new_and_trigger_the_index(
+    doc2x, airflow_db, tmp_path, make_image
+):
+    """
+    ``dags test`` for two consecutive days. A run's window ends at its data interval's end (its
+    logical date under ``dags test``, on both Airflow lines) and starts an hour before the last
+    successful run's: an image stored just before the first day's end is listed twice, and skipped
+    the second time without being read.
+    """
+    inbox, lake = tmp_path / "inbox", tmp_path / "lake"
+    inbox.mkdir()
+    stored = {
+        "old": datetime(2025, 12, 31, 12, tzinfo=timezone.utc),  # first run only
+        "edge": datetime(2025, 12, 31, 23, 30, tzinfo=timezone.utc),  # both runs (look-back)
+        "new": datetime(2026, 1, 1, 12, tzinfo=timezone.utc),  # second run only
+    }
+    for name, at in stored.items():
+        image = inbox / f"{name}.png"
+        make_image(f"{name}.png", f"Page {name.title()}").rename(image)
+        os.utime(image, (at.timestamp(), at.timestamp()))
+    env = {"AIRFLOW_CONN_DOC2X_DEFAULT": doc2x.connection_json()}
+    conf = json.dumps({"prefix": str(inbox), "output_path": str(lake)})
+    upstream, downstream = "example_doc2x_incremental", "example_doc2x_incremental_index"
+
+    def day(date: str) -> str:
+        result = airflow_cli("dags", "test", upstream, date, "-c", conf, env=env)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+        return result.stdout + result.stderr
+
+    # What the dag processor does: the DAGs and their assets in the database; the index unpaused.
+    for command in (("dags", "reserialize"), ("dags", "unpause", downstream)):
+        result = airflow_cli(*command, env=env)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+
+    first = day("2026-01-01")
+    assert "new images: 2" in first
+    assert doc2x.stats()["billed_total"] == 2
+    second = day("2026-01-02")
+    assert "new images: 2" in second  # edge (listed again) and new
+    assert "Manifest: 1 of 2 images unchanged" in second  # edge was not read
+    assert doc2x.stats()["billed_total"] == 3  # only new
+    assert doc2x.stats()["max_billed_per_image"] == 1
+
+    extras, queued = asset_events_and_queue("file:///tmp/doc2x-incremental/lake", downstream)
+    folders = [
+        [path.split("/")[-2].rsplit("-", 1)[0] for path in extra["markdown_paths"]] for extra in extras
+    ]
+    assert folders[-2:] == [["edge", "old"], ["new"]]
+    assert queued  # the scheduler would start the index now
+
+    result = airflow_cli("dags", "test", downstream, "2026-01-02", env=env)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    (indexed,) = [
+        line for line in (result.stdout + result.stderr).splitlines() if line.startswith("indexed: ")
+    ]
+    assert "/new-" in indexed
