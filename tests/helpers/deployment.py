@@ -31,6 +31,7 @@ from typing import Any
 
 import httpx
 import psutil
+from cryptography.fernet import Fernet
 
 from tests.helpers import REPO, free_port, wait_until
 
@@ -84,7 +85,9 @@ class Postgres:
     PostgreSQL from Debian in a private data directory on a free loopback port.
 
     PostgreSQL refuses to run as root, so as root its commands run as the ``postgres`` system user
-    (``runuser``), in a folder that user owns. Stopped with ``pg_ctl -m fast stop``.
+    (``runuser``), in a folder that user owns. The server runs as our child (in its own process
+    group, not daemonized by ``pg_ctl start``, so that its exit is reaped), and is stopped with
+    ``pg_ctl -m fast stop``.
     """
 
     user = "airflow"
@@ -104,17 +107,24 @@ class Postgres:
         self.root = Path(tempfile.mkdtemp(prefix="doc2x-postgres-"))
         self.data = self.root / "data"
         self.log = self.root / "postgres.log"
-        self.pid: int | None = None
+        self.process: subprocess.Popen | None = None
         if os.geteuid() == 0:
             shutil.chown(self.root, "postgres", "postgres")
         try:
             self._run("initdb", "-D", self.data, "-A", "trust", "-U", self.user, "-E", "UTF8", "--no-sync")
-            options = (
-                f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c max_connections=200"
-                " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"  # a test database
-            )
-            self._run("pg_ctl", "-D", self.data, "-l", self.log, "-o", options, "-w", "-t", "60", "start")
-            self.pid = int((self.data / "postmaster.pid").read_text().split()[0])
+            server = [str(POSTGRES_BIN / "postgres"), "-D", str(self.data), "-p", str(self.port)]
+            server += ["-k", str(self.root), "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200"]
+            for setting in ("fsync=off", "synchronous_commit=off", "full_page_writes=off"):  # a test database
+                server += ["-c", setting]
+            with open(self.log, "ab") as log:
+                self.process = subprocess.Popen(
+                    self._as_server_user(server),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.root,
+                    start_new_session=True,
+                )
+            wait_until(self.ready, timeout=60, interval=0.1, message="PostgreSQL to accept connections")
         except BaseException:
             self.stop()
             raise
@@ -132,26 +142,37 @@ class Postgres:
         connection.autocommit = True
         return connection
 
+    def ready(self) -> bool:
+        import psycopg2
+
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"PostgreSQL exited: {self.log.read_text(errors='replace')[-3000:]}")
+        try:
+            self.connect().close()
+        except psycopg2.OperationalError:
+            return False
+        return True
+
+    @staticmethod
+    def _as_server_user(command: list[str]) -> list[str]:
+        return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
     def _run(self, program: str, *args: object, check: bool = True) -> subprocess.CompletedProcess:
-        command = [str(POSTGRES_BIN / program), *map(str, args)]
-        if os.geteuid() == 0:
-            command = ["runuser", "-u", "postgres", "--", *command]
-        # The server's own output goes to its log file (-l), so nothing holds these pipes open.
+        command = self._as_server_user([str(POSTGRES_BIN / program), *map(str, args)])
         result = subprocess.run(
             command, capture_output=True, text=True, cwd=self.root, timeout=180, start_new_session=True
         )
         if check and result.returncode != 0:
-            log = self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
-            raise RuntimeError(f"{program} failed: {result.stdout}{result.stderr}\n{log}")
+            raise RuntimeError(f"{program} failed: {result.stdout}{result.stderr}")
         return result
 
     def stop(self) -> None:
-        if self.pid is not None:
-            self._run("pg_ctl", "-D", self.data, "-m", "fast", "-w", "-t", "60", "stop", check=False)
-            if psutil.pid_exists(self.pid):  # its backends exit when the postmaster is gone
-                with suppress(ProcessLookupError):
-                    os.kill(self.pid, signal.SIGKILL)
-            self.pid = None
+        if self.process is not None:
+            if self.process.poll() is None:
+                self._run("pg_ctl", "-D", self.data, "-m", "fast", "-w", "-t", "60", "stop", check=False)
+            stop_processes([self.process], signal.SIGKILL if self.process.poll() is None else signal.SIGTERM)
+            self.process = None
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -428,6 +449,8 @@ class CeleryDeployment(Deployment):
             "AIRFLOW__CELERY__BROKER_URL": self.redis.url(0),
             "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + self.postgres.url.replace("+psycopg2", ""),
             "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(self.worker_concurrency),
+            # One key on every host, as production has: trigger kwargs and connections are stored encrypted.
+            "AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode(),
             f"AIRFLOW_CONN_{self.pacing_conn_id.upper()}": self.redis.connection_json(db=1),
             # Each process names the host it stands for (tests.helpers.deployment.hostname).
             "AIRFLOW__CORE__HOSTNAME_CALLABLE": f"{__name__}.hostname",
