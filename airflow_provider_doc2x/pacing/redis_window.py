@@ -223,12 +223,13 @@ class RedisRateLimiter(RateLimiter):
             return 0.0, slot_id
         return min(value, self.window), None
 
-    def release(self, slot_id: str) -> None:
+    def release(self, slot_id: str, *, ended: float | None = None) -> None:
+        """The upload ended: in Redis the slot is dated by Redis's own clock, shared by every host."""
         with self._state_lock:
             local = slot_id in self._local_slots
             self._local_slots.discard(slot_id)
         if local:
-            super().release(slot_id)
+            super().release(slot_id, ended=ended)
             return
         try:
             _, release = self._scripts()

@@ -221,12 +221,18 @@ class RateLimiter:
             slots.open[slot_id] = now
             return 0.0, slot_id
 
-    def release(self, slot_id: str) -> None:
-        """The upload ended: its slot now counts from this moment, no longer as in flight."""
+    def release(self, slot_id: str, *, ended: float | None = None) -> None:
+        """
+        The upload ended: its slot now counts from its end, no longer as in flight.
+
+        ``ended`` is when the answer came (this host's clock), if the caller took it before handing
+        the release to a thread: the slot is not dated later than it ended, by however long the
+        thread took to run. Never earlier than the answer, so the window keeps its rule.
+        """
         with self._slots() as (slots, now):
             booked = slots.open.pop(slot_id, None)
             if booked is not None:
-                bisect.insort(slots.done, max(booked, now))
+                bisect.insort(slots.done, max(booked, min(now, ended) if ended is not None else now))
 
     def close(self) -> None:
         """Let go of what the limiter holds open (nothing for a host-local window)."""
@@ -265,8 +271,9 @@ class RateLimiter:
         try:
             yield
         finally:
+            ended = self._clock()
             # Shielded: a cancelled caller still frees its slot (the thread runs to its end anyway).
-            await asyncio.shield(asyncio.to_thread(self.release, slot_id))
+            await asyncio.shield(asyncio.to_thread(self.release, slot_id, ended=ended))
 
     def _release_abandoned(self, booking: asyncio.Future[tuple[float, str | None]]) -> None:
         if booking.cancelled() or booking.exception() is not None:
