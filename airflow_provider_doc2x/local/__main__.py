@@ -11,10 +11,12 @@ from airflow_provider_doc2x.local.registry import ENGINES
 from airflow_provider_doc2x.local.server import ServerConfig, TransportInScope, create_app
 
 DESCRIPTION = """\
-A local server that answers like the Doc2X v2 image API: the synchronous
+A local server that answers like the Doc2X v2 API. Images: the synchronous
 parse, the async submit and its status, with the API's key check, 7 MB limit,
-error codes and per-key rate limit (HTTP 429). It bills nothing real and needs
-no network: it is the backend of the tests, of benchmarks and of offline work.
+error codes and per-key rate limit (HTTP 429). PDFs: preupload, the presigned
+PUT url, status with pages, the export to a Markdown zip, and the figure links.
+It bills nothing real and needs no network: it is the backend of the tests,
+of benchmarks and of offline work.
 
 Point a doc2x connection's host at the URL it prints, with any key (or the one
 --api-key names), e.g.:
@@ -23,7 +25,7 @@ Point a doc2x connection's host at the URL it prints, with any key (or the one
 """
 
 EPILOG = """\
-While it runs, the knobs above and more (fail_next, stall_next, quota,
+While it runs, the knobs above and more (fail_next, stall_next, quota, pickup_delay,
 reset_next_uploads, ...) can be changed with POST /local/config, e.g.
   curl -X POST localhost:8765/local/config -d '{"upload_bandwidth": 200000}'
 GET /local/stats shows what was billed per image and the load;
