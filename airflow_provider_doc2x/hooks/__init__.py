@@ -1,0 +1,1 @@
+"""The Doc2X hook: the connection and the API's calls."""

@@ -53,6 +53,7 @@ class Line:
 
     @property
     def height(self) -> float:
+        """The box's height in pixels."""
         return self.y1 - self.y0
 
     @property
@@ -62,11 +63,14 @@ class Line:
 
     @property
     def center(self) -> tuple[float, float]:
+        """The box's centre: what places a line in a table cell or a figure."""
         return (self.x0 + self.x1) / 2, (self.y0 + self.y1) / 2
 
 
 @dataclass
 class Block:
+    """A block of the page's Markdown, and how far down the page it starts (blocks are ordered by it)."""
+
     top: float
     markdown: str
 
@@ -96,6 +100,7 @@ class OcrEngine:
         logging.getLogger("RapidOCR").setLevel(logging.WARNING)
 
     def parse(self, image: bytes, uid: str) -> EngineResult:
+        """Read the page: tables, figures, headings and paragraphs, top to bottom."""
         import numpy as np
 
         picture = open_image(image).convert("RGB")
@@ -156,6 +161,8 @@ def _ink_mask(pixels):
 
 @dataclass
 class Table:
+    """A ruled table found on the page: its box and the positions of its rules."""
+
     box: Box
     rows: list[float]  # y of each horizontal rule, top to bottom
     cols: list[float]  # x of each vertical rule, left to right
@@ -173,6 +180,7 @@ class Table:
 
     @staticmethod
     def markdown(cells: list[list[str]]) -> str:
+        """The cells as a pipe table, its first non-empty row as the header."""
         rows = [row for row in cells if any(row)]
         if not rows:
             return ""

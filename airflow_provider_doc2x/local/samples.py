@@ -31,6 +31,8 @@ class Section:
 
 @dataclass
 class Page:
+    """A page to draw: a title, paragraphs, maybe a ruled table, a figure and further sections."""
+
     title: str
     paragraphs: list[str] = field(default_factory=list)
     table: list[list[str]] = field(default_factory=list)
@@ -220,6 +222,7 @@ TEST_PAGES = {
 
 
 def write_examples(folder: Path) -> list[Path]:
+    """Render the example pages into ``folder``; return their paths."""
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for name, page in EXAMPLE_PAGES.items():

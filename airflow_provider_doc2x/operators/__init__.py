@@ -1,0 +1,1 @@
+"""The Doc2X operator: images in, Markdown out."""

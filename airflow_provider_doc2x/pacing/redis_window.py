@@ -183,6 +183,7 @@ class RedisRateLimiter(RateLimiter):
             return self._book, self._release
 
     def reserve(self) -> tuple[float, str | None]:
+        """Book a slot in Redis, or on the host while Redis is down (see :meth:`RateLimiter.reserve`)."""
         if time.monotonic() >= self._down_until:
             try:
                 return self._reserve_in_redis()
@@ -265,6 +266,7 @@ class RedisRateLimiter(RateLimiter):
             )
 
     def close(self) -> None:
+        """Let go of the Redis client."""
         with self._connect_lock:
             client, self._client = self._client, None
         if client is not None:

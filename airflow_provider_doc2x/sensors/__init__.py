@@ -1,0 +1,1 @@
+"""The Doc2X sensor: wait for a job submitted elsewhere."""

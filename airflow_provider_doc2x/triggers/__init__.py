@@ -1,0 +1,1 @@
+"""The Doc2X trigger: wait for jobs in the triggerer."""
