@@ -88,24 +88,33 @@ def main() -> None:
     }
     runs = [every_run[name] for name in args.runs.split(",")]
     for number, (title, dag_id, hosts) in enumerate(runs):
-        server.reset()
-        server.configure(rate_limit=args.limit, rate_window=args.window, processing_time=args.processing)
-        time.sleep(args.window)  # let the previous run's window empty at the server
-        started = time.monotonic()
-        run_id = deployment.trigger(
-            dag_id, {"chunks": chunks, "hosts": hosts, "pacing_dir": str(SCRATCH / f"pacing-{number}")}
-        )
-        state = deployment.wait_for_run(run_id, timeout=3600, must_succeed=False)
-        seconds = time.monotonic() - started
-        parsed = sum(
-            len(deployment.xcom(run_id, "parse", map_index) or []) for map_index in range(args.tasks)
-        )
-        retried = sum(
-            deployment.task_instance(run_id, "parse", map_index).get("try_number", 1) > 1
-            for map_index in range(args.tasks)
-        )
-        rows = figures(server, args.images, seconds, parsed, args.limit, args.window)
-        report(f"{title} (run {state})", [*rows, ("mapped tasks that needed a second try", retried)])
+        conf = {"hosts": hosts, "pacing_dir": str(SCRATCH / f"pacing-{number}")}
+        run_and_report(deployment, server, args, chunks, title, dag_id, conf)
+
+
+def run_and_report(
+    deployment, server, args, chunks: list[list[str]], title: str, dag_id: str, conf: dict
+) -> None:
+    """One run of a mapped DAG of ``bench/dags`` over ``chunks``, from an empty window; print its figures."""
+    server.reset()
+    server.configure(rate_limit=args.limit, rate_window=args.window, processing_time=args.processing)
+    time.sleep(args.window)  # let the previous run's window empty at the server
+    started = time.monotonic()
+    run_id = deployment.trigger(dag_id, {"chunks": chunks, **conf})
+    state = deployment.wait_for_run(run_id, timeout=3600, must_succeed=False)
+    seconds = time.monotonic() - started
+    tasks = len(chunks)
+    parsed = sum(len(deployment.xcom(run_id, "parse", map_index) or []) for map_index in range(tasks))
+    retried = sum(
+        deployment.task_instance(run_id, "parse", map_index).get("try_number", 1) > 1
+        for map_index in range(tasks)
+    )
+    rows = figures(server, args.images, seconds, parsed, args.limit, args.window)
+    billed_twice = sum(count > 1 for count in server.stats()["billed"].values())
+    report(
+        f"{title} (run {state})",
+        [*rows, ("images billed twice", billed_twice), ("mapped tasks that needed a second try", retried)],
+    )
 
 
 if __name__ == "__main__":

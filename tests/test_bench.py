@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from tests.helpers import AIRFLOW_VERSION, REPO
+from tests.helpers.deployment import CeleryDeployment
 
 RUNS = {
     "throughput.py": [
@@ -36,6 +37,18 @@ RUNS = {
         "--processing",
         "0.3",
     ],
+    "celery_pacing.py": [
+        "--images",
+        "16",
+        "--tasks",
+        "4",
+        "--limit",
+        "8",
+        "--window",
+        "2",
+        "--processing",
+        "0.5",
+    ],
     "worker_occupancy.py": ["--processing", "0.3", "--tasks", "1", "--poll-interval", "0.1"],
     "triggerer.py": ["--triggers", "20", "--processing", "0.3", "--poll-interval", "0.1"],
     "upload.py": [],
@@ -47,8 +60,10 @@ RUNS = {
 def test_bench_script_runs_and_prints_its_figures(script):
     if script == "ocr_engine.py":
         pytest.importorskip("rapidocr", reason="the ocr extra is not installed")
-    if script == "mapped_pool.py" and AIRFLOW_VERSION < (3, 3):
-        pytest.skip("the mapped-tasks bench deploys Airflow 3.3")
+    if script in ("mapped_pool.py", "celery_pacing.py") and AIRFLOW_VERSION < (3, 3):
+        pytest.skip("the mapped-tasks benches deploy Airflow 3.3")
+    if script == "celery_pacing.py" and (missing := CeleryDeployment.missing()):
+        pytest.skip(f"cannot deploy with Celery here: {missing}")
     result = subprocess.run(
         [sys.executable, str(REPO / "bench" / script), *RUNS[script]],
         capture_output=True,
@@ -59,5 +74,9 @@ def test_bench_script_runs_and_prints_its_figures(script):
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "\n## " in result.stdout
-    if script in ("throughput.py", "mapped_pool.py"):  # never billed twice, whatever the timing
+    if script in (
+        "throughput.py",
+        "mapped_pool.py",
+        "celery_pacing.py",
+    ):  # never billed twice, whatever the timing
         assert re.findall(r"max billings of one image\s+(\d+)", result.stdout) == ["1", "1", "1"]
