@@ -30,8 +30,9 @@ Why this shape, for object stores that have neither locks nor an atomic rename (
   it read, never one it did not. Whatever another writer added meanwhile survives; two compactions
   at once leave two bases, merged on read and by the next compaction. A reader that finds an
   object gone lists again once (its entries are in a newer base).
-- **Sixteen shards by the hash of the source URI.** A mapped task with one image reads a
-  sixteenth of the manifest, not all of it; a task over the whole prefix reads all of it.
+- **256 shards by the hash of the source URI.** A mapped task reads the shards of its own
+  images (one image: 1/256 of the manifest; a batch of 50: about a sixth), not the whole
+  manifest; a task over the whole prefix reads all of it, a few objects at a time.
 - **Atomic objects.** On object stores (and ``memory://``) one PUT is atomic; elsewhere (a local
   or mounted filesystem, HDFS) an object is written under a temporary name, then renamed.
 
@@ -46,6 +47,7 @@ An entry is trusted only as far as it goes: a fingerprint that does not match me
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -55,6 +57,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -72,8 +75,10 @@ FORMAT = "airflow-provider-doc2x manifest"
 VERSION = 1
 #: The manifest's folder under ``output_path``.
 MANIFEST_DIR = "_manifest"
-#: Shards (one hex digit of the sha256 of the source URI).
-SHARDS = 16
+#: Shards (the first two hex digits of the sha256 of the source URI).
+SHARDS = 256
+#: Manifest objects read at once (object stores answer each read in tens of milliseconds).
+READS_IN_FLIGHT = 8
 #: Objects in a shard at which a writer folds them into one base.
 COMPACT_AT = 16
 #: Images of one task in one folder at which that folder is listed once (its sizes and version
@@ -84,7 +89,9 @@ MAX_OBJECT_BYTES = 256 * 1024 * 1024
 #: Schemes whose single write is atomic (a reader sees the whole object or nothing).
 ATOMIC_PUT_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "oss", "memory"})
 
-_OBJECT_NAME = re.compile(r"^(?P<shard>[0-9a-f])\.(?P<kind>base|delta)\.\d{8}T\d{12}Z\.[0-9a-f]{32}\.json$")
+_OBJECT_NAME = re.compile(
+    r"^(?P<shard>[0-9a-f]{2})\.(?P<kind>base|delta)\.\d{8}T\d{12}Z\.[0-9a-f]{32}\.json$"
+)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _FOLDER = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,79}-[0-9a-f]{12}$")
 _MAX_URI = 4096
@@ -139,8 +146,8 @@ def _token(value: Any) -> str | None:
 
 
 def shard_of(source: str) -> str:
-    """The shard of a source URI: the first hex digit of its sha256."""
-    return hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest()[0]
+    """The shard of a source URI: the first two hex digits of its sha256."""
+    return hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest()[:2]
 
 
 @dataclass(frozen=True)
@@ -232,7 +239,10 @@ class Manifest:
         the results it knows, so that the content cache answers them from memory).
     :param overwrite: the task parses everything again: nothing is skipped, but the fingerprints
         are still taken and recorded.
-    :param compact_at: objects in a shard at which a writer folds them into one.
+    :param deferrable: the task may defer, and resume in another process: what it read is saved
+        before it defers, for its second half to record.
+    :param compact_at: objects in a shard at which a writer folds them into one (a shard whose
+        objects hold more superseded entries than half its live ones is folded too).
     :param list_folder_at: images of one folder at which the folder is listed once instead of one
         metadata call per image.
     """
@@ -242,12 +252,14 @@ class Manifest:
         results: ResultStore,
         *,
         overwrite: bool = False,
+        deferrable: bool = True,
         compact_at: int = COMPACT_AT,
         list_folder_at: int = LIST_FOLDER_AT,
     ) -> None:
         self.results = results
         self.folder = results.root / MANIFEST_DIR / f"v{VERSION}"
         self.overwrite = overwrite
+        self.deferrable = deferrable
         self.compact_at = max(2, compact_at)
         self.list_folder_at = max(1, list_folder_at)
         self._writer = uuid.uuid4().hex
@@ -255,6 +267,7 @@ class Manifest:
         self._entries: dict[str, dict[str, Entry]] = {}  # shard -> source -> merged entry
         self._read: dict[str, set[str]] = {}  # shard -> objects read (what a compaction may delete)
         self._corrupt: dict[str, set[str]] = {}  # shard -> objects ignored as unusable
+        self._stored: dict[str, int] = {}  # shard -> entries in the objects read, superseded or not
         self._fingerprints: dict[str, str] = {}  # source -> fingerprint taken before this task read it
         self._pending: dict[str, Entry] = {}  # source -> entry to write at the next save
         self._warned_missing = False
@@ -397,8 +410,14 @@ class Manifest:
                 if _newer(entry, self._entries[shard].get(source)):
                     self._entries[shard][source] = entry
             self._read[shard].add(name)  # ours, and folded like the others at a compaction
+            self._stored[shard] += len(entries)
             # A shard with an unusable object is healed at once: folded, and that object deleted.
-            if self._corrupt[shard] or len(self._read[shard]) >= self.compact_at:
+            superseded = self._stored[shard] - len(self._entries[shard])
+            if (
+                self._corrupt[shard]
+                or len(self._read[shard]) >= self.compact_at
+                or superseded > len(self._entries[shard]) // 2
+            ):
                 self._compact(shard)
         self._pending.clear()
 
@@ -409,7 +428,7 @@ class Manifest:
 
     def entries(self) -> dict[str, Entry]:
         """Every entry of every shard, merged (for inspection and tests: reads the whole manifest)."""
-        self._load({f"{shard:x}" for shard in range(SHARDS)})
+        self._load({f"{shard:02x}" for shard in range(SHARDS)})
         return {source: entry for shard in self._entries.values() for source, entry in shard.items()}
 
     # -- known results ----------------------------------------------------------------------------
@@ -552,55 +571,65 @@ class Manifest:
             return
         for shard in shards:
             self._entries[shard], self._read[shard], self._corrupt[shard] = {}, set(), set()
+            self._stored[shard] = 0
         if self._read_objects(self._list(), shards):
             # A compaction deleted what we listed: its entries are in a base we have not seen.
             self._read_objects(self._list(refresh=True), shards)
 
     def _read_objects(self, listing: dict[str, int], shards: set[str]) -> bool:
-        vanished = False
+        """Read and merge the listed objects of these shards not read yet; True if one had vanished."""
+        wanted = []
         for name, size in sorted(listing.items()):
             match = _OBJECT_NAME.fullmatch(name)
-            if not match or match["shard"] not in shards:
-                continue
-            shard = match["shard"]
-            if name in self._read[shard] or name in self._corrupt[shard]:
-                continue
-            try:
-                entries = self._parse(self._get(name, size), shard)
-            except FileNotFoundError:
-                vanished = True
-                continue
-            except _Unusable as error:
-                log.warning(
-                    "Manifest object %s is unusable (%s): ignored; the entries of its images are rebuilt "
-                    "from the sidecars, and it is deleted when its shard is next written",
-                    self.folder / name,
-                    error,
-                )
-                self._corrupt[shard].add(name)
-                continue
-            if entries is None:
-                continue  # a later format: left alone
-            merged = self._entries[shard]
-            for source, entry in entries.items():
-                if _newer(entry, merged.get(source)):
-                    merged[source] = entry
-            self._read[shard].add(name)
+            if match and match["shard"] in shards:
+                shard = match["shard"]
+                if name not in self._read[shard] and name not in self._corrupt[shard]:
+                    wanted.append((name, size, shard))
+        vanished = False
+        with ThreadPoolExecutor(READS_IN_FLIGHT, thread_name_prefix="doc2x-manifest") as pool:
+            for (name, _, shard), (data, error) in zip(
+                wanted, pool.map(lambda item: self._get(item[0], item[1]), wanted), strict=True
+            ):
+                if isinstance(error, FileNotFoundError):
+                    vanished = True
+                    continue
+                try:
+                    if error is not None:
+                        raise error
+                    entries = self._parse(data, shard)
+                except _Unusable as unusable:
+                    log.warning(
+                        "Manifest object %s is unusable (%s): ignored; the entries of its images are "
+                        "rebuilt from the sidecars, and it is deleted when its shard is next written",
+                        self.folder / name,
+                        unusable,
+                    )
+                    self._corrupt[shard].add(name)
+                    continue
+                if entries is None:
+                    continue  # a later format: left alone
+                merged = self._entries[shard]
+                for source, entry in entries.items():
+                    if _newer(entry, merged.get(source)):
+                        merged[source] = entry
+                self._read[shard].add(name)
+                self._stored[shard] += len(entries)
         return vanished
 
-    def _get(self, name: str, size: int) -> bytes:
+    def _get(self, name: str, size: int) -> tuple[bytes, Exception | None]:
+        """An object's bytes, at most :data:`MAX_OBJECT_BYTES`; or why not (vanished, unreadable, too large)."""
         if size > MAX_OBJECT_BYTES:
-            raise _Unusable(f"{size} bytes, more than {MAX_OBJECT_BYTES}")
+            return b"", _Unusable(f"{size} bytes, more than {MAX_OBJECT_BYTES}")
         try:
             with (self.folder / name).open("rb") as handle:
                 data = handle.read(MAX_OBJECT_BYTES + 1)
-        except FileNotFoundError:
-            raise
+        except FileNotFoundError as error:
+            return b"", error
         except OSError as error:
-            raise _Unusable(f"cannot be read: {type(error).__name__}") from error
+            return b"", _Unusable(f"cannot be read: {type(error).__name__}")
         if len(data) > MAX_OBJECT_BYTES:
-            raise _Unusable(f"more than {MAX_OBJECT_BYTES} bytes")
-        return data
+            return b"", _Unusable(f"more than {MAX_OBJECT_BYTES} bytes")
+        return data, None
 
     @staticmethod
     def _parse(data: bytes, shard: str) -> dict[str, Entry] | None:
@@ -663,11 +692,13 @@ class Manifest:
         folded = self._read[shard] | self._corrupt[shard]
         base = self._put(shard, "base", self._entries[shard])
         for name in sorted(folded):
-            # Gone already: another writer's compaction folded it first.
-            (self.folder / name).unlink(missing_ok=True)
+            # Gone already (even between a check and the delete): another compaction folded it first.
+            with contextlib.suppress(FileNotFoundError):
+                (self.folder / name).unlink()
             if self._listing is not None:
                 self._listing.pop(name, None)
         self._read[shard], self._corrupt[shard] = {base}, set()
+        self._stored[shard] = len(self._entries[shard])
         log.info("Manifest shard %s: %d objects folded into %s", shard, len(folded), base)
 
 
@@ -686,13 +717,13 @@ class Split:
     def jobs(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """
         All jobs in input order, from the jobs of ``to_read``; each content read is noted, and
-        saved before the task may defer (its second half may run in another process).
+        saved if the task may defer (its second half may run in another process).
         """
         merged = self._merge(
             jobs,
             lambda record: job(record["uid"], record["source"], record["sha256"], protocol.STATUS_SUCCESS),
         )
-        if any(item.get("status") != protocol.STATUS_SUCCESS for item in merged):
+        if self.manifest.deferrable and any(item.get("status") != protocol.STATUS_SUCCESS for item in merged):
             self.manifest.save()
         return merged
 

@@ -240,6 +240,15 @@ def test_unchanged_images_are_never_opened(doc2x, storage, inbox, method, deferr
     assert storage.calls["info"] == len(images)  # one metadata call per image, no more
 
 
+@pytest.mark.parametrize("deferrable", [True, False], ids=["deferred", "worker"])
+def test_each_shard_holds_one_object_after_a_run(doc2x, storage, inbox, deferrable):
+    """What a task read and then recorded leaves no superseded objects behind (compacted, or never written)."""
+    images = [inbox(f"page-{number}.png") for number in range(6)]
+    parse(images, deferrable=deferrable)
+    assert len(manifest_objects(storage)) == len({shard_of(uri) for uri in images})
+    assert all(entry.result for entry in Manifest(ResultStore(LAKE)).entries().values())
+
+
 def test_a_folder_of_many_images_is_listed_once_instead_of_one_call_per_image(storage, inbox):
     images = [inbox(f"page-{number}.png") for number in range(3)]
     storage.reset()
@@ -353,7 +362,7 @@ def tamper_sha(document: dict) -> dict:
 
 
 def wrong_shard(document: dict) -> dict:
-    document["shard"] = "f" if document["shard"] != "f" else "0"
+    document["shard"] = "ff" if document["shard"] != "ff" else "00"
     return document
 
 
@@ -431,8 +440,8 @@ def test_a_first_run_on_an_empty_output_path_warns_nothing(doc2x, storage, inbox
 
 
 def test_an_object_of_a_later_format_version_is_left_alone(storage, caplog):
-    document = {"format": "airflow-provider-doc2x manifest", "version": 99, "shard": "0", "entries": {}}
-    name = f"{MANIFEST}/0.delta.20260101T000000000000Z.{'a' * 32}.json"
+    document = {"format": "airflow-provider-doc2x manifest", "version": 99, "shard": "00", "entries": {}}
+    name = f"{MANIFEST}/00.delta.20260101T000000000000Z.{'a' * 32}.json"
     storage.pipe_file(name, json.dumps(document).encode())
     caplog.set_level(logging.WARNING, logger="airflow_provider_doc2x.manifest")
     assert Manifest(ResultStore(LAKE), compact_at=2).entries() == {}
@@ -444,11 +453,11 @@ def test_an_object_of_a_later_format_version_is_left_alone(storage, caplog):
 
 
 def sources_in_one_shard(count: int, prefix: str) -> list[str]:
-    """URIs that all land in shard 0, so that concurrent writers contend for one shard."""
+    """URIs that all land in shard 00, so that concurrent writers contend for one shard."""
     uris, number = [], 0
     while len(uris) < count:
         uri = f"memory://inbox/{prefix}-{number}.png"
-        if shard_of(uri) == "0":
+        if shard_of(uri) == "00":
             uris.append(uri)
         number += 1
     return uris
@@ -509,22 +518,24 @@ def test_two_mapped_tasks_updating_one_manifest_at_once_lose_nothing(storage, co
 
 
 WRITER = """
-import hashlib, sys
+import hashlib, itertools, sys
 from airflow_provider_doc2x import protocol
-from airflow_provider_doc2x.manifest import Manifest
+from airflow_provider_doc2x.manifest import Manifest, shard_of
 from airflow_provider_doc2x.results import ResultStore
 from airflow_provider_doc2x.sources import ImageSource
 
 lake, folder, name, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-for number in range(count):
-    path = f"{folder}/{name}-{number}.png"
+# Names in one shard: the two writers contend for it.
+paths = (f"{folder}/{name}-{number}.png" for number in itertools.count())
+for path in itertools.islice((path for path in paths if shard_of(path) == "00"), count):
     open(path, "wb").write(path.encode())
     results = ResultStore(lake)
     manifest = Manifest(results, compact_at=3)
     manifest.partition([ImageSource.of(path)])
     digest = hashlib.sha256(path.encode()).hexdigest()
-    result = protocol.Doc2XResult(uid=f"{name}-{number}", pages=(protocol.Doc2XPage(0, 1, 1, "# x"),), convert_zip=None)
+    result = protocol.Doc2XResult(uid=digest[:8], pages=(protocol.Doc2XPage(0, 1, 1, "# x"),), convert_zip=None)
     manifest.record([results.write(path, digest, result)])
+    print("written:", path)
 """
 
 
@@ -543,12 +554,13 @@ def test_two_processes_writing_one_local_manifest_lose_nothing(tmp_path):
         )
         for name in ("left", "right")
     ]
+    expected = set()
     for writer in writers:
-        _, errors = writer.communicate(timeout=300)
+        written, errors = writer.communicate(timeout=300)
         assert writer.returncode == 0, errors[-3000:]
-    entries = Manifest(ResultStore(str(lake))).entries()
-    expected = {f"{folder}/{name}-{number}.png" for name in ("left", "right") for number in range(count)}
-    assert set(entries) == expected
+        expected.update(line.split()[1] for line in written.splitlines() if line.startswith("written: "))
+    assert len(expected) == 2 * count
+    assert set(Manifest(ResultStore(str(lake))).entries()) == expected
     assert not list((lake / MANIFEST_DIR / "v1").glob(".tmp-*"))
 
 
