@@ -115,7 +115,9 @@ class Doc2XImageParseOperator(BaseOperator):
     @cached_property
     def manifest(self) -> Manifest | None:
         """The manifest under ``output_path`` when ``incremental``: built at run time, like the results."""
-        return Manifest(self.results, overwrite=self.overwrite) if self.incremental and self.results else None
+        if not self.incremental or self.results is None:
+            return None
+        return Manifest(self.results, overwrite=self.overwrite, deferrable=self.deferrable)
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
         """Check every image, submit (or reuse) each once, then wait: deferred, or in the worker."""
