@@ -395,6 +395,34 @@ def pack_images(
     return result
 
 
+def plan_pdfs(
+    images: Iterable[PackImage | str | os.PathLike],
+    *,
+    pdf_max_pages: int = DEFAULT_PDF_MAX_PAGES,
+    pdf_max_bytes: int = DEFAULT_PDF_MAX_BYTES,
+    aspect_tolerance: float = DEFAULT_ASPECT_TOLERANCE,
+) -> tuple[list[list[PackImage]], list[Unpackable]]:
+    """
+    How :func:`pack_images` would cut these images into PDFs, from their headers, writing nothing.
+
+    Returns each PDF's distinct contents (the first image of each, its ``sha256`` set), in the
+    order :func:`pack_images` would write them, and the content its header rules refuse. A caller
+    that submits a few PDFs at a time plans once, then packs each planned PDF's images when its
+    turn comes (an image may still turn out unpackable then, when img2pdf reads it whole).
+    """
+    if not 1 <= pdf_max_pages <= MAX_PDF_PAGES:
+        raise ValueError(f"pdf_max_pages must be 1 to {MAX_PDF_PAGES}, got {pdf_max_pages}")
+    if not 0 <= aspect_tolerance < 1:
+        raise ValueError(f"aspect_tolerance must be in [0, 1), got {aspect_tolerance}")
+    contents, unpackable = _distinct_contents([PackImage.of(image) for image in images])
+    plans = [
+        [PackImage(item.image.path, item.image.name, item.sha256) for item in chunk]
+        for group in _groups(contents, aspect_tolerance)
+        for chunk in _chunks(group, pdf_max_pages, max(1, pdf_max_bytes))
+    ]
+    return plans, unpackable
+
+
 def _distinct_contents(images: Sequence[PackImage]) -> tuple[list[_Content], list[Unpackable]]:
     """Headers and hashes of every image, duplicates folded into the first of their content."""
     by_hash: dict[str, _Content | Unpackable] = {}

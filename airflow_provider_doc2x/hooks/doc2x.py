@@ -21,7 +21,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import cached_property
 from typing import Any
 
@@ -393,23 +393,30 @@ class Doc2XHook(BaseHook):
         pages: int,
         sources: Sequence[str] = (),
         model: str | None = None,
+        before_put: Callable[[protocol.Doc2XPreupload], Awaitable[None]] | None = None,
     ) -> PdfSubmission:
         """
         Submit one PDF of ``pages`` pages: preupload, then PUT; preupload again when the url is refused or too old.
 
         Bounded by the connection's retries with back-off. Within :meth:`apdf_slot` it uses the held
         slot; outside, it holds one for the submission. A lost PUT answer raises
-        :class:`Doc2XSubmitUncertainError` and nothing is sent again.
+        :class:`Doc2XSubmitUncertainError` (its ``uid`` set) and nothing is sent again.
+        ``before_put`` is awaited with each preupload before its PUT starts: where a caller records
+        the uid, so that a PUT that lands and is never answered can still be found.
         """
         settings = await self.aget_settings()
         if not _holding_pdf_slot.get():
             async with self.apdf_slot(pages):
-                return await self.asubmit_pdf(path, pages=pages, sources=sources, model=model)
+                return await self.asubmit_pdf(
+                    path, pages=pages, sources=sources, model=model, before_put=before_put
+                )
         wait = transport.Backoff(settings.retry_wait, settings.retry_wait_max)
         attempt = 0
         while True:
             attempt += 1
             upload = await self.apreupload(model)
+            if before_put is not None:
+                await before_put(upload)
             try:
                 await self.aput_pdf(
                     upload.url, path, uid=upload.uid, sources=sources, issued_at=upload.issued_at
