@@ -270,6 +270,7 @@ class Manifest:
         self._stored: dict[str, int] = {}  # shard -> entries in the objects read, superseded or not
         self._fingerprints: dict[str, str] = {}  # source -> fingerprint taken before this task read it
         self._pending: dict[str, Entry] = {}  # source -> entry to write at the next save
+        self._answered: dict[str, str] = {}  # source -> sha256 of the record answered from its entry
         self._warned_missing = False
 
     # -- what the operator calls ---------------------------------------------------------------
@@ -361,6 +362,7 @@ class Manifest:
                 self._fingerprints[uri] = self.results.fingerprints[uri] = entry.fingerprint
             if entry.result is not None and not self.overwrite:
                 self.results.remember(self._record_of(uri, entry.sha256, entry.result))
+                self._answered[uri] = entry.sha256
 
     def note(self, source: str, sha256: str | None) -> None:
         """A source was read and hashed: its fingerprint (taken before the read) is this content."""
@@ -379,8 +381,8 @@ class Manifest:
             if not isinstance(source, str) or not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
                 continue
             fp = self._fingerprints.get(source)
-            if fp is None:
-                continue
+            if fp is None or self._answered.get(source) == sha256:
+                continue  # no fingerprint, or answered from its entry: nothing new to record
             result = self._result_of(record, sha256)
             if result is None:
                 continue
@@ -438,6 +440,7 @@ class Manifest:
         if entry.result is not None:
             record = self._record_of(source, entry.sha256, entry.result)
             self.results.remember(record)
+            self._answered[source] = entry.sha256
             return record
         # Read and hashed by an earlier task that did not record its result: one sidecar probe.
         cached = self.results.cached(entry.sha256, source)

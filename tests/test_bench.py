@@ -52,6 +52,7 @@ RUNS = {
     "worker_occupancy.py": ["--processing", "0.3", "--tasks", "1", "--poll-interval", "0.1"],
     "triggerer.py": ["--triggers", "20", "--processing", "0.3", "--poll-interval", "0.1"],
     "upload.py": [],
+    "incremental.py": ["--existing", "200", "--new", "10", "--changed", "3", "--image-kb", "2"],
     "ocr_engine.py": ["--rounds", "1", "--threads", "1"],
 }
 
