@@ -13,9 +13,14 @@ before, so identical content under a new name is still not billed.
 It lives under ``output_path``, one flat folder that one listing shows whole::
 
     <output_path>/_manifest/v1/
-        3.base.20260102T030405123456Z.<writer>.json    # shard 3: entries folded by a compaction
-        3.delta.20260102T031122000001Z.<writer>.json   # shard 3: the new entries of one task
+        3f.base.20260102T030405123456Z.<id>.json     # shard 3f: entries folded by a compaction
+        3f.delta.20260102T031122000001Z.<id>.json    # shard 3f: the new entries of one task
         ...
+
+Each object is JSON: ``{"format", "version": 1, "shard", "writer", "entries"}``, an entry per
+source URI: ``{"fingerprint": "size=...;etag=...;mtime=...", "sha256", "at", "result": {"folder",
+"uid", "markdown", "figures"}}`` (``result`` is null for a source read by a task that deferred and
+has not recorded its result yet).
 
 Why this shape, for object stores that have neither locks nor an atomic rename (S3, GCS):
 
@@ -38,11 +43,16 @@ Why this shape, for object stores that have neither locks nor an atomic rename (
 
 Every byte read back is treated as hostile. An object that is not exactly the JSON this module
 writes (types, hashes, shard, folder names that stay inside ``output_path``, figure paths that are
-plain relative paths) is ignored as a whole with a warning, and deleted when the task that rebuilds its
-entries writes the shard again. Entries that are missing (no manifest at all, or a shard with a corrupt object) are
-rebuilt from the sidecars, which carry the fingerprint of the source that produced them; a
-sidecar without one (written before the manifest existed) rebuilds nothing, and its image is read.
-An entry is trusted only as far as it goes: a fingerprint that does not match means a read.
+plain relative paths) is ignored as a whole with a warning, and deleted when the task that
+rebuilds its entries writes the shard again. Entries that are missing (no manifest at all, or a
+shard with a corrupt object) are rebuilt from the sidecars, which carry the fingerprint of the
+source that produced them; a sidecar without one (written before the manifest existed) rebuilds
+nothing, and its image is read. An entry is trusted only as far as it goes: a fingerprint that
+does not match means a read.
+
+A deferrable task reads the shards of its images in both halves (the second runs in another
+process, with nothing of the first in memory but what it saved): with scans of megabytes against
+entries of about 300 bytes that is little, but it is twice the manifest's share of the reads.
 """
 
 from __future__ import annotations
