@@ -65,6 +65,7 @@ def list_images(
     except FileNotFoundError:
         return []
     since, until = _aware(since), _aware(until)
+    prefix_uri = str(root).rstrip("/")
     untimed = 0
     uris = []
     for name, info in sorted(found.items()):
@@ -78,7 +79,7 @@ def list_images(
                 untimed += 1
             elif (since is not None and stored < since) or (until is not None and stored >= until):
                 continue
-        uris.append(str(root / name[len(base) + 1 :]))
+        uris.append(f"{prefix_uri}/{name[len(base) + 1 :]}")  # as str(root / name), without a path per file
     if untimed:
         log.warning("%d images under %s have no storage time in their listing: kept", untimed, root)
     log.info(
