@@ -12,6 +12,18 @@ know yet, which counts as not finished); a failed job also has a ``code`` (Doc2X
 provider's own, see :func:`airflow_provider_doc2x.protocol.error_class_for`) and a fixed
 ``message``. Keys without a value are left out: a task of ten thousand images carries ten
 thousand jobs through the database, twice.
+
+The PDF lane (``method="pdf"``) keeps one job per image too, with a few more keys::
+
+    {"uid": "<the PDF's uid>", "source": ..., "sha256": ..., "status": "processing",
+     "lane": "pdf", "page_idx": 3, "pages": 200, "uploaded_at": 1764000000.0}
+
+``page_idx`` is the image's page in the PDF, ``pages`` the PDF's page count (a result with another
+count is a protocol error), ``uploaded_at`` the wall-clock time of the PUT's 200 (the service's
+pickup delay is counted from it). An image not submitted yet (the PDFs and pages in flight are
+bounded) is ``queued``, with the number of the planned PDF it belongs to (``chunk``); an image tried
+again after its PDF failed carries its ``round``; a PDF whose PUT lost its answer is polled by its
+uid with ``uncertain`` set. A PDF-lane job without ``page_idx`` stands for a whole PDF (the sensor's).
 """
 
 from __future__ import annotations
@@ -19,14 +31,35 @@ from __future__ import annotations
 from typing import Any
 
 from airflow_provider_doc2x import protocol
-from airflow_provider_doc2x.exceptions import Doc2XError
+from airflow_provider_doc2x.exceptions import (
+    Doc2XAuthError,
+    Doc2XError,
+    Doc2XJobNotFoundError,
+    Doc2XProtocolError,
+    Doc2XQuotaError,
+    Doc2XSubmitUncertainError,
+    Doc2XTransientError,
+)
 
 #: Event statuses: all done well; all done, some failed; out of time; the wait itself gave up.
 EVENT_SUCCESS = "success"
 EVENT_FAILED = "failed"
 EVENT_TIMEOUT = "timeout"
 EVENT_ERROR = "error"
-EVENT_STATUSES = frozenset({EVENT_SUCCESS, EVENT_FAILED, EVENT_TIMEOUT, EVENT_ERROR})
+#: The PDF lane's: some PDFs finished and images remain to submit or to try again; the task goes on.
+EVENT_PROGRESS = "progress"
+EVENT_STATUSES = frozenset({EVENT_SUCCESS, EVENT_FAILED, EVENT_TIMEOUT, EVENT_ERROR, EVENT_PROGRESS})
+
+#: The lane marker of a PDF-lane job (image-lane jobs carry none).
+LANE_PDF = "pdf"
+#: A PDF-lane image waiting for its PDF to be submitted (not finished, not polled).
+STATUS_QUEUED = "queued"
+#: Keys a job may carry beyond its ids, status and failure (the PDF lane's), each left out when unset.
+_PDF_KEYS = ("lane", "page_idx", "pages", "uploaded_at", "chunk", "round", "uncertain")
+#: What is done with a PDF-lane image whose PDF failed: submitted again as it was packed (the
+#: failure was not the PDF's: a limit, a lost task, a transient failure), or in smaller PDFs.
+RETRY_SAME = "same"
+RETRY_SPLIT = "split"
 
 
 def job(
@@ -34,6 +67,83 @@ def job(
 ) -> dict[str, Any]:
     """A job as the task hands it to the trigger."""
     return {"uid": uid, "source": source, "sha256": sha256, "status": status}
+
+
+def pdf_job(
+    uid: str,
+    source: str,
+    sha256: str | None,
+    *,
+    page_idx: int,
+    pages: int,
+    uploaded_at: float,
+    status: str = protocol.STATUS_PROCESSING,
+    round_: int = 0,
+) -> dict[str, Any]:
+    """A PDF-lane job: the image's page ``page_idx`` in the PDF ``uid`` of ``pages`` pages."""
+    entry = {
+        **job(uid, source, sha256, status),
+        "lane": LANE_PDF,
+        "page_idx": page_idx,
+        "pages": pages,
+        "uploaded_at": round(uploaded_at, 1),
+    }
+    if round_:
+        entry["round"] = round_
+    return entry
+
+
+def queued_job(source: str, sha256: str, *, chunk: int, round_: int = 0) -> dict[str, Any]:
+    """A PDF-lane image not submitted yet, in the planned PDF ``chunk``."""
+    entry = {**job(None, source, sha256, STATUS_QUEUED), "lane": LANE_PDF, "chunk": chunk}
+    if round_:
+        entry["round"] = round_
+    return entry
+
+
+def is_pdf(entry: dict[str, Any]) -> bool:
+    """Whether a job is the PDF lane's."""
+    return entry.get("lane") == LANE_PDF
+
+
+def is_queued(entry: dict[str, Any]) -> bool:
+    """Whether a job waits to be submitted (the PDF lane's ``queued``)."""
+    return entry.get("status") == STATUS_QUEUED
+
+
+def is_pending(entry: dict[str, Any]) -> bool:
+    """Whether a job is submitted and not finished: what the trigger polls."""
+    return not is_finished(entry) and not is_queued(entry)
+
+
+def result_key(entry: dict[str, Any]) -> str:
+    """What identifies a job's result: its uid, and for a PDF-lane image its page too."""
+    if is_pdf(entry) and entry.get("page_idx") is not None:
+        return f"{entry['uid']}#{entry['page_idx']}"
+    return str(entry.get("uid"))
+
+
+def retry_plan(entry: dict[str, Any]) -> str | None:
+    """
+    For a PDF-lane image whose PDF failed: how it is tried again, or None when it is not.
+
+    Decided by the failure's class, as permanence is everywhere: a refused key or an empty quota
+    stops everything; a lost upload answer is never resent within the try (as in the image lane);
+    a protocol error (a result that does not map back to the pages) is reported. A limit, a
+    transient failure or a task the service lost is tried again as it was packed; any other
+    failure of the PDF (``parse_error``, ``parse_timeout``, a file the service refused) in
+    smaller PDFs.
+    """
+    if not is_pdf(entry) or entry.get("status") != protocol.STATUS_FAILED or entry.get("page_idx") is None:
+        return None
+    error_class = protocol.error_class_for(entry.get("code"))
+    if issubclass(
+        error_class, (Doc2XAuthError, Doc2XQuotaError, Doc2XSubmitUncertainError, Doc2XProtocolError)
+    ):
+        return None
+    if issubclass(error_class, (Doc2XTransientError, Doc2XJobNotFoundError)):
+        return RETRY_SAME
+    return RETRY_SPLIT
 
 
 def failed_job(source: str, sha256: str | None, error: Doc2XError, uid: str | None = None) -> dict[str, Any]:
@@ -61,7 +171,7 @@ def _carried(entry: dict[str, Any]) -> dict[str, Any]:
     """A job as an event carries it: its ids, status and failure, and nothing the trigger added."""
     carried = {key: entry.get(key) for key in ("uid", "source", "sha256")}
     carried["status"] = entry.get("status") or protocol.STATUS_PROCESSING
-    for key in ("code", "message"):
+    for key in ("code", "message", *_PDF_KEYS):
         if entry.get(key) is not None:
             carried[key] = entry[key]
     return carried
@@ -82,6 +192,28 @@ def validate_event(event: Any) -> dict[str, Any]:
             not isinstance(entry, dict)
             or not isinstance(entry.get("status"), str)
             or not isinstance(entry.get("source"), str)
+            or not _pdf_keys_valid(entry)
         ):
             raise Doc2XError(f"The Doc2X trigger sent a malformed job in its event: {protocol.quote(entry)}")
     return event
+
+
+def _pdf_keys_valid(entry: dict[str, Any]) -> bool:
+    """A PDF-lane job's own keys have their types (whole numbers, a time); a job of another lane has none."""
+    lane = entry.get("lane")
+    if lane is None:
+        return True
+    if lane != LANE_PDF:
+        return False
+    for key in ("page_idx", "pages", "chunk", "round"):
+        value = entry.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            return False
+    uploaded_at = entry.get("uploaded_at")
+    if uploaded_at is not None and (
+        isinstance(uploaded_at, bool) or not isinstance(uploaded_at, (int, float))
+    ):
+        return False
+    if is_queued(entry):
+        return entry.get("chunk") is not None and isinstance(entry.get("sha256"), str)
+    return entry.get("status") == protocol.STATUS_FAILED or isinstance(entry.get("uid"), str)

@@ -15,8 +15,9 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_doc2x import protocol, transport
-from airflow_provider_doc2x.events import EVENT_ERROR, validate_event
+from airflow_provider_doc2x.events import EVENT_ERROR, STATUS_QUEUED, is_pdf, result_key, validate_event
 from airflow_provider_doc2x.exceptions import Doc2XAuthError, Doc2XError, Doc2XPermanentError
+from airflow_provider_doc2x.pdf_results import PAGE_MAP_MISMATCH, page_map_problem, pdf_records
 
 if TYPE_CHECKING:
     from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 
 #: Results fetched at once when a task resumes.
 FETCHES_IN_FLIGHT = 8
+#: PDF results (each with the pages of a whole PDF, maybe its export zip) handled at once.
+PDFS_IN_FLIGHT = 2
 
 
 def result_record(source: str, result: protocol.Doc2XResult, sha256: str | None = None) -> dict[str, Any]:
@@ -60,8 +63,9 @@ def records_from_event(
     """
     The records of a trigger event, in input order; raise naming every job that did not succeed.
 
-    ``known`` holds records already made from results the wait brought, by uid (the worker's own
-    wait): those are not fetched again.
+    ``known`` holds records already made from results the wait brought, by
+    :func:`~airflow_provider_doc2x.events.result_key` (the worker's own wait): those are not
+    fetched again.
     """
     event = validate_event(event)
     register_key(hook)
@@ -88,21 +92,26 @@ async def _collect(
 
     Results are fetched a few at a time and written as they arrive, so a task of a thousand images
     neither waits for them one by one nor holds them all in memory; a uid listed twice (the same
-    content twice) is fetched once.
+    content twice) is fetched once, and so is a PDF (the PDF lane), each of its images taking its
+    page by ``page_idx``.
     """
     turns = asyncio.Semaphore(FETCHES_IN_FLIGHT)
-    fetched: dict[str, asyncio.Task[protocol.Doc2XJobStatus]] = {}
+    pdf_turns = asyncio.Semaphore(PDFS_IN_FLIGHT)
+    fetched: dict[str, asyncio.Future[protocol.Doc2XJobStatus]] = {}
 
-    async def outcome(job: dict[str, Any]) -> dict[str, Any]:
-        if job["status"] != protocol.STATUS_SUCCESS:
-            return job
+    async def reused(job: dict[str, Any]) -> dict[str, Any] | None:
+        """The record of a result this task already has (the wait's) or stored earlier, if any."""
         source, digest = job["source"], job.get("sha256")
-        if job.get("uid") in known:
-            return {**known[job["uid"]], "source": source}
+        key = result_key(job)
+        if key in known:
+            return {**known[key], "source": source}
         if results is not None and not overwrite and digest:
             stored = await asyncio.to_thread(results.cached, digest, source)
             if stored is not None:
                 return {**stored, "source": source}
+        return None
+
+    async def image(job: dict[str, Any]) -> dict[str, Any]:
         async with turns:
             if job["uid"] not in fetched:
                 fetched[job["uid"]] = asyncio.ensure_future(hook.aget_job_status(job["uid"]))
@@ -113,10 +122,58 @@ async def _collect(
                     "status": status.status,
                     "message": "the job had no result when it was fetched",
                 }
-            record = await asyncio.to_thread(store_or_record, results, source, digest, status.result)
+            record = await asyncio.to_thread(
+                store_or_record, results, job["source"], job.get("sha256"), status.result
+            )
             return {key: value for key, value in record.items() if key != "status"}
 
-    return list(await asyncio.gather(*(outcome(job) for job in jobs)))
+    async def pdf(uid: str, entries: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        """The records of a PDF's images (by ``id`` of their job), from one status call."""
+        async with pdf_turns:
+            status = await hook.aget_pdf_status(uid)
+            if status.result is None:
+                return {
+                    id(entry): {
+                        **entry,
+                        "status": status.status,
+                        "message": "the job had no result when it was fetched",
+                    }
+                    for entry in entries
+                }
+            if problem := page_map_problem(entries, status):
+                log.error("Doc2X's result for PDF %s does not map back to its images: %s", uid, problem)
+                failed = {
+                    "status": protocol.STATUS_FAILED,
+                    "code": "protocol_error",
+                    "message": PAGE_MAP_MISMATCH,
+                }
+                return {id(entry): {**entry, **failed} for entry in entries}
+            records = await pdf_records(hook, results, status, entries)
+            return {id(entry): record for entry, record in zip(entries, records, strict=True)}
+
+    successes = [index for index, job in enumerate(jobs) if job["status"] == protocol.STATUS_SUCCESS]
+    outcomes: list[dict[str, Any] | None] = [
+        None if job["status"] == protocol.STATUS_SUCCESS else job for job in jobs
+    ]
+    for index, record in zip(
+        successes, await asyncio.gather(*(reused(jobs[i]) for i in successes)), strict=True
+    ):
+        outcomes[index] = record
+    by_pdf: dict[str, list[int]] = {}
+    images: list[int] = []
+    for index in successes:
+        job = jobs[index]
+        if outcomes[index] is None:
+            (by_pdf.setdefault(job["uid"], []) if is_pdf(job) else images).append(index)
+    pdf_work = [pdf(uid, [jobs[index] for index in indices]) for uid, indices in by_pdf.items()]
+    image_work = [image(jobs[index]) for index in images]
+    fetched_records = await asyncio.gather(asyncio.gather(*image_work), asyncio.gather(*pdf_work))
+    for index, record in zip(images, fetched_records[0], strict=True):
+        outcomes[index] = record
+    for indices, records in zip(by_pdf.values(), fetched_records[1], strict=True):
+        for index in indices:
+            outcomes[index] = records[id(jobs[index])]
+    return [outcome for outcome in outcomes if outcome is not None]
 
 
 def register_key(hook: Doc2XHook) -> None:
@@ -134,6 +191,8 @@ def register_key(hook: Doc2XHook) -> None:
 def describe_failure(job: dict[str, Any]) -> str:
     """Why one job did not end parsed, in a line: fixed texts and codes only."""
     status = job.get("status")
+    if status == STATUS_QUEUED:
+        return "not submitted yet when the wait ended (a new try submits it)"
     if status == protocol.STATUS_PROCESSING:
         return "still processing at the deadline (a new try reconnects to it)"
     if status not in protocol.TERMINAL_STATUSES:
@@ -147,12 +206,17 @@ def describe_failure(job: dict[str, Any]) -> str:
 
 def batch_failure(failures: list[dict[str, Any]], total: int) -> Doc2XError:
     """One error naming every image that did not end parsed, and why; permanent if no retry can help."""
-    lines = [
-        f"- {job['source']} (uid {job.get('uid') or 'none'}): {describe_failure(job)}" for job in failures
-    ]
+    lines = [f"- {job['source']} ({_where(job)}): {describe_failure(job)}" for job in failures]
     message = f"{len(failures)} of {total} images were not parsed:\n" + "\n".join(lines)
     permanent = all(
         job.get("status") == protocol.STATUS_FAILED and protocol.is_permanent_code(job.get("code"))
         for job in failures
     )
     return (Doc2XPermanentError if permanent else Doc2XError)(message)
+
+
+def _where(job: dict[str, Any]) -> str:
+    """A job's uid for a failure line; a PDF-lane image's PDF and page too."""
+    if is_pdf(job) and job.get("uid") and job.get("page_idx") is not None:
+        return f"PDF uid {job['uid']}, page {job['page_idx']}"
+    return f"uid {job.get('uid') or 'none'}"

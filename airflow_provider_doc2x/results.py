@@ -5,7 +5,7 @@ Layout under ``output_path`` (a local directory or any ``ObjectStoragePath`` URI
 
     invoice-1f2e3d4c5b6a/            # the image's name, then the first 12 hex digits of its sha256
         invoice.md                   # the Markdown; figure links point at images/...
-        images/<figure>.jpg          # the figures of convert_zip
+        images/<figure>.jpg          # the figures of convert_zip (PDF lane: of the PDF's export)
         invoice.json                 # the sidecar, written last: its presence means "complete"
         convert_zip.raw              # only when Doc2X's convert_zip was not a usable zip
 
@@ -23,11 +23,12 @@ import json
 import logging
 import posixpath
 import re
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
 from airflow_provider_doc2x import __version__, protocol
-from airflow_provider_doc2x.archives import MAX_ZIP_BYTES, MAX_ZIP_ENTRIES, unpack_figures
+from airflow_provider_doc2x.archives import MAX_ZIP_BYTES, MAX_ZIP_ENTRIES, Figures, unpack_figures
 from airflow_provider_doc2x.storage import storage_path
 
 log = logging.getLogger(__name__)
@@ -141,14 +142,32 @@ class ResultStore:
             return None
         return meta
 
-    def write(self, source: str, sha256: str, result: protocol.Doc2XResult) -> dict[str, Any]:
-        """Write one image's result (figures, Markdown, then the sidecar); return its record of paths."""
+    def write(
+        self,
+        source: str,
+        sha256: str,
+        result: protocol.Doc2XResult,
+        *,
+        figures: Figures | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """
+        Write one image's result (figures, Markdown, then the sidecar); return its record of paths.
+
+        ``figures`` are files already at hand (relative paths made of plain characters; the PDF
+        lane's, from an export zip): then ``convert_zip`` is not read. ``extra`` adds fields to the
+        sidecar (the PDF lane's ``lane`` and ``page_idx``); a ``page_idx`` there is in the record too.
+        """
         folder = self.root / folder_name(source, sha256)
         folder.mkdir(parents=True, exist_ok=True)
         stem = folder.name.rsplit("-", 1)[0]
-        figures = unpack_figures(
-            result.convert_zip, source=source, max_entries=self.max_zip_entries, max_bytes=self.max_zip_bytes
-        )
+        if figures is None:
+            figures = unpack_figures(
+                result.convert_zip,
+                source=source,
+                max_entries=self.max_zip_entries,
+                max_bytes=self.max_zip_bytes,
+            )
         written: dict[str, bytes] = {}
         for path, data in figures.files.items():
             target = folder / path
@@ -180,6 +199,7 @@ class ResultStore:
             "raw_convert_zip": RAW_PAYLOAD_NAME if figures.raw is not None else None,
             "warnings": figures.warnings,
             "provider_version": __version__,
+            **(extra or {}),
         }
         if source in self.fingerprints:
             meta["source_fingerprint"] = self.fingerprints[source]
@@ -197,7 +217,7 @@ class ResultStore:
     @staticmethod
     def _record(folder: Any, meta: dict[str, Any], *, cached: bool) -> dict[str, Any]:
         stem = meta["markdown"][: -len(".md")]
-        return {
+        record = {
             "source": meta.get("source"),
             "uid": meta.get("uid"),
             "sha256": meta.get("sha256"),
@@ -206,3 +226,7 @@ class ResultStore:
             "sidecar_path": str(folder / f"{stem}.json"),
             "cached": cached,
         }
+        page_idx = meta.get("page_idx")
+        if isinstance(page_idx, int) and not isinstance(page_idx, bool):
+            record["page_idx"] = page_idx  # the PDF lane's: the image's page in the PDF ``uid``
+        return record

@@ -6,6 +6,11 @@ uid in the task state store, then defers to :class:`Doc2XImageParseTrigger` and 
 trigger reports, the task resumes, fetches the results and returns one record per image in input
 order. A new try of the task (crash, lost triggerer, a clear within the 24 h result lifetime)
 reconnects to the recorded uids instead of uploading again.
+
+``method="pdf"`` (the bulk lane, :mod:`airflow_provider_doc2x.pdf_lane`) packs the images into
+multi-page PDFs for Doc2X's PDF API: a few PDFs in flight at once, the task deferring until half of
+them are done, then submitting the next ones (and trying again the images of a PDF that failed),
+until every image is parsed or named in the error.
 """
 
 from __future__ import annotations
@@ -19,10 +24,24 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from airflow.providers.common.compat.sdk import BaseOperator, conf
 
-from airflow_provider_doc2x import transport
-from airflow_provider_doc2x.events import is_finished
-from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
+from airflow_provider_doc2x import protocol, transport
+from airflow_provider_doc2x.events import (
+    EVENT_FAILED,
+    EVENT_PROGRESS,
+    EVENT_SUCCESS,
+    is_finished,
+    is_pdf,
+    is_pending,
+    make_event,
+    result_key,
+    retry_plan,
+    validate_event,
+)
+from airflow_provider_doc2x.hooks.doc2x import DEFAULT_PDF_WAIT, Doc2XHook
 from airflow_provider_doc2x.manifest import Manifest
+from airflow_provider_doc2x.packing import DEFAULT_PDF_MAX_PAGES, MAX_PDF_PAGES
+from airflow_provider_doc2x.pdf_lane import PdfLane
+from airflow_provider_doc2x.pdf_results import pdf_records
 from airflow_provider_doc2x.protocol import Doc2XJobStatus
 from airflow_provider_doc2x.records import batch_failure, records_from_event, store_or_record
 from airflow_provider_doc2x.results import ResultStore
@@ -35,8 +54,11 @@ if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
 
 __all__ = ["STATE_KEY_PREFIX", "Doc2XImageParseOperator"]
-#: How the operator parses: submit and wait (deferrable or not), or Doc2X's synchronous endpoint.
-Method = Literal["async", "sync"]
+#: How the operator parses: submit and wait (deferrable or not), Doc2X's synchronous endpoint, or
+#: images packed into PDFs for the PDF API (the bulk lane).
+Method = Literal["async", "sync", "pdf"]
+#: Seconds a try (image lanes) or each wave of PDFs (PDF lane) may wait by default.
+DEFAULT_TIMEOUT = 600.0
 
 
 class Doc2XImageParseOperator(BaseOperator):
@@ -54,15 +76,26 @@ class Doc2XImageParseOperator(BaseOperator):
         fingerprint (size plus ETag, generation or modification time; see
         :mod:`airflow_provider_doc2x.manifest`): an image unchanged since it was parsed is not read
         at all, and its record comes from the manifest. New and changed images are read as usual.
-    :param method: ``"async"`` (submit, then wait without a worker when deferrable) or ``"sync"``
-        (Doc2X's synchronous endpoint, one image at a time, in the worker).
+    :param method: ``"async"`` (submit, then wait without a worker when deferrable), ``"sync"``
+        (Doc2X's synchronous endpoint, one image at a time, in the worker), or ``"pdf"`` (the bulk
+        lane: images of one aspect ratio packed losslessly into multi-page PDFs for Doc2X's PDF
+        API, which is not bound by the image API's 30 images per 30 s; see
+        :mod:`airflow_provider_doc2x.pdf_lane`). The records are the same; the PDF lane's also
+        carry the image's ``page_idx`` in its PDF (whose uid is the record's ``uid``).
     :param deferrable: wait in the triggerer instead of the worker.
     :param poll_interval: seconds between status rounds.
-    :param timeout: seconds to wait for all jobs of one try before failing with the uids still processing.
+    :param timeout: seconds to wait for all jobs of one try before failing with the uids still
+        processing (the PDF lane: for the PDFs in flight, each time it waits). Default: 600, or
+        1800 for the PDF lane (Doc2X's own limit is 15 minutes of parsing per PDF).
     :param max_concurrent_polls: status calls in flight at once.
     :param allow_schemes: URL schemes to read images from beyond local paths and object storage,
         e.g. ``["https"]``. Refused by default: ``image_path`` may come from a run's params, and a
         fetch-anything scheme would let whoever triggers a run make the worker call any address.
+    :param pdf_model: the PDF lane's model: None (the service's default, ``"v2"``), ``"v2"`` or
+        ``"v3-2026"``.
+    :param pdf_max_pages: the PDF lane's most pages per PDF (1-1000; also bounded by the
+        connection's ``pdf_max_pages_in_flight``). A PDF that fails as a whole costs at most this
+        many pages of work again.
     """
 
     template_fields: Sequence[str] = ("image_path", "output_path", "doc2x_conn_id")
@@ -77,16 +110,25 @@ class Doc2XImageParseOperator(BaseOperator):
         method: Method = "async",
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         poll_interval: float = 2.0,
-        timeout: float = 600,
+        timeout: float | None = None,
         max_concurrent_polls: int = 8,
         overwrite: bool = False,
         allow_schemes: Sequence[str] = (),
         incremental: bool = False,
+        pdf_model: str | None = None,
+        pdf_max_pages: int = DEFAULT_PDF_MAX_PAGES,
         **kwargs: Any,
     ) -> None:
+        """Check the arguments (nothing is read or called at parse time)."""
         super().__init__(**kwargs)
-        if method not in ("async", "sync"):
-            raise ValueError(f"method must be 'async' or 'sync', got {method!r}")
+        if method not in ("async", "sync", "pdf"):
+            raise ValueError(f"method must be 'async', 'sync' or 'pdf', got {method!r}")
+        if pdf_model is not None and pdf_model not in protocol.PDF_MODELS:
+            raise ValueError(
+                f"pdf_model must be None or one of {sorted(protocol.PDF_MODELS)}, got {pdf_model!r}"
+            )
+        if not 1 <= pdf_max_pages <= MAX_PDF_PAGES:
+            raise ValueError(f"pdf_max_pages must be 1 to {MAX_PDF_PAGES}, got {pdf_max_pages}")
         if incremental and not output_path:
             raise ValueError("incremental=True needs an output_path: the manifest is kept there")
         self.image_path = image_path
@@ -95,11 +137,15 @@ class Doc2XImageParseOperator(BaseOperator):
         self.method = method
         self.deferrable = deferrable
         self.poll_interval = poll_interval
-        self.timeout = timeout
+        self.timeout = float(
+            timeout if timeout is not None else DEFAULT_PDF_WAIT if method == "pdf" else DEFAULT_TIMEOUT
+        )
         self.max_concurrent_polls = max_concurrent_polls
         self.overwrite = overwrite
         self.allow_schemes = tuple(allow_schemes)
         self.incremental = incremental
+        self.pdf_model = pdf_model
+        self.pdf_max_pages = pdf_max_pages
         self._records: list[dict[str, Any]] = []
 
     @cached_property
@@ -129,32 +175,92 @@ class Doc2XImageParseOperator(BaseOperator):
         if self.method == "sync":
             outcomes = uploads.parse(to_read)
             return self._finish(self._records_or_failure(split.records(outcomes) if split else outcomes))
+        if self.method == "pdf":
+            with self._pdf_lane(context, uploads) as lane:
+                jobs = lane.prepare(to_read)
+                return self._pdf_wait(lane, lane.advance(split.jobs(jobs) if split else jobs))
         jobs = split.jobs(uploads.submit(to_read)) if split else uploads.submit(to_read)
-        trigger = Doc2XImageParseTrigger(
+        trigger = self._trigger(jobs)
+        if self.deferrable and not all(is_finished(job) for job in jobs):
+            self._defer(trigger)
+        # The worker waits with the trigger's own loop, on the transport's loop (the hook's settings
+        # were read in this thread already), and keeps the results its polls bring.
+        known: dict[str, dict[str, Any]] = {}
+        event = transport.run_sync(trigger.wait(self.hook, on_result=self._keeper(known)))
+        return self._finish(
+            records_from_event(self.hook, event, results=self.results, overwrite=self.overwrite, known=known)
+        )
+
+    def _trigger(self, jobs: list[dict[str, Any]]) -> Doc2XImageParseTrigger:
+        return Doc2XImageParseTrigger(
             doc2x_conn_id=self.doc2x_conn_id,
             jobs=jobs,
             poll_interval=self.poll_interval,
             deadline=time.time() + self.timeout,
             max_concurrent_polls=self.max_concurrent_polls,
         )
-        if self.deferrable and not all(is_finished(job) for job in jobs):
-            self.defer(
-                trigger=trigger,
-                method_name="execute_complete",
-                # Airflow's own guard, after the trigger's deadline, in case the triggerer is lost.
-                timeout=timedelta(seconds=self.timeout + 60),
-            )
-        # The worker waits with the trigger's own loop, on the transport's loop (the hook's settings
-        # were read in this thread already), and keeps the results its polls bring.
-        known: dict[str, dict[str, Any]] = {}
 
-        async def keep(job: dict[str, Any], status: Doc2XJobStatus) -> None:
+    def _defer(self, trigger: Doc2XImageParseTrigger) -> None:
+        self.defer(
+            trigger=trigger,
+            method_name="execute_complete",
+            # Airflow's own guard, after the trigger's deadline, in case the triggerer is lost.
+            timeout=timedelta(seconds=self.timeout + 60),
+        )
+
+    def _keeper(self, known: dict[str, dict[str, Any]]) -> Any:
+        """What the worker's own wait does with each result its polls bring: make the records at once."""
+
+        async def keep(unit: list[dict[str, Any]], status: Doc2XJobStatus) -> None:
             assert status.result is not None
-            known[job["uid"]] = await asyncio.to_thread(
-                store_or_record, self.results, job["source"], job.get("sha256"), status.result
+            if is_pdf(unit[0]):
+                for entry, record in zip(
+                    unit, await pdf_records(self.hook, self.results, status, unit), strict=True
+                ):
+                    if record.get("status") is None:
+                        known[result_key(entry)] = record
+                return
+            head = unit[0]
+            known[head["uid"]] = await asyncio.to_thread(
+                store_or_record, self.results, head["source"], head.get("sha256"), status.result
             )
 
-        event = transport.run_sync(trigger.wait(self.hook, on_result=keep))
+        return keep
+
+    def _pdf_lane(self, context: Context, uploads: ImageUploads) -> PdfLane:
+        return PdfLane(
+            self.hook,
+            images=uploads,
+            store=uploads.store,
+            results=self.results,
+            overwrite=self.overwrite,
+            may_hold_uids=uploads.may_hold_uids,
+            log=self.log,
+            model=self.pdf_model,
+            pdf_max_pages=self.pdf_max_pages,
+            allow_schemes=self.allow_schemes,
+        )
+
+    def _pdf_wait(
+        self, lane: PdfLane, jobs: list[dict[str, Any]], known: dict[str, dict[str, Any]] | None = None
+    ) -> list[dict[str, Any]]:
+        """
+        Wait for the PDFs in flight and submit the next ones until none is left; then the records.
+
+        Deferred (the task resumes in :meth:`execute_complete` after each wait), or in the worker.
+        """
+        known = {} if known is None else known
+        while any(is_pending(entry) for entry in jobs):
+            trigger = self._trigger(jobs)
+            if self.deferrable:
+                self._defer(trigger)
+            event = validate_event(transport.run_sync(trigger.wait(self.hook, on_result=self._keeper(known))))
+            if event["status"] != EVENT_PROGRESS:
+                break
+            jobs = lane.advance(event["jobs"])
+        else:
+            failed = any(entry["status"] != protocol.STATUS_SUCCESS for entry in jobs)
+            event = make_event(EVENT_FAILED if failed else EVENT_SUCCESS, jobs, "nothing left to wait for")
         return self._finish(
             records_from_event(self.hook, event, results=self.results, overwrite=self.overwrite, known=known)
         )
@@ -191,9 +297,22 @@ class Doc2XImageParseOperator(BaseOperator):
         return records
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        """Resume after the trigger: fetch each finished result; fail naming every image that did not end well."""
+        """
+        Resume after the trigger: fetch each finished result; fail naming every image that did not end well.
+
+        The PDF lane first submits what remains (queued PDFs, the images of PDFs that failed) and
+        defers again while PDFs are in flight.
+        """
         if self.manifest is not None:
             self.manifest.resume(event)  # results it knows are not looked up again
+        if self.method == "pdf":
+            event = validate_event(event)
+            jobs = event["jobs"]
+            if event["status"] == EVENT_PROGRESS or (
+                event["status"] in (EVENT_SUCCESS, EVENT_FAILED) and any(retry_plan(entry) for entry in jobs)
+            ):
+                with self._pdf_lane(context, self._uploads(context)) as lane:
+                    return self._pdf_wait(lane, lane.advance(jobs))
         return self._finish(
             records_from_event(self.hook, event, results=self.results, overwrite=self.overwrite)
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -22,22 +23,32 @@ from airflow_provider_doc2x import protocol
 from airflow_provider_doc2x.events import (
     EVENT_ERROR,
     EVENT_FAILED,
+    EVENT_PROGRESS,
     EVENT_SUCCESS,
     EVENT_TIMEOUT,
     failed_job,
     is_finished,
+    is_pdf,
+    is_pending,
+    is_queued,
     make_event,
+    retry_plan,
 )
 from airflow_provider_doc2x.exceptions import (
     Doc2XAuthError,
     Doc2XError,
+    Doc2XJobNotFoundError,
     Doc2XProtocolError,
+    Doc2XRateLimitError,
+    Doc2XSubmitUncertainError,
     Doc2XTransientError,
 )
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
+from airflow_provider_doc2x.pdf_results import PAGE_MAP_MISMATCH, page_map_problem
 
-#: What the worker's own wait does with each result a status call brings: (job, its status).
-ResultCallback = Callable[[dict[str, Any], protocol.Doc2XJobStatus], Awaitable[None]]
+#: What the worker's own wait does with each result a status call brings: (the jobs it answers, its
+#: status): the jobs of one uid (one image, the same image listed twice, or the images of one PDF).
+ResultCallback = Callable[[list[dict[str, Any]], protocol.Doc2XJobStatus], Awaitable[None]]
 
 
 class Doc2XImageParseTrigger(BaseTrigger):
@@ -63,6 +74,7 @@ class Doc2XImageParseTrigger(BaseTrigger):
         max_concurrent_polls: int = 8,
         max_consecutive_errors: int = 5,
     ) -> None:
+        """Keep the JSON kwargs (a copy of each job)."""
         super().__init__()
         self.doc2x_conn_id = doc2x_conn_id
         self.jobs = [dict(job) for job in jobs]
@@ -104,20 +116,31 @@ class Doc2XImageParseTrigger(BaseTrigger):
         Poll until every job is finished; return the event's payload.
 
         Jobs that arrive finished (a failed upload, a job an earlier try already finished) are not
-        polled. The first round comes one interval after the start. The deadline holds even while a
-        request drips: a round still running at the deadline is cancelled. The worker runs this
-        same loop when the operator does not defer, and passes ``on_result`` to keep each result
-        the polls bring (so it need not fetch it again); the triggerer never does (events carry no
-        results).
+        polled, nor are PDF-lane images still queued. The first round comes one interval after the
+        start. The deadline holds even while a request drips: a round still running at the
+        deadline is cancelled. The worker runs this same loop when the operator does not defer,
+        and passes ``on_result`` to keep each result the polls bring (so it need not fetch it
+        again); the triggerer never does (events carry no results).
 
-        A round asks about the pending jobs in the order they were submitted (Doc2X finishes them
-        in about that order) and ends early once ``max_concurrent_polls`` of its answers say "not
-        finished": the jobs after those are most likely not finished either. Jobs found unfinished
-        go to the back of the line, so a slow job never keeps the others from being asked. A batch
-        of a thousand jobs costs about one status call per job, not one per job per round.
+        Jobs that share a uid are asked about once: the same image listed twice, and every image of
+        one PDF (the PDF lane polls Doc2X's PDF status, then updates each image of the PDF; a
+        result whose page count is not the PDF's fails them all as a protocol error). A round asks
+        in the order the jobs were submitted (Doc2X finishes them in about that order) and ends
+        early once ``max_concurrent_polls`` of its answers say "not finished": the jobs after
+        those are most likely not finished either. Jobs found unfinished go to the back of the
+        line, so a slow job never keeps the others from being asked. A batch of a thousand jobs
+        costs about one status call per job (per PDF in the PDF lane), not one per job per round.
+
+        PDF lane: while images remain queued (the PDFs and pages in flight are bounded) or may be
+        tried again (their PDF failed), the wait ends with a ``progress`` event once half of the
+        PDFs it started with are finished, so that the task submits the next ones. After a PDF
+        refused for the service's limits, that event waits a back-off first, here (no worker held).
         """
         jobs = [dict(entry) for entry in self.jobs]
-        pending = [entry for entry in jobs if not is_finished(entry)]
+        pending = _units(entry for entry in jobs if is_pending(entry))
+        pdfs_at_start = sum(1 for unit in pending if is_pdf(unit[0]))
+        pdfs_done = 0
+        limited_round = 0  # 1 + the highest round of a PDF refused for the limits in this wait
         failed_rounds = 0
         reported = 0  # "0/N done" is not news: log from the first finished job on
         if pending:
@@ -135,8 +158,13 @@ class Doc2XImageParseTrigger(BaseTrigger):
             except asyncio.TimeoutError:
                 return self._timeout(jobs)
             transient: list[Doc2XError] = []
-            for entry, answer in answers:
-                if isinstance(answer, (Doc2XTransientError, Doc2XProtocolError)):
+            for unit, answer in answers:
+                head = unit[0]
+                if isinstance(answer, Doc2XRateLimitError) and is_pdf(head) and answer.http_status != 429:
+                    # A limit code in a PDF's status answer is the service refusing the task.
+                    self._fail(unit, answer)
+                    limited_round = max(limited_round, 1 + int(head.get("round") or 0))
+                elif isinstance(answer, (Doc2XTransientError, Doc2XProtocolError)):
                     # A status call is safe to repeat: a garbled answer (a proxy's page) is retried
                     # next round, like a 5xx, within max_consecutive_errors.
                     transient.append(answer)
@@ -145,22 +173,48 @@ class Doc2XImageParseTrigger(BaseTrigger):
                     self.log.error("Doc2X refused the API key: %s", answer)
                     return make_event(EVENT_ERROR, jobs, answer.summary, code=answer.failure_code)
                 elif isinstance(answer, Doc2XError):
-                    self._fail(entry, answer)
+                    self._fail(unit, _lost_upload(head, answer))
                 elif answer.status == protocol.STATUS_FAILED:
-                    self._fail(entry, answer.failure())
+                    failure = answer.failure()
+                    self._fail(unit, failure)
+                    if isinstance(failure, Doc2XRateLimitError):
+                        limited_round = max(limited_round, 1 + int(head.get("round") or 0))
+                elif (
+                    is_pdf(head) and answer.result is not None and (problem := page_map_problem(unit, answer))
+                ):
+                    self.log.error(
+                        "Doc2X's result for PDF %s does not map back to its images (%s): %s",
+                        head["uid"],
+                        problem,
+                        _names(unit),
+                    )
+                    self._fail(unit, Doc2XProtocolError(problem, uid=head["uid"]), message=PAGE_MAP_MISMATCH)
                 else:
-                    entry.update(status=answer.status)
+                    status = answer.status
+                    known = status != protocol.STATUS_AWAITING_PICKUP  # Doc2X knows the uid: it landed
+                    for entry in unit:
+                        # The provider's own "awaiting pickup" stays in the worker: a job is processing.
+                        entry["status"] = status if known else protocol.STATUS_PROCESSING
+                        if known:
+                            entry.pop("uncertain", None)
                     if on_result is not None and answer.result is not None:
-                        await on_result(entry, answer)
-            polled = {id(entry) for entry, _ in answers}
-            pending = [entry for entry in pending if id(entry) not in polled] + [
-                entry for entry, _ in answers if not is_finished(entry)
+                        await on_result(unit, answer)
+            polled = {id(unit) for unit, _ in answers}
+            finished = [unit for unit, _ in answers if is_finished(unit[0])]
+            pdfs_done += sum(1 for unit in finished if is_pdf(unit[0]))
+            pending = [unit for unit in pending if id(unit) not in polled] + [
+                unit for unit, _ in answers if not is_finished(unit[0])
             ]
             failed_rounds = failed_rounds + 1 if transient else 0
-            done = len(jobs) - len(pending)
+            done = sum(is_finished(entry) for entry in jobs)
             if done != reported:
                 self.log.info("Doc2X: %d/%d done", done, len(jobs))
                 reported = done
+            more = _more_to_submit(jobs)
+            if more and (not pending or (pdfs_at_start and 2 * pdfs_done >= pdfs_at_start)):
+                if limited_round:
+                    await self._back_off(hook, limited_round)
+                return make_event(EVENT_PROGRESS, jobs, f"{done}/{len(jobs)} done; more PDFs to submit")
             if not pending:
                 failed = any(entry["status"] != protocol.STATUS_SUCCESS for entry in jobs)
                 return make_event(EVENT_FAILED if failed else EVENT_SUCCESS, jobs, f"{done}/{len(jobs)} done")
@@ -181,33 +235,56 @@ class Doc2XImageParseTrigger(BaseTrigger):
             await asyncio.sleep(min(self.poll_interval, remaining))
 
     async def _round(
-        self, hook: Doc2XHook, pending: list[dict[str, Any]]
-    ) -> list[tuple[dict[str, Any], protocol.Doc2XJobStatus | Doc2XError]]:
-        """One round of status calls, front of the line first, until enough say "not finished"."""
-        answers: list[tuple[dict[str, Any], protocol.Doc2XJobStatus | Doc2XError]] = []
+        self, hook: Doc2XHook, pending: list[list[dict[str, Any]]]
+    ) -> list[tuple[list[dict[str, Any]], protocol.Doc2XJobStatus | Doc2XError]]:
+        """One round of status calls, one per uid, front of the line first, until enough say "not finished"."""
+        answers: list[tuple[list[dict[str, Any]], protocol.Doc2XJobStatus | Doc2XError]] = []
         unfinished = 0
         line = iter(pending)
 
         async def caller() -> None:
             nonlocal unfinished
-            for entry in line:  # one line shared by the callers: each job is asked once
+            for unit in line:  # one line shared by the callers: each uid is asked once
                 if unfinished >= self.max_concurrent_polls:
                     return
+                head = unit[0]
                 try:
-                    answer: protocol.Doc2XJobStatus | Doc2XError = await hook.aget_job_status(entry["uid"])
+                    answer: protocol.Doc2XJobStatus | Doc2XError
+                    if is_pdf(head):
+                        answer = await hook.aget_pdf_status(head["uid"], uploaded_at=head.get("uploaded_at"))
+                    else:
+                        answer = await hook.aget_job_status(head["uid"])
                 except Doc2XError as error:  # anything else is a bug: let it surface
                     answer = error
-                answers.append((entry, answer))
+                answers.append((unit, answer))
                 if not (isinstance(answer, protocol.Doc2XJobStatus) and answer.is_terminal):
                     unfinished += 1
 
         await asyncio.gather(*(caller() for _ in range(self.max_concurrent_polls)))
         return answers
 
-    def _fail(self, entry: dict[str, Any], error: Doc2XError) -> None:
-        """Mark a job failed with its code and fixed summary; the server's own words go to the log only."""
-        self.log.warning("Doc2X job %s of %s failed: %s", entry.get("uid"), entry.get("source"), error)
-        entry.update(failed_job(entry["source"], entry.get("sha256"), error, uid=entry.get("uid")))
+    async def _back_off(self, hook: Doc2XHook, attempt: int) -> None:
+        """Wait before the task submits again after a refusal for the limits (never past the deadline)."""
+        settings = await hook.aget_settings()
+        ceiling = min(settings.retry_wait_max, settings.retry_wait * 2 ** (attempt - 1))
+        pause = min(random.uniform(ceiling / 2, ceiling), max(0.0, self.deadline - time.time()))
+        self.log.info("Doc2X refused a PDF for its limits; waiting %.1fs before more are submitted", pause)
+        await asyncio.sleep(pause)
+
+    def _fail(self, unit: list[dict[str, Any]], error: Doc2XError, *, message: str | None = None) -> None:
+        """Mark jobs failed with their code and a fixed text; the server's own words go to the log only."""
+        head = unit[0]
+        what = (
+            f"PDF {head.get('uid')} ({_names(unit)})"
+            if is_pdf(head)
+            else f"job {head.get('uid')} of {head.get('source')}"
+        )
+        self.log.warning("Doc2X %s failed: %s", what, error)
+        for entry in unit:
+            entry.update(failed_job(entry["source"], entry.get("sha256"), error, uid=entry.get("uid")))
+            entry.pop("uncertain", None)
+            if message is not None:
+                entry["message"] = message
 
     @staticmethod
     def _timeout(jobs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -215,6 +292,37 @@ class Doc2XImageParseTrigger(BaseTrigger):
         return make_event(
             EVENT_TIMEOUT, jobs, f"{waiting} of {len(jobs)} Doc2X jobs were not finished at the deadline"
         )
+
+
+def _units(entries: Any) -> list[list[dict[str, Any]]]:
+    """Jobs grouped by what one status call answers (lane and uid), in the order of their first job."""
+    units: dict[tuple[bool, Any], list[dict[str, Any]]] = {}
+    for entry in entries:
+        units.setdefault((is_pdf(entry), entry.get("uid")), []).append(entry)
+    return list(units.values())
+
+
+def _more_to_submit(jobs: list[dict[str, Any]]) -> bool:
+    """Whether the task has PDF-lane images to submit: queued, or to try again."""
+    return any(is_queued(entry) or retry_plan(entry) is not None for entry in jobs)
+
+
+def _lost_upload(head: dict[str, Any], error: Doc2XError) -> Doc2XError:
+    """A PDF whose PUT lost its answer and that Doc2X does not know after the pickup delay: it did not land."""
+    if is_pdf(head) and head.get("uncertain") and isinstance(error, Doc2XJobNotFoundError):
+        return Doc2XSubmitUncertainError(
+            f"The upload of PDF {head['uid']} lost its answer, and Doc2X does not know the uid after the "
+            "pickup delay; a new try of the task submits its images again",
+            uid=head["uid"],
+        )
+    return error
+
+
+def _names(unit: list[dict[str, Any]], most: int = 10) -> str:
+    """The images of a unit, for a log line: the first few sources."""
+    sources = [entry["source"] for entry in unit]
+    more = f", and {len(sources) - most} more" if len(sources) > most else ""
+    return ", ".join(sources[:most]) + more
 
 
 _startup_heap_frozen = False

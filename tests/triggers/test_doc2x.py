@@ -12,10 +12,13 @@ import time
 
 import pytest
 
+from airflow_provider_doc2x import events
 from airflow_provider_doc2x.exceptions import Doc2XJobFailedError
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
+from airflow_provider_doc2x.local.samples import Page, render
+from airflow_provider_doc2x.packing import pack_images
 from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
-from tests.helpers import API_KEY, first_event
+from tests.helpers import API_KEY, async_wait_until, first_event
 
 
 def make_trigger(uids, *, timeout: float = 30, **kwargs) -> Doc2XImageParseTrigger:
@@ -236,3 +239,112 @@ def test_the_first_trigger_of_a_process_freezes_its_start_up_heap(setting):
     else:
         assert frozen == 0
         assert "out of garbage collection" not in logs
+
+
+# -- one status call per uid: duplicates, and the images of a PDF ------------------------------------------
+
+
+async def test_jobs_of_one_uid_are_asked_about_once(doc2x, make_image):
+    image = make_image(title="Listed Twice")
+    (uid,) = submit(image)
+    await async_wait_until(lambda: Doc2XHook().get_job_status(uid).is_terminal, message="the job to finish")
+    requests = doc2x.stats()["requests"]["status"]
+    trigger = Doc2XImageParseTrigger(
+        doc2x_conn_id="doc2x_default",
+        jobs=[events.job(uid, "a.png", None), events.job(uid, "copy-of-a.png", None)],
+        poll_interval=0.05,
+        deadline=time.time() + 30,
+        max_concurrent_polls=1,
+    )
+    event = await first_event(trigger)
+    assert [job["status"] for job in event["jobs"]] == ["success", "success"]
+    assert doc2x.stats()["requests"]["status"] == requests + 1
+
+
+async def submitted_pdf(doc2x, tmp_path, *titles):
+    """A PDF of JPEG pages with these titles, submitted and parsed; its submission and packed pages."""
+    doc2x.configure(pickup_delay=0, pdf_page_seconds=0)
+    paths = []
+    for title in titles:
+        path = tmp_path / f"{title.replace(' ', '-')}.jpg"
+        path.write_bytes(render(Page(title=title), fmt="JPEG", size=(400, 300)))
+        paths.append(path)
+    with pack_images(paths) as packed:
+        (pdf,) = packed.pdfs
+        submission = await Doc2XHook().asubmit_pdf(pdf.path, pages=pdf.page_count)
+    hook = Doc2XHook()
+
+    async def finished():
+        try:
+            return (
+                await hook.aget_pdf_status(submission.uid, uploaded_at=submission.uploaded_at)
+            ).is_terminal
+        except Doc2XJobFailedError:  # a failure in the envelope's shape
+            return True
+
+    while not await finished():
+        await asyncio.sleep(0.02)
+    return submission, pdf.pages, paths
+
+
+async def test_the_images_of_a_pdf_are_updated_from_one_status_call(doc2x, tmp_path):
+    submission, pages, paths = await submitted_pdf(doc2x, tmp_path, "Pdf One", "Pdf Two", "Pdf Three")
+    jobs = [
+        events.pdf_job(
+            submission.uid,
+            str(path),
+            page.sha256,
+            page_idx=page.page_idx,
+            pages=len(pages),
+            uploaded_at=submission.uploaded_at,
+        )
+        for path, page in zip(paths, pages, strict=True)
+    ]
+    trigger = make_trigger([], max_concurrent_polls=1)
+    trigger.jobs = jobs
+    kept = []
+
+    async def keep(unit, status):
+        kept.append(([entry["page_idx"] for entry in unit], len(status.result.pages)))
+
+    requests = doc2x.stats()["requests"]["pdf_status"]
+    event = await rebuild(trigger).wait(Doc2XHook(), on_result=keep)
+    assert event["status"] == "success"
+    assert [(job["lane"], job["page_idx"], job["status"]) for job in event["jobs"]] == [
+        ("pdf", 0, "success"),
+        ("pdf", 1, "success"),
+        ("pdf", 2, "success"),
+    ]
+    assert kept == [([0, 1, 2], 3)]  # the worker's own wait gets the PDF once, with its images
+    assert doc2x.stats()["requests"]["pdf_status"] == requests + 1
+    assert "markdown" not in json.dumps(event) and "md" not in event["jobs"][0]
+
+
+@pytest.mark.parametrize("shape", ["status", "envelope"])
+async def test_a_failed_pdf_fails_each_of_its_images_with_the_code_in_both_shapes(doc2x, tmp_path, shape):
+    doc2x.configure(pdf_fail_next=1, pdf_fail_reason="parse_timeout", pdf_failure_shape=shape)
+    submission, pages, paths = await submitted_pdf(doc2x, tmp_path, "Fail One", "Fail Two")
+    trigger = make_trigger([])
+    trigger.jobs = [
+        events.pdf_job(submission.uid, str(path), page.sha256, page_idx=page.page_idx, pages=2, uploaded_at=0)
+        for path, page in zip(paths, pages, strict=True)
+    ]
+    event = await first_event(trigger)
+    assert event["status"] == "progress"  # its images are to be tried again by the task
+    assert {(job["status"], job["code"], job["message"]) for job in event["jobs"]} == {
+        ("failed", "parse_timeout", Doc2XJobFailedError.summary)
+    }
+    assert [events.retry_plan(job) for job in event["jobs"]] == ["split", "split"]
+
+
+async def test_queued_images_are_not_polled_and_the_wait_hands_back_at_half(doc2x, tmp_path):
+    submission, pages, paths = await submitted_pdf(doc2x, tmp_path, "Half One")
+    trigger = make_trigger([])
+    trigger.jobs = [
+        events.pdf_job(submission.uid, str(paths[0]), pages[0].sha256, page_idx=0, pages=1, uploaded_at=0),
+        events.queued_job("later.jpg", "0" * 64, chunk=1),
+    ]
+    event = await first_event(trigger)
+    assert event["status"] == "progress"
+    assert [job["status"] for job in event["jobs"]] == ["success", "queued"]
+    assert event["jobs"][1]["chunk"] == 1

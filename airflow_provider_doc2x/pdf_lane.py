@@ -1,0 +1,700 @@
+"""
+The worker's side of the PDF lane (``method="pdf"``): images packed into PDFs, a few PDFs in flight.
+
+Doc2X's image API takes 30 images per 30 s per key; its PDF API takes multi-page PDFs, one image
+being one page of quota either way. This lane plans PDFs of images of one aspect ratio
+(:func:`~airflow_provider_doc2x.packing.plan_pdfs`), packs each losslessly when its turn comes
+(:func:`~airflow_provider_doc2x.packing.pack_images`), and submits it with the hook's PDF calls
+(preupload, PUT to the presigned url). What the task hands the trigger is still one job per
+image, with its PDF's uid and its ``page_idx`` (see :mod:`airflow_provider_doc2x.events`).
+
+- **Bounded in flight.** At most the connection's ``pdf_max_in_flight`` PDFs and
+  ``pdf_max_pages_in_flight`` pages are submitted and unfinished at once (pdfdeal's 5 and 1000),
+  counted over the task's jobs, so the bound holds across deferrals: the other images wait
+  ``queued``; the trigger hands the task back once half of the PDFs in flight are done, and the
+  task submits the next ones (:meth:`PdfLane.advance`).
+- **One billing per image.** The same content listed twice is one page; a content with a complete
+  result under ``output_path`` is not submitted; the task state store records each PDF's uid and
+  its page map (the sha256 of each page) before its PUT starts, then its upload, so that a new
+  try reconnects to the PDF (one status call per PDF) instead of paying again. A PUT whose answer
+  was lost is never sent again within the try: its uid is known before the PUT, so it is polled,
+  and if Doc2X does not know it after the pickup delay the task fails naming its images; a new try
+  asks Doc2X again and submits them only if it still does not know the uid, saying so in the log.
+- **No page lost.** A PDF that fails as a whole (``parse_error``, ``parse_timeout``, a refused
+  file) does not drop its images: they are packed again into PDFs of a quarter of the pages, and
+  a PDF of fewer than ``IMAGE_LANE_BELOW`` pages sends its images through the image lane. A PDF
+  refused for the service's limits (or lost by it, or whose upload failed) is submitted again as
+  it was, after the trigger's back-off, at most the connection's ``max_retries`` times, then its
+  images go through the image lane. Either way the log says they may be billed again: whether
+  Doc2X bills a failed PDF is not documented. In the end every image is parsed or named in the
+  task's error with its code.
+- **Images a PDF cannot hold losslessly** (a PNG with alpha, a CMYK JPEG, ...; see
+  :mod:`~airflow_provider_doc2x.packing`) go through the image lane, with the reason in the log.
+- **Remote images** (object storage) are copied into a private temporary folder of the worker
+  (mode 0700) while the task runs; local files are read where they are.
+
+On Airflow before 3.3 there is no task state store: a new try of the task submits its images again
+(as in the image lane).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from airflow_provider_doc2x import protocol, transport
+from airflow_provider_doc2x.events import (
+    RETRY_SAME,
+    failed_job,
+    is_pdf,
+    is_pending,
+    is_queued,
+    job,
+    pdf_job,
+    queued_job,
+    retry_plan,
+)
+from airflow_provider_doc2x.exceptions import (
+    Doc2XAuthError,
+    Doc2XError,
+    Doc2XJobNotFoundError,
+    Doc2XQuotaError,
+    Doc2XSubmitUncertainError,
+)
+from airflow_provider_doc2x.packing import (
+    DEFAULT_ASPECT_TOLERANCE,
+    DEFAULT_PDF_MAX_PAGES,
+    PackImage,
+    file_sha256,
+    pack_images,
+    plan_pdfs,
+)
+from airflow_provider_doc2x.sources import ImageSource
+from airflow_provider_doc2x.uploads import STATE_KEY_PREFIX
+
+if TYPE_CHECKING:
+    from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
+    from airflow_provider_doc2x.results import ResultStore
+    from airflow_provider_doc2x.uploads import ImageUploads
+
+#: The task state store's list of the task's PDF uids, in the order they were preuploaded.
+STATE_INDEX_KEY = f"{STATE_KEY_PREFIX}pdf/index"
+#: Key prefix of each PDF's record: its page map (the sha256 of each page) and its upload's state.
+STATE_PDF_PREFIX = f"{STATE_KEY_PREFIX}pdf/"
+#: A failed PDF's images are packed again into PDFs of this many times fewer pages.
+SPLIT_BY = 4
+#: A failed PDF whose images would go into PDFs of fewer pages than this sends them through the
+#: image lane instead (200 pages: 50, then 12, then the image lane).
+IMAGE_LANE_BELOW = 4
+#: Relative aspect tolerance given to the packer for a planned PDF: its images were grouped when
+#: it was planned, so they stay together (a PDF of one plan is never cut in two by the packer).
+_PLANNED_TOLERANCE = 0.99
+#: No byte bound for a planned PDF (its images were bounded by ``pdf_max_bytes`` when planned).
+_PLANNED_MAX_BYTES = 1 << 40
+#: Threads that hash images (and copy remote ones) when a task starts.
+HASH_THREADS = 4
+
+#: Upload states recorded for a PDF: its PUT started, the store answered 200, or the answer was lost.
+PUT_STARTED = "put"
+UPLOADED = "uploaded"
+UNCERTAIN = "uncertain"
+
+
+@dataclass
+class _Recorded:
+    """What the task state store holds of one PDF of an earlier try (or of this one)."""
+
+    uid: str
+    pages: list[str]
+    state: str
+    uploaded_at: float | None = None
+    round: int = 0
+    fallback: str | None = None
+    #: When the record was last written (a PUT that started and was never answered started then).
+    at: float | None = None
+
+    @classmethod
+    def of(cls, uid: str, value: Any) -> _Recorded | None:
+        """A record read back, or None when it is not one this provider wrote."""
+        if not isinstance(value, dict):
+            return None
+        pages, state = value.get("pages"), value.get("state")
+        if (
+            not isinstance(pages, list)
+            or not all(isinstance(page, str) for page in pages)
+            or not isinstance(state, str)
+        ):
+            return None
+        round_ = value.get("round")
+        return cls(
+            uid,
+            pages,
+            state,
+            _seconds(value.get("uploaded_at")),
+            round_ if isinstance(round_, int) and not isinstance(round_, bool) else 0,
+            value.get("fallback") if isinstance(value.get("fallback"), str) else None,
+            _seconds(value.get("at")),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as the store keeps it."""
+        value: dict[str, Any] = {"pages": self.pages, "state": self.state, "at": time.time()}
+        if self.uploaded_at is not None:
+            value["uploaded_at"] = self.uploaded_at
+        if self.round:
+            value["round"] = self.round
+        if self.fallback:
+            value["fallback"] = self.fallback
+        return value
+
+
+class PdfLane:
+    """
+    One task's images through Doc2X's PDF API, as jobs: :meth:`prepare`, then :meth:`advance` after each wait.
+
+    Use it as a context manager: the private temporary folder (remote images, packed PDFs) is
+    removed on exit.
+
+    :param hook: the hook, its connection already read (``hook.settings``) in the worker's thread.
+    :param images: the image lane of the same task, for images a PDF cannot hold or that failed in
+        small PDFs.
+    :param store: the task state store, or None (Airflow < 3.3: nothing survives the try).
+    :param results: where results go (``output_path``), or None (XCom).
+    :param overwrite: parse again even what has a complete result under ``output_path``.
+    :param may_hold_uids: whether the store can hold PDFs of an earlier try (False on a first try).
+    :param log: the task's logger.
+    :param model: the PDF API's model (``"v2"``, ``"v3-2026"``), or None for the service's default (v2).
+    :param pdf_max_pages: most pages per PDF (also bounded by the connection's
+        ``pdf_max_pages_in_flight``).
+    :param aspect_tolerance: the packer's grouping (0: by exact pixel size).
+    :param allow_schemes: URL schemes the operator reads images from beyond storage (its own).
+    """
+
+    def __init__(
+        self,
+        hook: Doc2XHook,
+        *,
+        images: ImageUploads,
+        store: Any,
+        results: ResultStore | None,
+        overwrite: bool,
+        may_hold_uids: bool,
+        log: Any,
+        model: str | None = None,
+        pdf_max_pages: int = DEFAULT_PDF_MAX_PAGES,
+        aspect_tolerance: float = DEFAULT_ASPECT_TOLERANCE,
+        allow_schemes: Sequence[str] = (),
+    ) -> None:
+        """Nothing is read or sent until :meth:`prepare` or :meth:`advance`."""
+        self.hook = hook
+        self.settings = hook.settings
+        self.images = images
+        self.store = store
+        self.results = results
+        self.overwrite = overwrite
+        self.may_hold_uids = may_hold_uids and store is not None
+        self.log = log
+        self.model = model
+        self.max_pages = max(1, min(pdf_max_pages, self.settings.pdf_max_pages_in_flight))
+        self.aspect_tolerance = aspect_tolerance
+        self.allow_schemes = tuple(allow_schemes)
+        self.max_files = max(1, self.settings.pdf_max_in_flight)
+        self.max_pages_in_flight = max(1, self.settings.pdf_max_pages_in_flight)
+        self._folder: Path | None = None
+        self._local: dict[str, Path] = {}
+        self._index: list[str] | None = None
+        self._store_thread: ThreadPoolExecutor | None = None
+
+    # -- the lane's life -------------------------------------------------------------------------
+
+    def __enter__(self) -> PdfLane:
+        """Open the store's thread."""
+        self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="doc2x-state")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Remove the temporary folder; close the store's thread."""
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
+        self._local.clear()
+        if self._store_thread is not None:
+            self._store_thread.shutdown(wait=True)
+            self._store_thread = None
+
+    @property
+    def folder(self) -> Path:
+        """The lane's private temporary folder (mode 0700), made when first needed."""
+        if self._folder is None:
+            self._folder = Path(tempfile.mkdtemp(prefix="doc2x-pdf-lane-"))
+        return self._folder
+
+    async def store_call(self, method: str, *args: Any) -> Any:
+        """Call the task state store through one thread, off the loop (its ``dags test`` stand-in is not thread-safe)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._store_thread, getattr(self.store, method), *args)
+
+    # -- the first half: every image's job ---------------------------------------------------------
+
+    def prepare(self, sources: Sequence[ImageSource]) -> list[dict[str, Any]]:
+        """
+        One job per image, in input order, none of them sent to the PDF API yet (see :meth:`advance`).
+
+        Each is reused from ``output_path``, reconnected to a PDF an earlier try recorded, queued in
+        a planned PDF, or (what no PDF can hold) submitted through the image lane.
+        """
+        digests = self._hash_all(sources)
+        jobs: list[dict[str, Any] | None] = [None] * len(sources)
+        by_content: dict[str, list[int]] = {}
+        for index, digest in enumerate(digests):
+            by_content.setdefault(digest, []).append(index)
+        image_lane = transport.run_sync(self._reuse_and_reconnect(sources, by_content, jobs))
+        known = sum(entry is not None for entry in jobs)
+        firsts = [
+            indices[0]
+            for indices in by_content.values()
+            if jobs[indices[0]] is None and indices[0] not in image_lane
+        ]
+        plans, unpackable = plan_pdfs(
+            [
+                PackImage(self._local[sources[index].uri], sources[index].uri, digests[index])
+                for index in firsts
+            ],
+            pdf_max_pages=self.max_pages,
+            aspect_tolerance=self.aspect_tolerance,
+        )
+        for chunk, plan in enumerate(plans):
+            for image in plan:
+                assert image.sha256 is not None
+                for index in by_content[image.sha256]:
+                    jobs[index] = queued_job(sources[index].uri, image.sha256, chunk=chunk)
+        for item in unpackable:
+            self.log.info("%s goes through the image lane: %s", ", ".join(item.sources), item.reason)
+            image_lane.update(by_content.get(item.sha256 or "", []))
+        self.log.info(
+            "Doc2X PDF lane: %d images planned in %d PDFs of at most %d pages; %d reused or reconnected; "
+            "%d through the image lane",
+            sum(entry is not None and is_queued(entry) for entry in jobs),
+            len(plans),
+            self.max_pages,
+            known,
+            len(image_lane),
+        )
+        if image_lane:
+            self._through_image_lane(sorted(image_lane), sources, jobs)
+        return [entry for entry in jobs if entry is not None]
+
+    def _hash_all(self, sources: Sequence[ImageSource]) -> list[str]:
+        """Each image's sha256 (remote images copied to the private folder first), a few at a time."""
+        with ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="doc2x-hash") as pool:
+            return list(pool.map(self._hash_one, sources))
+
+    def _hash_one(self, source: ImageSource) -> str:
+        path = self._local_path(source)
+        return file_sha256(path)
+
+    def _local_path(self, source: ImageSource) -> Path:
+        """A local file holding the image: the file itself, or a private copy of a remote one."""
+        known = self._local.get(source.uri)
+        if known is not None and known.exists():
+            return known
+        if source.path.protocol in ("file", "local"):
+            path = Path(source.path.path)
+        else:
+            data = source.read()  # checked: a JPEG or PNG of at most 7 MB
+            descriptor, name = tempfile.mkstemp(prefix="image-", dir=self.folder)
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(data)
+            path = Path(name)
+        self._local[source.uri] = path
+        return path
+
+    async def _reuse_and_reconnect(
+        self,
+        sources: Sequence[ImageSource],
+        by_content: dict[str, list[int]],
+        jobs: list[dict[str, Any] | None],
+    ) -> set[int]:
+        """Fill the jobs of contents already parsed or in a recorded PDF; return those for the image lane."""
+        if self.results is not None and not self.overwrite:
+            for digest, indices in by_content.items():
+                record = await asyncio.to_thread(self.results.cached, digest, sources[indices[0]].uri)
+                if record is not None:
+                    self.log.info(
+                        "Cache hit: %s is already parsed in %s; not submitted",
+                        sources[indices[0]].uri,
+                        record["markdown_path"],
+                    )
+                    for index in indices:
+                        jobs[index] = job(record["uid"], sources[index].uri, digest, protocol.STATUS_SUCCESS)
+        if not self.may_hold_uids:
+            self._index = []
+            return set()
+        latest: dict[str, tuple[_Recorded, int]] = {}  # a content's newest PDF, and its page there
+        for pdf in await self._recorded():
+            for page_idx, digest in enumerate(pdf.pages):
+                latest[digest] = (pdf, page_idx)
+        by_pdf: dict[str, list[tuple[str, int]]] = {}
+        recorded: dict[str, _Recorded] = {}
+        for digest, indices in by_content.items():
+            if jobs[indices[0]] is None and digest in latest:
+                pdf, page_idx = latest[digest]
+                recorded[pdf.uid] = pdf
+                by_pdf.setdefault(pdf.uid, []).append((digest, page_idx))
+        image_lane: set[int] = set()
+        for uid, contents in by_pdf.items():
+            pdf = recorded[uid]
+            if pdf.fallback == "image":  # its images went through the image lane: it reconnects them
+                image_lane.update(index for digest, _ in contents for index in by_content[digest])
+                continue
+            found = await self._reconnect(pdf)
+            if found is None:
+                continue  # planned again with the others
+            status, extra = found
+            for digest, page_idx in contents:
+                for index in by_content[digest]:
+                    entry = pdf_job(
+                        uid,
+                        sources[index].uri,
+                        digest,
+                        page_idx=page_idx,
+                        pages=len(pdf.pages),
+                        uploaded_at=pdf.uploaded_at or pdf.at or time.time(),
+                        status=status,
+                        round_=pdf.round,
+                    )
+                    jobs[index] = {**entry, **extra}
+        return image_lane
+
+    async def _recorded(self) -> list[_Recorded]:
+        """The PDFs the store holds for this task, oldest first."""
+        index = await self.store_call("get", STATE_INDEX_KEY)
+        uids = (
+            [uid for uid in index.get("uids", []) if isinstance(uid, str)] if isinstance(index, dict) else []
+        )
+        self._index = list(uids)
+        found = []
+        for uid in uids:
+            pdf = _Recorded.of(uid, await self.store_call("get", STATE_PDF_PREFIX + uid))
+            if pdf is not None:
+                found.append(pdf)
+        return found
+
+    async def _reconnect(self, pdf: _Recorded) -> tuple[str, dict[str, Any]] | None:
+        """
+        The status of a PDF an earlier try recorded, and its images' extra keys; None to submit them again.
+
+        None when Doc2X does not know the uid (expired, or its upload never landed). A failed PDF
+        comes back failed: :meth:`advance` tries its images again.
+        """
+        # A PUT that was never answered may have landed moments ago: the pickup delay counts from it.
+        since = pdf.uploaded_at if pdf.state == UPLOADED else (pdf.uploaded_at or pdf.at)
+        try:
+            status = await self.hook.aget_pdf_status(pdf.uid, uploaded_at=since)
+        except Doc2XJobNotFoundError:
+            if pdf.state == UPLOADED:
+                self.log.warning(
+                    "Recorded Doc2X PDF %s (%d pages) is no longer known (its result expired); its images "
+                    "are submitted again",
+                    pdf.uid,
+                    len(pdf.pages),
+                )
+            else:
+                self.log.warning(
+                    "An earlier try's upload of Doc2X PDF %s (%d pages) %s, and Doc2X does not know the uid: "
+                    "its images are submitted again and are possibly billed twice",
+                    pdf.uid,
+                    len(pdf.pages),
+                    "lost its answer" if pdf.state == UNCERTAIN else "started and was never answered",
+                )
+            return None
+        if status.status == protocol.STATUS_FAILED:
+            error = status.failure()
+            self.log.warning("Recorded Doc2X PDF %s failed (%s); its images are tried again", pdf.uid, error)
+            return protocol.STATUS_FAILED, {"code": error.failure_code, "message": error.summary}
+        self.log.info(
+            "Reconnected %d images to Doc2X PDF %s (%r), recorded by an earlier try",
+            len(pdf.pages),
+            pdf.uid,
+            status.status,
+        )
+        if status.status == protocol.STATUS_AWAITING_PICKUP:
+            # Not known yet: polled as a lost answer is (if Doc2X never shows it, the images are named).
+            return protocol.STATUS_PROCESSING, ({} if pdf.state == UPLOADED else {"uncertain": 1})
+        if pdf.state != UPLOADED:
+            pdf.state, pdf.uploaded_at = UPLOADED, since or time.time()
+            await self._write(pdf)
+        return status.status, {}
+
+    # -- the second half: submit within the bounds, try failed PDFs again ------------------------
+
+    def advance(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """
+        Try again the images of PDFs that failed, then submit queued PDFs while the bounds allow.
+
+        Returns the jobs (same order): with jobs in flight, or with nothing left to submit.
+        """
+        jobs = [dict(entry) for entry in jobs]
+        for _ in range(self.settings.max_retries + 10):  # each pass submits, or moves images on
+            image_lane = transport.run_sync(self._retry_failed(jobs))
+            if image_lane:
+                self._through_image_lane(image_lane, None, jobs)
+            image_lane = transport.run_sync(self._submit_within_bounds(jobs))
+            if image_lane:
+                self._through_image_lane(image_lane, None, jobs)
+            if any(is_pending(entry) for entry in jobs) or not _more_to_do(jobs):
+                break
+        return jobs
+
+    async def _retry_failed(self, jobs: list[dict[str, Any]]) -> list[int]:
+        """Queue again the images of failed PDFs (or send them to the image lane); return the latter's indices."""
+        failed: dict[tuple[str, str], list[int]] = {}
+        for index, entry in enumerate(jobs):
+            if retry_plan(entry) is not None:
+                # One PDF: its uid, or (its upload failed before Doc2X named it) its planned chunk.
+                failed.setdefault((str(entry.get("uid") or ""), str(entry.get("chunk", ""))), []).append(
+                    index
+                )
+        next_chunk = self._chunk_floor(jobs)
+        image_lane: list[int] = []
+        for indices in failed.values():
+            head = jobs[indices[0]]
+            plan = retry_plan(head)
+            round_ = int(head.get("round") or 0) + 1
+            pages = int(head.get("pages") or len(indices))
+            if plan == RETRY_SAME:
+                size = pages
+                to_image_lane = round_ > self.settings.max_retries
+            else:
+                size = pages // SPLIT_BY
+                to_image_lane = size < IMAGE_LANE_BELOW
+            count = len({jobs[index]["sha256"] for index in indices})
+            where = "through the image lane" if to_image_lane else f"in PDFs of at most {size} pages"
+            self.log.warning(
+                "Doc2X PDF %s failed (code %s): its %d images are tried again %s; they may be billed again "
+                "(whether Doc2X bills a failed PDF is not documented)",
+                head.get("uid") or "(not uploaded)",
+                head.get("code"),
+                count,
+                where,
+            )
+            if head.get("uid") and self.store is not None:
+                await self._mark_fallback(head["uid"], "image" if to_image_lane else "pdf")
+            if to_image_lane:
+                image_lane.extend(indices)
+                continue
+            order: dict[str, int] = {}
+            for index in sorted(indices, key=lambda i: (jobs[i].get("page_idx") or 0, i)):
+                order.setdefault(jobs[index]["sha256"], len(order))
+            for index in indices:
+                entry = jobs[index]
+                chunk = next_chunk + order[entry["sha256"]] // max(1, size)
+                jobs[index] = queued_job(entry["source"], entry["sha256"], chunk=chunk, round_=round_)
+            next_chunk += (len(order) + max(1, size) - 1) // max(1, size)
+        return image_lane
+
+    @staticmethod
+    def _chunk_floor(jobs: list[dict[str, Any]]) -> int:
+        return 1 + max(
+            (int(entry.get("chunk", -1)) for entry in jobs if entry.get("chunk") is not None), default=-1
+        )
+
+    async def _mark_fallback(self, uid: str, fallback: str) -> None:
+        value = await self.store_call("get", STATE_PDF_PREFIX + uid)
+        pdf = _Recorded.of(uid, value)
+        if pdf is not None:
+            pdf.fallback = fallback
+            await self._write(pdf)
+
+    async def _submit_within_bounds(self, jobs: list[dict[str, Any]]) -> list[int]:
+        """Pack and submit the next queued PDFs while the PDFs and pages in flight allow; return indices for the image lane."""
+        in_flight: dict[str, int] = {}
+        for entry in jobs:
+            if is_pdf(entry) and is_pending(entry):
+                in_flight[entry["uid"]] = int(entry.get("pages") or 1)
+        files, pages = len(in_flight), sum(in_flight.values())
+        chunks: dict[int, list[int]] = {}
+        for index, entry in enumerate(jobs):
+            if is_queued(entry):
+                chunks.setdefault(int(entry["chunk"]), []).append(index)
+        chosen: list[list[int]] = []
+        for chunk in sorted(chunks):
+            indices = chunks[chunk]
+            size = len({jobs[index]["sha256"] for index in indices})
+            if files + 1 > self.max_files or pages + size > self.max_pages_in_flight:
+                break
+            chosen.append(indices)
+            files, pages = files + 1, pages + size
+        if not chosen:
+            return []
+        if self._index is None:
+            self._index = await self._read_index()
+        image_lane: list[int] = []
+        submissions: list[asyncio.Task[None]] = []
+        stop: BaseException | None = None
+        try:
+            for indices in chosen:
+                packed = await asyncio.to_thread(self._pack, jobs, indices)
+                for item in packed.unpackable:
+                    self.log.info("%s goes through the image lane: %s", ", ".join(item.sources), item.reason)
+                    image_lane.extend(index for index in indices if jobs[index]["sha256"] == item.sha256)
+                for pdf in packed.pdfs:
+                    submissions.append(asyncio.ensure_future(self._submit(jobs, indices, pdf, packed)))
+                if not packed.pdfs:
+                    packed.cleanup()
+            outcomes = await asyncio.gather(*submissions, return_exceptions=True)
+        finally:
+            for task in submissions:
+                if not task.done():
+                    task.cancel()
+        for outcome in outcomes:
+            if isinstance(outcome, (Doc2XAuthError, Doc2XQuotaError)):
+                stop = stop or outcome
+            elif isinstance(outcome, BaseException):
+                raise outcome
+        if stop is not None:
+            raise stop  # the PDFs already taken are recorded: a new try reconnects to them
+        return image_lane
+
+    def _pack(self, jobs: list[dict[str, Any]], indices: list[int]) -> Any:
+        """Pack one planned PDF's images (blocking: run it in a thread)."""
+        images: dict[str, PackImage] = {}
+        for index in indices:
+            entry = jobs[index]
+            if entry["sha256"] not in images:
+                source = self.images_source(entry["source"])
+                images[entry["sha256"]] = PackImage(
+                    self._local_path(source), entry["source"], entry["sha256"]
+                )
+        return pack_images(
+            list(images.values()),
+            pdf_max_pages=len(images),
+            pdf_max_bytes=_PLANNED_MAX_BYTES,
+            aspect_tolerance=_PLANNED_TOLERANCE,
+            temp_dir=self.folder,
+        )
+
+    def images_source(self, uri: str) -> ImageSource:
+        """The image a job names, as the image lane reads it (the operator's schemes allowed)."""
+        return ImageSource.of(uri, allow_schemes=self.allow_schemes)
+
+    async def _submit(self, jobs: list[dict[str, Any]], indices: list[int], pdf: Any, packed: Any) -> None:
+        """Submit one packed PDF; its images' jobs become the PDF's (or failed, with the code)."""
+        round_ = int(jobs[indices[0]].get("round") or 0)
+        page_of = {page.sha256: page.page_idx for page in pdf.pages}
+        mine = [index for index in indices if jobs[index]["sha256"] in page_of]
+        record = _Recorded("", [page.sha256 for page in pdf.pages], PUT_STARTED, round=round_)
+
+        async def before_put(upload: protocol.Doc2XPreupload) -> None:
+            record.uid, record.state = upload.uid, PUT_STARTED
+            await self._add_to_index(upload.uid)
+            await self._write(record)
+
+        def image_job(index: int, uid: str, uploaded_at: float) -> dict[str, Any]:
+            entry = jobs[index]
+            return pdf_job(
+                uid,
+                entry["source"],
+                entry["sha256"],
+                page_idx=page_of[entry["sha256"]],
+                pages=pdf.page_count,
+                uploaded_at=uploaded_at,
+                round_=round_,
+            )
+
+        try:
+            submission = await self.hook.asubmit_pdf(
+                pdf.path, pages=pdf.page_count, sources=pdf.sources, model=self.model, before_put=before_put
+            )
+        except Doc2XSubmitUncertainError as error:
+            # The PUT may have landed: the uid is known, so it is polled, never sent again here.
+            uid = error.uid or record.uid
+            record.state, record.uploaded_at = UNCERTAIN, time.time()
+            if record.uid:
+                await self._write(record)
+            self.log.warning("%s; PDF %s is polled by its uid to learn whether Doc2X took it", error, uid)
+            for index in mine:
+                jobs[index] = {**image_job(index, uid, record.uploaded_at), "uncertain": 1}
+            return
+        except Doc2XError as error:
+            if isinstance(error, (Doc2XAuthError, Doc2XQuotaError)):
+                for index in mine:
+                    jobs[index] = failed_job(jobs[index]["source"], jobs[index]["sha256"], error)
+                raise
+            self.log.warning("The upload of a PDF of %d images failed: %s", len(mine), error)
+            for index in mine:
+                entry = jobs[index]
+                jobs[index] = {
+                    **failed_job(entry["source"], entry["sha256"], error, uid=error.uid),
+                    "lane": "pdf",
+                    "page_idx": page_of[entry["sha256"]],
+                    "pages": pdf.page_count,
+                    "chunk": entry["chunk"],
+                    **({"round": round_} if round_ else {}),
+                }
+            return
+        finally:
+            pdf.remove()
+        record.uid, record.state, record.uploaded_at = (
+            submission.uid,
+            UPLOADED,
+            round(submission.uploaded_at, 1),
+        )
+        await self._write(record)
+        for index in mine:
+            jobs[index] = image_job(index, submission.uid, submission.uploaded_at)
+
+    # -- the task state store ------------------------------------------------------------------------
+
+    async def _read_index(self) -> list[str]:
+        if self.store is None:
+            return []
+        index = await self.store_call("get", STATE_INDEX_KEY)
+        return (
+            [uid for uid in index.get("uids", []) if isinstance(uid, str)] if isinstance(index, dict) else []
+        )
+
+    async def _add_to_index(self, uid: str) -> None:
+        if self.store is None:
+            return
+        if self._index is None:
+            self._index = await self._read_index()
+        self._index.append(uid)
+        await self.store_call("set", STATE_INDEX_KEY, {"uids": self._index})
+
+    async def _write(self, pdf: _Recorded) -> None:
+        if self.store is not None and pdf.uid:
+            await self.store_call("set", STATE_PDF_PREFIX + pdf.uid, pdf.to_json())
+
+    # -- the image lane ------------------------------------------------------------------------------
+
+    def _through_image_lane(
+        self, indices: list[int], sources: Sequence[ImageSource] | None, jobs: list[Any]
+    ) -> None:
+        """Submit these images through the image lane (paced to the key's window); their jobs become its jobs."""
+        if sources is not None:
+            chosen = [sources[index] for index in indices]
+        else:
+            chosen = [self.images_source(jobs[index]["source"]) for index in indices]
+        self.log.info("Doc2X: %d images go through the image lane", len(chosen))
+        for index, entry in zip(indices, self.images.submit(chosen), strict=True):
+            jobs[index] = entry
+
+
+def _more_to_do(jobs: list[dict[str, Any]]) -> bool:
+    return any(is_queued(entry) or retry_plan(entry) is not None for entry in jobs)
+
+
+def _seconds(value: Any) -> float | None:
+    """A time read back from the store: a finite number, or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        return None
+    return float(value)

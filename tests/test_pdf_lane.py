@@ -1,0 +1,484 @@
+"""
+The PDF lane (``method="pdf"``) end to end against the local server: images packed into PDFs,
+mapped back by ``page_idx``, bounded in flight, failures in both shapes tried again, figures kept,
+and never paid twice across tries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import re
+import time
+
+import pytest
+from airflow.providers.common.compat.sdk import TaskDeferred
+from PIL import Image
+
+from airflow_provider_doc2x import protocol
+from airflow_provider_doc2x.events import LANE_PDF, STATUS_QUEUED, make_event, pdf_job, queued_job
+from airflow_provider_doc2x.exceptions import Doc2XError, Doc2XQuotaError
+from airflow_provider_doc2x.hooks import doc2x as hook_module
+from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
+from airflow_provider_doc2x.local.samples import Page, render
+from airflow_provider_doc2x.packing import pack_images
+from airflow_provider_doc2x.pdf_lane import STATE_INDEX_KEY, STATE_PDF_PREFIX
+from airflow_provider_doc2x.pdf_results import PAGE_MAP_MISMATCH, PdfFigures
+from airflow_provider_doc2x.records import records_from_event
+from airflow_provider_doc2x.storage import storage_path
+from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
+from tests.helpers import API_KEY, StateStore, first_event, parse_operator, wait_until
+
+
+@pytest.fixture
+def lane(doc2x, monkeypatch):
+    """The local server with PDF tasks picked up and parsed at once; no url remembered from another test."""
+    doc2x.configure(pickup_delay=0, pdf_page_seconds=0, export_seconds=0)
+    monkeypatch.setattr(hook_module, "_used_urls", hook_module._UsedUrls())
+    return doc2x
+
+
+@pytest.fixture
+def pages(tmp_path):
+    """Write JPEG pages with known titles (the local engine answers their Markdown); return their paths."""
+
+    def write(*titles: str, size=(400, 300), **page):
+        paths = []
+        for title in titles:
+            path = tmp_path / f"{title.replace(' ', '-')}.jpg"
+            path.write_bytes(render(Page(title=title, **page), fmt="JPEG", size=size))
+            paths.append(path)
+        return paths
+
+    return write
+
+
+def use_connection(monkeypatch, doc2x, **extra):
+    monkeypatch.setenv("AIRFLOW_CONN_DOC2X_DEFAULT", doc2x.connection_json(**extra))
+
+
+def pdf_operator(images, **kwargs):
+    kwargs.setdefault("method", "pdf")
+    return parse_operator(images, **kwargs)
+
+
+def run_to_the_end(op, context):
+    """Every try's half of a deferrable task, as the triggerer and the scheduler run them; returns (result, deferrals)."""
+    deferrals = 0
+
+    def call():
+        return op.execute(context)
+
+    while True:
+        try:
+            return call(), deferrals
+        except TaskDeferred as deferred:
+            deferrals += 1
+            kwargs = json.dumps(deferred.trigger.serialize()[1])
+            event = asyncio.run(first_event(deferred.trigger))
+            method = getattr(op, deferred.method_name)
+
+            def call(method=method, event=event):
+                return method(context, event)
+
+        assert API_KEY not in kwargs  # the trigger's kwargs are stored in Airflow's database
+
+
+def titles(records):
+    return [record["markdown"].splitlines()[0] for record in records]
+
+
+def logged(caplog, capfd) -> str:
+    """What was logged: records, and the captured streams (Airflow 3 logs through structlog)."""
+    return "\n".join([record.getMessage() for record in caplog.records] + list(capfd.readouterr()))
+
+
+# -- the way through ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("deferrable", [True, False])
+def test_records_map_back_to_the_images_by_page_idx(lane, pages, tmp_path, deferrable):
+    """Two sizes make two PDFs; a duplicate is one page; records come in input order with their page."""
+    small = pages("Alpha", "Beta", "Gamma")
+    tall = pages("Tall One", "Tall Two", size=(300, 500))
+    images = [small[0], tall[0], small[1], small[0], tall[1], small[2]]
+    store = StateStore()
+    op = pdf_operator(images, deferrable=deferrable)
+    records = (
+        run_to_the_end(op, {"task_state_store": store})[0]
+        if deferrable
+        else op.execute({"task_state_store": store})
+    )
+    assert titles(records) == ["# Alpha", "# Tall One", "# Beta", "# Alpha", "# Tall Two", "# Gamma"]
+    assert [record["source"] for record in records] == [str(image) for image in images]
+    uids = {record["uid"] for record in records}
+    assert len(uids) == 2  # one PDF per size
+    by_uid = {uid: sorted(r["page_idx"] for r in records if r["uid"] == uid) for uid in uids}
+    assert sorted(by_uid.values()) == [[0, 0, 1, 2], [0, 1]]
+    assert records[0]["page_idx"] == records[3]["page_idx"] and records[0]["uid"] == records[3]["uid"]
+    assert records[1]["pages"][0]["page_width"] == 300
+    stats = lane.stats()
+    assert (stats["pdf_tasks"], stats["pdf_pages_billed"], stats["max_pdf_billed_per_page"]) == (2, 5, 1)
+    assert stats["billed_total"] == 0  # nothing through the image API
+    # The store holds each PDF's uid and its page map (the sha256 of each page), in order.
+    index = store.values[STATE_INDEX_KEY]["uids"]
+    assert set(index) == uids
+    for record in records:
+        page_map = store.values[STATE_PDF_PREFIX + record["uid"]]
+        assert page_map["pages"][record["page_idx"]] == record["sha256"]
+        assert page_map["state"] == "uploaded"
+
+
+def test_pdfs_and_pages_in_flight_stay_within_the_bounds_across_deferrals(lane, pages, monkeypatch):
+    use_connection(monkeypatch, lane, pdf_max_in_flight=2, pdf_max_pages_in_flight=4)
+    lane.configure(pdf_page_seconds=0.05)
+    images = pages(*(f"Bounded {n}" for n in range(12)))
+    op = pdf_operator(images, deferrable=True, pdf_max_pages=2)
+    records, deferrals = run_to_the_end(op, {})
+    assert titles(records) == [f"# Bounded {n}" for n in range(12)]
+    stats = lane.stats()
+    assert stats["pdf_tasks"] == 6
+    assert stats["max_pdf_tasks_in_progress"] <= 2 and stats["max_pages_in_progress"] <= 4
+    assert deferrals >= 3  # the task came back to submit the next PDFs
+
+
+def test_the_worker_s_own_wait_submits_the_next_pdfs_too(lane, pages, monkeypatch):
+    use_connection(monkeypatch, lane, pdf_max_in_flight=1)
+    images = pages(*(f"Serial {n}" for n in range(5)))
+    records = pdf_operator(images, pdf_max_pages=2).execute({})
+    assert titles(records) == [f"# Serial {n}" for n in range(5)]
+    stats = lane.stats()
+    assert (stats["pdf_tasks"], stats["max_pdf_tasks_in_progress"]) == (3, 1)
+
+
+def test_trigger_kwargs_and_events_stay_small_and_free_of_server_words(lane):
+    """A task of 10,000 images: one small job per image, fixed texts only."""
+    jobs = [
+        pdf_job(
+            "0194f6a2-7d1c-7b4e-9a51-3c2d1e0f9a8b",
+            f"s3://bucket/scans/2026/11/page-{n:05d}.jpg",
+            f"{n:064x}",
+            page_idx=n % 200,
+            pages=200,
+            uploaded_at=time.time(),
+        )
+        for n in range(5000)
+    ] + [
+        queued_job(f"s3://bucket/scans/2026/11/q-{n:05d}.jpg", f"{n:064x}", chunk=n // 200)
+        for n in range(5000)
+    ]
+    trigger = Doc2XImageParseTrigger(doc2x_conn_id="doc2x_default", jobs=jobs, poll_interval=1, deadline=0)
+    size = len(json.dumps(trigger.serialize()[1]))
+    assert size / len(jobs) < 300
+    event = make_event("progress", jobs, "1/2 done")
+    assert len(json.dumps(event)) / len(jobs) < 300
+
+
+# -- waiting: pickup, failure shapes, limits, the page map -------------------------------------------------
+
+
+@pytest.mark.parametrize("pickup_status", ["processing", "not_found"])
+def test_the_pickup_delay_is_waited_out_whatever_status_says(lane, pages, pickup_status):
+    lane.configure(pickup_delay=0.5, pickup_status=pickup_status)
+    records, _ = run_to_the_end(pdf_operator(pages("Picked Up", "Later"), deferrable=True), {})
+    assert titles(records) == ["# Picked Up", "# Later"]
+    assert lane.stats()["pdf_tasks"] == 1
+
+
+@pytest.mark.parametrize("shape", ["status", "envelope"])
+@pytest.mark.parametrize("reason", ["parse_error", "parse_timeout"])
+def test_a_failed_pdf_is_packed_again_into_smaller_pdfs(lane, pages, caplog, capfd, shape, reason):
+    caplog.set_level(logging.WARNING)
+    lane.configure(pdf_fail_next=1, pdf_fail_reason=reason, pdf_failure_shape=shape)
+    images = pages(*(f"Again {n}" for n in range(16)))
+    records, _ = run_to_the_end(pdf_operator(images, deferrable=True), {})
+    assert titles(records) == [f"# Again {n}" for n in range(16)]
+    stats = lane.stats()
+    assert (stats["pdf_tasks"], stats["pdf_tasks_failed"]) == (5, 1)  # 16 pages failed; 4 PDFs of 4
+    assert {record["pages"][0]["page_idx"] for record in records} == {0, 1, 2, 3}
+    text = logged(caplog, capfd)
+    assert reason in text and "in PDFs of at most 4 pages" in text and "may be billed again" in text
+
+
+@pytest.mark.parametrize("shape", ["status", "envelope"])
+def test_a_small_failed_pdf_goes_through_the_image_lane(lane, pages, caplog, capfd, shape):
+    caplog.set_level(logging.WARNING)
+    lane.configure(pdf_fail_next=1, pdf_fail_reason="parse_error", pdf_failure_shape=shape)
+    records = pdf_operator(pages("Small One", "Small Two", "Small Three")).execute({})
+    assert titles(records) == ["# Small One", "# Small Two", "# Small Three"]
+    assert "page_idx" not in records[0]  # parsed by the image API
+    stats = lane.stats()
+    assert (stats["pdf_tasks_failed"], stats["billed_total"], stats["max_billed_per_image"]) == (1, 3, 1)
+    assert "through the image lane" in logged(caplog, capfd)
+
+
+def test_a_bad_page_is_narrowed_down_and_named_with_its_code(lane, pages, tmp_path):
+    """Doc2X fails a whole PDF for one page: every other image ends parsed, the bad one named."""
+    good = pages(*(f"Fine {n}" for n in range(15)))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(
+        render(
+            Page(title="Bad", paragraphs=["<!-- doc2x-fail: parse_error -->"]), fmt="JPEG", size=(400, 300)
+        )
+    )
+    images = [*good[:7], bad, *good[7:]]
+    with pytest.raises(Doc2XError) as caught:
+        run_to_the_end(pdf_operator(images, deferrable=True), {})
+    message = str(caught.value)
+    assert message.startswith("1 of 16 images were not parsed")
+    assert f"- {bad} (uid " in message and "(code parse_error)" in message
+    stats = lane.stats()
+    assert stats["pdf_tasks_failed"] == 2  # the PDF of 16, then its PDF of 4; then the image lane
+    assert stats["billed"] and stats["requests"]["submit"] == 4
+
+
+@pytest.mark.parametrize("shape", ["status", "envelope"])
+def test_a_pdf_refused_for_the_limits_is_backed_off_and_submitted_again(
+    lane, pages, monkeypatch, caplog, capfd, shape
+):
+    caplog.set_level(logging.INFO)
+    use_connection(monkeypatch, lane, pdf_max_in_flight=3, retry_wait=0.1, retry_wait_max=0.2)
+    lane.configure(max_tasks_in_progress=1, pdf_page_seconds=0.2, pdf_failure_shape=shape)
+    images = pages(*(f"Limited {n}" for n in range(6)))
+    records, _ = run_to_the_end(pdf_operator(images, deferrable=True, pdf_max_pages=2), {})
+    assert titles(records) == [f"# Limited {n}" for n in range(6)]
+    stats = lane.stats()
+    assert stats["pdf_tasks_failed"] >= 1 and stats["pdf_tasks"] == 3 + stats["pdf_tasks_failed"]
+    assert stats["pdf_pages_billed"] == 6
+    text = logged(caplog, capfd)
+    assert "parse_task_limit_exceeded" in text and "for its limits" in text
+
+
+def test_a_result_with_another_page_count_is_a_protocol_error_naming_the_pdf_and_its_images(lane, pages):
+    images = pages("Mapped One", "Mapped Two")
+    with pack_images(images) as packed:
+        (pdf,) = packed.pdfs
+        submission = asyncio.run(Doc2XHook().asubmit_pdf(pdf.path, pages=2))
+    # The jobs say the PDF had 3 pages: Doc2X's 2 pages do not map back to them.
+    jobs = [
+        pdf_job(
+            submission.uid, str(image), page.sha256, page_idx=page.page_idx, pages=3, uploaded_at=time.time()
+        )
+        for image, page in zip(images, pdf.pages, strict=True)
+    ]
+    trigger = Doc2XImageParseTrigger(
+        doc2x_conn_id="doc2x_default", jobs=jobs, poll_interval=0.05, deadline=time.time() + 30
+    )
+    event = asyncio.run(first_event(trigger))
+    assert event["status"] == "failed"
+    assert {(job["code"], job["message"]) for job in event["jobs"]} == {("protocol_error", PAGE_MAP_MISMATCH)}
+    with pytest.raises(Doc2XError) as caught:
+        records_from_event(Doc2XHook(), event)
+    message = str(caught.value)
+    assert f"PDF uid {submission.uid}, page 0" in message and f"PDF uid {submission.uid}, page 1" in message
+    assert all(str(image) in message for image in images)
+
+
+# -- uploads: the presigned url, lost answers ---------------------------------------------------------------
+
+
+def test_a_failed_put_is_sent_again_on_its_url_and_an_old_url_is_replaced(lane, pages, monkeypatch):
+    monkeypatch.setattr(protocol, "PRESIGNED_URL_LIFETIME", 0.0)  # every url too old to send on again
+    lane.configure(put_fail_next=1)
+    store = StateStore()
+    images = pages("Url One", "Url Two")
+    records = pdf_operator(images).execute({"task_state_store": store})
+    assert titles(records) == ["# Url One", "# Url Two"]
+    stats = lane.stats()
+    assert (stats["preuploads"], stats["puts"], stats["puts_failed"], stats["pdf_tasks"]) == (2, 2, 1, 1)
+    first, second = store.values[STATE_INDEX_KEY]["uids"]  # both recorded before their PUT
+    assert store.values[STATE_PDF_PREFIX + first]["state"] == "put"  # it never landed
+    assert store.values[STATE_PDF_PREFIX + second]["state"] == "uploaded"
+    # A new try reconnects to the PDF that landed: nothing is sent again.
+    again = pdf_operator(images).execute({"task_state_store": store})
+    assert [record["uid"] for record in again] == [second, second]
+    assert (lane.stats()["preuploads"], lane.stats()["pdf_pages_billed"]) == (2, 2)
+
+
+def test_a_lost_put_answer_is_polled_by_its_uid_and_never_sent_again(lane, pages, monkeypatch):
+    use_connection(monkeypatch, lane, timeout=0.5)
+    lane.configure(upload_seconds=1.0)  # the PDF lands after the client stopped waiting for the answer
+    records = pdf_operator(pages("Lost Then Found", "Also Found")).execute({})
+    assert titles(records) == ["# Lost Then Found", "# Also Found"]
+    stats = lane.stats()
+    assert (stats["preuploads"], stats["puts"], stats["pdf_tasks"], stats["pdf_pages_billed"]) == (1, 1, 1, 2)
+
+
+def test_a_lost_put_that_never_landed_is_named_then_resubmitted_by_the_next_try(
+    lane, pages, monkeypatch, caplog, capfd
+):
+    caplog.set_level(logging.WARNING)
+    monkeypatch.setattr(protocol, "PDF_PICKUP_GRACE_SECONDS", 0.5)
+    lane.configure(reset_next_uploads=1, reset_after_bytes=1 << 30)  # the whole body arrives, then a reset
+    store = StateStore()
+    images = pages("Never Landed")
+    with pytest.raises(Doc2XError) as caught:
+        run_to_the_end(pdf_operator(images, deferrable=True), {"task_state_store": store})
+    assert str(images[0]) in str(caught.value) and "upload_answer_lost" in str(caught.value)
+    (uid,) = store.values[STATE_INDEX_KEY]["uids"]
+    recorded = store.values[STATE_PDF_PREFIX + uid]
+    assert recorded["state"] == "uncertain"
+    assert lane.stats()["puts"] == 1  # not sent again within the try
+    # The next try asks Doc2X first; past the pickup delay, an unknown uid did not land.
+    wait_until(lambda: time.time() > recorded["uploaded_at"] + protocol.PDF_PICKUP_GRACE_SECONDS)
+    records, _ = run_to_the_end(pdf_operator(images, deferrable=True), {"task_state_store": store})
+    assert titles(records) == ["# Never Landed"]
+    assert "possibly billed twice" in logged(caplog, capfd)
+    assert lane.stats()["pdf_pages_billed"] == 1
+
+
+# -- a new try: reconnect, pay nothing again ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("deferrable", [True, False])
+def test_a_new_try_reconnects_to_the_recorded_pdfs_and_pays_nothing_again(lane, pages, deferrable):
+    lane.configure(pdf_page_seconds=30)
+    store = StateStore()
+    images = pages("Recorded One", "Recorded Two", "Recorded Three")
+    with pytest.raises(Doc2XError, match="still processing"):
+        run_to_the_end(pdf_operator(images, deferrable=True, timeout=0.3), {"task_state_store": store})
+    lane.configure(pdf_page_seconds=0)
+    wait_until(lambda: lane.stats()["pdf_tasks_in_progress"] == 0, message="the PDF to finish")
+    op = pdf_operator(images, deferrable=deferrable)
+    records = (
+        run_to_the_end(op, {"task_state_store": store})[0]
+        if deferrable
+        else op.execute({"task_state_store": store})
+    )
+    assert titles(records) == ["# Recorded One", "# Recorded Two", "# Recorded Three"]
+    stats = lane.stats()
+    assert (stats["preuploads"], stats["puts"], stats["pdf_tasks"], stats["pdf_pages_billed"]) == (1, 1, 1, 3)
+
+
+def test_a_new_try_after_a_failed_pdf_goes_on_with_the_fallback(lane, pages):
+    """The first try fails while its PDF failed; the next reconnects, sees the failure, and retries its images."""
+    lane.configure(pdf_fail_next=1, pdf_fail_reason="parse_timeout", pdf_page_seconds=30)
+    store = StateStore()
+    images = pages("Retry One", "Retry Two")
+    with pytest.raises(TaskDeferred):
+        pdf_operator(images, deferrable=True).execute({"task_state_store": store})
+    lane.configure(pdf_page_seconds=0)
+    wait_until(lambda: lane.stats()["pdf_tasks_failed"] == 1, message="the PDF to fail")
+    records = pdf_operator(images).execute({"task_state_store": store})  # a new try, in the worker
+    assert titles(records) == ["# Retry One", "# Retry Two"]
+    stats = lane.stats()
+    assert (stats["pdf_tasks"], stats["billed_total"]) == (1, 2)  # the images went through the image lane
+
+
+def test_an_empty_quota_stops_the_lane_with_its_error(lane, pages):
+    lane.configure(quota=0)
+    with pytest.raises(Doc2XQuotaError):
+        pdf_operator(pages("No Quota")).execute({})
+
+
+# -- storage, figures, cache ------------------------------------------------------------------------------
+
+
+def figure_page(tmp_path, name: str = "report.jpg"):
+    path = tmp_path / name
+    path.write_bytes(
+        render(
+            Page(title="Quarterly Report", paragraphs=["The figure below."], figure=True),
+            fmt="JPEG",
+            size=(600, 600),
+        )
+    )
+    return path
+
+
+@pytest.mark.parametrize("cdn_ttl", [86400, 0])
+def test_figures_are_stored_from_the_export_and_links_point_at_them(lane, pages, tmp_path, cdn_ttl):
+    """Stored figures come from the PDF's export, so they do not depend on the CDN's short-lived links."""
+    lane.configure(cdn_ttl=cdn_ttl)
+    images = [figure_page(tmp_path), *pages("Plain Page", size=(600, 600))]
+    lake = tmp_path / "lake"
+    records = pdf_operator(images, output_path=str(lake)).execute({})
+    report, plain = records
+    assert (report["page_idx"], plain["page_idx"]) == (0, 1) and report["uid"] == plain["uid"]
+    (figure,) = report["figure_paths"]
+    name = figure.rsplit("/", 1)[-1]
+    assert re.fullmatch(rf"{report['uid']}_0_80_\d+_360_240_0\.jpg", name)  # the page and the crop's box
+    assert Image.open(io.BytesIO(storage_path(figure).read_bytes())).size == (360, 240)
+    markdown = storage_path(report["markdown_path"]).read_text()
+    assert markdown.startswith("# Quarterly Report")
+    assert f'<img src="images/{name}"/>' in markdown
+    assert "/local/cdn/" not in markdown
+    assert plain["figure_paths"] == []
+    assert storage_path(plain["markdown_path"]).read_text().startswith("# Plain Page")
+    sidecar = json.loads(storage_path(report["sidecar_path"]).read_text())
+    assert (sidecar["lane"], sidecar["page_idx"], sidecar["uid"]) == (LANE_PDF, 0, report["uid"])
+    assert lane.stats()["exports"] == 1
+    # Stored: a second run reuses every result and submits nothing.
+    again = pdf_operator(images, output_path=str(lake)).execute({})
+    assert [record["cached"] for record in again] == [True, True]
+    assert lane.stats()["preuploads"] == 1
+
+
+def test_xcom_records_keep_doc2x_s_figure_links(lane, tmp_path):
+    (record,) = pdf_operator([figure_page(tmp_path)]).execute({})
+    assert (
+        record["has_figures"] is True and f"{lane.url}/local/cdn/{record['uid']}_0.jpg?" in record["markdown"]
+    )
+    assert lane.stats()["exports"] == 0
+
+
+async def parsed_page(tmp_path):
+    path = figure_page(tmp_path)
+    with pack_images([path]) as packed:
+        status = await Doc2XHook().aparse_pdf(packed.pdfs[0].path, pages=1, poll_interval=0.02)
+    return status.result.pages[0], status.uid
+
+
+async def test_without_an_export_each_linked_figure_is_downloaded(lane, tmp_path, monkeypatch):
+    use_connection(monkeypatch, lane, max_retries=0)
+    page, uid = await parsed_page(tmp_path)
+    lane.configure(fail_next=1)  # the export's request fails; the CDN is not the API
+    markdown, figures = await PdfFigures(Doc2XHook(), uid).page(page)
+    (path,) = figures.files
+    assert re.fullmatch(rf"images/{uid}_0_80_\d+_360_240_0\.jpg", path) and f'src="{path}"' in markdown
+    assert any("export" in warning and "failed" in warning for warning in figures.warnings)
+    assert lane.stats()["exports"] == 0
+
+
+async def test_a_figure_neither_exported_nor_downloadable_keeps_its_link(lane, tmp_path, monkeypatch):
+    use_connection(monkeypatch, lane, max_retries=0)
+    page, uid = await parsed_page(tmp_path)
+    lane.configure(fail_next=1, cdn_ttl=0)
+    markdown, figures = await PdfFigures(Doc2XHook(), uid).page(page)
+    assert figures.files == {} and markdown == page.md
+    assert any("could not be downloaded" in warning for warning in figures.warnings)
+
+
+async def test_figures_are_downloaded_only_from_the_vendor_s_hosts_and_the_connection_s(lane, tmp_path):
+    _, uid = await parsed_page(tmp_path)
+    foreign = protocol.Doc2XPage(
+        0, 600, 600, '<img src="https://evil.example/x.jpg?x=1&amp;y=2&amp;w=3&amp;h=4&amp;r=0"/>'
+    )
+    markdown, figures = await PdfFigures(Doc2XHook(), uid).page(foreign)
+    assert markdown == foreign.md and figures.files == {}
+    assert any("evil.example" in warning and "download_refused" in warning for warning in figures.warnings)
+
+
+def test_an_image_a_pdf_cannot_hold_losslessly_goes_through_the_image_lane(
+    lane, pages, tmp_path, caplog, capfd
+):
+    caplog.set_level(logging.INFO)
+    alpha = tmp_path / "alpha.png"
+    Image.new("RGBA", (400, 300), (255, 255, 255, 128)).save(alpha)
+    records = pdf_operator([*pages("Packed Page"), alpha]).execute({})
+    assert records[0]["markdown"].startswith("# Packed Page") and "page_idx" in records[0]
+    assert "page_idx" not in records[1]
+    stats = lane.stats()
+    assert (stats["pdf_pages_billed"], stats["billed_total"]) == (1, 1)
+    assert "alpha channel" in logged(caplog, capfd)
+
+
+def test_operator_arguments_are_checked():
+    with pytest.raises(ValueError, match="pdf_model"):
+        pdf_operator(["a.jpg"], pdf_model="v9")
+    with pytest.raises(ValueError, match="pdf_max_pages"):
+        pdf_operator(["a.jpg"], pdf_max_pages=1001)
+    assert pdf_operator(["a.jpg"]).timeout == 1800 and parse_operator(["a.jpg"]).timeout == 600
+    assert STATUS_QUEUED == "queued"
