@@ -17,7 +17,7 @@ the mapped DAGs of ``bench/dags`` three ways:
 - hosts-in-pool: the same, in a ``doc2x`` pool of one slot (one task of the key uploads at a time).
 
 Prints, for each, the sustained upload rate divided by the key's limit (at the server, from its
-first to its last billed upload after the first window's burst), 429 answers, images that did not
+limit-th billed upload to its last, once the window is in use), 429 answers, images that did not
 come back parsed, images billed twice, and the mapped tasks that needed a second try.
 """
 

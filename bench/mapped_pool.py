@@ -14,7 +14,7 @@ triggerer on loopback beside the local server, and runs the mapped DAG of ``benc
   a deferred task lets go of its slot, so the next task uploads while Doc2X works on the last.
 
 Prints, for each, the sustained upload rate divided by the key's limit (at the server, from its
-first to its last billed upload after the first window's burst), 429 answers, images that did not
+limit-th billed upload to its last, once the window is in use), 429 answers, images that did not
 come back parsed, and the most any one image was billed.
 """
 

@@ -14,8 +14,8 @@ window / limit) it runs, in one process each, on the same images:
 - a naive loop: one ``requests.post`` after another, sleeping ``Retry-After`` on a 429;
 - the vendor SDK's way: 5 requests in flight (threads), sleeping ``Retry-After`` on a 429.
 
-Printed: the sustained upload rate at the server (from its first to its last billed upload, after
-the first window's burst) divided by the limit, beside what the window's rule allows when a slot
+Printed: the sustained upload rate at the server (from its limit-th billed upload to its last, once
+the window is in use) divided by the limit, beside what the window's rule allows when a slot
 counts from the answer and an upload in flight holds its slot: ``limit / (window + upload time)``
 (``+ processing`` for the synchronous endpoint, whose answer comes after the parse). Then the
 server's 429 count and the most any image was billed.
@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 
-from _support import SCRATCH, LocalServer, make_images, report
+from _support import SCRATCH, LocalServer, make_images, report, sustained_rate
 
 OPERATOR = """
 import json, sys
@@ -132,11 +132,7 @@ def main() -> None:
             seconds = time.monotonic() - started
             stats = server.stats()
             limit_rate = args.limit / args.window
-            sustained = (
-                (stats["billed_total"] - args.limit) / stats["upload_span_seconds"]
-                if stats["billed_total"] > args.limit and stats["upload_span_seconds"]
-                else 0.0
-            )
+            sustained = sustained_rate(stats, args.limit)
             answered_late = args.processing if name == "sync" else 0.0
             rule = args.limit / (args.window + upload + answered_late)
             report(

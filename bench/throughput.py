@@ -5,7 +5,7 @@ Throughput at the key's limit: N images through one operator, then through tasks
     python bench/throughput.py --images 120 --tasks 4
 
 Prints the sustained upload rate divided by the window's limit (target: at least 0.95), measured
-at the server from its first to its last billed upload after the first window's burst, and the
+at the server from its limit-th billed upload to its last (once the window is in use), and the
 end-to-end rate (process start-up and the last jobs' processing included); the server's count of
 429 answers, images dropped, and the most any one image was billed (target: 1).
 "Tasks sharing a key" runs that many worker processes at once, each an operator over its share of

@@ -146,6 +146,8 @@ class LocalServer:
         self.uploads_reset = 0
         #: Server times of the first and last billed upload, for throughput figures.
         self.upload_times = [0.0, 0.0]
+        #: When each billed upload was billed, in seconds after the first (the last 100,000).
+        self.billed_seconds: deque[float] = deque(maxlen=100_000)
         #: Set (and replaced) when the knobs change: paced uploads compute their pace again.
         self.knobs_changed = asyncio.Event()
         #: The PDF API's state and rules.
@@ -167,6 +169,7 @@ class LocalServer:
         self.max_uploads_in_flight = self.uploads_in_flight
         self.uploads_reset = 0
         self.upload_times = [0.0, 0.0]
+        self.billed_seconds.clear()
         self.pdf.reset()
         self.announce_change()
 
@@ -213,6 +216,7 @@ class LocalServer:
             "max_uploads_in_flight": self.max_uploads_in_flight,
             "uploads_reset": self.uploads_reset,
             "upload_span_seconds": self.upload_times[1] - self.upload_times[0],
+            "billed_seconds": [round(seconds, 4) for seconds in self.billed_seconds],
             "jobs": len(self.jobs),
             **self.pdf.stats(),
         }
@@ -386,6 +390,7 @@ class LocalServer:
         if not self.billed:
             self.upload_times[0] = time.monotonic()
         self.upload_times[1] = time.monotonic()
+        self.billed_seconds.append(self.upload_times[1] - self.upload_times[0])
         self.billed[digest] += 1
         return digest
 
