@@ -70,7 +70,7 @@ class Doc2XSettings:
         DEFAULT_RATE_LIMIT_WINDOW, "Rate window (s)", "The key's rate window in seconds (Doc2X: 30)."
     )
     max_concurrent_uploads: int = extra_field(
-        10,
+        16,
         "Uploads side by side",
         "Uploads a task keeps in flight at once, within the key's rate window (slow links need several).",
     )
