@@ -24,6 +24,7 @@ EXAMPLE_DAG_IDS = {
     "example_doc2x_parse_to_storage",
     "example_doc2x_incremental",
     "example_doc2x_incremental_index",
+    "example_doc2x_bulk_pdf",
 }
 TITLES = {
     "invoice": "# Invoice 2026-0042",
@@ -194,3 +195,36 @@ def test_incremental_example_two_daily_runs_bill_what_is_new_and_trigger_the_ind
         line for line in (result.stdout + result.stderr).splitlines() if line.startswith("indexed: ")
     ]
     assert "/new-" in indexed
+
+
+def test_bulk_pdf_example_with_airflow_dags_test_defers_per_wave_and_pays_once(doc2x, airflow_db, tmp_path):
+    """
+    The bulk lane under ``dags test``: two pages in flight (the connection's bound) make two PDFs of
+    two pages, one at a time, so the task resumes and defers again; the figure is stored from the
+    PDF's export. A second run reuses every result.
+    """
+    doc2x.configure(pickup_delay=0.2, pdf_page_seconds=0.05, export_seconds=0)
+    lake = tmp_path / "lake"
+    env = {
+        "AIRFLOW_CONN_DOC2X_DEFAULT": doc2x.connection_json(
+            pdf_max_pages_in_flight=2, retry_wait=0.01, retry_wait_max=0.05
+        )
+    }
+    conf = json.dumps({"output_path": str(lake)})
+    result = airflow_cli("dags", "test", "example_doc2x_bulk_pdf", "-c", conf, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert output.count("parsed: ") == len(TITLES) and "page 1 of PDF" in output
+    assert output.count("running trigger in line") >= 2  # one wait per PDF in flight
+    folders = {path.name.rsplit("-", 1)[0]: path for path in lake.iterdir()}
+    assert set(folders) == set(TITLES)
+    for stem in ("report", "scan"):  # JPEG pages keep their text in the PDF (the local engine reads it)
+        assert (folders[stem] / f"{stem}.md").read_text().startswith(TITLES[stem])
+    (figure,) = (folders["report"] / "images").iterdir()
+    assert f'<img src="images/{figure.name}"/>' in (folders["report"] / "report.md").read_text()
+    stats = doc2x.stats()
+    assert (stats["pdf_tasks"], stats["pdf_pages_billed"], stats["max_pdf_billed_per_page"]) == (2, 4, 1)
+    assert stats["max_pages_in_progress"] <= 2 and stats["billed_total"] == 0
+    again = airflow_cli("dags", "test", "example_doc2x_bulk_pdf", "-c", conf, env=env)
+    assert again.returncode == 0 and (again.stdout + again.stderr).count("reused: ") == len(TITLES)
+    assert doc2x.stats()["preuploads"] == 2
