@@ -54,6 +54,18 @@ RUNS = {
     "upload.py": [],
     "incremental.py": ["--existing", "200", "--new", "10", "--changed", "3", "--image-kb", "2"],
     "ocr_engine.py": ["--rounds", "1", "--threads", "1"],
+    "pdf_lane.py": [
+        "--counts",
+        "12",
+        "--limit",
+        "6",
+        "--window",
+        "0.5",
+        "--processing",
+        "0.2",
+        "--pickup",
+        "0.1",
+    ],
 }
 
 
