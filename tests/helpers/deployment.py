@@ -4,7 +4,8 @@ Airflow 3.3 deployed the way users run it, on loopback, and driven through the R
 - :class:`Deployment`: API server, scheduler, dag-processor and a separate triggerer as their own
   processes (LocalExecutor, SQLite). ``tests/test_deployment.py`` and ``bench/mapped_pool.py``.
 - :class:`CeleryDeployment`: production's shape. PostgreSQL is the metadata database, Redis the
-  Celery broker (and the store a ``redis`` connection for pacing can point at), CeleryExecutor with
+  Celery broker (and the store a ``redis`` connection for pacing can point at, or a Redis of its
+  own that a test can stop and start while Celery goes on), CeleryExecutor with
   several workers that each stand for a host of their own (hostname, pacing folder, temporary
   folder), two triggerers, a scheduler, a dag-processor and the API server.
   ``tests/test_deployment_celery.py`` and ``bench/celery_pacing.py``.
@@ -177,7 +178,12 @@ class Postgres:
 
 
 class Redis:
-    """Redis from Debian on a free loopback port, nothing persisted; stopped by its pid."""
+    """
+    Redis from Debian on a free loopback port, nothing persisted; stopped by its pid.
+
+    :meth:`stop` and :meth:`start` stop it and start it again on the same port (empty, as nothing is
+    persisted): what its clients see of a Redis that goes away and comes back.
+    """
 
     @staticmethod
     def missing() -> str | None:
@@ -187,16 +193,30 @@ class Redis:
 
     def __init__(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.log = folder / "redis.log"
         self.port = free_port()
+        self.process: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        """Start the server on its port, unless it runs; return once it answers PING."""
+        if self.running():
+            return
         command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
-        command += ["--save", "", "--appendonly", "no", "--dir", str(folder)]
-        command += ["--logfile", str(folder / "redis.log")]
+        command += ["--save", "", "--appendonly", "no", "--dir", str(self.folder)]
+        command += ["--logfile", str(self.log)]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, start_new_session=True)
         try:
-            wait_until(self.ping, timeout=30, interval=0.05, message="Redis to answer PING")
+            wait_until(
+                self.ready, timeout=30, interval=0.05, message=f"Redis on port {self.port} to answer PING"
+            )
         except BaseException:
             self.stop()
             raise
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
     def url(self, db: int = 0) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"
@@ -204,6 +224,13 @@ class Redis:
     def connection_json(self, db: int = 1) -> str:
         """An Airflow ``redis`` connection to it, for ``AIRFLOW_CONN_...`` variables."""
         return json.dumps({"conn_type": "redis", "host": "127.0.0.1", "port": self.port, "extra": {"db": db}})
+
+    def ready(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:  # e.g. its port was taken meanwhile: say so now
+            log = self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+            raise RuntimeError(f"redis-server on port {self.port} exited ({self.process.returncode}): {log}")
+        return self.ping()
 
     def ping(self) -> bool:
         try:
@@ -214,7 +241,8 @@ class Redis:
             return False
 
     def stop(self) -> None:
-        if self.process.poll() is None:
+        """Stop the server by its pid (SIGTERM, then SIGKILL if it lingers); safe to call twice."""
+        if self.process is not None and self.process.poll() is None:
             stop_processes([self.process], signal.SIGTERM, timeout=10)
 
 
@@ -396,8 +424,10 @@ class CeleryDeployment(Deployment):
     and API server. Each worker stands for a host: its Celery hostname and Airflow's hostname (task
     instances and their logs name it), its own ``DOC2X_PACING_DIR`` and ``TMPDIR``.
 
-    Every process can reach the Redis of the deployment as the ``redis`` connection ``doc2x_pacing``
-    (database 1; the broker uses database 0).
+    Every process can reach a Redis as the ``redis`` connection ``doc2x_pacing``: database 1 of the
+    broker's Redis (the broker uses database 0), or with ``separate_pacing_redis`` a Redis of its own
+    (``pacing_redis``), which :meth:`stop_pacing_redis` and :meth:`start_pacing_redis` stop and start
+    again on the same port while Celery goes on.
     """
 
     executor = "CeleryExecutor"
@@ -425,6 +455,7 @@ class CeleryDeployment(Deployment):
         workers: int = 3,
         worker_concurrency: int = 2,
         triggerers: int = 2,
+        separate_pacing_redis: bool = False,
         env: dict[str, str] | None = None,
     ) -> None:
         self.worker_names = [f"worker-{number}" for number in range(1, workers + 1)]
@@ -432,6 +463,9 @@ class CeleryDeployment(Deployment):
         self.worker_concurrency = worker_concurrency
         self.postgres: Postgres | None = None
         self.redis: Redis | None = None
+        self.separate_pacing_redis = separate_pacing_redis
+        #: The pacing store's own Redis, with ``separate_pacing_redis``.
+        self.pacing_redis: Redis | None = None
         self._celery: Any = None
         super().__init__(
             home,
@@ -444,6 +478,11 @@ class CeleryDeployment(Deployment):
     def start_services(self) -> dict[str, str]:
         self.postgres = Postgres()
         self.redis = Redis(self.home / "redis")
+        if self.separate_pacing_redis:
+            self.pacing_redis = Redis(self.home / "pacing-redis")
+            pacing_connection = self.pacing_redis.connection_json(db=0)
+        else:
+            pacing_connection = self.redis.connection_json(db=1)
         return {
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.postgres.url,
             "AIRFLOW__CELERY__BROKER_URL": self.redis.url(0),
@@ -451,7 +490,7 @@ class CeleryDeployment(Deployment):
             "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(self.worker_concurrency),
             # One key on every host, as production has: trigger kwargs and connections are stored encrypted.
             "AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode(),
-            f"AIRFLOW_CONN_{self.pacing_conn_id.upper()}": self.redis.connection_json(db=1),
+            f"AIRFLOW_CONN_{self.pacing_conn_id.upper()}": pacing_connection,
             # Each process names the host it stands for (tests.helpers.deployment.hostname).
             "AIRFLOW__CORE__HOSTNAME_CALLABLE": f"{__name__}.hostname",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
@@ -484,10 +523,27 @@ class CeleryDeployment(Deployment):
         if self._celery is not None:
             self._celery.close()
             self._celery = None
+        if self.pacing_redis is not None:
+            self.pacing_redis.stop()
         if self.redis is not None:
             self.redis.stop()
         if self.postgres is not None:
             self.postgres.stop()
+
+    def stop_pacing_redis(self) -> None:
+        """Stop the pacing store's own Redis by its pid (SIGTERM); the broker and Celery go on."""
+        self._own_pacing_redis().stop()
+
+    def start_pacing_redis(self) -> None:
+        """Start the pacing store's own Redis again, on the same port (empty); return once it answers."""
+        self._own_pacing_redis().start()
+
+    def _own_pacing_redis(self) -> Redis:
+        if self.pacing_redis is None:
+            raise RuntimeError(
+                "this deployment paces in the broker's Redis: start it with separate_pacing_redis=True"
+            )
+        return self.pacing_redis
 
     def healthy(self) -> bool:
         if not super().healthy():
