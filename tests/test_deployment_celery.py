@@ -1,14 +1,16 @@
 """
 The provider in a deployment shaped like production, all on loopback: PostgreSQL as the metadata
-database, Redis as the Celery broker, CeleryExecutor with three workers that each stand for a host
-(hostname, pacing folder, temporary folder), two triggerers, a scheduler, a dag-processor and the
-API server (``tests.helpers.deployment.CeleryDeployment``). Runs are started and watched through
-Airflow's REST API; the local Doc2X server counts what it billed.
+database, Redis as the Celery broker, a Redis of its own as the pacing store, CeleryExecutor with
+three workers that each stand for a host (hostname, pacing folder, temporary folder), two
+triggerers, a scheduler, a dag-processor and the API server
+(``tests.helpers.deployment.CeleryDeployment``). Runs are started and watched through Airflow's REST
+API; the local Doc2X server counts what it billed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -27,14 +29,38 @@ EXAMPLE_IMAGES = REPO / "example_dags" / "images"
 PAGES = 4  # the example images
 UPLOADS_SIDE_BY_SIDE = 3  # the connection's max_concurrent_uploads
 
+#: bench/dags: parse tasks mapped over chunks of images, on the connection ``doc2x_shared_pacing``
+#: (the key's uploads paced across hosts in the Redis named by its ``pacing_conn_id``).
+MAPPED_DAG_ID = "doc2x_mapped_shared_pacing"
+#: The key's limit, scaled down: images per window of seconds, at the local server and in the connection.
+PACED_LIMIT, PACED_WINDOW = 10, 2.0
+#: What each limiter logs (once, as a warning) when the pacing store fails (pacing/redis_window.py).
+PACING_STORE_FAILED = f"Doc2X pacing: the Redis connection {CeleryDeployment.pacing_conn_id!r} failed"
+
 
 @pytest.fixture(scope="module")
 def deployment(local_server, tmp_path_factory):
+    # One DAGs folder for the example DAGs and the bench's mapped DAGs (Airflow follows the links).
+    dags = tmp_path_factory.mktemp("dags")
+    (dags / "example_dags").symlink_to(REPO / "example_dags", target_is_directory=True)
+    (dags / "bench_dags").symlink_to(REPO / "bench" / "dags", target_is_directory=True)
     airflow = CeleryDeployment(
         tmp_path_factory.mktemp("celery-deployment"),
         local_server.connection_json(max_concurrent_uploads=UPLOADS_SIDE_BY_SIDE),
-        # As production should: a task whose host dies is tried again, and reconnects to its jobs.
-        env={"AIRFLOW__CORE__DEFAULT_TASK_RETRIES": "2", "AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY": "1"},
+        dags_folder=dags,
+        separate_pacing_redis=True,  # the pacing store can stop while the broker goes on
+        env={
+            # As production should: a task whose host dies is tried again, and reconnects to its jobs.
+            "AIRFLOW__CORE__DEFAULT_TASK_RETRIES": "2",
+            "AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY": "1",
+            # The same key, paced in the pacing store; while hosts pace alone their 429s are retried.
+            "AIRFLOW_CONN_DOC2X_SHARED_PACING": local_server.connection_json(
+                rate_limit_images=PACED_LIMIT,
+                rate_limit_window=PACED_WINDOW,
+                pacing_conn_id=CeleryDeployment.pacing_conn_id,
+                max_retries=30,
+            ),
+        },
     )
     yield airflow
     airflow.stop()
@@ -209,3 +235,98 @@ def test_state_store_trigger_kwargs_and_xcoms_live_in_postgres(
         f"trigger kwargs {trigger_rows[0][0] / count:.0f} B ({'plain JSON' if kwargs_text.startswith('{') else 'encrypted'}), "
         f"XCom {xcom_rows[0][0] / count:.0f} B as JSON text ({xcom_rows[0][1] / count:.0f} B as JSONB)"
     )
+
+
+def pacing_store_warnings(log: str) -> list[str]:
+    """The lines of a task log that warn of the pacing store failing (not the same news at INFO)."""
+    warned = []
+    for line in log.splitlines():
+        if PACING_STORE_FAILED not in line:
+            continue
+        try:
+            level = str(json.loads(line).get("level", "")).lower()
+        except (ValueError, AttributeError):
+            level = "warning" if "WARNING" in line else ""
+        if level == "warning":
+            warned.append(line)
+    return warned
+
+
+def redis_keys(port: int, pattern: str) -> list[bytes]:
+    """The keys of a Redis on loopback that match ``pattern``."""
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+    try:
+        return sorted(client.keys(pattern))
+    finally:
+        client.close()
+
+
+def test_the_pacing_redis_stopped_mid_run_drops_and_double_bills_nothing_and_says_so_once(
+    deployment, local_server, make_image, tmp_path
+):
+    tasks, count = 4, 48
+    pages = images(make_image, tmp_path / "images", count)
+    source_of = {hashlib.sha256(path.read_bytes()).hexdigest(): str(path) for path in pages}
+    chunks = [[str(path) for path in pages[index::tasks]] for index in range(tasks)]
+    local_server.reset()
+    # Each upload takes 0.5 s to arrive, and the key takes 10 per 2 s: the uploads last about 10 s.
+    local_server.configure(
+        rate_limit=PACED_LIMIT, rate_window=PACED_WINDOW, upload_seconds=0.5, processing_time=1
+    )
+    pacing_store = deployment.pacing_redis
+    assert pacing_store is not None
+    # hosts 0: each task keeps its Celery worker's own pacing folder, the window of its host alone.
+    run_id = deployment.trigger(MAPPED_DAG_ID, {"chunks": chunks, "hosts": 0})
+    try:
+        wait_until(
+            lambda: local_server.stats()["billed_total"] >= PACED_LIMIT + 2,
+            timeout=180,
+            interval=0.05,
+            message="the first uploads to be billed",
+        )
+        windows = redis_keys(pacing_store.port, "doc2x:pacing:*")
+        before = local_server.stats()
+        deployment.stop_pacing_redis()
+
+        def every_image_billed_or_run_over() -> bool:
+            return len(local_server.stats()["billed"]) == count or deployment.run_state(run_id) == "failed"
+
+        wait_until(every_image_billed_or_run_over, timeout=180, interval=0.2, message="every image billed")
+        during = local_server.stats()
+    finally:
+        deployment.start_pacing_redis()  # on the same port, before the run's end (its tasks wait on Doc2X)
+    deployment.wait_for_run(run_id, timeout=300)
+
+    stats = local_server.stats()
+    records = [deployment.xcom(run_id, "parse", map_index) or [] for map_index in range(tasks)]
+    logs = {
+        (map_index, attempt): log
+        for map_index in range(tasks)
+        for attempt, log in deployment.task_logs(run_id, "parse", map_index).items()
+    }
+    warnings = {try_: len(pacing_store_warnings(log)) for try_, log in logs.items()}
+    print(
+        f"\n[pacing Redis stopped mid-run] {count} images in {tasks} mapped tasks, {PACED_LIMIT} per "
+        f"{PACED_WINDOW:g} s: {before['billed_total']} billed before the outage "
+        f"({before['rate_limited']} answered 429, {before['uploads_in_flight']} on the way), "
+        f"{during['billed_total'] - before['billed_total']} during it "
+        f"({during['rate_limited'] - before['rate_limited']} answered 429); "
+        f"{stats['requests'].get('submit', 0)} uploads in all; {len(logs)} task tries, "
+        f"the pacing store's warning in {sum(map(bool, warnings.values()))} of them"
+    )
+    # Before the outage the hosts paced together in the pacing store's window; the outage came
+    # part-way: images were billed while each host paced alone.
+    assert len(windows) == 1, windows
+    assert during["billed_total"] > before["billed_total"]
+    # The run completes; no image is dropped ...
+    assert sorted(record["source"] for chunk in records for record in chunk) == sorted(map(str, pages))
+    assert set(stats["billed"]) == set(source_of)
+    # ... and none is billed twice.
+    assert stats["max_billed_per_image"] == 1
+    # The tasks that lost the pacing store said so in their logs, once per task process at most (a
+    # try's log also holds its resumption after the deferral, which uploads nothing).
+    assert any(warnings.values()), "\n".join(log[-3000:] for log in logs.values())
+    assert max(warnings.values()) <= 1, {try_: n for try_, n in warnings.items() if n > 1}
+    assert pacing_store.ping()
