@@ -36,7 +36,9 @@ import json, os, resource, sys, time
 from airflow_provider_doc2x import transport
 from airflow_provider_doc2x.operators.doc2x import Doc2XImageParseOperator
 
-method, images = sys.argv[1], json.loads(sys.argv[2])
+method = sys.argv[1]
+with open(sys.argv[2]) as listing:
+    images = json.load(listing)
 sent = {"bytes": 0}
 put_file, call = transport.put_file, transport.call
 
@@ -89,8 +91,10 @@ def make_jpegs(count: int) -> list[str]:
 
 
 def run_lane(method: str, images: list[str]) -> dict:
+    listing = SCRATCH / "images.json"
+    listing.write_text(json.dumps(images))
     result = subprocess.run(
-        [sys.executable, "-c", WORKER, method, json.dumps(images)],
+        [sys.executable, "-c", WORKER, method, str(listing)],
         capture_output=True,
         text=True,
         timeout=7200,
