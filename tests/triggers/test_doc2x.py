@@ -126,8 +126,9 @@ async def test_rebuilt_mid_poll_it_resumes_the_same_uid(doc2x, make_image):
     uids = submit(make_image(title="Survivor"))
     trigger = make_trigger(uids)
     running = asyncio.ensure_future(first_event(trigger))
-    while doc2x.stats()["requests"].get("status", 0) < 2:  # polled at least twice, still processing
-        await asyncio.sleep(0.02)
+    await async_wait_until(  # polled at least twice, still processing
+        lambda: doc2x.stats()["requests"].get("status", 0) >= 2, message="two status calls"
+    )
     running.cancel()  # the triggerer dies
     with pytest.raises(asyncio.CancelledError):
         await running
