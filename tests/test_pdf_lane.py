@@ -482,3 +482,13 @@ def test_operator_arguments_are_checked():
         pdf_operator(["a.jpg"], pdf_max_pages=1001)
     assert pdf_operator(["a.jpg"]).timeout == 1800 and parse_operator(["a.jpg"]).timeout == 600
     assert STATUS_QUEUED == "queued"
+
+
+def test_incremental_with_the_pdf_lane_reads_nothing_unchanged_on_the_next_run(lane, pages, tmp_path):
+    images = pages("Daily One", "Daily Two")
+    lake = str(tmp_path / "lake")
+    first = pdf_operator(images, output_path=lake, incremental=True).execute({})
+    assert [record["cached"] for record in first] == [False, False]
+    again = pdf_operator(images, output_path=lake, incremental=True).execute({})
+    assert [record["markdown_path"] for record in again] == [record["markdown_path"] for record in first]
+    assert lane.stats()["preuploads"] == 1

@@ -5,6 +5,10 @@ One trigger polls every uid of a task, a few at a time, until each is finished o
 deadline passes. Its kwargs are JSON (conn id, jobs, interval, deadline; never the key), so a
 triggerer that restarts rebuilds it and resumes the same uids. Its one event carries uids and
 statuses only; the task fetches the results itself when it resumes.
+
+The PDF lane's jobs are one per image too: the trigger asks Doc2X's PDF status once per PDF and
+updates each of its images, and hands the task back (a ``progress`` event) when PDFs remain to be
+submitted (see :mod:`airflow_provider_doc2x.pdf_lane`).
 """
 
 from __future__ import annotations
