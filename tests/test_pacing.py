@@ -107,9 +107,11 @@ def test_a_crashed_upload_is_forgotten(tmp_path):
 
 async def test_a_cancelled_upload_frees_the_slot_its_thread_booked():
     booking = threading.Event()
+    entered = threading.Event()
 
     class SlowLimiter(RateLimiter):
         def reserve(self):
+            entered.set()
             booking.wait(5)  # the window file is slow to lock
             return super().reserve()
 
@@ -121,7 +123,7 @@ async def test_a_cancelled_upload_frees_the_slot_its_thread_booked():
             raise AssertionError("the upload was cancelled before it got a slot")
 
     task = asyncio.create_task(upload())
-    await asyncio.sleep(0.05)
+    await async_wait_until(entered.is_set, message="the booking thread to start")
     task.cancel()
     await asyncio.sleep(0)
     booking.set()  # the thread books the slot after its caller gave up

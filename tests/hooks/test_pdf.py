@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import hashlib
 import io
 import logging
@@ -127,7 +128,9 @@ async def test_the_step_by_step_calls(lane, packed):
         return (status := await hook.aget_pdf_status(upload.uid)).is_terminal and status
 
     status = None
+    deadline = time.monotonic() + 30
     while not status:
+        assert time.monotonic() < deadline, "the PDF did not finish within 30 s"
         status = await done()
         await asyncio.sleep(0.02)
     assert status.result.pages[0].md.startswith("# Step Page")
