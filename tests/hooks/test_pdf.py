@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import hashlib
 import io
 import logging
+import time
 import zipfile
 
 import pytest
