@@ -21,9 +21,10 @@ The PDF lane (``method="pdf"``) keeps one job per image too, with a few more key
 ``page_idx`` is the image's page in the PDF, ``pages`` the PDF's page count (a result with another
 count is a protocol error), ``uploaded_at`` the wall-clock time of the PUT's 200 (the service's
 pickup delay is counted from it). An image not submitted yet (the PDFs and pages in flight are
-bounded) is ``queued``, with the number of the planned PDF it belongs to (``chunk``); an image tried
-again after its PDF failed carries its ``round``; a PDF whose PUT lost its answer is polled by its
-uid with ``uncertain`` set. A PDF-lane job without ``page_idx`` stands for a whole PDF (the sensor's).
+bounded) is ``not-submitted``, with the number of the planned PDF it belongs to (``chunk``); an
+image tried again after its PDF failed carries its ``round``; a PDF whose PUT lost its answer is
+polled by its uid with ``uncertain`` set. A PDF-lane job without ``page_idx`` stands for a whole
+PDF (the sensor's).
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ EVENT_STATUSES = frozenset({EVENT_SUCCESS, EVENT_FAILED, EVENT_TIMEOUT, EVENT_ER
 
 #: The lane marker of a PDF-lane job (image-lane jobs carry none).
 LANE_PDF = "pdf"
-#: A PDF-lane image waiting for its PDF to be submitted (not finished, not polled).
-STATUS_QUEUED = "queued"
+#: A PDF-lane image waiting for its PDF to be submitted (not finished, not polled). Not shaped like
+#: a Doc2X status (those are letters, digits and underscores), so no answer can ever be taken for it.
+STATUS_QUEUED = "not-submitted"
 #: Keys a job may carry beyond its ids, status and failure (the PDF lane's), each left out when unset.
 _PDF_KEYS = ("lane", "page_idx", "pages", "uploaded_at", "chunk", "round", "uncertain")
 #: What is done with a PDF-lane image whose PDF failed: submitted again as it was packed (the
@@ -107,8 +109,8 @@ def is_pdf(entry: dict[str, Any]) -> bool:
 
 
 def is_queued(entry: dict[str, Any]) -> bool:
-    """Whether a job waits to be submitted (the PDF lane's ``queued``)."""
-    return entry.get("status") == STATUS_QUEUED
+    """Whether a job waits to be submitted (a PDF-lane image whose PDF is not submitted yet)."""
+    return entry.get("status") == STATUS_QUEUED and is_pdf(entry)
 
 
 def is_pending(entry: dict[str, Any]) -> bool:

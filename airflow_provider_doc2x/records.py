@@ -191,7 +191,7 @@ def register_key(hook: Doc2XHook) -> None:
 def describe_failure(job: dict[str, Any]) -> str:
     """Why one job did not end parsed, in a line: fixed texts and codes only."""
     status = job.get("status")
-    if status == STATUS_QUEUED:
+    if status == STATUS_QUEUED and is_pdf(job):
         return "not submitted yet when the wait ended (a new try submits it)"
     if status == protocol.STATUS_PROCESSING:
         return "still processing at the deadline (a new try reconnects to it)"

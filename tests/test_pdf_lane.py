@@ -481,7 +481,7 @@ def test_operator_arguments_are_checked():
     with pytest.raises(ValueError, match="pdf_max_pages"):
         pdf_operator(["a.jpg"], pdf_max_pages=1001)
     assert pdf_operator(["a.jpg"]).timeout == 1800 and parse_operator(["a.jpg"]).timeout == 600
-    assert STATUS_QUEUED == "queued"
+    assert STATUS_QUEUED == "not-submitted"  # never a status Doc2X could answer (not code-shaped)
 
 
 def test_incremental_with_the_pdf_lane_reads_nothing_unchanged_on_the_next_run(lane, pages, tmp_path):

@@ -347,5 +347,5 @@ async def test_queued_images_are_not_polled_and_the_wait_hands_back_at_half(doc2
     ]
     event = await first_event(trigger)
     assert event["status"] == "progress"
-    assert [job["status"] for job in event["jobs"]] == ["success", "queued"]
+    assert [job["status"] for job in event["jobs"]] == ["success", events.STATUS_QUEUED]
     assert event["jobs"][1]["chunk"] == 1
