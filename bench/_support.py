@@ -88,6 +88,6 @@ def figures(server: LocalServer, count: int, seconds: float, parsed: int, limit:
         ("end-to-end seconds", f"{seconds:.1f}"),
         ("end-to-end images/s / limit", f"{count / seconds / limit_rate:.3f}"),
         ("429 answers", stats["rate_limited"]),
-        ("dropped", count - parsed),
+        ("not parsed (named in a task's error)", count - parsed),
         ("max billings of one image", stats["max_billed_per_image"]),
     ]

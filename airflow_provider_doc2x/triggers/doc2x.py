@@ -264,7 +264,8 @@ class Doc2XImageParseTrigger(BaseTrigger):
                 if not (isinstance(answer, protocol.Doc2XJobStatus) and answer.is_terminal):
                     unfinished += 1
 
-        await asyncio.gather(*(caller() for _ in range(self.max_concurrent_polls)))
+        # No more callers than jobs: a thousand one-job triggers must not make eight coroutines each per round.
+        await asyncio.gather(*(caller() for _ in range(min(self.max_concurrent_polls, len(pending)))))
         return answers
 
     async def _back_off(self, hook: Doc2XHook, attempt: int) -> None:
