@@ -492,3 +492,9 @@ def test_incremental_with_the_pdf_lane_reads_nothing_unchanged_on_the_next_run(l
     again = pdf_operator(images, output_path=lake, incremental=True).execute({})
     assert [record["markdown_path"] for record in again] == [record["markdown_path"] for record in first]
     assert lane.stats()["preuploads"] == 1
+
+
+def test_a_model_is_asked_for_when_chosen(lane, pages):
+    records = pdf_operator(pages("Model Page"), pdf_model="v3-2026").execute({})
+    assert titles(records) == ["# Model Page"]
+    assert lane.stats()["preuploads"] == 1
