@@ -216,7 +216,8 @@ class PdfLane:
     # -- the lane's life -------------------------------------------------------------------------
 
     def __enter__(self) -> PdfLane:
-        """Open the store's thread."""
+        """Make the private folder; open the store's thread."""
+        self._folder = Path(tempfile.mkdtemp(prefix="doc2x-pdf-lane-"))
         self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="doc2x-state")
         return self
 
@@ -232,9 +233,9 @@ class PdfLane:
 
     @property
     def folder(self) -> Path:
-        """The lane's private temporary folder (mode 0700), made when first needed."""
+        """The lane's private temporary folder (mode 0700), made on entering the lane."""
         if self._folder is None:
-            self._folder = Path(tempfile.mkdtemp(prefix="doc2x-pdf-lane-"))
+            raise RuntimeError("use the PDF lane as a context manager: its temporary folder is made then")
         return self._folder
 
     async def store_call(self, method: str, *args: Any) -> Any:

@@ -498,3 +498,24 @@ def test_a_model_is_asked_for_when_chosen(lane, pages):
     records = pdf_operator(pages("Model Page"), pdf_model="v3-2026").execute({})
     assert titles(records) == ["# Model Page"]
     assert lane.stats()["preuploads"] == 1
+
+
+def test_images_in_object_storage_are_copied_privately_and_packed(lane, pages):
+    import fsspec
+
+    try:
+        from airflow.sdk.io import attach
+    except ImportError:  # Airflow 2
+        from airflow.io.store import attach
+    fs = fsspec.filesystem("memory")
+    attach("memory", fs=fs)
+    try:
+        for path in pages("Remote One", "Remote Two"):
+            fs.pipe_file(f"/pdf-lane/{path.name}", path.read_bytes())
+        uris = ["memory://pdf-lane/Remote-One.jpg", "memory://pdf-lane/Remote-Two.jpg"]
+        records, _ = run_to_the_end(pdf_operator(uris, deferrable=True), {})
+        assert titles(records) == ["# Remote One", "# Remote Two"]
+        assert [record["source"] for record in records] == uris
+        assert lane.stats()["pdf_tasks"] == 1
+    finally:
+        fs.rm("/pdf-lane", recursive=True)
