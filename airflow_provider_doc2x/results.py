@@ -74,6 +74,7 @@ class ResultStore:
     def __init__(
         self, output_path: str, *, max_zip_entries: int = MAX_ZIP_ENTRIES, max_zip_bytes: int = MAX_ZIP_BYTES
     ) -> None:
+        """Point at ``output_path`` (nothing is read until asked); zips are unpacked within the caps."""
         self.max_zip_entries = max_zip_entries
         self.max_zip_bytes = max_zip_bytes
         self.root = storage_path(output_path)

@@ -88,6 +88,7 @@ class Doc2XHook(BaseHook):
     hook_name = "Doc2X"
 
     def __init__(self, doc2x_conn_id: str = default_conn_name, **kwargs: Any) -> None:
+        """Keep the connection's id; the connection is read when first needed."""
         super().__init__(**kwargs)
         self.doc2x_conn_id = doc2x_conn_id
         self._async_settings: Doc2XSettings | None = None
@@ -599,10 +600,11 @@ class PdfSubmission:
 
 class PdfBudget:
     """
-    PDFs and pages in flight for one key, in one process and event loop: at most ``max_files``
-    PDFs and ``max_pages`` pages held at once, first come first served (a big PDF at the head
-    of the line is not overtaken). A PDF larger than ``max_pages`` alone is refused, as pdfdeal
-    skips it.
+    PDFs and pages in flight for one key, in one process and event loop.
+
+    At most ``max_files`` PDFs and ``max_pages`` pages held at once, first come first served (a
+    big PDF at the head of the line is not overtaken). A PDF larger than ``max_pages`` alone is
+    refused, as pdfdeal skips it.
     """
 
     def __init__(self, max_files: int, max_pages: int) -> None:
