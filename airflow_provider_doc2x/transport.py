@@ -30,6 +30,7 @@ import contextlib
 import logging
 import os
 import random
+import sys
 import threading
 import weakref
 import zlib
@@ -161,6 +162,20 @@ def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
         raise
 
 
+async def within(seconds: float, coroutine: Coroutine[Any, Any, T]) -> T:
+    """
+    Await ``coroutine`` for at most ``seconds``; raise ``TimeoutError`` (and cancel it) past that.
+
+    On Python 3.11+ this is ``asyncio.timeout``, which runs the coroutine in the caller's task: a
+    thousand triggers polling at once then make no extra task per request, which keeps the garbage
+    collector's work, and so the event loop's pauses, small. Older Pythons use ``asyncio.wait_for``.
+    """
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await coroutine
+    return await asyncio.wait_for(coroutine, timeout=seconds)
+
+
 async def call(
     settings: Doc2XSettings,
     request: protocol.Doc2XRequest,
@@ -200,14 +215,16 @@ async def exchange(
 ) -> protocol.Doc2XAnswer:
     """One HTTP exchange under the request's overall deadline, its answer read up to the size cap."""
     body_sent = request.content is None
+    trace = None
+    if not body_sent:  # only an upload needs to know when its body was sent whole
 
-    async def trace(event: str, info: dict[str, Any]) -> None:
-        nonlocal body_sent
-        if event.endswith("send_request_body.complete"):
-            body_sent = True
+        async def trace(event: str, info: dict[str, Any]) -> None:
+            nonlocal body_sent
+            if event.endswith("send_request_body.complete"):
+                body_sent = True
 
     try:
-        return await asyncio.wait_for(_exchange(client, settings, request, trace), timeout=settings.timeout)
+        return await within(settings.timeout, _exchange(client, settings, request, trace))
     except asyncio.TimeoutError as error:
         raise _lost(
             request, settings, f"no complete answer within {settings.timeout:g}s", body_sent
@@ -232,7 +249,7 @@ async def _exchange(
         content=request.content,
         headers=headers,
         timeout=httpx.Timeout(settings.timeout, connect=settings.connect_timeout),
-        extensions={"trace": trace},
+        extensions={"trace": trace} if trace is not None else None,
     ) as response:
         body = await _read_capped(response, settings.max_answer_bytes, request)
         return protocol.Doc2XAnswer(response.status_code, body, response.headers)

@@ -17,13 +17,14 @@ import asyncio
 import gc
 import random
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from airflow.providers.common.compat.sdk import conf
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_provider_doc2x import protocol
+from airflow_provider_doc2x import protocol, transport
 from airflow_provider_doc2x.events import (
     EVENT_ERROR,
     EVENT_FAILED,
@@ -49,6 +50,30 @@ from airflow_provider_doc2x.exceptions import (
 )
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
 from airflow_provider_doc2x.pdf_results import PAGE_MAP_MISMATCH, page_map_problem
+
+#: Status calls in flight at once for all the triggers of an event loop (as many as the transport's
+#: requests in flight per loop).
+POLLS_IN_FLIGHT_PER_LOOP = transport.MAX_IN_FLIGHT_PER_LOOP
+_poll_turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def poll_turns() -> asyncio.Semaphore:
+    """
+    The running loop's turns for status calls, shared by its triggers.
+
+    A trigger waits for its turn here, before its call is built: a thousand triggers that poll at
+    once then wait as a few small frames each, not as a whole request in the making (retry state,
+    closures, coroutines), which is what CPython's full garbage collections would walk, stopping
+    every trigger of the loop while they do.
+    """
+    loop = asyncio.get_running_loop()
+    turns = _poll_turns.get(loop)
+    if turns is None:
+        turns = _poll_turns[loop] = asyncio.Semaphore(POLLS_IN_FLIGHT_PER_LOOP)
+    return turns
+
 
 #: What the worker's own wait does with each result a status call brings: (the jobs it answers, its
 #: status): the jobs of one uid (one image, the same image listed twice, or the images of one PDF).
@@ -158,7 +183,7 @@ class Doc2XImageParseTrigger(BaseTrigger):
         while True:
             remaining = self.deadline - time.time()
             try:
-                answers = await asyncio.wait_for(self._round(hook, pending), timeout=max(remaining, 0.001))
+                answers = await transport.within(max(remaining, 0.001), self._round(hook, pending))
             except asyncio.TimeoutError:
                 return self._timeout(jobs)
             transient: list[Doc2XError] = []
@@ -252,20 +277,25 @@ class Doc2XImageParseTrigger(BaseTrigger):
                 if unfinished >= self.max_concurrent_polls:
                     return
                 head = unit[0]
-                try:
-                    answer: protocol.Doc2XJobStatus | Doc2XError
-                    if is_pdf(head):
-                        answer = await hook.aget_pdf_status(head["uid"], uploaded_at=head.get("uploaded_at"))
-                    else:
-                        answer = await hook.aget_job_status(head["uid"])
-                except Doc2XError as error:  # anything else is a bug: let it surface
-                    answer = error
+                async with poll_turns():
+                    try:
+                        answer: protocol.Doc2XJobStatus | Doc2XError
+                        if is_pdf(head):
+                            answer = await hook.aget_pdf_status(
+                                head["uid"], uploaded_at=head.get("uploaded_at")
+                            )
+                        else:
+                            answer = await hook.aget_job_status(head["uid"])
+                    except Doc2XError as error:  # anything else is a bug: let it surface
+                        answer = error
                 answers.append((unit, answer))
                 if not (isinstance(answer, protocol.Doc2XJobStatus) and answer.is_terminal):
                     unfinished += 1
 
-        # No more callers than jobs: a thousand one-job triggers must not make eight coroutines each per round.
-        await asyncio.gather(*(caller() for _ in range(min(self.max_concurrent_polls, len(pending)))))
+        # No more callers than jobs: a thousand one-job triggers must not make eight coroutines each
+        # per round (their frames are what the garbage collector walks while they wait their turn).
+        callers = min(self.max_concurrent_polls, len(pending))
+        await (caller() if callers == 1 else asyncio.gather(*(caller() for _ in range(callers))))
         return answers
 
     async def _back_off(self, hook: Doc2XHook, attempt: int) -> None:
