@@ -88,12 +88,12 @@ class Doc2XSettings:
     pdf_max_in_flight: int = extra_field(
         DEFAULT_PDF_MAX_IN_FLIGHT,
         "PDFs in flight",
-        "PDF API: PDFs a process keeps submitted and unfinished at once (pdfdeal's default: 5).",
+        "PDF lane: PDFs a task keeps submitted and unfinished at once (pdfdeal's default: 5).",
     )
     pdf_max_pages_in_flight: int = extra_field(
         DEFAULT_PDF_MAX_PAGES_IN_FLIGHT,
         "PDF pages in flight",
-        "PDF API: pages a process keeps in progress at once; a larger PDF is refused (pdfdeal: 1000).",
+        "PDF lane: pages a task keeps in progress at once (pdfdeal's default: 1000).",
     )
 
     @classmethod

@@ -89,6 +89,8 @@ class ImageUploads:
     :param may_hold_uids: whether the store can hold uids of an earlier try (False on a first try:
         one read per image is saved).
     :param log: the task's logger.
+    :param max_concurrent: uploads in flight at once; None takes the connection's
+        ``max_concurrent_uploads``.
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class ImageUploads:
         overwrite: bool,
         may_hold_uids: bool,
         log: Any,
+        max_concurrent: int | None = None,
     ) -> None:
         self.hook = hook
         self.settings = hook.settings
@@ -108,7 +111,7 @@ class ImageUploads:
         self.overwrite = overwrite
         self.may_hold_uids = may_hold_uids and store is not None
         self.log = log
-        self.max_concurrent = max(1, self.settings.max_concurrent_uploads)
+        self.max_concurrent = max(1, max_concurrent or self.settings.max_concurrent_uploads)
         self._store_thread: ThreadPoolExecutor | None = None
 
     async def store_call(self, method: str, *args: Any) -> Any:

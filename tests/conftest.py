@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import API_KEY, REPO
+from tests.helpers import API_KEY, REPO, wait_until
 
 # Airflow reads its home and configuration when first imported: set them before any test module does.
 AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="doc2x-airflow-home-"))
@@ -55,6 +55,8 @@ def doc2x(local_server, monkeypatch, tmp_path):
     """The local server, reset, fast (0.2 s jobs), wired as ``doc2x_default`` through the environment."""
     from airflow_provider_doc2x.pacing import reset_limiters
 
+    # An upload an earlier test left stalled would count in this test's figures: let it end first.
+    wait_until(lambda: local_server.stats()["uploads_in_flight"] == 0, timeout=60, message="no upload in flight")
     local_server.reset()
     local_server.configure(processing_time=0.2)
     monkeypatch.setenv("AIRFLOW_CONN_DOC2X_DEFAULT", local_server.connection_json())

@@ -193,3 +193,12 @@ def test_an_upload_started_by_a_killed_worker_is_named_possibly_billed_twice(doc
     assert again[0]["uid"] != first[0]["uid"]
     (warning,) = [line for line in log.lines if "possibly billed twice" in line]
     assert str(image) in warning
+
+
+def test_the_operators_argument_caps_uploads_in_flight(doc2x, make_image, monkeypatch):
+    slow_link(doc2x, monkeypatch, max_concurrent_uploads=8)
+    doc2x.configure(upload_seconds=0.3)
+    run_deferred(
+        parse_operator([make_image() for _ in range(6)], deferrable=True, max_concurrent_uploads=2), {}
+    )
+    assert doc2x.stats()["max_uploads_in_flight"] == 2

@@ -88,6 +88,8 @@ class Doc2XImageParseOperator(BaseOperator):
         processing (the PDF lane: for the PDFs in flight, each time it waits). Default: 600, or
         1800 for the PDF lane (Doc2X's own limit is 15 minutes of parsing per PDF).
     :param max_concurrent_polls: status calls in flight at once.
+    :param max_concurrent_uploads: uploads this task keeps in flight at once, within the key's
+        window (slow links need several); None takes the connection's ``max_concurrent_uploads``.
     :param allow_schemes: URL schemes to read images from beyond local paths and object storage,
         e.g. ``["https"]``. Refused by default: ``image_path`` may come from a run's params, and a
         fetch-anything scheme would let whoever triggers a run make the worker call any address.
@@ -112,6 +114,7 @@ class Doc2XImageParseOperator(BaseOperator):
         poll_interval: float = 2.0,
         timeout: float | None = None,
         max_concurrent_polls: int = 8,
+        max_concurrent_uploads: int | None = None,
         overwrite: bool = False,
         allow_schemes: Sequence[str] = (),
         incremental: bool = False,
@@ -129,6 +132,8 @@ class Doc2XImageParseOperator(BaseOperator):
             )
         if not 1 <= pdf_max_pages <= MAX_PDF_PAGES:
             raise ValueError(f"pdf_max_pages must be 1 to {MAX_PDF_PAGES}, got {pdf_max_pages}")
+        if max_concurrent_uploads is not None and max_concurrent_uploads < 1:
+            raise ValueError(f"max_concurrent_uploads must be at least 1, got {max_concurrent_uploads}")
         if incremental and not output_path:
             raise ValueError("incremental=True needs an output_path: the manifest is kept there")
         self.image_path = image_path
@@ -141,6 +146,7 @@ class Doc2XImageParseOperator(BaseOperator):
             timeout if timeout is not None else DEFAULT_PDF_WAIT if method == "pdf" else DEFAULT_TIMEOUT
         )
         self.max_concurrent_polls = max_concurrent_polls
+        self.max_concurrent_uploads = max_concurrent_uploads
         self.overwrite = overwrite
         self.allow_schemes = tuple(allow_schemes)
         self.incremental = incremental
@@ -280,6 +286,7 @@ class Doc2XImageParseOperator(BaseOperator):
             # A first try finds nothing recorded: one state-store read per image is saved.
             may_hold_uids=getattr(ti, "try_number", None) != 1,
             log=self.log,
+            max_concurrent=self.max_concurrent_uploads,
         )
 
     @staticmethod
