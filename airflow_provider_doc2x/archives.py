@@ -1,5 +1,4 @@
-"""
-Unpacking Doc2X's ``convert_zip`` safely: it is untrusted input, and it never fails a task.
+"""Unpacking Doc2X's ``convert_zip`` safely: it is untrusted input, and it never fails a task.
 
 ``convert_zip`` should be the base64 of a zip of ``images/NAME.jpg`` files. Whatever it really is,
 :func:`unpack_figures` returns what can be kept safely and says what was refused:

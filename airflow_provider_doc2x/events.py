@@ -1,5 +1,4 @@
-"""
-What the trigger and the task tell each other: the jobs of a task, and the trigger's one event.
+"""What the trigger and the task tell each other: the jobs of a task, and the trigger's one event.
 
 Both travel through Airflow's database (trigger kwargs, the event, the resumed task's kwargs), so
 they carry ids, statuses, codes and short fixed texts only: never results, never the server's own
@@ -126,8 +125,7 @@ def result_key(entry: dict[str, Any]) -> str:
 
 
 def retry_plan(entry: dict[str, Any]) -> str | None:
-    """
-    For a PDF-lane image whose PDF failed: how it is tried again, or None when it is not.
+    """For a PDF-lane image whose PDF failed: how it is tried again, or None when it is not.
 
     Decided by the failure's class, as permanence is everywhere: a refused key or an empty quota
     stops everything; a lost upload answer is never resent within the try (as in the image lane);

@@ -1,5 +1,4 @@
-"""
-The errors a Doc2X call can end in, one class per meaning.
+"""The errors a Doc2X call can end in, one class per meaning.
 
 The class says what to do about it: a :class:`Doc2XTransientError` is retried by the hook with
 back-off; a :class:`Doc2XPermanentError` is also an ``AirflowFailException``, so Airflow fails the
@@ -113,8 +112,7 @@ class Doc2XRateLimitError(Doc2XTransientError):
 
 
 class Doc2XJobFailedError(Doc2XError):
-    """
-    Doc2X accepted the image but could not parse it (``parse_error``, or a ``failed`` status).
+    """Doc2X accepted the image but could not parse it (``parse_error``, or a ``failed`` status).
 
     Not retried by the hook (that would upload and bill again at once); the vendor advises a retry
     after a short wait, so Airflow's own task retries apply.
@@ -125,8 +123,7 @@ class Doc2XJobFailedError(Doc2XError):
 
 
 class Doc2XSubmitUncertainError(Doc2XError):
-    """
-    The upload was sent whole but its answer was lost or unreadable (timeout, reset, garbage).
+    """The upload was sent whole but its answer was lost or unreadable (timeout, reset, garbage).
 
     Doc2X may have accepted and billed the image, and there is no call to find the uid again, so
     the hook never resends it on its own: a silent resend could bill the image twice. The task

@@ -1,5 +1,4 @@
-"""
-Listing a prefix's images: all of them, or only those that arrived in a time window.
+"""Listing a prefix's images: all of them, or only those that arrived in a time window.
 
 A scheduled DAG over a folder or bucket prefix that only grows wants the images that are new since
 its last successful run. :func:`list_images` lists the prefix once through its ``ObjectStoragePath``
@@ -45,8 +44,7 @@ def list_images(
     recursive: bool = True,
     suffixes: tuple[str, ...] = IMAGE_SUFFIXES,
 ) -> list[str]:
-    """
-    The URIs of the images under ``prefix`` whose storage time is in ``[since, until)``, sorted.
+    """The URIs of the images under ``prefix`` whose storage time is in ``[since, until)``, sorted.
 
     :param prefix: a local directory or an ``ObjectStoragePath`` URI (``s3://bucket/scans/``, ...).
     :param since: keep files stored at or after this time (None: no lower bound).
@@ -94,8 +92,7 @@ def list_images(
 def list_new_images(
     prefix: Any, context: Any, *, lookback: timedelta = DEFAULT_LOOKBACK, recursive: bool = True
 ) -> list[str]:
-    """
-    The images under ``prefix`` that arrived since the last successful run, for a task of a scheduled DAG.
+    """The images under ``prefix`` that arrived since the last successful run, for a task of a scheduled DAG.
 
     The window is :func:`run_window` of the task's context: every image on the first run, then from
     the end of the last successful run's data interval less ``lookback`` to the end of this run's.
@@ -108,10 +105,11 @@ def list_new_images(
 def run_window(
     context: Any, *, lookback: timedelta = DEFAULT_LOOKBACK
 ) -> tuple[datetime | None, datetime | None]:
-    """
-    ``(since, until)`` for this run: since the last successful run's data interval end less
-    ``lookback`` (None on the first run), until this run's data interval end (None for a run
-    without one, such as a manual run on Airflow 3: up to now).
+    """``(since, until)`` for this run.
+
+    Since the last successful run's data interval end less ``lookback`` (None on the first run),
+    until this run's data interval end (None for a run without one, such as a manual run on
+    Airflow 3: up to now).
     """
     previous = _moment(context.get("prev_data_interval_end_success"))
     return (previous - lookback if previous is not None else None), _moment(context.get("data_interval_end"))

@@ -1,5 +1,4 @@
-"""
-The manifest: which source is which content and which result, by what its storage tells cheaply.
+"""The manifest: which source is which content and which result, by what its storage tells cheaply.
 
 A DAG that runs every day over a folder or bucket prefix that only grows would otherwise read and
 hash every image to learn that it is parsed already: the whole corpus downloaded to find the few
@@ -121,8 +120,7 @@ class _Unusable(ValueError):
 
 
 def fingerprint(info: Mapping[str, Any] | None) -> str | None:
-    """
-    A file's fingerprint from its storage metadata (one ``info`` or one listing entry), or None.
+    """A file's fingerprint from its storage metadata (one ``info`` or one listing entry), or None.
 
     The size plus every version token the storage gives: ETag, generation, modification time and,
     on a local disk, change time (a rewrite that keeps size and mtime still changes it). Datetimes
@@ -242,8 +240,7 @@ def _newer(entry: Entry, other: Entry | None) -> bool:
 
 
 class Manifest:
-    """
-    The manifest of one ``output_path``, as one task sees it: loaded shard by shard when needed.
+    """The manifest of one ``output_path``, as one task sees it: loaded shard by shard when needed.
 
     :param results: the task's result store (the manifest lives under its root, and seeds it with
         the results it knows, so that the content cache answers them from memory).
@@ -286,8 +283,7 @@ class Manifest:
     # -- what the operator calls ---------------------------------------------------------------
 
     def partition(self, sources: Sequence[ImageSource]) -> Split:
-        """
-        Split a task's sources into those the manifest answers (never opened) and those to read.
+        """Split a task's sources into those the manifest answers (never opened) and those to read.
 
         Each source's fingerprint is taken first (from a listing of its folder, or one metadata
         call); a source whose fingerprint matches its entry, and whose result is complete, is known.
@@ -319,8 +315,7 @@ class Manifest:
         return split
 
     def take_fingerprints(self, sources: Sequence[ImageSource]) -> dict[str, str]:
-        """
-        Each source's fingerprint (sources with none are left out), remembered for the sidecars.
+        """Each source's fingerprint (sources with none are left out), remembered for the sidecars.
 
         A folder holding at least ``list_folder_at`` of the sources is listed once; any other source
         (or one the listing missed) costs one metadata call. Nothing is read.
@@ -348,7 +343,8 @@ class Manifest:
         return taken
 
     def resume(self, event: Any) -> None:
-        """
+        """Prepare a resumed task's records.
+
         Before a resumed task collects its records: answer the known results from memory, and
         recall the fingerprints this task's first half took (it saved them before deferring).
         """
@@ -495,8 +491,7 @@ class Manifest:
             return None
 
     def _recover(self, sources: list[ImageSource]) -> dict[str, dict[str, Any]]:
-        """
-        Rebuild the missing entries of these sources from the sidecars (one listing of the root).
+        """Rebuild the missing entries of these sources from the sidecars (one listing of the root).
 
         A result folder is named after its source (``<stem>-<sha12>``), so only the folders of each
         source's own name are read; a sidecar counts only if it names this source and the
@@ -716,9 +711,10 @@ class Manifest:
 
 
 class Split:
-    """
-    A task's sources as the manifest splits them: ``known`` (source -> record, never opened) and
-    ``to_read``; :meth:`jobs` and :meth:`records` put the two back together in input order.
+    """A task's sources as the manifest splits them.
+
+    ``known`` (source -> record, never opened) and ``to_read``; :meth:`jobs` and :meth:`records`
+    put the two back together in input order.
     """
 
     def __init__(self, manifest: Manifest, sources: list[ImageSource], known: dict[str, dict[str, Any]]):
@@ -728,9 +724,10 @@ class Split:
         self.to_read = [source for source in sources if source.uri not in known]
 
     def jobs(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """
-        All jobs in input order, from the jobs of ``to_read``; each content read is noted, and
-        saved if the task may defer (its second half may run in another process).
+        """All jobs in input order, from the jobs of ``to_read``.
+
+        Each content read is noted, and saved if the task may defer (its second half may run in
+        another process).
         """
         merged = self._merge(
             jobs,

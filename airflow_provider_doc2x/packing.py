@@ -1,5 +1,4 @@
-"""
-Packing images into PDFs for Doc2X's PDF API (the bulk lane), losslessly.
+"""Packing images into PDFs for Doc2X's PDF API (the bulk lane), losslessly.
 
 Doc2X's image API takes 30 images per 30 s per key; for bulk work the vendor advises its PDF API,
 with images of one aspect ratio packed into multi-page PDFs (one image = one page of quota either
@@ -80,8 +79,7 @@ _LAYOUT = img2pdf.get_fixed_dpi_layout_fun((72, 72))
 
 @dataclass(frozen=True)
 class PackImage:
-    """
-    One image to pack: a local file, the name it goes by, and (if known) its content's sha256.
+    """One image to pack: a local file, the name it goes by, and (if known) its content's sha256.
 
     ``source`` names the image in the page map, logs and errors (a URI, or the path by default).
     A given ``sha256`` is checked against the bytes read when the PDF is written.
@@ -121,8 +119,7 @@ class ImageHeader:
 
 @dataclass(frozen=True)
 class PackedPage:
-    """
-    One page of a packed PDF: the content on it, every source of that content, its pixel size.
+    """One page of a packed PDF: the content on it, every source of that content, its pixel size.
 
     ``page_idx`` counts from 0, as Doc2X's ``page_idx`` does.
     """
@@ -134,8 +131,7 @@ class PackedPage:
     height: int
 
     def pixel_scale(self, page_width: float, page_height: float) -> tuple[float, float]:
-        """
-        Factors that turn Doc2X's page coordinates into the image's pixels: ``(x_scale, y_scale)``.
+        """Factors that turn Doc2X's page coordinates into the image's pixels: ``(x_scale, y_scale)``.
 
         Whatever unit Doc2X reports ``page_width``/``page_height`` in (open question 5), a
         coordinate ``x`` on the page is ``x * x_scale`` pixels of the image.
@@ -206,8 +202,7 @@ class Unpackable:
 
 @dataclass
 class PackResult:
-    """
-    The PDFs of one pack, and what could not be packed.
+    """The PDFs of one pack, and what could not be packed.
 
     Use it as a context manager, or call :meth:`cleanup`: the temporary folder and every PDF in it
     are removed.
@@ -247,8 +242,7 @@ class _Content:
 
 
 def read_header(path: str | os.PathLike) -> ImageHeader:
-    """
-    Read an image's format and pixel size from its header, and whether img2pdf can embed it as is.
+    """Read an image's format and pixel size from its header, and whether img2pdf can embed it as is.
 
     Nothing is decoded: Pillow's lazy open reads the header (a PNG's chunks before its pixel data,
     a JPEG's markers before its scan) and the PNG's ``IHDR`` is read directly. A file that is not a
@@ -352,8 +346,7 @@ def pack_images(
     aspect_tolerance: float = DEFAULT_ASPECT_TOLERANCE,
     temp_dir: str | os.PathLike | None = None,
 ) -> PackResult:
-    """
-    Pack images into PDFs, losslessly, one page per distinct content; see the module's doc.
+    """Pack images into PDFs, losslessly, one page per distinct content; see the module's doc.
 
     Args:
         images: local image files (paths, or :class:`PackImage` with a source name and sha256).
@@ -402,8 +395,7 @@ def plan_pdfs(
     pdf_max_bytes: int = DEFAULT_PDF_MAX_BYTES,
     aspect_tolerance: float = DEFAULT_ASPECT_TOLERANCE,
 ) -> tuple[list[list[PackImage]], list[Unpackable]]:
-    """
-    How :func:`pack_images` would cut these images into PDFs, from their headers, writing nothing.
+    """How :func:`pack_images` would cut these images into PDFs, from their headers, writing nothing.
 
     Returns each PDF's distinct contents (the first image of each, its ``sha256`` set), in the
     order :func:`pack_images` would write them, and the content its header rules refuse. A caller
@@ -534,8 +526,7 @@ def _unpackable(content: _Content, reason: str) -> Unpackable:
 
 
 def _embedding_refusal(data: bytes, content: _Content) -> str | None:
-    """
-    Why img2pdf would not embed these bytes unchanged, or None when it would.
+    """Why img2pdf would not embed these bytes unchanged, or None when it would.
 
     The bytes must still be the content hashed at the start; then img2pdf's own reading of them
     must embed the file as it is (JPEG) or its ``IDAT`` data (PNG), with no soft mask, at the

@@ -1,5 +1,4 @@
-"""
-The worker's side of the PDF lane (``method="pdf"``): images packed into PDFs, a few PDFs in flight.
+"""The worker's side of the PDF lane (``method="pdf"``): images packed into PDFs, a few PDFs in flight.
 
 Doc2X's image API takes 30 images per 30 s per key; its PDF API takes multi-page PDFs, one image
 being one page of quota either way. This lane plans PDFs of images of one aspect ratio
@@ -157,8 +156,7 @@ class _Recorded:
 
 
 class PdfLane:
-    """
-    One task's images through Doc2X's PDF API, as jobs: :meth:`prepare`, then :meth:`advance` after each wait.
+    """One task's images through Doc2X's PDF API, as jobs: :meth:`prepare`, then :meth:`advance` after each wait.
 
     Use it as a context manager: the private temporary folder (remote images, packed PDFs) is
     removed on exit.
@@ -246,8 +244,7 @@ class PdfLane:
     # -- the first half: every image's job ---------------------------------------------------------
 
     def prepare(self, sources: Sequence[ImageSource]) -> list[dict[str, Any]]:
-        """
-        One job per image, in input order, none of them sent to the PDF API yet (see :meth:`advance`).
+        """One job per image, in input order, none of them sent to the PDF API yet (see :meth:`advance`).
 
         Each is reused from ``output_path``, reconnected to a PDF an earlier try recorded, queued in
         a planned PDF, or (what no PDF can hold) submitted through the image lane.
@@ -390,8 +387,7 @@ class PdfLane:
         return found
 
     async def _reconnect(self, pdf: _Recorded) -> tuple[str, dict[str, Any]] | None:
-        """
-        The status of a PDF an earlier try recorded, and its images' extra keys; None to submit them again.
+        """The status of a PDF an earlier try recorded, and its images' extra keys; None to submit them again.
 
         None when Doc2X does not know the uid (expired, or its upload never landed). A failed PDF
         comes back failed: :meth:`advance` tries its images again.
@@ -438,8 +434,7 @@ class PdfLane:
     # -- the second half: submit within the bounds, try failed PDFs again ------------------------
 
     def advance(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """
-        Try again the images of PDFs that failed, then submit queued PDFs while the bounds allow.
+        """Try again the images of PDFs that failed, then submit queued PDFs while the bounds allow.
 
         Returns the jobs (same order): with jobs in flight, or with nothing left to submit.
         """

@@ -1,5 +1,4 @@
-"""
-A PDF's result as each image's: its page picked by ``page_idx``, its figures kept, its links rewritten.
+"""A PDF's result as each image's: its page picked by ``page_idx``, its figures kept, its links rewritten.
 
 The PDF lane packs many images into one PDF; Doc2X answers one result for the PDF, a page per
 image. This module turns that result back into what the image lanes give: one record per image
@@ -63,8 +62,7 @@ _BOX = ("x", "y", "w", "h", "r")
 
 
 def page_map_problem(entries: list[dict[str, Any]], status: protocol.Doc2XJobStatus) -> str | None:
-    """
-    Why a PDF's result does not map back to the images packed into it, or None when it does.
+    """Why a PDF's result does not map back to the images packed into it, or None when it does.
 
     The result must have as many pages as the PDF (``pages`` of its jobs), and a page for every
     ``page_idx`` the jobs name. Jobs without ``page_idx`` stand for the whole PDF: nothing to map.
@@ -94,8 +92,7 @@ def figure_links(markdown: str) -> list[str]:
 
 
 def figure_name(url: str, page_idx: int | None = None) -> str:
-    """
-    The file name a figure link is stored under, of plain characters only.
+    """The file name a figure link is stored under, of plain characters only.
 
     ``<name>_<x>_<y>_<w>_<h>_<r>.jpg`` for a crop of a page image (what Doc2X's export names it),
     ``<name>.jpg`` for a whole image, and a short hash of the link for any other query.
@@ -124,8 +121,7 @@ def _box(query: str) -> tuple[int, ...] | None:
 
 
 class PdfFigures:
-    """
-    The figures of one PDF's pages: from its Markdown export, else each linked file downloaded.
+    """The figures of one PDF's pages: from its Markdown export, else each linked file downloaded.
 
     The export is asked for once, when a page first needs it.
 
@@ -224,8 +220,7 @@ def _by_box(exported: dict[str, bytes], name: str, page_idx: int) -> bytes | Non
 def page_record(
     source: str, digest: str | None, result: protocol.Doc2XResult, *, page_idx: int | None = None
 ) -> dict[str, Any]:
-    """
-    What XCom holds for a PDF-lane image kept whole (or a whole PDF, without ``page_idx``).
+    """What XCom holds for a PDF-lane image kept whole (or a whole PDF, without ``page_idx``).
 
     Its page(s) and Markdown, whose figure links point at Doc2X's CDN (they work for 24 hours).
     """
@@ -248,8 +243,7 @@ async def pdf_records(
     status: protocol.Doc2XJobStatus,
     entries: list[dict[str, Any]],
 ) -> list[dict[str, Any]]:
-    """
-    Each image's record from its PDF's finished status, in the order of ``entries`` (one uid's jobs).
+    """Each image's record from its PDF's finished status, in the order of ``entries`` (one uid's jobs).
 
     An image whose page is missing comes back as its failed job.
 

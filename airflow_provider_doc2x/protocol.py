@@ -1,5 +1,4 @@
-"""
-The Doc2X v2 image API as data: what to send, and what an answer means.
+"""The Doc2X v2 image API as data: what to send, and what an answer means.
 
 This module does no I/O. The hook's transport builds every request here and hands every answer
 back here, for the worker and the triggerer alike: one table of endpoints, one reading of
@@ -263,8 +262,7 @@ class Doc2XJobStatus:
         return self.status in TERMINAL_STATUSES
 
     def failure(self) -> Doc2XError:
-        """
-        The error a ``failed`` status means.
+        """The error a ``failed`` status means.
 
         The vendor's clients read the reason from ``detail``: when it is one of Doc2X's codes it
         picks the class, otherwise the job failed to parse (``parse_error``), and the detail is
@@ -619,11 +617,10 @@ def redact_url(url: Any) -> str:
 
 
 def check_presigned_url(url: Any, *, uid: str | None = None) -> str:
-    """
-    A url from the service, checked before it is used: absolute ``http(s)``, with a host, no
-    credentials in it, printable with no spaces, at most ``MAX_URL_CHARS`` characters.
+    """A url from the service, checked before it is used.
 
-    Anything else is a :class:`Doc2XProtocolError` (naming the url redacted, never whole).
+    Absolute ``http(s)``, with a host, no credentials in it, printable with no spaces, at most
+    ``MAX_URL_CHARS`` characters. Anything else is a :class:`Doc2XProtocolError` (naming the url redacted, never whole).
     """
     problem = None
     if not isinstance(url, str):
@@ -650,8 +647,7 @@ def check_presigned_url(url: Any, *, uid: str | None = None) -> str:
 
 
 def preupload_request(model: str | None = None) -> Doc2XRequest:
-    """
-    Ask for a uid and a presigned url to PUT one PDF to.
+    """Ask for a uid and a presigned url to PUT one PDF to.
 
     No body unless a model is chosen (as doc2x-mcp does): then ``{"model": "v2" | "v3-2026"}``.
     Nothing is billed yet: a preupload whose answer is lost is asked for again.
@@ -668,8 +664,7 @@ def preupload_request(model: str | None = None) -> Doc2XRequest:
 
 @dataclass(frozen=True)
 class Doc2XPreupload:
-    """
-    A uid and the presigned url to PUT its PDF to, with when the url was issued.
+    """A uid and the presigned url to PUT its PDF to, with when the url was issued.
 
     ``issued_at`` is a reading of the caller's monotonic clock when the answer arrived; the url is
     ``repr``-redacted (it is a secret for its five minutes).
@@ -703,8 +698,7 @@ def read_preupload(data: Mapping[str, Any], *, issued_at: float = 0.0) -> Doc2XP
 
 
 def read_put_answer(answer: Doc2XAnswer, *, url: str, uid: str | None, source: str | None) -> None:
-    """
-    Read the object store's answer to a PUT: HTTP 200 is success, anything else raises.
+    """Read the object store's answer to a PUT: HTTP 200 is success, anything else raises.
 
     - 403: the store refused the url (expired, or its signature does not match): preupload again
       (``presigned_url_refused``).
@@ -753,8 +747,7 @@ def pdf_status_request(uid: str) -> Doc2XRequest:
 
 
 def read_pdf_status(uid: str, data: Mapping[str, Any], *, secrets: Iterable[str] = ()) -> Doc2XJobStatus:
-    """
-    A PDF job's status, its pages sorted by ``page_idx`` once it succeeded.
+    """A PDF job's status, its pages sorted by ``page_idx`` once it succeeded.
 
     A ``failed`` status carries ``detail`` (see :meth:`Doc2XJobStatus.failure`); the other shape of
     failure, an envelope error code, is raised by :func:`read_answer` before this reader is called.
@@ -887,10 +880,9 @@ class Doc2XExport:
 
 
 def read_export(uid: str, data: Mapping[str, Any]) -> Doc2XExport:
-    """
-    An export's ``data``: its status, and its url once done.
+    r"""An export's ``data``: its status, and its url once done.
 
-    The url may hold a literal ``\\u0026`` for ``&`` (the vendor's sample does): it is replaced
+    The url may hold a literal ``\u0026`` for ``&`` (the vendor's sample does): it is replaced
     before the url is checked. An empty url is no url yet; statuses this provider does not know
     are kept, not finished.
     """
@@ -906,10 +898,10 @@ def read_export(uid: str, data: Mapping[str, Any]) -> Doc2XExport:
 
 
 def check_download_url(url: Any, *, own_base_url: str) -> str:
-    """
-    A url the provider downloads from: https on the hosts the PDF API's files live on
-    (``DOWNLOAD_HOST_SUFFIXES``, on the default port), or the connection's own scheme, host and
-    port (a local server). Anything else is refused before a byte is sent.
+    """A url the provider downloads from, checked before a byte is sent.
+
+    https on the hosts the PDF API's files live on (``DOWNLOAD_HOST_SUFFIXES``, on the default
+    port), or the connection's own scheme, host and port (a local server). Anything else is refused.
     """
     try:
         checked = check_presigned_url(url)

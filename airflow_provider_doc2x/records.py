@@ -1,5 +1,4 @@
-"""
-From a finished wait to what the user gets: one record per image, or one error naming every failure.
+"""From a finished wait to what the user gets: one record per image, or one error naming every failure.
 
 The operator and the sensor both end here when the trigger reports (or when the worker's own wait
 does): each successful job's result is fetched and either kept whole in the record (XCom) or
@@ -60,8 +59,7 @@ def records_from_event(
     overwrite: bool = False,
     known: dict[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """
-    The records of a trigger event, in input order; raise naming every job that did not succeed.
+    """The records of a trigger event, in input order; raise naming every job that did not succeed.
 
     ``known`` holds records already made from results the wait brought, by
     :func:`~airflow_provider_doc2x.events.result_key` (the worker's own wait): those are not
@@ -87,8 +85,7 @@ async def _collect(
     overwrite: bool,
     known: dict[str, dict[str, Any]],
 ) -> list[dict[str, Any]]:
-    """
-    Each job's record, or the job itself (with its ``status``) when it did not succeed.
+    """Each job's record, or the job itself (with its ``status``) when it did not succeed.
 
     Results are fetched a few at a time and written as they arrive, so a task of a thousand images
     neither waits for them one by one nor holds them all in memory; a uid listed twice (the same
@@ -177,8 +174,7 @@ async def _collect(
 
 
 def register_key(hook: Doc2XHook) -> None:
-    """
-    Load the connection, so that Airflow's secret masker knows the key before anything is logged.
+    """Load the connection, so that Airflow's secret masker knows the key before anything is logged.
 
     A resumed try whose jobs all failed would otherwise never read it.
     """

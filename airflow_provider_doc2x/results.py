@@ -1,5 +1,4 @@
-"""
-Results in object storage: one folder per image with its Markdown, its figures and a JSON sidecar.
+"""Results in object storage: one folder per image with its Markdown, its figures and a JSON sidecar.
 
 Layout under ``output_path`` (a local directory or any ``ObjectStoragePath`` URI)::
 
@@ -152,8 +151,7 @@ class ResultStore:
         figures: Figures | None = None,
         extra: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """
-        Write one image's result (figures, Markdown, then the sidecar); return its record of paths.
+        """Write one image's result (figures, Markdown, then the sidecar); return its record of paths.
 
         ``figures`` are files already at hand (relative paths made of plain characters; the PDF
         lane's, from an export zip): then ``convert_zip`` is not read. ``extra`` adds fields to the

@@ -1,5 +1,4 @@
-"""
-What a ``doc2x`` connection holds, declared once: the settings every call reads, and the form.
+"""What a ``doc2x`` connection holds, declared once: the settings every call reads, and the form.
 
 :class:`Doc2XSettings` is the one declaration of the connection's extra fields: each field made
 with :func:`extra_field` is an extra, with its type (from the annotation), its default, its label
@@ -199,8 +198,7 @@ def connection_form_widgets() -> dict[str, Any]:
 
 
 def base_url_of(conn: Any) -> tuple[str, bool]:
-    """
-    The API root from the connection's host, and whether its scheme was assumed.
+    """The API root from the connection's host, and whether its scheme was assumed.
 
     A full URL is taken as it is; a bare host name is taken as ``https://`` (Doc2X's own), which
     the connection test names when the server turns out to speak plain HTTP.

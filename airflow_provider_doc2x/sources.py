@@ -1,5 +1,4 @@
-"""
-Where images come from: a local path or an object-storage URI (``s3://``, ``gs://``, ``abfs://``, ...).
+"""Where images come from: a local path or an object-storage URI (``s3://``, ``gs://``, ``abfs://``, ...).
 
 Every image is checked (a scheme we read from, exists, not empty, JPEG/PNG by its magic bytes, at
 most 7 MB) from its metadata and first bytes before any image of the batch is uploaded, so a bad

@@ -1,5 +1,4 @@
-"""
-One way to name storage: a local path or any ``ObjectStoragePath`` URI becomes an ``ObjectStoragePath``.
+"""One way to name storage: a local path or any ``ObjectStoragePath`` URI becomes an ``ObjectStoragePath``.
 
 Inputs (images) and outputs (results) both go through here, so that a local path means the same
 ``file://`` location everywhere, and every read and write passes through ``ObjectStoragePath``,

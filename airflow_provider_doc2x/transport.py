@@ -1,5 +1,4 @@
-"""
-Moving bytes to and from Doc2X: one implementation for the worker and the triggerer.
+"""Moving bytes to and from Doc2X: one implementation for the worker and the triggerer.
 
 Every call runs as a coroutine through one ``httpx.AsyncClient`` shared by everything on an event
 loop: a triggerer's thousand triggers share one connection pool and one TLS context. A worker's
@@ -78,8 +77,7 @@ _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio
 
 
 async def shared_client(base_url: str) -> SharedClient:
-    """
-    The running loop's client for ``base_url``, built once and closed when the loop shuts down.
+    """The running loop's client for ``base_url``, built once and closed when the loop shuts down.
 
     The client is built in a thread: building its TLS context reads the CA bundle from disk, which
     would stall the loop. It closes with the loop: it is held by an async generator, which
@@ -144,8 +142,7 @@ def _background_loop() -> _BackgroundLoop:
 
 
 def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
-    """
-    Run a coroutine of this module on the process's background loop and wait for its outcome.
+    """Run a coroutine of this module on the process's background loop and wait for its outcome.
 
     If the waiting thread is interrupted (Airflow's task timeout, a signal), the coroutine is
     cancelled, so an upload in flight lets go of its pacing slot.
@@ -163,8 +160,7 @@ def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
 
 
 async def within(seconds: float, coroutine: Coroutine[Any, Any, T]) -> T:
-    """
-    Await ``coroutine`` for at most ``seconds``; raise ``TimeoutError`` (and cancel it) past that.
+    """Await ``coroutine`` for at most ``seconds``; raise ``TimeoutError`` (and cancel it) past that.
 
     On Python 3.11+ this is ``asyncio.timeout``, which runs the coroutine in the caller's task: a
     thousand triggers polling at once then make no extra task per request, which keeps the garbage
@@ -185,8 +181,7 @@ async def call(
     pacer: Any = None,
     retry: Callable[[BaseException], bool] = protocol.is_retryable,
 ) -> T:
-    """
-    Send ``request`` until it succeeds or fails for good, and ``read`` the answer's data.
+    """Send ``request`` until it succeeds or fails for good, and ``read`` the answer's data.
 
     Transient failures are retried (bounded, with back-off; ``retry`` narrows which, for a call
     whose errors mean something else than the image API's); an upload goes through ``pacer`` (an
@@ -285,8 +280,7 @@ async def _read_capped(response: httpx.Response, cap: int, request: protocol.Doc
 
 
 class CappedBody:
-    """
-    An answer's body, decoded as it arrives and never past ``cap`` bytes.
+    """An answer's body, decoded as it arrives and never past ``cap`` bytes.
 
     httpx inflates each received chunk whole (a 64 KB chunk of a gzip bomb becomes some 64 MB at
     once), so the transport reads the raw bytes and inflates them here, at most up to the cap.
@@ -445,8 +439,7 @@ async def put_file(
     sources: tuple[str, ...] = (),
     content_type: str = "application/pdf",
 ) -> protocol.Doc2XAnswer:
-    """
-    PUT a file to a presigned url, streamed from disk, once; return the store's answer.
+    """PUT a file to a presigned url, streamed from disk, once; return the store's answer.
 
     The body is read in chunks in a thread and sent with its ``Content-Length`` (no chunked
     encoding, which object stores refuse) and no ``Authorization`` header, under an overall
@@ -544,8 +537,7 @@ def _put_lost(
 async def download(
     settings: Doc2XSettings, url: str, *, cap: int, log: logging.Logger | Any, uid: str | None = None
 ) -> bytes:
-    """
-    GET a file the PDF API points to (an export zip, a page image, a figure crop), up to ``cap`` bytes.
+    """GET a file the PDF API points to (an export zip, a page image, a figure crop), up to ``cap`` bytes.
 
     Only https urls on the hosts the vendor's files live on, or the connection's own host, are
     fetched (:func:`~airflow_provider_doc2x.protocol.check_download_url`); no ``Authorization``

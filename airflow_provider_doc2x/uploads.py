@@ -1,5 +1,4 @@
-"""
-The worker's side of the image lane: every image of a task uploaded once, several side by side.
+"""The worker's side of the image lane: every image of a task uploaded once, several side by side.
 
 A slow or far-away link makes each upload take seconds; one upload after another would then cap a
 task at one image per upload time, whatever the key's window allows. So a task keeps up to
@@ -79,8 +78,7 @@ class _GuardedWindow:
 
 
 class ImageUploads:
-    """
-    One task's images through Doc2X's image API, as jobs (asynchronous endpoint) or records (synchronous).
+    """One task's images through Doc2X's image API, as jobs (asynchronous endpoint) or records (synchronous).
 
     :param hook: the hook, its connection already read (``hook.settings``) in the worker's thread.
     :param store: the task state store, or None (Airflow < 3.3: nothing survives the try).
@@ -115,8 +113,7 @@ class ImageUploads:
         self._store_thread: ThreadPoolExecutor | None = None
 
     async def store_call(self, method: str, *args: Any) -> Any:
-        """
-        Call the task state store, one call at a time, off the event loop.
+        """Call the task state store, one call at a time, off the event loop.
 
         The store talks to Airflow's supervisor; its in-process stand-in (``airflow dags test``) is
         not safe to call from two threads at once, so every call goes through one thread.
@@ -130,8 +127,7 @@ class ImageUploads:
             return transport.run_sync(self._run(sources, self._submitted, "submitted"))
 
     def parse(self, sources: Sequence[ImageSource]) -> list[dict[str, Any]]:
-        """
-        Each image through the synchronous endpoint (each request also waits for the parse).
+        """Each image through the synchronous endpoint (each request also waits for the parse).
 
         Returns one item per image, in input order: its record, or its failed job.
         """

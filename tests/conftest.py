@@ -56,7 +56,9 @@ def doc2x(local_server, monkeypatch, tmp_path):
     from airflow_provider_doc2x.pacing import reset_limiters
 
     # An upload an earlier test left stalled would count in this test's figures: let it end first.
-    wait_until(lambda: local_server.stats()["uploads_in_flight"] == 0, timeout=60, message="no upload in flight")
+    wait_until(
+        lambda: local_server.stats()["uploads_in_flight"] == 0, timeout=60, message="no upload in flight"
+    )
     local_server.reset()
     local_server.configure(processing_time=0.2)
     monkeypatch.setenv("AIRFLOW_CONN_DOC2X_DEFAULT", local_server.connection_json())

@@ -1,5 +1,4 @@
-"""
-The Doc2X hook: a ``doc2x`` connection and the API's calls, for workers and triggers.
+"""The Doc2X hook: a ``doc2x`` connection and the API's calls, for workers and triggers.
 
 Requests are built and answers read by :mod:`airflow_provider_doc2x.protocol`; bytes are moved by
 :mod:`airflow_provider_doc2x.transport` (deadlines, size caps, retries), uploads are paced by
@@ -72,8 +71,7 @@ def read_image(image: ImageInput, *, source: str | None = None) -> tuple[bytes, 
 
 
 class Doc2XHook(BaseHook):
-    """
-    Talk to Doc2X's image API with the key and URL of a ``doc2x`` connection.
+    """Talk to Doc2X's image API with the key and URL of a ``doc2x`` connection.
 
     Synchronous methods are for workers; the ``a``-prefixed ones are for event loops (triggers,
     and a worker's batch of concurrent uploads). Both go through the same transport.
@@ -121,8 +119,7 @@ class Doc2XHook(BaseHook):
         return settings
 
     def get_conn(self) -> Doc2XSettings:
-        """
-        The connection's settings, read and checked once.
+        """The connection's settings, read and checked once.
 
         There is no client to hand out: HTTP clients are shared by everything on an event loop
         (see :mod:`airflow_provider_doc2x.transport`).
@@ -130,8 +127,7 @@ class Doc2XHook(BaseHook):
         return self.settings
 
     async def aget_settings(self) -> Doc2XSettings:
-        """
-        The connection, fetched without blocking the event loop (triggers).
+        """The connection, fetched without blocking the event loop (triggers).
 
         Hooks on one event loop share one lookup per connection for ``ASYNC_SETTINGS_TTL`` seconds:
         a triggerer that starts a thousand Doc2X triggers fetches the connection once, not a
@@ -208,8 +204,7 @@ class Doc2XHook(BaseHook):
     async def aparse_image(
         self, image: bytes, *, source: str | None = None, pacer: Any = None
     ) -> protocol.Doc2XResult:
-        """
-        :meth:`parse_image` for an event loop; takes bytes so that no file is read on the loop.
+        """:meth:`parse_image` for an event loop; takes bytes so that no file is read on the loop.
 
         ``pacer`` replaces the key's window around the upload (see :meth:`pacer`); the operator's
         batch wraps the window to stop queued uploads and record each start.
@@ -245,8 +240,7 @@ class Doc2XHook(BaseHook):
         return lambda data: protocol.read_status(uid, data, secrets=settings.secrets)
 
     def test_connection(self) -> tuple[bool, str]:
-        """
-        Check the URL and the key without billing: ask for the status of a job that does not exist.
+        """Check the URL and the key without billing: ask for the status of a job that does not exist.
 
         It answers within seconds (one try, short timeouts), and in words a user can act on.
         """
@@ -295,8 +289,7 @@ class Doc2XHook(BaseHook):
 
     @contextlib.asynccontextmanager
     async def apdf_slot(self, pages: int) -> AsyncIterator[None]:
-        """
-        Hold one of the key's PDF slots and ``pages`` of its pages in flight while the block runs.
+        """Hold one of the key's PDF slots and ``pages`` of its pages in flight while the block runs.
 
         Wrap a PDF's submission and its wait for a final status in it, so that the PDFs and pages in
         progress stay within the connection's ``pdf_max_in_flight`` and ``pdf_max_pages_in_flight``
@@ -312,8 +305,7 @@ class Doc2XHook(BaseHook):
                 _holding_pdf_slot.reset(token)
 
     async def apreupload(self, model: str | None = None) -> protocol.Doc2XPreupload:
-        """
-        Ask Doc2X for a uid and a presigned url to PUT one PDF to (``model``: ``"v2"`` or ``"v3-2026"``).
+        """Ask Doc2X for a uid and a presigned url to PUT one PDF to (``model``: ``"v2"`` or ``"v3-2026"``).
 
         Nothing is billed; a lost answer is asked again. 429 and the limit codes are retried after
         a back-off. The url lives five minutes and is a secret meanwhile: it is never logged whole.
@@ -334,8 +326,7 @@ class Doc2XHook(BaseHook):
         sources: Sequence[str] = (),
         issued_at: float | None = None,
     ) -> None:
-        """
-        PUT a PDF to its presigned url (no key, streamed from disk); return once the store answered 200.
+        """PUT a PDF to its presigned url (no key, streamed from disk); return once the store answered 200.
 
         A PUT that failed before its body was sent whole (or that the store answered 408, 429 or
         5xx) is sent again on the same url while the url is young (``issued_at``, the monotonic
@@ -396,8 +387,7 @@ class Doc2XHook(BaseHook):
         model: str | None = None,
         before_put: Callable[[protocol.Doc2XPreupload], Awaitable[None]] | None = None,
     ) -> PdfSubmission:
-        """
-        Submit one PDF of ``pages`` pages: preupload, then PUT; preupload again when the url is refused or too old.
+        """Submit one PDF of ``pages`` pages: preupload, then PUT; preupload again when the url is refused or too old.
 
         Bounded by the connection's retries with back-off. Within :meth:`apdf_slot` it uses the held
         slot; outside, it holds one for the submission. A lost PUT answer raises
@@ -438,8 +428,7 @@ class Doc2XHook(BaseHook):
             return PdfSubmission(upload.uid, str(path), pages, tuple(sources), uploaded_at=time.time())
 
     async def aget_pdf_status(self, uid: str, *, uploaded_at: float | None = None) -> protocol.Doc2XJobStatus:
-        """
-        A PDF job's status, and its pages once it succeeded (a ``failed`` status is a status, not an error).
+        """A PDF job's status, and its pages once it succeeded (a ``failed`` status is a status, not an error).
 
         ``uploaded_at`` (wall-clock seconds of the PUT's 200, :attr:`PdfSubmission.uploaded_at`)
         covers the service's pickup delay: an unknown uid within ``PDF_PICKUP_GRACE_SECONDS`` of it
@@ -470,8 +459,7 @@ class Doc2XHook(BaseHook):
     async def await_pdf(
         self, submission: PdfSubmission, *, poll_interval: float = 2.0, timeout: float = DEFAULT_PDF_WAIT
     ) -> protocol.Doc2XJobStatus:
-        """
-        Poll a submitted PDF until its status is final; return it (``failed`` included).
+        """Poll a submitted PDF until its status is final; return it (``failed`` included).
 
         A failure shown as an envelope code is raised as its class. Past ``timeout`` seconds a
         :class:`Doc2XTransientError` names the uid: the job may still finish (and bill), so poll it
@@ -501,8 +489,7 @@ class Doc2XHook(BaseHook):
         poll_interval: float = 2.0,
         timeout: float = DEFAULT_PDF_WAIT,
     ) -> protocol.Doc2XJobStatus:
-        """
-        Submit one PDF and wait for its pages, holding a PDF slot throughout; return the successful status.
+        """Submit one PDF and wait for its pages, holding a PDF slot throughout; return the successful status.
 
         When Doc2X refuses the task for its limits (``parse_task_limit_exceeded``,
         ``parse_concurrency_limit``: page counts are known only after the upload, so these show in
@@ -544,8 +531,7 @@ class Doc2XHook(BaseHook):
         poll_interval: float = 1.0,
         timeout: float = DEFAULT_EXPORT_WAIT,
     ) -> str:
-        """
-        Export a finished PDF parse as Markdown (``$`` formulas) and return the zip's presigned url.
+        """Export a finished PDF parse as Markdown (``$`` formulas) and return the zip's presigned url.
 
         The export is started, then its result polled until it names an md zip (the result call
         shows the uid's latest export: an earlier export's url is not taken), within ``timeout``
@@ -568,8 +554,7 @@ class Doc2XHook(BaseHook):
         return export.url
 
     async def adownload(self, url: str, cap: int | None = None) -> bytes:
-        """
-        Download a file the PDF API points to (an export zip, a page image), at most ``cap`` bytes.
+        """Download a file the PDF API points to (an export zip, a page image), at most ``cap`` bytes.
 
         Only https urls on the vendor's storage and CDN hosts, or on the connection's own host, are
         fetched, with no key (:func:`~airflow_provider_doc2x.protocol.check_download_url`). ``cap``
@@ -599,8 +584,7 @@ class PdfSubmission:
 
 
 class PdfBudget:
-    """
-    PDFs and pages in flight for one key, in one process and event loop.
+    """PDFs and pages in flight for one key, in one process and event loop.
 
     At most ``max_files`` PDFs and ``max_pages`` pages held at once, first come first served (a
     big PDF at the head of the line is not overtaken). A PDF larger than ``max_pages`` alone is

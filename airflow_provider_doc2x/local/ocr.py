@@ -1,5 +1,4 @@
-"""
-The ``ocr`` engine of the local server: real offline OCR, Doc2X-shaped Markdown.
+"""The ``ocr`` engine of the local server: real offline OCR, Doc2X-shaped Markdown.
 
 Text comes from RapidOCR (PP-OCR models shipped inside its wheel, run by onnxruntime: no network,
 no key). Layout comes from the page itself, with OpenCV: ruled tables from their grid lines (each

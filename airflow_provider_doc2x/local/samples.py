@@ -1,5 +1,4 @@
-"""
-Document-like images with known text, rendered here (the example DAGs' samples and the tests' inputs).
+"""Document-like images with known text, rendered here (the example DAGs' samples and the tests' inputs).
 
 Each page is drawn as a person would see it (headings, paragraphs, a grid table, a figure) and also
 carries its Markdown in a ``doc2x`` text chunk, which is what the ``simple`` engine answers: so the

@@ -1,5 +1,4 @@
-"""
-``Doc2XImageParseOperator``: images in, Markdown out, no worker held and no image paid twice.
+"""``Doc2XImageParseOperator``: images in, Markdown out, no worker held and no image paid twice.
 
 The worker checks every image, submits them (paced to the key's limit by the hook), records each
 uid in the task state store, then defers to :class:`Doc2XImageParseTrigger` and is freed. When the
@@ -62,8 +61,7 @@ DEFAULT_TIMEOUT = 600.0
 
 
 class Doc2XImageParseOperator(BaseOperator):
-    """
-    Parse document images into Markdown with Doc2X.
+    """Parse document images into Markdown with Doc2X.
 
     :param image_path: one local path or ``ObjectStoragePath`` URI, or a list of them (templated).
     :param doc2x_conn_id: the ``doc2x`` connection (templated).
@@ -250,8 +248,7 @@ class Doc2XImageParseOperator(BaseOperator):
     def _pdf_wait(
         self, lane: PdfLane, jobs: list[dict[str, Any]], known: dict[str, dict[str, Any]] | None = None
     ) -> list[dict[str, Any]]:
-        """
-        Wait for the PDFs in flight and submit the next ones until none is left; then the records.
+        """Wait for the PDFs in flight and submit the next ones until none is left; then the records.
 
         Deferred (the task resumes in :meth:`execute_complete` after each wait), or in the worker.
         """
@@ -304,8 +301,7 @@ class Doc2XImageParseOperator(BaseOperator):
         return records
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        """
-        Resume after the trigger: fetch each finished result; fail naming every image that did not end well.
+        """Resume after the trigger: fetch each finished result; fail naming every image that did not end well.
 
         The PDF lane first submits what remains (queued PDFs, the images of PDFs that failed) and
         defers again while PDFs are in flight.

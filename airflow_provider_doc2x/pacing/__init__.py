@@ -1,5 +1,4 @@
-"""
-Pacing uploads to the key's limit: at most N images in any rolling window of W seconds.
+"""Pacing uploads to the key's limit: at most N images in any rolling window of W seconds.
 
 Doc2X allows 30 images per 30 s per key and answers 429 past that. Pacing on our side means a batch
 never trips the limit, so no upload is wasted and the batch runs at the limit, not below it.
@@ -74,8 +73,7 @@ def _window_file(place: tuple[str | None, ...], digest: str) -> Path:
 def limiter_for(
     base_url: str, api_key: str, limit: int, window: float, *, pacing_conn_id: str | None = None
 ) -> RateLimiter:
-    """
-    The limiter of one key at one endpoint, shared by the threads of this process.
+    """The limiter of one key at one endpoint, shared by the threads of this process.
 
     Without ``pacing_conn_id`` it paces with the other processes of this host (a window file); with
     it, with every process of every host that uses the same Redis connection. Cheap: no file, no

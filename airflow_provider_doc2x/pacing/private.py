@@ -1,5 +1,4 @@
-"""
-The host-local pacing state's folder and files, private to the user that runs the workers.
+"""The host-local pacing state's folder and files, private to the user that runs the workers.
 
 A window file that another local user can reach lets that user steer every upload of the host: a
 slot dated far ahead stalls them, a symlink makes the worker overwrite any file it can write. So the
@@ -40,8 +39,7 @@ def is_private_dir(path: Path) -> bool:
 
 
 def open_private_dir(path: Path) -> int:
-    """
-    Create ``path`` (mode 0700) if missing and return a descriptor of it, once it is known to be ours.
+    """Create ``path`` (mode 0700) if missing and return a descriptor of it, once it is known to be ours.
 
     Raises:
         NotPrivateError: ``path`` is a symlink, not a folder, or belongs to another user.
@@ -71,8 +69,7 @@ def open_private_dir(path: Path) -> int:
 
 
 def open_private_file(folder: Path, name: str) -> int:
-    """
-    Open (creating it with mode 0600) the file ``name`` of a private folder; return its descriptor.
+    """Open (creating it with mode 0600) the file ``name`` of a private folder; return its descriptor.
 
     Raises:
         NotPrivateError: the folder is not ours (see :func:`open_private_dir`), or the file is a

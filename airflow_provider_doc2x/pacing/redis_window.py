@@ -1,5 +1,4 @@
-"""
-The rolling window of one key kept in Redis, shared by every process of every worker host.
+"""The rolling window of one key kept in Redis, shared by every process of every worker host.
 
 Why a script of our own rather than a rate-limiting library: the well-kept ones, ``limits``
 (moving window: a Redis list of bare timestamps, whole-second windows) and ``pyrate-limiter``
@@ -118,8 +117,7 @@ return 1
 
 
 class RedisRateLimiter(RateLimiter):
-    """
-    A :class:`RateLimiter` whose window lives in Redis, under ``redis_key``, for every worker host.
+    """A :class:`RateLimiter` whose window lives in Redis, under ``redis_key``, for every worker host.
 
     The Redis connection (an Airflow connection of type ``redis``, read with the Redis provider's
     ``RedisHook``) is looked up at the first upload, in the calling thread: :meth:`aupload` books

@@ -1,5 +1,4 @@
-"""
-The rolling window of one key, kept in process memory or in a private file shared by a host's processes.
+"""The rolling window of one key, kept in process memory or in a private file shared by a host's processes.
 
 A window is ``{"open": {slot id: booked at}, "done": [answered at, ...]}``: one slot per upload,
 booked at the send (``open``: in flight) and moved to the answer's time at release (``done``, kept
@@ -74,8 +73,7 @@ def valid_window(data: object, *, now: float, window: float) -> Window | None:
 
 
 class RateLimiter:
-    """
-    A rolling-window limiter: at most ``limit`` uploads whose slots fall in any ``window`` seconds.
+    """A rolling-window limiter: at most ``limit`` uploads whose slots fall in any ``window`` seconds.
 
     The server counts an upload when it arrives, somewhere between our send and its answer. So a
     slot is booked at the send (to space the sends) and moved to the answer's time when the upload
@@ -194,8 +192,7 @@ class RateLimiter:
                 os.close(fd)  # and with it the lock
 
     def reserve(self) -> tuple[float, str | None]:
-        """
-        Book a slot now if the window has room: return ``(0, slot_id)``; else ``(wait, None)``.
+        """Book a slot now if the window has room: return ``(0, slot_id)``; else ``(wait, None)``.
 
         An upload still in flight counts as happening now: when it ends is not known yet, so the
         window cannot be measured from its start. The caller waits and asks again. The wait is
@@ -222,8 +219,7 @@ class RateLimiter:
             return 0.0, slot_id
 
     def release(self, slot_id: str, *, ended: float | None = None) -> None:
-        """
-        The upload ended: its slot now counts from its end, no longer as in flight.
+        """The upload ended: its slot now counts from its end, no longer as in flight.
 
         ``ended`` is when the answer came (this host's clock), if the caller took it before handing
         the release to a thread: the slot is not dated later than it ended, by however long the
@@ -252,8 +248,7 @@ class RateLimiter:
 
     @asynccontextmanager
     async def aupload(self) -> AsyncIterator[None]:
-        """
-        :meth:`upload` for an event loop: the window is read and written in a thread, the wait is async.
+        """:meth:`upload` for an event loop: the window is read and written in a thread, the wait is async.
 
         A booking that the caller gave up on (cancelled) while its thread ran is released as soon as
         the thread returns, so a cancelled upload never holds a slot.

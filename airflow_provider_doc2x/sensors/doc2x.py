@@ -21,8 +21,7 @@ if TYPE_CHECKING:
 
 
 class Doc2XImageParseSensor(BaseSensorOperator):
-    """
-    Wait until the Doc2X job ``uid`` is done; push its record (as the operator does) to XCom.
+    """Wait until the Doc2X job ``uid`` is done; push its record (as the operator does) to XCom.
 
     A failed, unknown or expired job fails the task with its Doc2X code, the same way whether the
     sensor pokes or defers (an unknown or expired uid fails it without Airflow retries). Deferrable:

@@ -1,5 +1,4 @@
-"""
-The trigger that waits for Doc2X jobs in the triggerer, so that no worker is held while Doc2X works.
+"""The trigger that waits for Doc2X jobs in the triggerer, so that no worker is held while Doc2X works.
 
 One trigger polls every uid of a task, a few at a time, until each is finished or the absolute
 deadline passes. Its kwargs are JSON (conn id, jobs, interval, deadline; never the key), so a
@@ -60,8 +59,7 @@ _poll_turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaph
 
 
 def poll_turns() -> asyncio.Semaphore:
-    """
-    The running loop's turns for status calls, shared by its triggers.
+    """The running loop's turns for status calls, shared by its triggers.
 
     A trigger waits for its turn here, before its call is built: a thousand triggers that poll at
     once then wait as a few small frames each, not as a whole request in the making (retry state,
@@ -81,8 +79,7 @@ ResultCallback = Callable[[list[dict[str, Any]], protocol.Doc2XJobStatus], Await
 
 
 class Doc2XImageParseTrigger(BaseTrigger):
-    """
-    Poll Doc2X until every job is done, then fire one event with each job's status.
+    """Poll Doc2X until every job is done, then fire one event with each job's status.
 
     :param doc2x_conn_id: the ``doc2x`` connection; fetched the async way, inside the triggerer.
     :param jobs: one dict per image: ``uid`` and ``source`` (the image's name, for messages).
@@ -141,8 +138,7 @@ class Doc2XImageParseTrigger(BaseTrigger):
             await hook.aclose()
 
     async def wait(self, hook: Doc2XHook, *, on_result: ResultCallback | None = None) -> dict[str, Any]:
-        """
-        Poll until every job is finished; return the event's payload.
+        """Poll until every job is finished; return the event's payload.
 
         Jobs that arrive finished (a failed upload, a job an earlier try already finished) are not
         polled, nor are PDF-lane images still queued. The first round comes one interval after the
@@ -364,8 +360,7 @@ _startup_heap_frozen = False
 
 
 def freeze_startup_heap() -> int:
-    """
-    Take the triggerer's start-up heap out of CPython's garbage collections, once per process.
+    """Take the triggerer's start-up heap out of CPython's garbage collections, once per process.
 
     Why: a thousand waiting triggers keep coroutines, tasks and requests alive across each round
     of polls, so CPython promotes them to its oldest generation and runs a full collection every
