@@ -6,7 +6,7 @@ from importlib.metadata import entry_points
 
 from airflow_provider_doc2x import __version__
 from airflow_provider_doc2x.get_provider_info import get_provider_info
-from tests.helpers import API_KEY, airflow_cli
+from tests.helpers import API_KEY, REPO, airflow_cli
 
 
 def test_entry_point_returns_the_provider_info():
@@ -82,3 +82,30 @@ def test_connections_add_and_test_from_the_cli(doc2x, airflow_db):
     assert doc2x.stats()["billed_total"] == 0
     for conn_id in ("doc2x_good_key", "doc2x_bad_key"):
         airflow_cli("connections", "delete", conn_id, env={})
+
+
+def readme_extras() -> dict[str, str]:
+    """The README's table of connection extras: name -> default, as written."""
+    text = (REPO / "README.md").read_text()
+    table = text.split("### Connection extras", 1)[1].split("\n\n", 2)[2].split("\n\n", 1)[0]
+    rows = [line.strip("|").split("|") for line in table.splitlines()[2:]]
+    return {name.strip().strip("`"): default.strip().strip("`") for name, default, *_ in rows}
+
+
+def test_the_form_the_settings_and_the_readme_agree_on_the_extras():
+    import dataclasses
+
+    from airflow.providers_manager import ProvidersManager
+
+    from airflow_provider_doc2x.settings import Doc2XSettings, conn_fields, extra_fields
+
+    declared = {
+        item.name: item.default for item in dataclasses.fields(Doc2XSettings) if item.name in extra_fields()
+    }
+    assert set(conn_fields()) == set(declared)
+    assert {f"extra__doc2x__{name}" for name in declared} <= set(ProvidersManager().connection_form_widgets)
+    documented = readme_extras()
+    assert set(documented) == set(declared)
+    for name, default in declared.items():
+        shown = documented[name]
+        assert (shown == "none") if default is None else float(shown) == float(default), name
