@@ -14,6 +14,7 @@ cannot put the key into an exception, a log line or the database.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -795,20 +796,14 @@ def _read_pdf_page(page: Any, index: int, uid: str) -> Doc2XPage:
         )
     if page.get("page_idx") is None:
         raise Doc2XProtocolError(f"Doc2X answered page {index} without its page_idx", uid=uid)
-    md = page.get("md")
-    if md is not None and not isinstance(md, str):
-        raise Doc2XProtocolError(f"Doc2X answered page {index} with md of type {type(md).__name__}", uid=uid)
     url = page.get("url")
     if url is not None and not isinstance(url, str):
         raise Doc2XProtocolError(
             f"Doc2X answered page {index} with url of type {type(url).__name__}", uid=uid
         )
     score = page.get("score")
-    return Doc2XPage(
-        page_idx=_whole_number(page, "page_idx", index, uid, default=index),
-        page_width=_whole_number(page, "page_width", index, uid, default=0),
-        page_height=_whole_number(page, "page_height", index, uid, default=0),
-        md=md or "",
+    return dataclasses.replace(
+        _read_page(page, index, uid),
         url=url or None,
         score=None if score is None else min(100, _whole_number(page, "score", index, uid, default=0)),
     )

@@ -246,37 +246,49 @@ async def _exchange(
         timeout=httpx.Timeout(settings.timeout, connect=settings.connect_timeout),
         extensions={"trace": trace} if trace is not None else None,
     ) as response:
-        body = await _read_capped(response, settings.max_answer_bytes, request)
+        body = await read_capped(
+            response,
+            settings.max_answer_bytes,
+            what=f"Doc2X's answer to {request.what}",
+            hint=" (the connection's max_answer_bytes)",
+            uid=request.uid,
+            source=request.source,
+        )
         return protocol.Doc2XAnswer(response.status_code, body, response.headers)
 
 
-async def _read_capped(response: httpx.Response, cap: int, request: protocol.Doc2XRequest) -> bytes:
-    def too_large(size: str) -> Doc2XProtocolError:
+async def read_capped(
+    response: httpx.Response,
+    cap: int,
+    *,
+    what: str,
+    hint: str = "",
+    uid: str | None = None,
+    source: str | None = None,
+) -> bytes:
+    """The body of ``response``, decoded up to ``cap`` bytes; past it, or undecodable, a protocol error.
+
+    ``what`` names the answer in the error (``Doc2X's answer to GET ...``, ``The download of ...``),
+    ``hint`` says which setting sets the cap.
+    """
+
+    def refused(reason: str) -> Doc2XProtocolError:
         return Doc2XProtocolError(
-            f"Doc2X's answer to {request.what} is {size}, over the cap of {cap} bytes "
-            "(the connection's max_answer_bytes); it was not read",
-            http_status=response.status_code,
-            uid=request.uid,
-            source=request.source,
+            f"{what} {reason}", http_status=response.status_code, uid=uid, source=source
         )
 
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > cap:
-        raise too_large(f"{int(declared)} bytes")
+        raise refused(f"is {int(declared)} bytes, over the cap of {cap} bytes{hint}; it was not read")
     try:
         body = CappedBody(response.headers.get("content-encoding", ""), cap)
         async for chunk in response.aiter_raw():
             body.feed(chunk)
         return body.finish()
     except CappedBody.TooLarge:
-        raise too_large("larger") from None
+        raise refused(f"is larger, over the cap of {cap} bytes{hint}; it was not read") from None
     except (zlib.error, ValueError) as error:
-        raise Doc2XProtocolError(
-            f"Doc2X's answer to {request.what} cannot be decoded: {error}",
-            http_status=response.status_code,
-            uid=request.uid,
-            source=request.source,
-        ) from None
+        raise refused(f"cannot be decoded: {error}") from None
 
 
 class CappedBody:
@@ -585,22 +597,4 @@ async def _download_once(
             raise error_class(
                 f"The download of {redacted} answered HTTP {status}", http_status=status, uid=uid
             )
-        declared = response.headers.get("content-length", "")
-        too_large = Doc2XProtocolError(
-            f"The download of {redacted} is larger than its cap of {cap} bytes; it was not read",
-            http_status=status,
-            uid=uid,
-        )
-        if declared.isdigit() and int(declared) > cap:
-            raise too_large
-        try:
-            body = CappedBody(response.headers.get("content-encoding", ""), cap)
-            async for chunk in response.aiter_raw():
-                body.feed(chunk)
-            return body.finish()
-        except CappedBody.TooLarge:
-            raise too_large from None
-        except (zlib.error, ValueError) as error:
-            raise Doc2XProtocolError(
-                f"The download of {redacted} cannot be decoded: {error}", http_status=status, uid=uid
-            ) from None
+        return await read_capped(response, cap, what=f"The download of {redacted}", uid=uid)
