@@ -202,3 +202,21 @@ def test_the_operators_argument_caps_uploads_in_flight(doc2x, make_image, monkey
         parse_operator([make_image() for _ in range(6)], deferrable=True, max_concurrent_uploads=2), {}
     )
     assert doc2x.stats()["max_uploads_in_flight"] == 2
+
+
+def test_an_upload_reset_before_its_body_arrived_is_retried_and_billed_once(doc2x, tmp_path, monkeypatch):
+    """A flaky link cuts the connection mid-body: nothing reached Doc2X, so the upload goes again."""
+    import os
+
+    from PIL import Image
+
+    noise = Image.frombytes("RGB", (1480, 1480), os.urandom(1480 * 1480 * 3))  # about 6.6 MB as PNG
+    big = tmp_path / "big-scan.png"
+    noise.save(big, format="PNG", compress_level=0)
+    assert big.stat().st_size < 7 * 1024 * 1024
+    slow_link(doc2x, monkeypatch, max_retries=3)
+    doc2x.configure(reset_next_uploads=1, reset_after_bytes=65536, upload_bandwidth=2_000_000)
+    (job,) = batch().submit([ImageSource.of(str(big))])
+    assert job["status"] == "processing" and job["uid"]
+    stats = doc2x.stats()
+    assert (stats["uploads_reset"], stats["requests"]["submit"], stats["billed_total"]) == (1, 2, 1)
