@@ -18,22 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from airflow_provider_doc2x import pacing
 from airflow_provider_doc2x.pacing import RateLimiter, key_digest, limiter_for, pacing_dir, reset_limiters
-from tests.helpers import async_wait_until
+from tests.helpers import FakeClock, async_wait_until, pacing_logs, upload_times
 
 NOBODY = 65534
 BASE_URL = "https://doc2x.example"
 KEY = "sk-pacing-test"
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="giving a folder to another uid needs root")
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture(autouse=True)
@@ -42,28 +33,6 @@ def fresh_limiters(monkeypatch, tmp_path):
     reset_limiters()
     yield
     reset_limiters()
-
-
-def warnings_of(caplog) -> list[str]:
-    return [
-        record.getMessage()
-        for record in caplog.records
-        if record.name.startswith(pacing.__name__) and record.levelno == logging.WARNING
-    ]
-
-
-def upload_times(limiter: RateLimiter, clock: FakeClock, count: int, duration: float = 0.0) -> list[float]:
-    """When each of ``count`` back-to-back uploads of ``duration`` seconds may start."""
-    starts = []
-    while len(starts) < count:
-        delay, slot = limiter.reserve()
-        if slot is None:
-            clock.now += delay
-            continue
-        starts.append(clock.now - 1000)
-        clock.now += duration
-        limiter.release(slot)
-    return starts
 
 
 def test_at_most_limit_uploads_in_any_window():
@@ -193,7 +162,7 @@ def test_a_folder_of_another_user_is_refused_and_pacing_goes_on(tmp_path, caplog
         clock.now += 10
         assert limiter.reserve()[1] is not None
     assert list(folder.iterdir()) == []
-    [warning] = warnings_of(caplog)
+    [warning] = pacing_logs(caplog)
     assert str(folder) in warning and "uid 65534" in warning and "DOC2X_PACING_DIR" in warning
 
 
@@ -210,7 +179,7 @@ def test_doc2x_pacing_dir_of_another_user_is_refused(tmp_path, monkeypatch, capl
             limiter.release(limiter.reserve()[1])
     assert list(folder.iterdir()) == []
     assert stat.S_IMODE(os.lstat(folder).st_mode) == 0o777  # not ours: left alone
-    assert [str(folder) in warning for warning in warnings_of(caplog)] == [True]
+    assert [str(folder) in warning for warning in pacing_logs(caplog)] == [True]
 
 
 def test_a_symlinked_folder_is_refused(tmp_path, caplog):
@@ -221,7 +190,7 @@ def test_a_symlinked_folder_is_refused(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         limiter.release(limiter.reserve()[1])
     assert list(real.iterdir()) == []
-    assert ["symbolic link" in warning for warning in warnings_of(caplog)] == [True]
+    assert ["symbolic link" in warning for warning in pacing_logs(caplog)] == [True]
 
 
 def test_a_symlinked_window_file_is_not_followed(tmp_path, caplog):
@@ -236,7 +205,7 @@ def test_a_symlinked_window_file_is_not_followed(tmp_path, caplog):
         limiter.release(limiter.reserve()[1])
         assert limiter.reserve() == (10.0, None)  # paced in memory
     assert target.read_text() == "keep me"
-    assert [str(window_file(folder)) in warning for warning in warnings_of(caplog)] == [True]
+    assert [str(window_file(folder)) in warning for warning in pacing_logs(caplog)] == [True]
 
 
 @pytest.mark.parametrize(
@@ -278,7 +247,7 @@ def test_contents_that_are_not_a_window_start_anew_with_one_warning(tmp_path, ca
             limiter.release(slot)
     window = json.loads(state_file.read_text())
     assert (window["open"], len(window["done"])) == ({}, 1)
-    [warning] = warnings_of(caplog)  # once per limiter, not per call
+    [warning] = pacing_logs(caplog)  # once per limiter, not per call
     assert str(state_file) in warning and "starts anew" in warning
 
 
@@ -288,7 +257,7 @@ def test_a_slot_dated_far_ahead_is_dropped(tmp_path, caplog):
     limiter = RateLimiter(1, 10.0, state_file=state_file, clock=FakeClock())
     with caplog.at_level(logging.WARNING):
         assert limiter.reserve()[0] == 0.0
-    assert len(warnings_of(caplog)) == 1
+    assert len(pacing_logs(caplog)) == 1
 
 
 @pytest.mark.parametrize(("ahead", "warnings"), [(0.5, 0), (9.9, 1)])
@@ -307,7 +276,7 @@ def test_a_slot_dated_ahead_of_the_clock_waits_one_window_at_most(tmp_path, capl
             slot = limiter.reserve()[1]
         assert slot is not None
     # A little ahead (a clock stepped back a little) is waited out; far ahead is not believed.
-    assert len(warnings_of(caplog)) == warnings
+    assert len(pacing_logs(caplog)) == warnings
 
 
 def test_a_clock_set_back_waits_one_window_at_most(caplog):
@@ -317,7 +286,7 @@ def test_a_clock_set_back_waits_one_window_at_most(caplog):
     clock.now -= 8  # NTP stepped the clock back
     with caplog.at_level(logging.WARNING):
         assert limiter.reserve() == (10.0, None)
-    assert len(warnings_of(caplog)) == 1
+    assert len(pacing_logs(caplog)) == 1
 
 
 def test_an_upload_never_sleeps_past_the_window(tmp_path):

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from airflow_provider_doc2x import pacing
 from airflow_provider_doc2x.pacing import (
     STALE_IN_FLIGHT_SECONDS,
     RateLimiter,
@@ -31,7 +30,7 @@ from airflow_provider_doc2x.pacing import (
     limiter_for,
     reset_limiters,
 )
-from tests.helpers import API_KEY, free_port, wait_until
+from tests.helpers import API_KEY, FakeClock, free_port, pacing_logs, upload_times, wait_until
 
 redis = pytest.importorskip("redis", reason="the Redis client comes with apache-airflow-providers-redis")
 pytest.importorskip(
@@ -105,22 +104,6 @@ def redis_server(tmp_path, monkeypatch):
     server.stop()
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def pacing_logs(caplog, level: int = logging.WARNING) -> list[str]:
-    return [
-        record.getMessage()
-        for record in caplog.records
-        if record.name.startswith(pacing.__name__) and record.levelno == level
-    ]
-
-
 def in_redis(
     tmp_path: Path, clock: FakeClock, limit: int, window: float, host: str = "a"
 ) -> RedisRateLimiter:
@@ -133,20 +116,6 @@ def in_redis(
         state_file=tmp_path / f"host-{host}" / "window.json",
         clock=clock,
     )
-
-
-def upload_times(limiter: RateLimiter, clock: FakeClock, count: int, duration: float = 0.0) -> list[float]:
-    """When each of ``count`` back-to-back uploads of ``duration`` seconds may start."""
-    starts = []
-    while len(starts) < count:
-        delay, slot = limiter.reserve()
-        if slot is None:
-            clock.now += delay
-            continue
-        starts.append(clock.now - 1000)
-        clock.now += duration
-        limiter.release(slot)
-    return starts
 
 
 @pytest.mark.parametrize(

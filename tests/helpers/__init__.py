@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -119,3 +120,36 @@ def dags_test(dag_id: str, conf: dict, doc2x, *, dags_folder: Path | None = None
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     return output
+
+
+class FakeClock:
+    """A clock the test moves by hand (pacing's exact rules, with no waiting)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def upload_times(limiter, clock: FakeClock, count: int, duration: float = 0.0) -> list[float]:
+    """When each of ``count`` back-to-back uploads of ``duration`` seconds may start, on a fake clock."""
+    starts = []
+    while len(starts) < count:
+        delay, slot = limiter.reserve()
+        if slot is None:
+            clock.now += delay
+            continue
+        starts.append(clock.now - 1000)
+        clock.now += duration
+        limiter.release(slot)
+    return starts
+
+
+def pacing_logs(caplog, level: int = logging.WARNING) -> list[str]:
+    """What pacing logged at ``level``."""
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name.startswith("airflow_provider_doc2x.pacing") and record.levelno == level
+    ]
