@@ -27,17 +27,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import io
 import os
 import random
 import struct
 import sys
-import threading
 import time
 import zlib
-from collections import Counter
-from typing import Any, ClassVar
+from typing import Any
 
 os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "ERROR")
 
@@ -49,114 +46,9 @@ LAKE = "memory://bucket/lake"
 
 def counting_filesystem() -> Any:
     """``memory://`` that counts calls and bytes read, registered for ``ObjectStoragePath`` and fsspec."""
-    import fsspec
-    from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
+    from tests.helpers.storage import CountingFS, use_for_memory
 
-    class CountingFile(MemoryFile):
-        def read(self, size=-1):
-            data = super().read(size)
-            CountingFS.count_read(self.path, len(data))
-            return data
-
-        def read1(self, size=-1):
-            data = super().read1(size)
-            CountingFS.count_read(self.path, len(data))
-            return data
-
-        def readinto(self, buffer):
-            count = super().readinto(buffer)
-            CountingFS.count_read(self.path, count)
-            return count
-
-    class CountingFS(MemoryFileSystem):
-        # On the class, like MemoryFileSystem's store: fsspec makes one instance per thread.
-        store: ClassVar[dict] = {}
-        pseudo_dirs: ClassVar[list] = [""]
-        lock = threading.Lock()
-        depth = threading.local()
-        calls: ClassVar[Counter] = Counter()
-        bytes_read: ClassVar[Counter] = Counter()
-
-        @classmethod
-        def count_read(cls, path: str, count: int) -> None:
-            with cls.lock:
-                cls.bytes_read[path] += count
-
-        @classmethod
-        def reset(cls) -> None:
-            cls.calls.clear()
-            cls.bytes_read.clear()
-
-        def _open(self, path, mode="rb", **kwargs):
-            handle = super()._open(path, mode, **kwargs)
-            if "r" not in mode:
-                return handle
-            return CountingFile(self, self._strip_protocol(path), handle.getvalue())
-
-        # MemoryFileSystem answers info and isfile by scanning every key: with tens of thousands
-        # of objects that scan, not the bench, would be timed. A file is found by its key at once.
-        def info(self, path, **kwargs):
-            key = self._strip_protocol(path)
-            handle = self.store.get(key)
-            if handle is None:
-                return super().info(path, **kwargs)
-            return {"name": key, "size": handle.size, "type": "file", "created": handle.created}
-
-        def isfile(self, path):
-            return self._strip_protocol(path) in self.store
-
-        def cat_file(self, path, start=None, end=None, **kwargs):
-            data = super().cat_file(path, start, end, **kwargs)
-            CountingFS.count_read(self._strip_protocol(path), len(data))
-            return data
-
-    def counted(name: str):
-        method = getattr(CountingFS, name)  # its own fast info and isfile, or the memory one
-
-        @functools.wraps(method)
-        def call(self, *args, **kwargs):
-            depth = getattr(CountingFS.depth, "value", 0)
-            if depth == 0:
-                with CountingFS.lock:
-                    CountingFS.calls[name] += 1
-            CountingFS.depth.value = depth + 1
-            try:
-                return method(self, *args, **kwargs)
-            finally:
-                CountingFS.depth.value = depth
-
-        return call
-
-    for name in (
-        "info",
-        "ls",
-        "find",
-        "open",
-        "cat_file",
-        "pipe_file",
-        "rm_file",
-        "rm",
-        "mv",
-        "copy",
-        "cp_file",
-        "mkdir",
-        "makedirs",
-        "exists",
-        "isfile",
-        "isdir",
-        "walk",
-        "glob",
-    ):
-        setattr(CountingFS, name, counted(name))
-
-    try:
-        from airflow.sdk.io import attach
-    except ImportError:  # Airflow 2
-        from airflow.io.store import attach
-    fsspec.register_implementation("memory", CountingFS, clobber=True)
-    fs = fsspec.filesystem("memory")
-    attach("memory", fs=fs)
-    return fs
+    return use_for_memory(CountingFS)
 
 
 def page(number: int, version: int, size: int, rng: random.Random) -> bytes:

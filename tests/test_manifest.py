@@ -10,7 +10,6 @@ Storage is ``memory://`` wrapped to count calls and bytes read per path (:class:
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import json
 import logging
@@ -19,11 +18,10 @@ import sys
 import threading
 from collections import Counter
 from datetime import datetime, timezone
-from typing import ClassVar
 
 import pytest
 from airflow.providers.common.compat.sdk import TaskDeferred
-from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
 
 from airflow_provider_doc2x import protocol
 from airflow_provider_doc2x.manifest import (
@@ -35,152 +33,17 @@ from airflow_provider_doc2x.manifest import (
 from airflow_provider_doc2x.results import ResultStore
 from airflow_provider_doc2x.sources import ImageSource
 from tests.helpers import REPO, first_event, parse_operator
+from tests.helpers.storage import CountingFS, use_for_memory
 
 LAKE = "memory://lake/doc2x"
 MANIFEST = f"/lake/doc2x/{MANIFEST_DIR}/v1"
 
-# -- storage that counts --------------------------------------------------------------------------
-
-
-class CountingFile(MemoryFile):
-    """A read of a memory file, counted into its filesystem."""
-
-    def read(self, size=-1):
-        data = super().read(size)
-        self.fs.count_read(self.path, len(data))
-        return data
-
-    def read1(self, size=-1):
-        data = super().read1(size)
-        self.fs.count_read(self.path, len(data))
-        return data
-
-    def readinto(self, buffer):
-        count = super().readinto(buffer)
-        self.fs.count_read(self.path, count)
-        return count
-
-
-class CountingFS(MemoryFileSystem):
-    """
-    ``memory://`` with a store of its own, counting storage calls (the outermost only) and bytes read.
-
-    State is on the class, as ``MemoryFileSystem`` keeps its store: fsspec makes one instance per
-    thread, and every one must see the same files and counts.
-    """
-
-    store: ClassVar[dict] = {}
-    pseudo_dirs: ClassVar[list] = [""]
-    lock = threading.Lock()
-    depth = threading.local()
-    calls: ClassVar[Counter[str]] = Counter()
-    opened: ClassVar[Counter[str]] = Counter()  # path -> times opened for reading
-    bytes_read: ClassVar[Counter[str]] = Counter()  # path -> bytes read
-
-    @classmethod
-    def clear(cls):
-        cls.store.clear()
-        cls.pseudo_dirs[:] = [""]
-        cls.reset()
-
-    @classmethod
-    def reset(cls):
-        for counter in (cls.calls, cls.opened, cls.bytes_read):
-            counter.clear()
-
-    def count_read(self, path, count):
-        with self.lock:
-            self.bytes_read[path] += count
-
-    def _open(self, path, mode="rb", **kwargs):
-        handle = super()._open(path, mode, **kwargs)
-        if "r" not in mode:
-            return handle
-        path = self._strip_protocol(path)
-        with self.lock:
-            self.opened[path] += 1
-        return CountingFile(self, path, handle.getvalue())  # a reader of its own: no shared position
-
-    def cat_file(self, path, start=None, end=None, **kwargs):
-        data = super().cat_file(path, start, end, **kwargs)
-        self.count_read(self._strip_protocol(path), len(data))
-        return data
-
-    def read_of(self, prefix: str) -> int:
-        """Bytes read under a path prefix."""
-        return sum(count for path, count in self.bytes_read.items() if path.startswith(prefix))
-
-    def opened_of(self, prefix: str) -> int:
-        return sum(count for path, count in self.opened.items() if path.startswith(prefix))
-
-
-def _counted(name):
-    method = getattr(MemoryFileSystem, name)
-
-    @functools.wraps(method)
-    def counted(self, *args, **kwargs):
-        depth = getattr(self.depth, "value", 0)
-        if depth == 0:
-            with self.lock:
-                self.calls[name] += 1
-        self.depth.value = depth + 1
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            self.depth.value = depth
-
-    return counted
-
-
-for _name in (
-    "info",
-    "ls",
-    "find",
-    "open",
-    "cat_file",
-    "pipe_file",
-    "rm_file",
-    "rm",
-    "mv",
-    "copy",
-    "cp_file",
-    "mkdir",
-    "makedirs",
-    "exists",
-    "isfile",
-    "isdir",
-    "walk",
-    "glob",
-):
-    setattr(CountingFS, _name, _counted(_name))
-
 
 @pytest.fixture
 def storage():
-    """
-    ``memory://`` counted, for ``ObjectStoragePath`` and for the fsspec paths it wraps alike.
-
-    Airflow keeps the first filesystem attached for a scheme; the fixture replaces that entry (and
-    puts a plain ``memory://`` back afterwards, which is what the rest of the suite attaches).
-    """
-    import fsspec
-
-    try:
-        from airflow.sdk.io import store as stores
-    except ImportError:  # Airflow 2
-        from airflow.io import store as stores
-
-    def use(implementation):
-        CountingFS.clear()
-        implementation.clear_instance_cache()
-        fsspec.register_implementation("memory", implementation, clobber=True)
-        stores._STORE_CACHE.pop("memory", None)
-        fs = fsspec.filesystem("memory")
-        stores.attach("memory", fs=fs)
-        return fs
-
-    yield use(CountingFS)
-    use(MemoryFileSystem)
+    """``memory://`` counted (and a plain ``memory://`` put back afterwards, as the rest of the suite uses)."""
+    yield use_for_memory(CountingFS)
+    use_for_memory(MemoryFileSystem)
 
 
 @pytest.fixture
