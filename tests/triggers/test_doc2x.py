@@ -283,7 +283,9 @@ async def submitted_pdf(doc2x, tmp_path, *titles):
         except Doc2XJobFailedError:  # a failure in the envelope's shape
             return True
 
+    deadline = time.monotonic() + 30
     while not await finished():
+        assert time.monotonic() < deadline, "the PDF did not finish within 30 s"
         await asyncio.sleep(0.02)
     return submission, pdf.pages, paths
 
