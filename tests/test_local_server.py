@@ -187,3 +187,18 @@ def test_reset_after_a_small_body_is_a_reset_read(doc2x, make_image):
     assert isinstance(os_error(caught.value), ConnectionResetError)
     assert doc2x.stats()["uploads_reset"] == 1
     assert doc2x.stats()["billed_total"] == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"\x89PNG\r\n\x1a\n" + b"garbage" * 10, "parse_file_invalid"),
+        (b"GIF89a" + b"\0" * 20, "parse_file_not_image"),
+        (b"\xff\xd8\xff" + b"\0" * (protocol.MAX_IMAGE_BYTES + 1), "parse_file_too_large"),
+    ],
+)
+def test_the_server_refuses_what_the_api_refuses(doc2x, body, code):
+    """The local server's own checks, for clients that skip ours (raw HTTP)."""
+    answer = submit(doc2x, body)
+    assert answer.json()["code"] == code
+    assert doc2x.stats()["billed_total"] == 0

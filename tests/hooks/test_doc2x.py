@@ -272,23 +272,6 @@ def test_bad_input_is_refused_before_anything_is_sent(doc2x, tmp_path, case, cal
     assert doc2x.stats()["requests"] == {}
 
 
-@pytest.mark.parametrize(
-    ("body", "code"),
-    [
-        (b"\x89PNG\r\n\x1a\n" + b"garbage" * 10, "parse_file_invalid"),
-        (b"GIF89a" + b"\0" * 20, "parse_file_not_image"),
-        (b"\xff\xd8\xff" + b"\0" * (protocol.MAX_IMAGE_BYTES + 1), "parse_file_too_large"),
-    ],
-)
-def test_the_server_refuses_what_the_api_refuses(doc2x, body, code):
-    """The local server's own checks, for clients that skip ours (raw HTTP)."""
-    answer = doc2x.client.post(
-        protocol.SUBMIT_PATH, content=body, headers={"Authorization": f"Bearer {API_KEY}"}
-    )
-    assert answer.json()["code"] == code
-    assert doc2x.stats()["billed_total"] == 0
-
-
 def test_lost_answer_after_upload_is_never_resent(doc2x, make_image, monkeypatch):
     monkeypatch.setenv("AIRFLOW_CONN_DOC2X_DEFAULT", doc2x.connection_json(timeout=0.5))
     doc2x.configure(stall_next=1, stall_seconds=3)
