@@ -18,7 +18,10 @@ What the network sends is treated as hostile:
 - **What was sent decides what may be retried.** httpx reports, through its trace extension, when
   a request's body has been sent whole. A failure before that point reached nobody and is retried;
   after it, an upload may have been billed, so it is never resent on its own
-  (:class:`Doc2XSubmitUncertainError`).
+  (:class:`Doc2XSubmitUncertainError`). A body goes out in pieces of :data:`BODY_PIECE_BYTES`, so
+  that a connection reset part-way through is seen by the next piece's send with every anyio
+  release: before anyio 4.16, a send whose connection was lost while it waited returned as if its
+  bytes had gone, and the whole body then looked sent.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ T = TypeVar("T")
 #: on a semaphore rather than in httpcore's pool, whose queue handling costs time proportional to
 #: the queue on every request: a thousand queued polls would stall the loop.
 MAX_IN_FLIGHT_PER_LOOP = 16
+#: An upload's body is handed to the connection this many bytes at a time (see the module's doc).
+BODY_PIECE_BYTES = 64 * 1024
 #: Longest wait a server's ``Retry-After`` may impose between two tries.
 MAX_RETRY_AFTER = 300.0
 #: Encodings the transport decodes itself, with a bound (see the module's doc).
@@ -237,11 +242,15 @@ async def _exchange(
         "Authorization": f"Bearer {settings.api_key}",
         "Accept-Encoding": ACCEPT_ENCODING,
     }
+    content: bytes | AsyncIterator[bytes] | None = request.content
+    if request.content is not None and len(request.content) > BODY_PIECE_BYTES:
+        headers["Content-Length"] = str(len(request.content))  # pieces, not chunked encoding
+        content = _pieces(request.content)
     async with client.stream(
         request.method,
         request.path,
         params=request.params,
-        content=request.content,
+        content=content,
         headers=headers,
         timeout=httpx.Timeout(settings.timeout, connect=settings.connect_timeout),
         extensions={"trace": trace} if trace is not None else None,
@@ -507,6 +516,13 @@ async def put_file(
         reason = protocol.redact(f"{type(error).__name__}: {error or 'no detail'}", settings.secrets)
         reason = reason.replace(checked, redacted)
         raise _put_lost(reason, body_sent, redacted, uid, source, sources) from None
+
+
+async def _pieces(content: bytes) -> AsyncIterator[bytes]:
+    """``content`` in pieces of :data:`BODY_PIECE_BYTES`, without copying it."""
+    view = memoryview(content)
+    for start in range(0, len(view), BODY_PIECE_BYTES):
+        yield view[start : start + BODY_PIECE_BYTES]  # type: ignore[misc]
 
 
 async def _file_chunks(path: str | os.PathLike, size: int) -> AsyncIterator[bytes]:
