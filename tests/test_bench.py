@@ -82,11 +82,21 @@ RUNS = {
 }
 
 
-@pytest.mark.parametrize("script", sorted(RUNS))
+#: The benches that deploy Airflow run with the deployment tests, alone.
+DEPLOYING = ("mapped_pool.py", "celery_pacing.py")
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        pytest.param(script, marks=[pytest.mark.serial] if script in DEPLOYING else [])
+        for script in sorted(RUNS)
+    ],
+)
 def test_bench_script_runs_and_prints_its_figures(script):
     if script == "ocr_engine.py":
         pytest.importorskip("rapidocr", reason="the ocr extra is not installed")
-    if script in ("mapped_pool.py", "celery_pacing.py") and AIRFLOW_VERSION < (3, 3):
+    if script in DEPLOYING and AIRFLOW_VERSION < (3, 3):
         pytest.skip("the mapped-tasks benches deploy Airflow 3.3")
     if script == "celery_pacing.py" and (missing := CeleryDeployment.missing()):
         pytest.skip(f"cannot deploy with Celery here: {missing}")

@@ -14,7 +14,10 @@ import pytest
 from tests.helpers import AIRFLOW_VERSION, REPO, wait_until
 from tests.helpers.deployment import Deployment
 
-pytestmark = pytest.mark.skipif(AIRFLOW_VERSION < (3, 3), reason="the deployment test runs Airflow 3.3")
+pytestmark = [
+    pytest.mark.serial,
+    pytest.mark.skipif(AIRFLOW_VERSION < (3, 3), reason="the deployment test runs Airflow 3.3"),
+]
 
 DAG_ID = "example_doc2x_parse_to_storage"
 PAGES = 4  # the example images
