@@ -36,6 +36,7 @@ from airflow_provider_doc2x.exceptions import (
     Doc2XRateLimitError,
     Doc2XSubmitUncertainError,
     Doc2XTransientError,
+    is_permanent,
 )
 from airflow_provider_doc2x.settings import (  # noqa: F401 - the API's facts, named here too
     DEFAULT_BASE_URL,
@@ -125,7 +126,7 @@ def code_class(code: Any) -> type[Doc2XError] | None:
 
 def is_permanent_code(code: str | None) -> bool:
     """Whether a failure with this code can be fixed by no retry (by its class, as everywhere)."""
-    return issubclass(error_class_for(code), Doc2XPermanentError)
+    return is_permanent(error_class_for(code))
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
@@ -510,7 +511,7 @@ def _progress(value: Any) -> int | None:
 
 def is_retryable(error: BaseException) -> bool:
     """The one rule for the hook's retries: transient errors only, never a permanent one."""
-    return isinstance(error, Doc2XTransientError) and not isinstance(error, Doc2XPermanentError)
+    return isinstance(error, Doc2XTransientError) and not is_permanent(error)
 
 
 def _json_or_none(body: bytes) -> Any:
