@@ -4,7 +4,8 @@ The class says what to do about it: a :class:`Doc2XTransientError` is retried by
 back-off; a :class:`Doc2XPermanentError` is also an ``AirflowFailException``, so Airflow fails the
 task without spending its retries on something that cannot succeed (a bad key, an invalid image,
 no quota, an unknown uid). "Is this permanent?" is answered by the class alone, everywhere: the
-operator, the trigger and the sensor ask :func:`is_permanent`.
+operator, the trigger and the sensor ask :func:`is_permanent` (through
+:func:`airflow_provider_doc2x.protocol.is_permanent_code` for a job that carries only its code).
 
 The attributes carry what support and code need (``code``, ``http_status``, ``uid``, ``trace_id``,
 ``source``) rather than hiding it in the message. Each class also has a short fixed ``summary``:
@@ -95,6 +96,18 @@ class Doc2XTransientError(Doc2XError):
     summary = "a transient failure (a server error, a timeout or a reset connection)"
     default_code = "transient_error"
     retry_after: float | None = None
+
+
+class Doc2XStorageError(Doc2XTransientError):
+    """Object storage failed in a way that may pass (a 5xx, throttling, a reset, a timeout).
+
+    Raised once a storage call has been tried a few times (:func:`airflow_provider_doc2x.storage.
+    storage_call`); it names the object. Never "no result", "corrupt" or a bad input: the task
+    fails with Airflow's retries left, and nothing the storage did not answer is taken as an answer.
+    """
+
+    summary = "object storage failed for a while (a server error, throttling, a reset or a timeout)"
+    default_code = "storage_error"
 
 
 class Doc2XRateLimitError(Doc2XTransientError):

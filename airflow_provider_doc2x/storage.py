@@ -1,15 +1,44 @@
-"""One way to name storage: a local path or any ``ObjectStoragePath`` URI becomes an ``ObjectStoragePath``.
+"""One way to name storage, and one way to call it.
 
-Inputs (images) and outputs (results) both go through here, so that a local path means the same
-``file://`` location everywhere, and every read and write passes through ``ObjectStoragePath``,
-which feeds Airflow's hook-level lineage.
+A local path or any ``ObjectStoragePath`` URI becomes an ``ObjectStoragePath``: inputs (images) and
+outputs (results) both go through here, so that a local path means the same ``file://`` location
+everywhere, and every read and write passes through ``ObjectStoragePath``, which feeds Airflow's
+hook-level lineage.
+
+A storage call fails in two ways that mean different things. An *answer* (the object does not
+exist, access is denied, it is a folder) says something about the object. A *failure* (a 5xx, a
+``503 SlowDown``, a reset, a timeout: any other ``OSError``, which is how fsspec's filesystems
+report them) says nothing about it. :func:`storage_call` retries a failure a few times with
+back-off, then raises :class:`~airflow_provider_doc2x.exceptions.Doc2XStorageError` naming the
+object, so that a throttled read is never taken for "no result", "corrupt" or a bad image.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
+
+import tenacity
+
+from airflow_provider_doc2x.exceptions import Doc2XStorageError
+
+T = TypeVar("T")
+
+#: Tries of one storage call that keeps failing transiently, and the back-off between them (the
+#: filesystems retry on their own first: s3fs five times for throttling and 5xx).
+STORAGE_TRIES = 4
+STORAGE_WAIT_INITIAL = 0.5
+STORAGE_WAIT_MAX = 8.0
+#: Errors that are the storage's answer about the object, not a failure to answer.
+ANSWERS: tuple[type[OSError], ...] = (
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
 
 
 def storage_path(value: Any) -> Any:
@@ -28,3 +57,41 @@ def scheme_of(value: Any) -> str:
     if "://" not in text:
         return "file"
     return urlsplit(text).scheme.lower()
+
+
+def is_storage_failure(error: BaseException) -> bool:
+    """Whether a storage call failed without answering (retry it), rather than answered with an error."""
+    return isinstance(error, OSError) and not isinstance(error, ANSWERS)
+
+
+def storage_call(call: Callable[[], T], *, what: str, uri: str, tries: int | None = None) -> T:
+    """``call()``, tried again on a storage failure; then :class:`Doc2XStorageError` naming ``uri``.
+
+    ``what`` says what the call does, for the message ("reading the sidecar of"). Answers
+    (:data:`ANSWERS`) and every other exception are raised unchanged at once.
+    """
+    tries = tries or STORAGE_TRIES
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(tries),
+        wait=tenacity.wait_exponential(multiplier=STORAGE_WAIT_INITIAL, max=STORAGE_WAIT_MAX)
+        + tenacity.wait_random(0, STORAGE_WAIT_INITIAL),
+        retry=tenacity.retry_if_exception(is_storage_failure),
+        reraise=True,
+    )
+    try:
+        return retrying(call)
+    except OSError as error:
+        if not is_storage_failure(error):
+            raise
+        raise storage_error(error, what=what, uri=uri, tries=tries) from error
+
+
+def storage_error(error: OSError, *, what: str, uri: str, tries: int = 1) -> Doc2XStorageError:
+    """The error for a storage failure of ``what`` on ``uri``: retryable, naming the object."""
+    detail = error.strerror or str(error) or "no detail"
+    return Doc2XStorageError(
+        f"Storage failed {what} {uri} ({type(error).__name__}: {detail}), "
+        f"{tries} {'try' if tries == 1 else 'tries'}: the storage may be throttling or down; "
+        "the task fails and Airflow's retries try again",
+        source=uri,
+    )
