@@ -535,6 +535,9 @@ EXPORT_RESULT_PATH = "/api/v2/convert/parse/result"
 
 #: The models the preupload takes; none chosen means the service's default, v2.
 PDF_MODELS = frozenset({"v2", "v3-2026"})
+#: The PDF API's default model. The image API takes no model; the vendor describes its output as
+#: "consistent with /parse/pdf" (whose default is v2), so its results count as v2's.
+DEFAULT_MODEL = "v2"
 #: How long a presigned PUT url lives (the vendor: 5 minutes).
 PRESIGNED_URL_LIFETIME = 300.0
 #: A failed PUT is retried on the same url only while the url is younger than its lifetime less

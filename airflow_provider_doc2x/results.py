@@ -71,9 +71,18 @@ class ResultStore:
     """Writes and finds results under ``output_path``; every read and write goes through ObjectStoragePath."""
 
     def __init__(
-        self, output_path: str, *, max_zip_entries: int = MAX_ZIP_ENTRIES, max_zip_bytes: int = MAX_ZIP_BYTES
+        self,
+        output_path: str,
+        *,
+        model: str = protocol.DEFAULT_MODEL,
+        max_zip_entries: int = MAX_ZIP_ENTRIES,
+        max_zip_bytes: int = MAX_ZIP_BYTES,
     ) -> None:
-        """Point at ``output_path`` (nothing is read until asked); zips are unpacked within the caps."""
+        """Point at ``output_path`` (nothing is read until asked); zips are unpacked within the caps.
+
+        ``model`` is the Doc2X model that makes this store's new results.
+        """
+        self.model = model
         self.max_zip_entries = max_zip_entries
         self.max_zip_bytes = max_zip_bytes
         self.root = storage_path(output_path)

@@ -160,7 +160,12 @@ class Doc2XImageParseOperator(BaseOperator):
     @cached_property
     def results(self) -> ResultStore | None:
         """Where results go: built at run time, once ``output_path`` is rendered."""
-        return ResultStore(self.output_path) if self.output_path else None
+        return ResultStore(self.output_path, model=self.model) if self.output_path else None
+
+    @property
+    def model(self) -> str:
+        """The Doc2X model that makes this task's results (a stored result of another is not reused)."""
+        return (self.pdf_model if self.method == "pdf" else None) or protocol.DEFAULT_MODEL
 
     @cached_property
     def manifest(self) -> Manifest | None:
