@@ -59,9 +59,24 @@ def scheme_of(value: Any) -> str:
     return urlsplit(text).scheme.lower()
 
 
+#: Failures to reach the storage that its client libraries raise outside ``OSError``: botocore's
+#: connection errors (a reset, a refused or timed-out connection, through s3fs) and aiohttp's
+#: (gcsfs, adlfs), named by module and class so that neither library is imported here.
+NETWORK_FAILURES = frozenset(
+    {
+        ("botocore.exceptions", "HTTPClientError"),
+        ("botocore.exceptions", "ConnectionError"),
+        ("aiohttp.client_exceptions", "ClientConnectionError"),
+        ("aiohttp.client_exceptions", "ClientPayloadError"),
+    }
+)
+
+
 def is_storage_failure(error: BaseException) -> bool:
     """Whether a storage call failed without answering (retry it), rather than answered with an error."""
-    return isinstance(error, OSError) and not isinstance(error, ANSWERS)
+    if isinstance(error, OSError):
+        return not isinstance(error, ANSWERS)
+    return any((kind.__module__, kind.__name__) in NETWORK_FAILURES for kind in type(error).__mro__)
 
 
 def storage_call(call: Callable[[], T], *, what: str, uri: str, tries: int | None = None) -> T:
@@ -80,15 +95,15 @@ def storage_call(call: Callable[[], T], *, what: str, uri: str, tries: int | Non
     )
     try:
         return retrying(call)
-    except OSError as error:
+    except Exception as error:
         if not is_storage_failure(error):
             raise
         raise storage_error(error, what=what, uri=uri, tries=tries) from error
 
 
-def storage_error(error: OSError, *, what: str, uri: str, tries: int = 1) -> Doc2XStorageError:
+def storage_error(error: BaseException, *, what: str, uri: str, tries: int = 1) -> Doc2XStorageError:
     """The error for a storage failure of ``what`` on ``uri``: retryable, naming the object."""
-    detail = error.strerror or str(error) or "no detail"
+    detail = getattr(error, "strerror", None) or str(error) or "no detail"
     return Doc2XStorageError(
         f"Storage failed {what} {uri} ({type(error).__name__}: {detail}), "
         f"{tries} {'try' if tries == 1 else 'tries'}: the storage may be throttling or down; "

@@ -49,3 +49,19 @@ def test_an_answer_about_the_object_is_raised_at_once(answer):
     with pytest.raises(answer):
         storage.storage_call(call, what="reading", uri="s3://bucket/a.png")
     assert len(calls) == 1
+
+
+def test_a_connection_error_of_the_s3_client_is_a_failure_not_an_answer():
+    botocore = pytest.importorskip("botocore.exceptions")
+    error = botocore.EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
+    call, calls = failing(99, error)
+    with pytest.raises(Doc2XStorageError, match=r"s3://bucket/a\.png"):
+        storage.storage_call(call, what="reading", uri="s3://bucket/a.png", tries=2)
+    assert len(calls) == 2
+
+
+def test_any_other_exception_is_raised_unchanged():
+    call, calls = failing(99, ValueError("not storage"))
+    with pytest.raises(ValueError):
+        storage.storage_call(call, what="reading", uri="s3://bucket/a.png")
+    assert len(calls) == 1
