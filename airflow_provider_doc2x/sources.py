@@ -2,8 +2,16 @@
 
 Every image is checked (a scheme we read from, exists, not empty, JPEG/PNG by its magic bytes, at
 most 7 MB) from its metadata and first bytes before any image of the batch is uploaded, so a bad
-file in a list costs nothing and is named in the error. The full bytes are read only when the
+file in a list costs nothing and is named in the error. The first bytes are read with the
+filesystem's read-ahead turned down (a small block, no cache): s3fs would otherwise fetch a 50 MiB
+block, which is the whole image, to answer a 16-byte read. The full bytes are read only when the
 image's turn to be uploaded comes.
+
+Only the storage's answers about an image (missing, not a file, access denied) make it a bad input,
+which no retry fixes. A storage failure (any other ``OSError``: a 5xx, ``503 SlowDown``; or a
+client library's connection error: a reset, a refused connection) says nothing about the image: it
+is retried by :func:`~airflow_provider_doc2x.storage.storage_call`, then raised as a retryable
+:class:`~airflow_provider_doc2x.exceptions.Doc2XStorageError` naming the image.
 
 ``image_path`` can come from a DAG run's params, which a REST call sets: a URL scheme that fetches
 from any address (``http://``, ``https://``, ``ftp://``, ...) would let whoever triggers a run make
@@ -21,9 +29,14 @@ from typing import Any
 
 from airflow_provider_doc2x import protocol
 from airflow_provider_doc2x.exceptions import Doc2XInputError
-from airflow_provider_doc2x.storage import scheme_of, storage_path
+from airflow_provider_doc2x.storage import scheme_of, storage_call, storage_path
 
 _HEAD_BYTES = 16
+#: How the first bytes are opened: a block no larger than what is read, and no read-ahead cache, so
+#: an object store's first GET asks for a small range. Every fsspec ``open`` takes ``block_size``;
+#: ``cache_type`` reaches the file of the buffered filesystems (s3fs, gcsfs, adlfs, ...), and the
+#: others (local, memory) ignore it.
+_HEAD_OPEN_OPTIONS: dict[str, Any] = {"block_size": _HEAD_BYTES, "cache_type": "none"}
 #: Local files and object stores whose access Airflow connections govern; no fetch-anything scheme.
 STORAGE_SCHEMES = frozenset(
     {
@@ -67,9 +80,15 @@ class ImageSource:
         return cls(uri, storage_path(value))
 
     def check(self) -> None:
-        """Raise :class:`Doc2XInputError` if Doc2X would refuse this image; reads only its first bytes."""
+        """Raise :class:`Doc2XInputError` if Doc2X would refuse this image; reads only its first bytes.
+
+        Raises:
+            Doc2XInputError: the storage answered that the image is missing, not a file, denied, or
+                the image is empty, too large or not a JPEG/PNG (no retry fixes it).
+            Doc2XStorageError: the storage kept failing to answer (retryable).
+        """
         self._check_file()
-        protocol.check_image_head(self._read(_HEAD_BYTES), source=self.uri)
+        protocol.check_image_head(self._read(_HEAD_BYTES, **_HEAD_OPEN_OPTIONS), source=self.uri)
 
     def read(self) -> bytes:
         """The image's bytes, checked (size first: a 2 GB file is never loaded to learn it is too large)."""
@@ -78,11 +97,15 @@ class ImageSource:
         protocol.check_image(data, source=self.uri)
         return data
 
-    def _read(self, size: int = -1) -> bytes:
-        try:
-            with self.path.open("rb") as handle:  # open + read: the call Airflow's hook lineage sees
+    def _read(self, size: int = -1, **options: Any) -> bytes:
+        def read() -> bytes:
+            # open + read: the call Airflow's hook lineage sees
+            with self.path.open("rb", **options) as handle:
                 return handle.read(size)
-        except OSError as error:
+
+        try:
+            return storage_call(read, what="reading the image", uri=self.uri)
+        except OSError as error:  # an answer about the image: missing, denied, a folder
             raise Doc2XInputError(
                 f"Image {self.uri} cannot be read ({type(error).__name__}: {error.strerror or 'no detail'}): "
                 "check that the worker may read it",
@@ -90,21 +113,26 @@ class ImageSource:
             ) from error
 
     def _check_file(self) -> None:
-        """It exists, is a file, and its size is one Doc2X takes (from its metadata alone)."""
+        """It exists, is a file, and its size is one Doc2X takes (from its metadata alone).
+
+        One ``stat``: fsspec's ``isfile`` answers False for any error, so a throttled metadata call
+        would read as "no such file".
+        """
         try:
-            is_file = self.path.is_file()
-            size = self.path.stat().st_size if is_file else 0
-        except OSError as error:
+            info = storage_call(self.path.stat, what="checking the image", uri=self.uri)
+        except FileNotFoundError:
+            info = None
+        except OSError as error:  # an answer about the image other than "missing": denied, ...
             raise Doc2XInputError(
                 f"Image {self.uri} cannot be read ({type(error).__name__}: {error.strerror or 'no detail'})",
                 source=self.uri,
             ) from error
-        if not is_file:
+        if info is None or info.get("type") != "file":
             raise Doc2XInputError(
                 f"Image {self.uri} does not exist or is not a file: give a path or URI of a JPEG/PNG file",
                 source=self.uri,
             )
-        protocol.check_image_size(size, source=self.uri)
+        protocol.check_image_size(info.st_size, source=self.uri)
 
 
 def resolve_images(
@@ -125,7 +153,11 @@ def resolve_images(
 
 
 def check_all(sources: Sequence[ImageSource]) -> None:
-    """Check every image; report all the bad ones at once, before anything is sent."""
+    """Check every image; report all the bad ones at once, before anything is sent.
+
+    A storage failure is not a bad image: its :class:`Doc2XStorageError` ends the check at once
+    (retryable), rather than being listed among the bad files (permanent).
+    """
     problems = []
     for source in sources:
         try:
