@@ -52,6 +52,7 @@ RUNS = {
     "worker_occupancy.py": ["--processing", "0.3", "--tasks", "1", "--poll-interval", "0.1"],
     "triggerer.py": ["--triggers", "20", "--processing", "0.3", "--poll-interval", "0.1"],
     "upload.py": [],
+    "packing_memory.py": ["--images", "6", "--pdfs", "3", "--side", "200"],
     "slow_link.py": [
         "--images",
         "16",
