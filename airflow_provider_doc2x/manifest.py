@@ -16,10 +16,26 @@ It lives under ``output_path``, one flat folder that one listing shows whole::
         3f.delta.20260102T031122000001Z.<id>.json    # shard 3f: the new entries of one task
         ...
 
-Each object is JSON: ``{"format", "version": 1, "shard", "writer", "entries"}``, an entry per
-source URI: ``{"fingerprint": "size=...;etag=...;mtime=...", "sha256", "at", "result": {"folder",
-"uid", "markdown", "figures"}}`` (``result`` is null for a source read by a task that deferred and
-has not recorded its result yet).
+Each object is JSON: ``{"format", "version": 2, "shard", "writer", "entries"}``, an entry per
+source: ``{"fingerprint": "size=...;etag=...;mtime=...", "sha256", "at", "status", "model",
+"result": {"folder", "uid", "markdown", "figures"}}``.
+
+- ``status`` is ``parsed`` (``result`` says where) or ``read`` (``result`` is null: read and hashed
+  by a task that deferred and has not recorded its result yet). Room is left for entries that are
+  neither (a failure recorded without a result, as a later release may write): this release keeps
+  them and answers nothing from them, so their images are read.
+- ``model`` is the Doc2X model that made the result; an entry of another model than the task's
+  answers nothing. Version 1 (the first release) had neither key: its entries count as ``v2``, the
+  only model then, and their result folder's sidecar is checked once before it is trusted (that
+  release could record another image's folder for a content), after which they are recorded anew.
+- Keys: the source URI without its connection id (``s3://aws_default@bucket/key`` and
+  ``s3://bucket/key`` are one object; a host and port the URI carries stay, so two endpoints
+  stay apart). Entries written under the spelling with the connection id are still found.
+- A later release adds keys without changing the meaning of these; a change of meaning raises
+  ``version``. An entry or result with keys this release does not know is used by the keys it
+  knows, and those keys are kept when this release folds it into a new object. An object with
+  top-level keys this release does not know is read but never deleted or folded away; an object of
+  a higher version is left alone, not read, never deleted.
 
 Why this shape, for object stores that have neither locks nor an atomic rename (S3, GCS):
 
@@ -40,10 +56,13 @@ Why this shape, for object stores that have neither locks nor an atomic rename (
 - **Atomic objects.** On object stores (and ``memory://``) one PUT is atomic; elsewhere (a local
   or mounted filesystem, HDFS) an object is written under a temporary name, then renamed.
 
-Every byte read back is treated as hostile. An object that is not exactly the JSON this module
-writes (types, hashes, shard, folder names that stay inside ``output_path``, figure paths that are
-plain relative paths) is ignored as a whole with a warning, and deleted when the task that
-rebuilds its entries writes the shard again. Entries that are missing (no manifest at all, or a
+Every byte read back is treated as hostile. An object that was read and is not the JSON this
+module writes (types, hashes, shard, folder names that stay inside ``output_path``, figure paths
+that are plain relative paths) is ignored as a whole with a warning, and deleted when the task that
+rebuilds its entries writes the shard again. An object that could not be read (a 5xx, throttling,
+a timeout, after :func:`~airflow_provider_doc2x.storage.storage_call`'s retries) is not corrupt:
+it is left alone for this run, named in a warning, never deleted. A delete the storage denies
+leaves a folded object behind with a warning: harmless, since its entries are in the new base. Entries that are missing (no manifest at all, or a
 shard with a corrupt object) are rebuilt from the sidecars, which carry the fingerprint of the
 source that produced them; a sidecar without one (written before the manifest existed) rebuilds
 nothing, and its image is read. An entry is trusted only as far as it goes: a fingerprint that
@@ -56,7 +75,6 @@ entries of about 300 bytes that is little, but it is twice the manifest's share 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -67,23 +85,33 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
 from airflow_provider_doc2x import protocol
 from airflow_provider_doc2x.archives import MAX_ZIP_ENTRIES, safe_member_path
 from airflow_provider_doc2x.events import job
-from airflow_provider_doc2x.results import ResultStore, folder_name, write
+from airflow_provider_doc2x.exceptions import Doc2XStorageError
+from airflow_provider_doc2x.results import LEGACY_MODEL, ResultStore, folder_name, write
 from airflow_provider_doc2x.sources import ImageSource
+from airflow_provider_doc2x.storage import storage_call
 
 log = logging.getLogger(__name__)
 
 #: What the objects say they are; an object of a later version is left alone, not trusted.
 FORMAT = "airflow-provider-doc2x manifest"
-VERSION = 1
-#: The manifest's folder under ``output_path``.
+VERSION = 2
+#: The versions this release reads (and folds into objects of :data:`VERSION`).
+READABLE_VERSIONS = frozenset({1, 2})
+#: The keys of an object this release knows; an object with another is read but never deleted.
+OBJECT_KEYS = frozenset({"format", "version", "shard", "writer", "entries"})
+#: Entry states: a recorded result, or a content read whose result is not recorded yet.
+PARSED, READ = "parsed", "read"
+#: The manifest's folder under ``output_path``, and the folder of its layout there (the objects'
+#: ``version`` is that of their content: objects of every version share the folder).
 MANIFEST_DIR = "_manifest"
+LAYOUT_DIR = "v1"
 #: Shards (the first two hex digits of the sha256 of the source URI).
 SHARDS = 256
 #: Manifest objects read at once (object stores answer each read in tens of milliseconds).
@@ -102,7 +130,7 @@ _OBJECT_NAME = re.compile(
     r"^(?P<shard>[0-9a-f]{2})\.(?P<kind>base|delta)\.\d{8}T\d{12}Z\.[0-9a-f]{32}\.json$"
 )
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_FOLDER = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,79}-[0-9a-f]{12}$")
+_FOLDER = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,79}-(?:[0-9a-f]{12}|[0-9a-f]{64})$")
 _MAX_URI = 4096
 _MAX_TEXT = 1024
 #: Fingerprint fields, each the first of its keys that the storage's ``info`` gives (fsspec names
@@ -158,6 +186,28 @@ def shard_of(source: str) -> str:
     return hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest()[:2]
 
 
+def source_key(uri: str) -> str:
+    """A source's key in the manifest: its URI without the connection id (``user@``) it may carry.
+
+    ``s3://aws_default@bucket/key`` and ``s3://bucket/key`` name one object; a host and port in the
+    URI stay, so two endpoints with the same bucket name stay apart. (Two connections to different
+    endpoints spelled with one bucket and key share an entry, which answers only while the
+    fingerprint, ETag and time included, matches the object listed.)
+    """
+    scheme, separator, rest = uri.partition("://")
+    if not separator:
+        return uri
+    netloc, slash, path = rest.partition("/")
+    _, at, host = netloc.rpartition("@")
+    return f"{scheme}://{host}{slash}{path}" if at else uri
+
+
+def _extra(data: Mapping[str, Any], known: Iterable[str]) -> dict[str, Any]:
+    """The keys of a stored object that this release does not know: kept as they are."""
+    known = set(known)
+    return {key: value for key, value in data.items() if key not in known}
+
+
 @dataclass(frozen=True)
 class Result:
     """Where a content's result is, relative to ``output_path``: what its record is built from."""
@@ -166,10 +216,15 @@ class Result:
     uid: str | None
     markdown: str
     figures: tuple[str, ...]
+    #: Keys a later release added, kept as they were read.
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    KEYS = ("folder", "uid", "markdown", "figures")
 
     def to_json(self) -> dict[str, Any]:
         """As stored in a manifest object."""
         return {
+            **self.extra,
             "folder": self.folder,
             "uid": self.uid,
             "markdown": self.markdown,
@@ -178,12 +233,20 @@ class Result:
 
     @classmethod
     def from_json(cls, data: Any, sha256: str) -> Result:
-        """Validated: a folder directly under ``output_path`` named for this content, plain relative figures."""
-        if not isinstance(data, dict) or set(data) != {"folder", "uid", "markdown", "figures"}:
+        """Validated: a folder directly under ``output_path`` named for this content, plain relative figures.
+
+        The name only says the folder *may* be this content's: the sidecar there records whose it
+        is (checked when the result was recorded, and once for entries of version 1).
+        """
+        if not isinstance(data, dict) or not set(cls.KEYS) <= set(data):
             raise _Unusable("a result is not an object with folder, uid, markdown and figures")
         folder, uid, markdown, figures = data["folder"], data["uid"], data["markdown"], data["figures"]
-        if not isinstance(folder, str) or not _FOLDER.fullmatch(folder) or folder[-12:] != sha256[:12]:
-            raise _Unusable("a result folder is not <name>-<first 12 hex of its sha256>")
+        if (
+            not isinstance(folder, str)
+            or not _FOLDER.fullmatch(folder)
+            or folder.rsplit("-", 1)[1] not in (sha256[:12], sha256)
+        ):
+            raise _Unusable("a result folder is not <name>-<12 or 64 hex of its sha256>")
         if markdown != folder.rsplit("-", 1)[0] + ".md":
             raise _Unusable("a result's Markdown is not named after its folder")
         if uid is not None and (not isinstance(uid, str) or not 0 < len(uid) <= 200):
@@ -193,7 +256,7 @@ class Result:
         for figure in figures:
             if not isinstance(figure, str) or safe_member_path(figure) != figure:
                 raise _Unusable("a figure path is not a plain relative path")
-        return cls(folder, uid, markdown, tuple(figures))
+        return cls(folder, uid, markdown, tuple(figures), _extra(data, cls.KEYS))
 
 
 @dataclass(frozen=True)
@@ -204,25 +267,48 @@ class Entry:
     sha256: str
     at: float
     result: Result | None = None
+    #: The model that made the result (:data:`~airflow_provider_doc2x.results.LEGACY_MODEL` for an
+    #: entry of version 1, which recorded none).
+    model: str = LEGACY_MODEL
+    #: None for an entry of version 1 (no ``status``, no ``model``); else its ``status``.
+    status: str | None = PARSED
+    #: Keys a later release added, kept as they were read.
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    KEYS = ("fingerprint", "sha256", "at", "result")
+
+    @property
+    def legacy(self) -> bool:
+        """Written by the first release: no model recorded, and its folder not checked against its sidecar."""
+        return self.status is None
+
+    @property
+    def usable(self) -> bool:
+        """Whether this release may answer from it (a state it knows)."""
+        return self.status in (None, PARSED, READ)
 
     def order(self) -> tuple[Any, ...]:
         """A total order: the newest wins, and among equals the one with a result (merging is commutative)."""
-        result = self.result.to_json() if self.result else {}
-        return (self.at, self.result is not None, self.fingerprint, self.sha256, json.dumps(result))
+        return (self.at, self.result is not None, json.dumps(self.to_json(), sort_keys=True))
 
     def to_json(self) -> dict[str, Any]:
-        """As stored in a manifest object."""
-        return {
+        """As stored in a manifest object (an entry of version 1 keeps that shape)."""
+        data = {
+            **self.extra,
             "fingerprint": self.fingerprint,
             "sha256": self.sha256,
             "at": self.at,
             "result": self.result.to_json() if self.result else None,
         }
+        if self.status is not None:
+            data["status"] = self.status
+            data["model"] = self.model
+        return data
 
     @classmethod
     def from_json(cls, data: Any) -> Entry:
-        """Validated field by field."""
-        if not isinstance(data, dict) or set(data) != {"fingerprint", "sha256", "at", "result"}:
+        """Validated field by field; keys it does not know are kept."""
+        if not isinstance(data, dict) or not set(cls.KEYS) <= set(data):
             raise _Unusable("an entry is not an object with fingerprint, sha256, at and result")
         fp, sha256, at = data["fingerprint"], data["sha256"], data["at"]
         if not isinstance(fp, str) or not 0 < len(fp) <= _MAX_TEXT:
@@ -231,8 +317,18 @@ class Entry:
             raise _Unusable("an entry's sha256 is not 64 lower-case hex digits")
         if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at):
             raise _Unusable("an entry's time is not a number")
+        status, model = data.get("status"), data.get("model", LEGACY_MODEL)
+        if status is not None and (not isinstance(status, str) or not 0 < len(status) <= 64):
+            raise _Unusable("an entry's status is not a short string")
+        if not isinstance(model, str) or not 0 < len(model) <= 64:
+            raise _Unusable("an entry's model is not a short string")
+        if status is None and "model" in data:
+            status = PARSED if data["result"] is not None else READ
         result = None if data["result"] is None else Result.from_json(data["result"], sha256)
-        return cls(fp, sha256, float(at), result)
+        if status in (PARSED, READ) and (status == PARSED) != (result is not None):
+            raise _Unusable(f"an entry's status {status!r} does not match its result")
+        extra = _extra(data, (*cls.KEYS, "status", "model"))
+        return cls(fp, sha256, float(at), result, model, status, extra)
 
 
 def _newer(entry: Entry, other: Entry | None) -> bool:
@@ -264,7 +360,7 @@ class Manifest:
         list_folder_at: int = LIST_FOLDER_AT,
     ) -> None:
         self.results = results
-        self.folder = results.root / MANIFEST_DIR / f"v{VERSION}"
+        self.folder = results.root / MANIFEST_DIR / LAYOUT_DIR
         self.overwrite = overwrite
         self.deferrable = deferrable
         self.compact_at = max(2, compact_at)
@@ -273,10 +369,13 @@ class Manifest:
         self._listing: dict[str, int] | None = None  # object name -> size, from one listing
         self._entries: dict[str, dict[str, Entry]] = {}  # shard -> source -> merged entry
         self._read: dict[str, set[str]] = {}  # shard -> objects read (what a compaction may delete)
-        self._corrupt: dict[str, set[str]] = {}  # shard -> objects ignored as unusable
+        self._corrupt: dict[str, set[str]] = {}  # shard -> objects read and found unusable
+        self._kept: dict[str, set[str]] = {}  # shard -> objects read that are never deleted (newer keys)
+        self._left: dict[str, set[str]] = {}  # shard -> objects not read: unreadable now, or a newer version
+        self._unreadable: set[str] = set()  # shards with an object that could not be read this run
         self._stored: dict[str, int] = {}  # shard -> entries in the objects read, superseded or not
         self._fingerprints: dict[str, str] = {}  # source -> fingerprint taken before this task read it
-        self._pending: dict[str, Entry] = {}  # source -> entry to write at the next save
+        self._pending: dict[str, Entry] = {}  # source key -> entry to write at the next save
         self._answered: dict[str, str] = {}  # source -> sha256 of the record answered from its entry
         self._warned_missing = False
 
@@ -291,15 +390,18 @@ class Manifest:
         fingerprints = self.take_fingerprints(sources)
         known: dict[str, dict[str, Any]] = {}
         if not self.overwrite:
-            self._load({shard_of(uri) for uri in fingerprints})
+            self._load(_shards(fingerprints))
             to_recover = []
             for source in sources:
                 fp = fingerprints.get(source.uri)
                 if fp is None or source.uri in known:
                     continue
                 entry = self._entry(source.uri)
-                if entry is None:
-                    if not self.exists or self._corrupt.get(shard_of(source.uri)):
+                if entry is None or not entry.usable:
+                    shard = shard_of(source_key(source.uri))
+                    if entry is None and (
+                        not self.exists or self._corrupt.get(shard) or shard in self._unreadable
+                    ):
                         to_recover.append(source)
                 elif entry.fingerprint == fp and (record := self._known_record(source.uri, entry)):
                     known[source.uri] = record
@@ -359,14 +461,19 @@ class Manifest:
             and isinstance(item.get("source"), str)
             and isinstance(item.get("sha256"), str)
         }
-        self._load({shard_of(uri) for uri in wanted})
+        self._load(_shards(wanted))
         for uri, sha256 in wanted.items():
             entry = self._entry(uri)
-            if entry is None or entry.sha256 != sha256:
+            if entry is None or entry.sha256 != sha256 or not entry.usable:
                 continue
             if uri not in self._fingerprints:
                 self._fingerprints[uri] = self.results.fingerprints[uri] = entry.fingerprint
-            if entry.result is not None and not self.overwrite:
+            if (
+                entry.result is not None
+                and not entry.legacy
+                and entry.model == self.results.model
+                and not self.overwrite
+            ):
                 self.results.remember(self._record_of(uri, entry.sha256, entry.result))
                 self._answered[uri] = entry.sha256
 
@@ -375,10 +482,10 @@ class Manifest:
         fp = self._fingerprints.get(source)
         if fp is None or not sha256 or not _SHA256.fullmatch(sha256):
             return
-        current = self._pending.get(source) or self._entry(source)
-        if current is not None and current.fingerprint == fp and current.sha256 == sha256:
+        current = self._pending.get(source_key(source)) or self._entry(source)
+        if current is not None and current.fingerprint == fp and current.sha256 == sha256 and current.usable:
             return
-        self._stage(source, Entry(fp, sha256, self._after(current)))
+        self._stage(source, Entry(fp, sha256, self._after(current), model=self.results.model, status=READ))
 
     def record(self, records: Iterable[dict[str, Any]]) -> None:
         """After a task's results are written: each source's complete entry, saved."""
@@ -392,16 +499,13 @@ class Manifest:
             result = self._result_of(record, sha256)
             if result is None:
                 continue
-            self._load({shard_of(source)})
-            current = self._entry(source)
-            if current is not None and (current.fingerprint, current.sha256, current.result) == (
-                fp,
-                sha256,
-                result,
-            ):
-                self._pending.pop(source, None)
+            self._load(_shards([source]))
+            current = self._current(source)
+            entry = Entry(fp, sha256, self._after(current), result, self.results.model)
+            if current is not None and current.to_json() | {"at": 0} == entry.to_json() | {"at": 0}:
+                self._pending.pop(source_key(source), None)
                 continue
-            self._stage(source, Entry(fp, sha256, self._after(current), result))
+            self._stage(source, entry)
         self.save()
 
     def save(self) -> None:
@@ -409,24 +513,28 @@ class Manifest:
         if not self._pending:
             return
         by_shard: dict[str, dict[str, Entry]] = {}
-        for source, entry in self._pending.items():
-            by_shard.setdefault(shard_of(source), {})[source] = entry
+        for key, entry in self._pending.items():
+            by_shard.setdefault(shard_of(key), {})[key] = entry
         self._load(set(by_shard))
         for shard, entries in sorted(by_shard.items()):
-            name = self._put(shard, "delta", entries)
-            for source, entry in entries.items():
-                if _newer(entry, self._entries[shard].get(source)):
-                    self._entries[shard][source] = entry
-            self._read[shard].add(name)  # ours, and folded like the others at a compaction
-            self._stored[shard] += len(entries)
+            merged = self._entries[shard]
+            for key, entry in entries.items():
+                if _newer(entry, merged.get(key)):
+                    merged[key] = entry
+            stored = self._stored[shard] + len(entries)
+            superseded = stored - len(merged)
             # A shard with an unusable object is healed at once: folded, and that object deleted.
-            superseded = self._stored[shard] - len(self._entries[shard])
+            # A compaction's base holds the new entries too, so no delta is written before it.
             if (
                 self._corrupt[shard]
-                or len(self._read[shard]) >= self.compact_at
-                or superseded > len(self._entries[shard]) // 2
+                or len(self._read[shard]) + 1 >= self.compact_at
+                or superseded > len(merged) // 2
             ):
                 self._compact(shard)
+                continue
+            name = self._put(shard, "delta", entries)
+            self._read[shard].add(name)  # ours, and folded like the others at a compaction
+            self._stored[shard] = stored
         self._pending.clear()
 
     @property
@@ -442,11 +550,25 @@ class Manifest:
     # -- known results ----------------------------------------------------------------------------
 
     def _known_record(self, source: str, entry: Entry) -> dict[str, Any] | None:
-        """The record of an unchanged source: from the entry, or (no result recorded) the content cache."""
-        if entry.result is not None:
+        """The record of an unchanged source: from the entry, or (no result recorded) the content cache.
+
+        An entry of another model answers nothing. An entry of version 1 is trusted only once the
+        sidecar in its folder says it is this content's (by ``v2``), and is then recorded anew; so
+        is an entry found under the spelling of its source with a connection id.
+        """
+        if entry.result is not None and entry.model == self.results.model:
+            if entry.legacy:
+                meta = self.results.sidecar(self.results.root / entry.result.folder)
+                if meta is None or not self.results.holds(meta, entry.sha256):
+                    return None
             record = self._record_of(source, entry.sha256, entry.result)
             self.results.remember(record)
             self._answered[source] = entry.sha256
+            if entry.legacy or self._current(source) is None:
+                self._stage(
+                    source,
+                    replace(entry, at=self._after(entry), model=self.results.model, status=PARSED),
+                )
             return record
         # Read and hashed by an earlier task that did not record its result: one sidecar probe.
         cached = self.results.cached(entry.sha256, source)
@@ -455,7 +577,9 @@ class Manifest:
         record = {**cached, "source": source}
         result = self._result_of(record, entry.sha256)
         if result is not None:
-            self._stage(source, Entry(entry.fingerprint, entry.sha256, self._after(entry), result))
+            self._stage(
+                source, Entry(entry.fingerprint, entry.sha256, self._after(entry), result, self.results.model)
+            )
         return record
 
     def _record_of(self, source: str, sha256: str, result: Result) -> dict[str, Any]:
@@ -508,7 +632,11 @@ class Manifest:
             log.warning(
                 "Manifest under %s is %s: rebuilding the entries of %d images from the sidecars",
                 self.results.root,
-                "missing" if not self.exists else "partly unusable",
+                "missing"
+                if not self.exists
+                else "partly unusable"
+                if any(self._corrupt.values())
+                else "partly unreadable",
                 len(sources),
             )
         known: dict[str, dict[str, Any]] = {}
@@ -517,9 +645,16 @@ class Manifest:
             stem = folder_name(source.uri, "0" * 64).rsplit("-", 1)[0]
             for candidate in by_stem.get(stem, []):
                 meta = self.results.sidecar(candidate)
-                if not meta or meta.get("source") != source.uri or meta.get("source_fingerprint") != fp:
+                if (
+                    not meta
+                    or not isinstance(meta.get("source"), str)
+                    or source_key(meta["source"]) != source_key(source.uri)
+                    or meta.get("source_fingerprint") != fp
+                ):
                     continue
                 sha256 = meta.get("sha256")
+                if not isinstance(sha256, str) or not self.results.holds(meta, sha256):
+                    continue  # another model's result: the image is read, and parsed by this one
                 try:
                     if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
                         raise _Unusable("no sha256")
@@ -536,7 +671,7 @@ class Manifest:
                     continue
                 record = self._record_of(source.uri, sha256, result)
                 self.results.remember(record)
-                self._stage(source.uri, Entry(fp, sha256, time.time(), result))
+                self._stage(source.uri, Entry(fp, sha256, time.time(), result, self.results.model))
                 known[source.uri] = record
                 break
         log.info("Manifest: %d of %d entries rebuilt from the sidecars", len(known), len(sources))
@@ -544,12 +679,24 @@ class Manifest:
 
     # -- storage ------------------------------------------------------------------------------
 
+    def _current(self, source: str) -> Entry | None:
+        """The entry of a source under its key (its URI without a connection id)."""
+        key = source_key(source)
+        return self._entries.get(shard_of(key), {}).get(key)
+
     def _entry(self, source: str) -> Entry | None:
-        return self._entries.get(shard_of(source), {}).get(source)
+        """The entry of a source: under its key, or (written before keys dropped the connection id) its URI."""
+        entry = self._current(source)
+        if source_key(source) != source:
+            spelled = self._entries.get(shard_of(source), {}).get(source)
+            if spelled is not None and _newer(spelled, entry):
+                entry = spelled
+        return entry
 
     def _stage(self, source: str, entry: Entry) -> None:
-        if _newer(entry, self._pending.get(source)):
-            self._pending[source] = entry
+        key = source_key(source)
+        if _newer(entry, self._pending.get(key)):
+            self._pending[key] = entry
 
     @staticmethod
     def _after(current: Entry | None) -> float:
@@ -558,12 +705,10 @@ class Manifest:
         return max(now, current.at + 0.001) if current is not None else now
 
     def _list(self, *, refresh: bool = False) -> dict[str, int]:
+        """The manifest's objects (name -> size), from one fresh listing (and a new one on ``refresh``)."""
         if self._listing is None or refresh:
+            listed = storage_call(self._ls, what="listing the manifest", uri=str(self.folder))
             self._listing = {}
-            try:
-                listed = self.folder.fs.ls(self.folder.path, detail=True)
-            except (FileNotFoundError, NotADirectoryError):
-                listed = []
             for item in listed:
                 if isinstance(item, dict) and isinstance(item.get("name"), str):
                     size = item.get("size")
@@ -572,6 +717,16 @@ class Manifest:
                     )
         return self._listing
 
+    def _ls(self) -> list[Any]:
+        fs = self.folder.fs
+        # fsspec filesystems may answer a listing from their own cache (s3fs keeps one per process):
+        # another task's objects, or its compaction, would not be seen.
+        fs.invalidate_cache(self.folder.path)
+        try:
+            return fs.ls(self.folder.path, detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
     def _load(self, shards: set[str]) -> None:
         """Read every object of these shards (once per task), merged; list again once if one vanished."""
         shards = {shard for shard in shards if shard not in self._entries}
@@ -579,6 +734,7 @@ class Manifest:
             return
         for shard in shards:
             self._entries[shard], self._read[shard], self._corrupt[shard] = {}, set(), set()
+            self._kept[shard], self._left[shard] = set(), set()
             self._stored[shard] = 0
         if self._read_objects(self._list(), shards):
             # A compaction deleted what we listed: its entries are in a base we have not seen.
@@ -591,7 +747,8 @@ class Manifest:
             match = _OBJECT_NAME.fullmatch(name)
             if match and match["shard"] in shards:
                 shard = match["shard"]
-                if name not in self._read[shard] and name not in self._corrupt[shard]:
+                seen = self._read[shard] | self._corrupt[shard] | self._kept[shard] | self._left[shard]
+                if name not in seen:
                     wanted.append((name, size, shard))
         vanished = False
         with ThreadPoolExecutor(READS_IN_FLIGHT, thread_name_prefix="doc2x-manifest") as pool:
@@ -601,10 +758,23 @@ class Manifest:
                 if isinstance(error, FileNotFoundError):
                     vanished = True
                     continue
+                if isinstance(error, Doc2XStorageError):
+                    cause = error.__cause__ or error
+                    log.warning(
+                        "Manifest object %s could not be read (%s: %s): left alone for this run, not "
+                        "deleted; the entries of its images are rebuilt from the sidecars, or the "
+                        "images are read again",
+                        self.folder / name,
+                        type(cause).__name__,
+                        cause,
+                    )
+                    self._left[shard].add(name)
+                    self._unreadable.add(shard)
+                    continue
                 try:
                     if error is not None:
                         raise error
-                    entries = self._parse(data, shard)
+                    parsed = self._parse(data, shard)
                 except _Unusable as unusable:
                     log.warning(
                         "Manifest object %s is unusable (%s): ignored; the entries of its images are "
@@ -614,34 +784,51 @@ class Manifest:
                     )
                     self._corrupt[shard].add(name)
                     continue
-                if entries is None:
-                    continue  # a later format: left alone
+                if parsed is None:
+                    self._left[shard].add(name)  # a later format: left alone
+                    continue
+                entries, foldable = parsed
                 merged = self._entries[shard]
                 for source, entry in entries.items():
                     if _newer(entry, merged.get(source)):
                         merged[source] = entry
-                self._read[shard].add(name)
-                self._stored[shard] += len(entries)
+                if foldable:
+                    self._read[shard].add(name)
+                    self._stored[shard] += len(entries)
+                else:
+                    self._kept[shard].add(name)
         return vanished
 
     def _get(self, name: str, size: int) -> tuple[bytes, Exception | None]:
-        """An object's bytes, at most :data:`MAX_OBJECT_BYTES`; or why not (vanished, unreadable, too large)."""
+        """An object's bytes, at most :data:`MAX_OBJECT_BYTES`; or why not (vanished, unreadable, too large).
+
+        Unreadable (a storage failure, after retries) is :class:`Doc2XStorageError`, never unusable.
+        """
         if size > MAX_OBJECT_BYTES:
             return b"", _Unusable(f"{size} bytes, more than {MAX_OBJECT_BYTES}")
+        path = self.folder / name
+
+        def read() -> bytes:
+            with path.open("rb") as handle:
+                return handle.read(MAX_OBJECT_BYTES + 1)
+
         try:
-            with (self.folder / name).open("rb") as handle:
-                data = handle.read(MAX_OBJECT_BYTES + 1)
+            data = storage_call(read, what="reading the manifest object", uri=str(path))
         except FileNotFoundError as error:
             return b"", error
-        except OSError as error:
-            return b"", _Unusable(f"cannot be read: {type(error).__name__}")
+        except Doc2XStorageError as error:
+            return b"", error
+        except OSError as error:  # an answer about the object (denied, a folder): not this run's to read
+            refused = storage_error_of(error, path)
+            refused.__cause__ = error
+            return b"", refused
         if len(data) > MAX_OBJECT_BYTES:
             return b"", _Unusable(f"more than {MAX_OBJECT_BYTES} bytes")
         return data, None
 
     @staticmethod
-    def _parse(data: bytes, shard: str) -> dict[str, Entry] | None:
-        """An object's entries, validated; None for an object of a later version of this format."""
+    def _parse(data: bytes, shard: str) -> tuple[dict[str, Entry], bool] | None:
+        """An object's entries, validated, and whether a compaction may fold it; None for a later version."""
         try:
             document = json.loads(data)
         except (ValueError, UnicodeDecodeError) as error:
@@ -657,7 +844,8 @@ class Manifest:
             )
             return None
         if (
-            version != VERSION
+            version not in READABLE_VERSIONS
+            or isinstance(version, bool)
             or document.get("shard") != shard
             or not isinstance(document.get("entries"), dict)
         ):
@@ -667,7 +855,7 @@ class Manifest:
             if not 0 < len(source) <= _MAX_URI or shard_of(source) != shard:
                 raise _Unusable("an entry's source does not belong in this shard")
             entries[source] = Entry.from_json(value)
-        return entries
+        return entries, set(document) <= OBJECT_KEYS
 
     def _put(self, shard: str, kind: str, entries: Mapping[str, Entry]) -> str:
         """Write one new object (never over another); atomic: a single PUT, or a write then a rename."""
@@ -683,31 +871,78 @@ class Manifest:
             },
             separators=(",", ":"),
         ).encode()
-        self.folder.mkdir(parents=True, exist_ok=True)
         target = self.folder / name
-        if self.folder.protocol in ATOMIC_PUT_SCHEMES:
-            target.fs.pipe_file(target.path, data)  # one PUT: the whole object or nothing
-        else:
-            temporary = self.folder / f".tmp-{uuid.uuid4().hex}"
-            write(temporary, data)
-            temporary.rename(target)
+
+        def put() -> None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if self.folder.protocol in ATOMIC_PUT_SCHEMES:
+                target.fs.pipe_file(target.path, data)  # one PUT: the whole object or nothing
+            else:
+                temporary = self.folder / f".tmp-{uuid.uuid4().hex}"
+                write(temporary, data)
+                temporary.rename(target)
+
+        storage_call(put, what="writing the manifest object", uri=str(target))  # a new name: safe to retry
         if self._listing is not None:
             self._listing[name] = len(data)
         return name
 
     def _compact(self, shard: str) -> None:
-        """Fold every object this task read of a shard (and its own) into one base, then delete them."""
+        """Fold every object this task read of a shard (and its staged entries) into one base, then delete them.
+
+        Objects it kept (keys of a later release) or left alone are never deleted. A delete the
+        storage denies, or that keeps failing, leaves the object behind with a warning: the work
+        is done and the entries are right (the leftover is merged again on read, changing nothing).
+        """
         folded = self._read[shard] | self._corrupt[shard]
         base = self._put(shard, "base", self._entries[shard])
+        left: list[str] = []
         for name in sorted(folded):
-            # Gone already (even between a check and the delete): another compaction folded it first.
-            with contextlib.suppress(FileNotFoundError):
-                (self.folder / name).unlink()
+            path = self.folder / name
+            try:
+                storage_call(path.unlink, what="deleting the manifest object", uri=str(path))
+            except FileNotFoundError:
+                pass  # gone already (even between a check and the delete): another compaction folded it
+            except (PermissionError, Doc2XStorageError):
+                left.append(name)
+                continue
             if self._listing is not None:
                 self._listing.pop(name, None)
+        if left:
+            log.warning(
+                "Manifest shard %s: %d objects folded into %s could not be deleted (%s): the results "
+                "and entries are complete, but each costs a read until it is deleted; grant this "
+                "task's connection Delete on %s/ (s3:DeleteObject on S3)",
+                shard,
+                len(left),
+                base,
+                ", ".join(str(self.folder / name) for name in left),
+                self.folder,
+            )
         self._read[shard], self._corrupt[shard] = {base}, set()
+        self._kept[shard] |= set(left)  # not tried again by this task
         self._stored[shard] = len(self._entries[shard])
-        log.info("Manifest shard %s: %d objects folded into %s", shard, len(folded), base)
+        log.info("Manifest shard %s: %d objects folded into %s", shard, len(folded) - len(left), base)
+
+
+def storage_error_of(error: OSError, path: Any) -> Doc2XStorageError:
+    """A manifest object the storage refuses to give (denied, a folder): left alone like an unreadable one."""
+    return Doc2XStorageError(
+        f"The manifest object {path} cannot be read ({type(error).__name__}: {error}): grant this "
+        "task's connection Get on the manifest folder",
+        source=str(path),
+    )
+
+
+def _shards(sources: Iterable[str]) -> set[str]:
+    """The shards holding these sources' entries: under their key, and under a spelling with a connection id."""
+    shards = set()
+    for source in sources:
+        key = source_key(source)
+        shards.add(shard_of(key))
+        if key != source:
+            shards.add(shard_of(source))
+    return shards
 
 
 class Split:

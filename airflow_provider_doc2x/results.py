@@ -7,9 +7,33 @@ Layout under ``output_path`` (a local directory or any ``ObjectStoragePath`` URI
         images/<figure>.jpg          # the figures of convert_zip (PDF lane: of the PDF's export)
         invoice.json                 # the sidecar, written last: its presence means "complete"
         convert_zip.raw              # only when Doc2X's convert_zip was not a usable zip
+    invoice-<all 64 hex of the sha256>/   # only when the short name holds another content's result
 
 The hash in the folder name keeps two images of the same name apart, and makes the content cache
-cheap: the sidecar's name says where a content's complete result would be.
+cheap: the sidecar's name says where a content's complete result would be. Twelve hex digits are
+not unique in a corpus of millions, so a folder is a content's result only if its sidecar records
+that very sha256; when the short name is taken by another content, the result gets the folder named
+with the whole sha256 instead, and the other result is left as it is.
+
+The sidecar, one versioned format (``format_version``) read by every release::
+
+    {"format": "airflow-provider-doc2x result", "format_version": 1,
+     "source", "sha256", "model", "uid", "parsed_at", "markdown", "figures",
+     "pages": [{"page_idx", "page_width", "page_height"}], "raw_convert_zip", "warnings",
+     "provider_version", "source_fingerprint"?, "lane"?, "page_idx"?}
+
+- ``model`` is the Doc2X model that made the result. A result is reused only for the same content
+  *and* the same model. A sidecar without one was written before the model was recorded, when
+  every result was made by ``v2``: it counts as ``v2``.
+- Later releases add keys (room is left for a document's ``pages`` with each page's number in its
+  source document, and for provenance such as ``source_document``) without changing the meaning
+  of the keys above; a change of meaning raises ``format_version``. A reader uses the keys it
+  knows and ignores the others; a rewrite of the same source's result keeps the keys it does not
+  know; a sidecar of a higher ``format_version`` is never overwritten.
+- A sidecar that cannot be *read* (a 5xx, a throttled or timed-out GET) is an error, never "no
+  result": after :func:`~airflow_provider_doc2x.storage.storage_call`'s retries the task fails,
+  retryably, naming the sidecar. Only a missing sidecar, or one that was read and is not a
+  result, means "no result".
 
 The figures come from :func:`airflow_provider_doc2x.archives.unpack_figures`, which refuses what
 is unsafe; a figure that cannot be written is skipped with a warning. Whatever ``convert_zip``
@@ -22,18 +46,49 @@ import json
 import logging
 import posixpath
 import re
+import threading
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
 from airflow_provider_doc2x import __version__, protocol
 from airflow_provider_doc2x.archives import MAX_ZIP_BYTES, MAX_ZIP_ENTRIES, Figures, unpack_figures
-from airflow_provider_doc2x.storage import storage_path
+from airflow_provider_doc2x.exceptions import Doc2XStorageError
+from airflow_provider_doc2x.storage import storage_call, storage_path
 
 log = logging.getLogger(__name__)
 
 RAW_PAYLOAD_NAME = "convert_zip.raw"
+#: What a sidecar says it is, and the version of its format this release writes.
+SIDECAR_FORMAT = "airflow-provider-doc2x result"
+SIDECAR_VERSION = 1
+#: The model of a result whose sidecar (or manifest entry) records none: written before the model
+#: was recorded, when every result came from Doc2X's ``v2`` (the image API's, and the PDF API's
+#: default).
+LEGACY_MODEL = "v2"
+#: The sidecar keys this release writes and understands; a rewrite keeps any other key.
+SIDECAR_KEYS = frozenset(
+    {
+        "format",
+        "format_version",
+        "source",
+        "sha256",
+        "model",
+        "uid",
+        "parsed_at",
+        "pages",
+        "markdown",
+        "figures",
+        "raw_convert_zip",
+        "warnings",
+        "provider_version",
+        "source_fingerprint",
+        "lane",
+        "page_idx",
+    }
+)
 _IMAGE_LINK = re.compile(r"""(<img\s[^>]*?src=["']|!\[[^\]]*\]\()([^"')\s]+)""")
+_HASH_TAIL = re.compile(r"^(?:[0-9a-f]{12}|[0-9a-f]{64})$")
 
 
 def write(path: Any, data: bytes) -> None:
@@ -55,11 +110,25 @@ def link_figures(markdown: str, files: dict[str, bytes]) -> str:
     return _IMAGE_LINK.sub(relink, markdown)
 
 
-def folder_name(source: str, sha256: str) -> str:
-    """``<stem>-<first 12 hex of sha256>``: readable, and apart from any other content of the same name."""
+def folder_name(source: str, sha256: str, *, whole: bool = False) -> str:
+    """``<stem>-<first 12 hex of sha256>``: readable, and apart from any other content of the same name.
+
+    ``whole``: ``<stem>-<all 64 hex>``, the folder of a content whose short name holds another's result.
+    """
     stem = posixpath.splitext(posixpath.basename(source.rstrip("/")))[0] or "image"
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:80].lstrip(".") or "image"
-    return f"{stem}-{sha256[:12]}"
+    return f"{stem}-{sha256 if whole else sha256[:12]}"
+
+
+def model_of(meta: Mapping[str, Any]) -> str:
+    """The model that made a stored result: its sidecar's (or entry's) ``model``, else :data:`LEGACY_MODEL`."""
+    model = meta.get("model")
+    return model if isinstance(model, str) and model else LEGACY_MODEL
+
+
+def _newer_format(meta: Mapping[str, Any]) -> bool:
+    version = meta.get("format_version")
+    return isinstance(version, int) and not isinstance(version, bool) and version > SIDECAR_VERSION
 
 
 def markdown_text(markdown: str) -> bytes:
@@ -80,13 +149,17 @@ class ResultStore:
     ) -> None:
         """Point at ``output_path`` (nothing is read until asked); zips are unpacked within the caps.
 
-        ``model`` is the Doc2X model that makes this store's new results.
+        ``model`` is the Doc2X model that makes this store's new results: a stored result of
+        another model is not reused.
         """
         self.model = model
         self.max_zip_entries = max_zip_entries
         self.max_zip_bytes = max_zip_bytes
         self.root = storage_path(output_path)
         self._written: dict[str, dict[str, Any]] = {}
+        # The root's listing and the index by hash are built once, under this lock, and published
+        # only whole: the upload threads that look meanwhile wait for them instead of finding nothing.
+        self._lock = threading.RLock()
         self._by_hash: dict[str, list[Any]] | None = None
         self._children: list[Any] | None = None
         self._sidecars: dict[str, dict[str, Any] | None] = {}
@@ -96,44 +169,73 @@ class ResultStore:
         self.fingerprints: dict[str, str] = {}
 
     def cached(self, sha256: str, source: str) -> dict[str, Any] | None:
-        """The record of a complete earlier result for this content, or None."""
+        """The record of a complete earlier result of this content by this store's model, or None.
+
+        The folder of the image's own name first, then any folder named for this hash (the same
+        content under another name, or a folder of its own after a clash); a folder counts only
+        if its sidecar records this sha256 and this model.
+        """
         if sha256 in self._written:
             return self._written[sha256]
-        folder = self.root / folder_name(source, sha256)
-        meta = self.sidecar(folder)
-        if meta is None:
-            # The same content under another name: look for any folder with this hash.
-            for candidate in self._folders_of(sha256):
-                if candidate.name != folder.name and (meta := self.sidecar(candidate)) is not None:
-                    folder = candidate
-                    break
-        if meta is None:
-            return None
-        return self._record(folder, meta, cached=True)
+        own = self.root / folder_name(source, sha256)
+        meta = self.sidecar(own)
+        if meta is not None and self.holds(meta, sha256):
+            return self._record(own, meta, cached=True)
+        for candidate in self._folders_of(sha256):
+            meta = self.sidecar(candidate) if candidate.name != own.name else None
+            if meta is not None and self.holds(meta, sha256):
+                return self._record(candidate, meta, cached=True)
+        return None
+
+    def holds(self, meta: Mapping[str, Any], sha256: str) -> bool:
+        """Whether a sidecar is a result of this content by this store's model (a hit)."""
+        return meta.get("sha256") == sha256 and model_of(meta) == self.model
 
     def remember(self, record: dict[str, Any]) -> None:
         """Answer :meth:`cached` for this record's content from memory (a result known from the manifest)."""
         self._written[record["sha256"]] = {**record, "cached": True}
 
     def folders(self) -> list[Any]:
-        """The root's children, from one listing made at the first call."""
-        if self._children is None:
-            try:
-                self._children = list(self.root.iterdir()) if self.root.exists() else []
-            except OSError:
-                self._children = []
-        return self._children
+        """The root's children, from one fresh listing made at the first call.
+
+        A listing that fails (after retries) raises :class:`Doc2XStorageError`: an unlisted root
+        is not an empty one.
+        """
+        with self._lock:
+            if self._children is None:
+                self._children = storage_call(
+                    self._list_root, what="listing the results under", uri=str(self.root)
+                )
+            return self._children
+
+    def _list_root(self) -> list[Any]:
+        fs = self.root.fs
+        fs.invalidate_cache(self.root.path)  # another process may have written since this one listed
+        try:
+            return list(self.root.iterdir())
+        except (FileNotFoundError, NotADirectoryError):
+            return []  # nothing written here yet
 
     def _folders_of(self, sha256: str) -> list[Any]:
-        """Folders whose name ends in this hash, from one listing of the root made at the first miss."""
-        if self._by_hash is None:
-            self._by_hash = {}
-            for child in self.folders():
-                self._by_hash.setdefault(child.name.rsplit("-", 1)[-1], []).append(child)
-        return self._by_hash.get(sha256[:12], [])
+        """Folders whose name ends in this hash (12 or 64 hex), from one listing of the root made at the first miss."""
+        index = self._by_hash
+        if index is None:
+            with self._lock:
+                if self._by_hash is None:
+                    built: dict[str, list[Any]] = {}
+                    for child in self.folders():
+                        tail = child.name.rsplit("-", 1)[-1]
+                        if _HASH_TAIL.fullmatch(tail):
+                            built.setdefault(tail[:12], []).append(child)
+                    self._by_hash = built
+                index = self._by_hash
+        return index.get(sha256[:12], [])
 
     def sidecar(self, folder: Any) -> dict[str, Any] | None:
-        """The sidecar of a result folder, validated, read once per store; None if missing or unusable."""
+        """The sidecar of a result folder, validated, read once per store; None if missing or not a result.
+
+        Raises :class:`Doc2XStorageError` naming the sidecar when it cannot be read.
+        """
         if folder.name not in self._sidecars:
             self._sidecars[folder.name] = self._sidecar(folder)
         return self._sidecars[folder.name]
@@ -142,14 +244,50 @@ class ResultStore:
     def _sidecar(folder: Any) -> dict[str, Any] | None:
         sidecar = folder / f"{folder.name.rsplit('-', 1)[0]}.json"
         try:
-            meta = json.loads(sidecar.read_text())
-        except (ValueError, OSError):
+            data = storage_call(sidecar.read_bytes, what="reading the sidecar", uri=str(sidecar))
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None  # no sidecar: an interrupted write, not a result
+        try:
+            meta = json.loads(data)
+        except ValueError:
+            return None  # read, and not a sidecar
         if not isinstance(meta, dict) or not isinstance(meta.get("markdown"), str):
             return None
         if not isinstance(meta.get("figures", []), list):
             return None
+        if meta.get("format", SIDECAR_FORMAT) != SIDECAR_FORMAT:
+            return None
         return meta
+
+    def _folder_for(self, source: str, sha256: str) -> tuple[Any, dict[str, Any] | None]:
+        """Where this content's new result goes, with the sidecar there now (None: none, or not a result).
+
+        The short name, unless its sidecar is another content's or of a newer format; then the
+        name with the whole sha256. Another content's result is never overwritten.
+        """
+        taken: list[tuple[Any, bool]] = []
+        for name in (folder_name(source, sha256), folder_name(source, sha256, whole=True)):
+            folder = self.root / name
+            meta = self.sidecar(folder)
+            if meta is None or (meta.get("sha256") == sha256 and not _newer_format(meta)):
+                if taken:
+                    log.warning(
+                        "Result folder %s holds %s: the result of %s (sha256 %s) goes to %s",
+                        taken[0][0],
+                        "a newer release's result" if taken[0][1] else "another image's result",
+                        source,
+                        sha256,
+                        folder,
+                    )
+                return folder, meta
+            taken.append((folder, meta.get("sha256") == sha256))
+        raise Doc2XStorageError(
+            f"The result of {source} (sha256 {sha256}) cannot be stored: "
+            f"{', '.join(str(folder) for folder, _ in taken)} hold results of a newer release of "
+            "this provider, which this one does not overwrite; parse it with that release, or "
+            "move those folders away",
+            source=source,
+        )
 
     def write(
         self,
@@ -165,8 +303,10 @@ class ResultStore:
         ``figures`` are files already at hand (relative paths made of plain characters; the PDF
         lane's, from an export zip): then ``convert_zip`` is not read. ``extra`` adds fields to the
         sidecar (the PDF lane's ``lane`` and ``page_idx``); a ``page_idx`` there is in the record too.
+        The folder is the image's own (``<stem>-<12 hex>``) unless that holds another content's
+        result: then ``<stem>-<64 hex>``.
         """
-        folder = self.root / folder_name(source, sha256)
+        folder, previous = self._folder_for(source, sha256)
         folder.mkdir(parents=True, exist_ok=True)
         stem = folder.name.rsplit("-", 1)[0]
         if figures is None:
@@ -193,9 +333,19 @@ class ResultStore:
         if figures.raw is not None:
             write(folder / RAW_PAYLOAD_NAME, figures.raw)
         write(folder / f"{stem}.md", markdown_text(link_figures(result.markdown, written)))
+        # Keys a later release added to this source's earlier sidecar are kept.
+        kept = (
+            {key: value for key, value in previous.items() if key not in SIDECAR_KEYS}
+            if previous is not None and previous.get("source") == source
+            else {}
+        )
         meta = {
+            **kept,
+            "format": SIDECAR_FORMAT,
+            "format_version": SIDECAR_VERSION,
             "source": source,
             "sha256": sha256,
+            "model": self.model,
             "uid": result.uid,
             "parsed_at": datetime.now(timezone.utc).isoformat(),
             "pages": [

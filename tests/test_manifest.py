@@ -24,16 +24,19 @@ from airflow.providers.common.compat.sdk import TaskDeferred
 from fsspec.implementations.memory import MemoryFileSystem
 
 from airflow_provider_doc2x import protocol
+from airflow_provider_doc2x import storage as storage_module
 from airflow_provider_doc2x.manifest import (
     MANIFEST_DIR,
     Manifest,
     fingerprint,
     shard_of,
+    source_key,
 )
 from airflow_provider_doc2x.results import ResultStore
 from airflow_provider_doc2x.sources import ImageSource
 from tests.helpers import REPO, first_event, parse_operator
 from tests.helpers.storage import CountingFS, use_for_memory
+from tests.helpers.storage_faults import FaultyFS
 
 LAKE = "memory://lake/doc2x"
 MANIFEST = f"/lake/doc2x/{MANIFEST_DIR}/v1"
@@ -459,3 +462,272 @@ def test_fingerprints_agree_between_a_listing_and_info():
 )
 def test_fingerprint_from_storage_metadata(info, expected):
     assert fingerprint(info) == expected
+
+
+# -- storage that fails, caches, or refuses ------------------------------------------------------
+
+
+@pytest.fixture
+def faulty(monkeypatch):
+    """``memory://`` counted, with faults a test switches on (retries without waiting)."""
+    monkeypatch.setattr(storage_module, "STORAGE_WAIT_INITIAL", 0)
+    fs = use_for_memory(FaultyFS)
+    FaultyFS.clear()
+    yield fs
+    FaultyFS.clear()
+    use_for_memory(MemoryFileSystem)
+
+
+@pytest.fixture
+def faulty_inbox(faulty, make_image):
+    def put(name: str, title: str | None = None) -> str:
+        faulty.pipe_file(f"/inbox/{name}", make_image(name, title or name).read_bytes())
+        return f"memory://inbox/{name}"
+
+    return put
+
+
+def test_an_unreadable_manifest_object_is_left_alone_not_deleted(doc2x, faulty, faulty_inbox, caplog):
+    """A GET that keeps failing is not "corrupt": the object survives the run, and is read once it heals."""
+    images = [faulty_inbox("a.png")]
+    parse(images)
+    (written,) = manifest_objects(faulty)
+
+    FaultyFS.failing_reads.add(MANIFEST + "/")
+    caplog.set_level(logging.WARNING, logger="airflow_provider_doc2x.manifest")
+    (record,) = parse(images, overwrite=False)
+    assert record["cached"] is True
+    assert doc2x.stats()["billed_total"] == 1
+    assert written in manifest_objects(faulty)  # never deleted unread
+    assert "could not be read" in caplog.text and written.rsplit("/", 1)[1] in caplog.text
+    assert "unusable" not in caplog.text
+
+    FaultyFS.heal()
+    faulty.reset()
+    parse(images)
+    assert faulty.opened_of("/inbox/") == 0
+    assert doc2x.stats()["billed_total"] == 1
+
+
+def test_a_listing_cached_by_the_filesystem_is_refreshed(doc2x, faulty, faulty_inbox):
+    """
+    s3fs answers listings from a cache kept in the process: after another writer folded a shard,
+    the task still finds the entries (in the new base), and opens no image.
+    """
+    FaultyFS.cache_listings = True
+    images = [faulty_inbox("a.png")]
+    parse(images)
+    parse(images)  # lists the manifest, and the filesystem caches that listing
+    (written,) = manifest_objects(faulty)
+    shard = written.rsplit("/", 1)[1][:2]
+    # Another process compacts the shard: a new base, the old object gone, behind this process's cache.
+    folded = f"{MANIFEST}/{shard}.base.20991231T000000000000Z.{'b' * 32}.json"
+    FaultyFS.store[folded] = FaultyFS.store.pop(written)
+
+    faulty.reset()
+    (record,) = parse(images)
+    assert record["cached"] is True
+    assert faulty.opened_of("/inbox/") == 0
+    assert doc2x.stats()["billed_total"] == 1
+
+
+def test_a_denied_delete_after_the_work_is_done_warns_and_the_task_succeeds(
+    doc2x, faulty, faulty_inbox, caplog
+):
+    FaultyFS.denied_deletes.add(MANIFEST + "/")
+    images = [faulty_inbox(f"page-{number}.png") for number in range(3)]
+    caplog.set_level(logging.WARNING, logger="airflow_provider_doc2x.manifest")
+    records = parse(images, deferrable=True)  # the second half folds the first half's objects
+    assert [record["source"] for record in records] == images
+    assert FaultyFS.failed  # deletes were tried, and denied
+    assert "could not be deleted" in caplog.text and "Delete" in caplog.text
+    assert FaultyFS.failed[0] in caplog.text  # the manifest object is named
+
+    FaultyFS.heal()
+    faulty.reset()
+    again = parse(images)
+    assert all(record["cached"] for record in again)
+    assert faulty.opened_of("/inbox/") == 0
+    assert doc2x.stats()["billed_total"] == 3
+
+
+def test_a_deferrable_first_run_writes_one_manifest_object_per_shard_per_half(doc2x, storage, inbox):
+    images = [inbox(f"page-{number}.png") for number in range(6)]
+    storage.reset()
+    parse(images, deferrable=True)
+    shards = len({shard_of(uri) for uri in images})
+    assert storage.calls["pipe_file"] == 2 * shards  # the first half's object, then the second's base
+    assert storage.calls["rm"] + storage.calls["rm_file"] == shards  # the first half's, folded
+    assert len(manifest_objects(storage)) == shards
+
+
+# -- spellings of one source --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("uri", "key"),
+    [
+        ("s3://aws_default@bucket/scans/a.png", "s3://bucket/scans/a.png"),
+        ("s3://bucket/scans/a.png", "s3://bucket/scans/a.png"),
+        ("s3://bucket/scans/a@2x.png", "s3://bucket/scans/a@2x.png"),
+        ("webhdfs://user@namenode:9870/scans/a.png", "webhdfs://namenode:9870/scans/a.png"),
+        ("webhdfs://namenode-2:9870/scans/a.png", "webhdfs://namenode-2:9870/scans/a.png"),
+        ("/data/scans/a.png", "/data/scans/a.png"),
+    ],
+)
+def test_the_manifest_key_drops_the_connection_id_and_keeps_the_endpoint(uri, key):
+    assert source_key(uri) == key
+
+
+def local_manifest_objects(lake) -> list:
+    return sorted((lake / MANIFEST_DIR / "v1").glob("*.json"))
+
+
+def unchanged_count(caplog) -> str:
+    lines = [record.getMessage() for record in caplog.records if "unchanged since" in record.getMessage()]
+    return lines[-1].split(" images")[0].removeprefix("Manifest: ")
+
+
+def test_two_spellings_of_one_source_are_one_entry(doc2x, make_image, tmp_path, caplog):
+    image, lake = make_image("a.png", "Alpha"), tmp_path / "lake"
+    caplog.set_level(logging.INFO, logger="airflow_provider_doc2x.manifest")
+
+    def run(uri):
+        return parse_operator([uri], output_path=str(lake), incremental=True).execute({})
+
+    run(f"file://my_conn@{image}")
+    run(f"file://{image}")
+    assert unchanged_count(caplog) == "1 of 1"
+    assert doc2x.stats()["billed_total"] == 1
+
+
+def test_entries_of_the_first_format_under_a_spelling_with_a_connection_id_are_still_found(
+    doc2x, make_image, tmp_path, caplog
+):
+    """What the first release wrote (version 1, keys with the connection id, no model) bills nothing."""
+    image, lake = make_image("a.png", "Alpha"), tmp_path / "lake"
+    spelled = f"file://my_conn@{image}"
+    parse_operator([spelled], output_path=str(lake), incremental=True).execute({})
+    # The same entry as the first release wrote it.
+    (path,) = local_manifest_objects(lake)
+    (entry,) = json.loads(path.read_text())["entries"].values()
+    for key in ("status", "model"):
+        entry.pop(key, None)
+    path.unlink()
+    old = lake / MANIFEST_DIR / "v1" / f"{shard_of(spelled)}.delta.20260101T000000000000Z.{'a' * 32}.json"
+    old.write_text(
+        json.dumps(
+            {
+                "format": "airflow-provider-doc2x manifest",
+                "version": 1,
+                "shard": shard_of(spelled),
+                "writer": "w",
+                "entries": {spelled: entry},
+            }
+        )
+    )
+    caplog.set_level(logging.INFO, logger="airflow_provider_doc2x.manifest")
+    for uri in (spelled, f"file://{image}", spelled):
+        (record,) = parse_operator([uri], output_path=str(lake), incremental=True).execute({})
+        assert record["cached"] is True
+        assert unchanged_count(caplog) == "1 of 1"
+    assert doc2x.stats()["billed_total"] == 1
+
+
+def test_an_entry_of_the_first_format_is_trusted_only_if_its_folder_holds_its_content(doc2x, storage, inbox):
+    """The first release could record another content's folder: its entries are checked once against the sidecar."""
+    images = [inbox("a.png", "Alpha")]
+    (first,) = parse(images)
+    for name in manifest_objects(storage):
+        document = json.loads(storage.cat_file(name))
+        document["version"] = 1
+        for entry in document["entries"].values():
+            entry.pop("status", None)
+            entry.pop("model", None)
+        storage.pipe_file(name, json.dumps(document).encode())
+    sidecar_path = image_path(first["sidecar_path"])
+    sidecar = json.loads(storage.cat_file(sidecar_path))
+    sidecar["sha256"] = first["sha256"][:12] + "0" * 52  # the folder holds another content's result
+    storage.pipe_file(sidecar_path, json.dumps(sidecar).encode())
+
+    (record,) = parse(images)
+    assert record["cached"] is False
+    assert doc2x.stats()["billed_total"] == 2
+    assert record["markdown_path"] != first["markdown_path"]  # a folder of its own
+    assert (
+        json.loads(storage.cat_file(sidecar_path))["sha256"] == sidecar["sha256"]
+    )  # the other left as it was
+
+
+# -- the model that made a result ------------------------------------------------------------------
+
+
+def billed(doc2x) -> int:
+    """Images billed by the image API plus pages billed by the PDF API."""
+    stats = doc2x.stats()
+    return stats["billed_total"] + stats["pdf_pages_billed"]
+
+
+def test_results_of_another_model_are_parsed_again_then_known(doc2x, storage, inbox):
+    images = [inbox("a.png"), inbox("b.png")]
+    parse(images)  # the image API: v2
+    assert billed(doc2x) == 2
+    records = parse(images, method="pdf", pdf_model="v3-2026")
+    assert [record["cached"] for record in records] == [False, False]
+    assert billed(doc2x) == 4
+    sidecar = json.loads(storage.cat_file(image_path(records[0]["sidecar_path"])))
+    assert sidecar["model"] == "v3-2026"
+
+    storage.reset()
+    again = parse(images, method="pdf", pdf_model="v3-2026")
+    assert all(record["cached"] for record in again)
+    assert storage.opened_of("/inbox/") == 0
+    assert billed(doc2x) == 4
+
+
+# -- two releases' formats side by side ----------------------------------------------------------
+
+
+def test_objects_of_a_newer_release_are_kept_beside_todays_and_nothing_is_lost(storage, caplog):
+    """
+    In one shard: an object of version 1 (the first release), one of this version whose entry has a
+    key added by a later release, one with a top-level key this release does not know, and one of a
+    higher version. A task compacts the shard: the first two are folded (the added key kept), the
+    last two stay, and every entry is there.
+    """
+    first, added, unknown, newer, new = sources_in_one_shard(5, "format")
+    digest = hashlib.sha256(b"x").hexdigest()
+
+    def entry(uri, **more):
+        name = uri.rsplit("/", 1)[1].rsplit(".", 1)[0]
+        result = {"folder": f"{name}-{digest[:12]}", "uid": "u", "markdown": f"{name}.md", "figures": []}
+        return {"fingerprint": "size=1;mtime=1.000000", "sha256": digest, "at": 1.0, "result": result, **more}
+
+    def plant(kind, stamp, document):
+        name = f"{MANIFEST}/00.{kind}.2026010{stamp}T000000000000Z.{str(stamp) * 32}.json"
+        body = {"format": "airflow-provider-doc2x manifest", "shard": "00", "writer": "w", **document}
+        storage.pipe_file(name, json.dumps(body).encode())
+        return name
+
+    v1 = plant("delta", 1, {"version": 1, "entries": {first: entry(first)}})
+    later_entry = entry(added, status="parsed", model="v2", source_document="memory://inbox/book.pdf")
+    later_entry["result"]["page_number"] = 7
+    v2 = plant("delta", 2, {"version": 2, "entries": {added: later_entry}})
+    extra = plant("delta", 3, {"version": 2, "documents": {}, "entries": {unknown: entry(unknown)}})
+    higher = plant("base", 4, {"version": 3, "entries": {newer: {"anything": True}}})
+
+    caplog.set_level(logging.WARNING, logger="airflow_provider_doc2x.manifest")
+    storage.pipe_file(image_path(new), new.encode())
+    one_task(new, compact_at=2)
+
+    objects = manifest_objects(storage)
+    assert extra in objects and higher in objects  # kept: never deleted, never folded away
+    assert v1 not in objects and v2 not in objects  # read whole, and folded
+    (base,) = [name for name in objects if ".base." in name and name != higher]
+    folded = json.loads(storage.cat_file(base))["entries"]
+    assert set(folded) == {first, added, unknown, new}
+    assert folded[added]["source_document"] == "memory://inbox/book.pdf"
+    assert folded[added]["result"]["page_number"] == 7
+    assert "model" not in folded[first]  # still of the first format: checked once before it is trusted
+    assert "unusable" not in caplog.text
+    assert set(Manifest(ResultStore(LAKE)).entries()) == {first, added, unknown, new}

@@ -10,15 +10,21 @@ import re
 import stat
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
 
 from airflow_provider_doc2x import protocol
+from airflow_provider_doc2x import storage as storage_module
 from airflow_provider_doc2x.archives import decode_base64, unpack_figures
+from airflow_provider_doc2x.exceptions import Doc2XStorageError
 from airflow_provider_doc2x.results import ResultStore
 from tests.helpers import parse_operator, run_deferred
+from tests.helpers.storage import use_for_memory
+from tests.helpers.storage_faults import FaultyFS
 
 #: The seed page's own example value of convert_zip: not a zip, a small protobuf-like record.
 VENDOR_EXAMPLE = (
@@ -282,3 +288,140 @@ def test_reads_and_writes_feed_hook_level_lineage(doc2x, make_image, tmp_path):
     assert f"file://{image}" in lineage["inputs"]
     written = {uri.rsplit("/", 1)[-1] for uri in lineage["outputs"]}
     assert {"seen.md", "seen.json"} <= written
+
+
+# -- what counts as a hit ----------------------------------------------------------------------------
+
+LAKE = "memory://lake/results"
+
+
+@pytest.fixture
+def faulty(monkeypatch):
+    """``memory://`` with faults a test switches on (retries without waiting)."""
+    monkeypatch.setattr(storage_module, "STORAGE_WAIT_INITIAL", 0)
+    fs = use_for_memory(FaultyFS)
+    FaultyFS.clear()
+    yield fs
+    FaultyFS.clear()
+    use_for_memory(MemoryFileSystem)
+
+
+def page_result(text: str, uid: str = "uid-1") -> protocol.Doc2XResult:
+    return protocol.Doc2XResult(
+        uid=uid, pages=(protocol.Doc2XPage(0, 10, 10, f"# {text}"),), convert_zip=None
+    )
+
+
+def markdown_of(fs, record) -> str:
+    return fs.cat_file(MemoryFileSystem._strip_protocol(record["markdown_path"])).decode()
+
+
+def test_renamed_copies_are_found_by_every_upload_thread_while_the_listing_is_slow(faulty):
+    """Sixteen threads ask at once for contents stored under other names while the root's listing takes a while."""
+    digests = [f"{number:02x}" * 32 for number in range(16)]
+    writer = ResultStore(LAKE)
+    for number, digest in enumerate(digests):
+        writer.write(f"memory://inbox/original-{number}.png", digest, page_result(f"page {number}"))
+    for number in range(200):  # a bucket of many other results
+        writer.write(f"memory://inbox/other-{number}.png", f"{number + 1000:064x}", page_result("other"))
+    FaultyFS.slow_listings["/lake/results"] = 0.5
+
+    store = ResultStore(LAKE)
+    start = threading.Barrier(len(digests), timeout=30)
+    found: dict[int, dict | None] = {}
+
+    def look(number: int) -> None:
+        start.wait()
+        found[number] = store.cached(digests[number], f"memory://inbox/renamed-{number}.png")
+
+    threads = [threading.Thread(target=look, args=(number,)) for number in range(len(digests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert all(found.get(number) is not None for number in range(len(digests)))
+    assert [markdown_of(faulty, found[number]) for number in range(len(digests))] == [
+        f"# page {number}\n" for number in range(len(digests))
+    ]
+    assert FaultyFS.calls["ls"] == 1  # one listing, shared
+
+
+def test_a_folder_of_the_same_name_and_hash_prefix_holding_another_content_is_not_a_hit(faulty):
+    mine, other = "0123456789ab" + "1" * 52, "0123456789ab" + "2" * 52
+    theirs = ResultStore(LAKE).write("memory://elsewhere/page.png", other, page_result("Theirs"))
+
+    store = ResultStore(LAKE)
+    assert store.cached(mine, "memory://inbox/page.png") is None
+    record = store.write("memory://inbox/page.png", mine, page_result("Mine"))
+    assert record["markdown_path"] != theirs["markdown_path"]  # a folder of its own
+    assert record["markdown_path"].rsplit("/", 2)[1] == f"page-{mine}"
+    assert markdown_of(faulty, theirs) == "# Theirs\n"  # not overwritten
+
+    fresh = ResultStore(LAKE)
+    assert markdown_of(faulty, fresh.cached(mine, "memory://inbox/page.png")) == "# Mine\n"
+    assert markdown_of(faulty, fresh.cached(other, "memory://elsewhere/page.png")) == "# Theirs\n"
+    assert markdown_of(faulty, ResultStore(LAKE).cached(mine, "memory://inbox/renamed.png")) == "# Mine\n"
+
+
+def test_a_result_of_another_model_is_not_a_hit_and_old_sidecars_count_as_v2(faulty):
+    digest = "ab" * 32
+    record = ResultStore(LAKE).write("memory://inbox/page.png", digest, page_result("v2"))
+    sidecar_path = MemoryFileSystem._strip_protocol(record["sidecar_path"])
+    assert json.loads(faulty.cat_file(sidecar_path))["model"] == "v2"
+    assert ResultStore(LAKE, model="v3-2026").cached(digest, "memory://inbox/page.png") is None
+    assert ResultStore(LAKE, model="v2").cached(digest, "memory://inbox/page.png") is not None
+
+    older = json.loads(faulty.cat_file(sidecar_path))
+    for key in ("model", "format", "format_version"):
+        older.pop(key)  # as the releases before the model was recorded wrote it
+    faulty.pipe_file(sidecar_path, json.dumps(older).encode())
+    assert ResultStore(LAKE).cached(digest, "memory://inbox/page.png") is not None
+    assert ResultStore(LAKE, model="v3-2026").cached(digest, "memory://inbox/page.png") is None
+
+
+def test_a_sidecar_that_cannot_be_read_fails_the_task_retryably_and_bills_nothing(doc2x, make_image, faulty):
+    image = make_image("scan.png", "Scan")
+    faulty.pipe_file("/inbox/scan.png", image.read_bytes())
+    (first,) = parse_operator(["memory://inbox/scan.png"], output_path=LAKE).execute({})
+    sidecar_path = MemoryFileSystem._strip_protocol(first["sidecar_path"])
+    before = faulty.cat_file(sidecar_path)
+
+    FaultyFS.failing_reads.add(sidecar_path)
+    with pytest.raises(Doc2XStorageError, match=re.escape(first["sidecar_path"])):
+        parse_operator(["memory://inbox/scan.png"], output_path=LAKE).execute({})
+    assert doc2x.stats()["billed_total"] == 1
+    FaultyFS.heal()
+    assert faulty.cat_file(sidecar_path) == before  # not rewritten
+
+
+def test_a_listing_of_the_results_that_fails_is_an_error_not_an_empty_folder(faulty):
+    ResultStore(LAKE).write("memory://inbox/page.png", "cd" * 32, page_result("Page"))
+    FaultyFS.failing_listings.add("/lake/results")
+    with pytest.raises(Doc2XStorageError, match="listing the results under"):
+        ResultStore(LAKE).cached("cd" * 32, "memory://inbox/renamed.png")
+
+
+def test_sidecars_of_a_newer_release_are_kept_beside_todays(faulty):
+    """Keys a later release added survive a rewrite; a sidecar of a higher format version is never overwritten."""
+    added, newer = "a1" * 32, "b2" * 32
+    first = ResultStore(LAKE).write("memory://inbox/added.png", added, page_result("Added"))
+    second = ResultStore(LAKE).write("memory://inbox/newer.png", newer, page_result("Newer"))
+    added_path = MemoryFileSystem._strip_protocol(first["sidecar_path"])
+    newer_path = MemoryFileSystem._strip_protocol(second["sidecar_path"])
+    sidecar = json.loads(faulty.cat_file(added_path))
+    faulty.pipe_file(
+        added_path, json.dumps({**sidecar, "source_document": "memory://inbox/book.pdf"}).encode()
+    )
+    sidecar = json.loads(faulty.cat_file(newer_path))
+    newer_bytes = json.dumps({**sidecar, "format_version": 2, "converted_from": "tiff"}).encode()
+    faulty.pipe_file(newer_path, newer_bytes)
+
+    store = ResultStore(LAKE)
+    assert store.cached(added, "memory://inbox/added.png") is not None  # unknown keys: still a result
+    assert store.cached(newer, "memory://inbox/newer.png") is not None
+    rewritten = store.write("memory://inbox/added.png", added, page_result("Added again"))
+    assert rewritten["sidecar_path"] == first["sidecar_path"]
+    assert json.loads(faulty.cat_file(added_path))["source_document"] == "memory://inbox/book.pdf"
+    kept_apart = store.write("memory://inbox/newer.png", newer, page_result("Newer again"))
+    assert kept_apart["sidecar_path"] != second["sidecar_path"]
+    assert faulty.cat_file(newer_path) == newer_bytes  # never overwritten
