@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
+import airflow_provider_doc2x
 from airflow_provider_doc2x import __version__
 from airflow_provider_doc2x.get_provider_info import get_provider_info
 from tests.helpers import API_KEY, REPO, airflow_cli
@@ -29,6 +34,25 @@ def test_entry_point_returns_the_provider_info():
     }
     for module in modules:
         __import__(module)
+
+
+def test_the_package_under_test_is_the_one_installed():
+    """``.ci/run`` tests one line against the built wheel: there, no process may import the checkout."""
+    expected = os.environ.get("DOC2X_TESTS_IMPORT", "source")
+    here = Path(airflow_provider_doc2x.__file__).resolve()
+    # ... and a process the tests start (the local server, ``airflow dags test``) imports the same.
+    child = subprocess.run(
+        [sys.executable, "-c", "import airflow_provider_doc2x; print(airflow_provider_doc2x.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+    )
+    for location in (here, Path(child.stdout.strip()).resolve()):
+        if expected == "wheel":
+            assert "site-packages" in location.parts and REPO not in location.parents, location
+        else:
+            assert location.parent == REPO / "airflow_provider_doc2x", location
 
 
 def test_providers_get_lists_it(airflow_db):
