@@ -42,12 +42,21 @@ def deployment(local_server, tmp_path_factory):
 
 def test_the_parse_task_defers_frees_the_worker_and_the_run_succeeds(deployment, local_server, tmp_path):
     local_server.reset()
-    local_server.configure(processing_time=6)
+    local_server.configure(processing_time=6, upload_seconds=3)  # the task uploads for 3 s, then defers
     run_id = deployment.trigger(DAG_ID, {"output_path": str(tmp_path / "lake")})
+    ti_id = wait_until(
+        lambda: (deployment.task_instance(run_id, "parse") or {}).get("id"), timeout=60, interval=0.1
+    )
+    # While it uploads, a worker holds the task (its process title names the task instance) ...
+    wait_until(
+        lambda: [title for title in busy_workers() if ti_id in title],
+        timeout=120,
+        interval=0.05,
+        message="a worker running the parse task",
+    )
     wait_until(lambda: deployment.task_state(run_id, "parse") == "deferred", timeout=120, interval=0.2)
     assert local_server.stats()["jobs"] == PAGES  # submitted, and Doc2X is still processing them
-    ti_id = deployment.task_instance(run_id, "parse")["id"]
-    # The worker that deferred the task lets go of it (its title returns to <idle>) ...
+    # ... and the worker that deferred the task lets go of it (its title returns to <idle>) ...
     wait_until(lambda: not [title for title in busy_workers() if ti_id in title], timeout=15, interval=0.1)
     # ... while the task is still deferred and Doc2X still working: the triggerer alone waits.
     assert deployment.task_state(run_id, "parse") == "deferred"

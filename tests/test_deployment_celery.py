@@ -188,6 +188,9 @@ def test_a_worker_killed_mid_upload_bills_twice_only_the_images_whose_answer_was
     assert max(stats["billed"].values()) <= 2
     # Only an upload whose answer was lost is sent again, and the new try's log names it ...
     assert twice <= warned, (twice, warned, retries[-3000:])
+    # The host died with uploads on their way, whose bodies had been sent: they arrived and were
+    # billed, so the new try did bill some images twice, and the check above was put to the test.
+    assert twice, (stats, retries[-3000:])
     # ... at most the uploads that were on the way; every other image is reconnected to its uid.
     assert len(warned) <= UPLOADS_SIDE_BY_SIDE
     assert stats["requests"]["submit"] == len(pages) + len(warned)
