@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -18,8 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from airflow_provider_doc2x.pacing import RateLimiter, key_digest, limiter_for, pacing_dir, reset_limiters
-from tests.helpers import FakeClock, async_wait_until, pacing_logs, upload_times
+from airflow_provider_doc2x.pacing import (
+    FORMAT_VERSION,
+    LEGACY_IN_FLIGHT_SECONDS,
+    RateLimiter,
+    key_digest,
+    lease_seconds,
+    limiter_for,
+    pacing_dir,
+    reset_limiters,
+)
+from tests.helpers import FakeClock, async_wait_until, pacing_logs, upload_times, wait_until
 
 NOBODY = 65534
 BASE_URL = "https://doc2x.example"
@@ -66,12 +76,50 @@ def test_two_limiters_on_one_file_pace_as_one(tmp_path):
     assert second.reserve() == (10.0, None)
 
 
-def test_a_crashed_upload_is_forgotten(tmp_path):
+def test_a_crashed_upload_frees_its_slot_one_window_after_its_lease(tmp_path):
     clock = FakeClock()
-    limiter = RateLimiter(1, 10.0, state_file=tmp_path / "key.json", clock=clock)
+    limiter = RateLimiter(1, 10.0, state_file=tmp_path / "key.json", clock=clock, upload_timeout=2.0)
+    assert limiter.lease == lease_seconds(2.0) < 60
     limiter.reserve()  # never released: its process died
-    clock.now += 601
+    clock.now += limiter.lease - 0.1
+    assert limiter.reserve() == (10.0, None)  # in flight: it may still be uploading
+    clock.now += 0.1
+    assert limiter.reserve() == (10.0, None)  # expired: the server may have counted it until then
+    clock.now += 10.0
     assert limiter.reserve()[1] is not None
+
+
+def test_each_slot_keeps_the_lease_of_the_connection_that_booked_it(tmp_path):
+    clock = FakeClock()
+    quick = RateLimiter(1, 10.0, state_file=tmp_path / "key.json", clock=clock, upload_timeout=2.0)
+    slow = RateLimiter(1, 10.0, state_file=tmp_path / "key.json", clock=clock, upload_timeout=60.0)
+    quick.reserve()  # never released
+    clock.now += quick.lease + 10.0
+    assert slow.reserve()[1] is not None  # never released either
+    booked = clock.now
+    clock.now += quick.lease + 10.0
+    assert quick.reserve() == (10.0, None)  # the slow connection's upload may still be on its way
+    clock.now = booked + slow.lease
+    assert quick.reserve() == (10.0, None)  # then it counts from its expiry, for one window
+    clock.now += 10.0
+    assert quick.reserve()[1] is not None
+
+
+async def test_a_long_upload_renews_its_slot(tmp_path, monkeypatch):
+    from airflow_provider_doc2x.pacing import window
+
+    monkeypatch.setattr(window, "IN_FLIGHT_MARGIN_SECONDS", 0.4)
+    state_file = tmp_path / "key.json"
+    holder = RateLimiter(1, 0.2, state_file=state_file, upload_timeout=0.1)
+    other = RateLimiter(1, 0.2, state_file=state_file, upload_timeout=0.1)
+    assert holder.lease == pytest.approx(0.5)
+    async with holder.aupload():
+        # Held for several leases (as an upload waiting for a connection before its exchange): renewed.
+        deadline = time.monotonic() + 5 * holder.lease
+        while time.monotonic() < deadline:
+            assert other.reserve()[1] is None
+            await asyncio.sleep(holder.lease / 4)
+    assert len(json.loads(state_file.read_text())["done"]) == 1
 
 
 async def test_a_cancelled_upload_frees_the_slot_its_thread_booked():
@@ -220,7 +268,18 @@ def test_a_symlinked_window_file_is_not_followed(tmp_path, caplog):
         '{"open": {}, "done": [NaN]}',
         '{"open": {}, "done": [1e400]}',
         '{"open": {}, "done": [1' + "0" * 400 + "]}",
-        '{"open": {}, "done": [], "more": 1}',
+        '{"version": "2", "open": {}, "done": []}',
+        '{"version": 0, "open": {}, "done": []}',
+        '{"version": true, "open": {}, "done": []}',
+        '{"version": 2.0, "open": {}, "done": []}',
+        '{"version": 2, "open": {"a": 1000.0}, "done": []}',
+        '{"version": 2, "open": {"a": [1000.0]}, "done": []}',
+        '{"version": 2, "open": {"a": [1000.0, 1001.0, 1]}, "done": []}',
+        '{"version": 2, "open": {"a": [1000.0, 999.0]}, "done": []}',
+        '{"version": 2, "open": {"a": [1000.0, 1e12]}, "done": []}',
+        '{"version": 2, "open": {"a": [1000.0, NaN]}, "done": []}',
+        '{"version": 2, "open": {}}',
+        '{"version": 1, "open": {"a": [1000.0, 1001.0]}, "done": []}',
         "[" * 100_000,
         '[{"id": 1, "at": 1000.0, "open": false}]',
         '[{"id": "a", "at": "1000", "open": false}]',
@@ -246,7 +305,7 @@ def test_contents_that_are_not_a_window_start_anew_with_one_warning(tmp_path, ca
             assert (delay, slot is None) == (0.0, False)
             limiter.release(slot)
     window = json.loads(state_file.read_text())
-    assert (window["open"], len(window["done"])) == ({}, 1)
+    assert (window["version"], window["open"], len(window["done"])) == (FORMAT_VERSION, {}, 1)
     [warning] = pacing_logs(caplog)  # once per limiter, not per call
     assert str(state_file) in warning and "starts anew" in warning
 
@@ -258,6 +317,132 @@ def test_a_slot_dated_far_ahead_is_dropped(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert limiter.reserve()[0] == 0.0
     assert len(pacing_logs(caplog)) == 1
+
+
+# Two releases on one host: the window file's format is versioned; a reader keeps what it does not know.
+
+
+def test_todays_unversioned_window_file_is_still_read(tmp_path, caplog):
+    state_file = tmp_path / "key.json"
+    state_file.write_text(json.dumps({"open": {"crashed": 995.0}, "done": [999.0]}))
+    clock = FakeClock()
+    limiter = RateLimiter(2, 10.0, state_file=state_file, clock=clock, upload_timeout=2.0)
+    with caplog.at_level(logging.WARNING):
+        assert limiter.reserve() == (9.0, None)  # both slots counted: the answered one until 1009
+        window = json.loads(state_file.read_text())
+        assert window["version"] == FORMAT_VERSION
+        assert window["open"] == {"crashed": [995.0, 995.0 + LEGACY_IN_FLIGHT_SECONDS]}  # its writer's rule
+        assert window["done"] == [999.0]
+        clock.now += 9.0
+        assert limiter.reserve()[1] is not None  # the answered one has left the window
+    assert pacing_logs(caplog) == []
+
+
+NEWER_FIELDS = {
+    "rule": {"count_from": "arrival", "learned_at": 990.0, "days": 1},
+    "pages": {"day": "2026-05-01", "used": 412, "budget": 2000},
+    "empty": [],
+    "precise": 0.1234567890123456789,
+}
+
+
+@pytest.mark.parametrize("version", [FORMAT_VERSION, FORMAT_VERSION + 1, 7])
+def test_a_window_file_with_fields_of_a_later_release_is_used_and_kept(tmp_path, caplog, version):
+    state_file = tmp_path / "key.json"
+    written = {"version": version, "open": {"other": [998.0, 1120.0]}, "done": [999.0], **NEWER_FIELDS}
+    state_file.write_text(json.dumps(written))
+    clock = FakeClock()
+    limiter = RateLimiter(3, 10.0, state_file=state_file, clock=clock, upload_timeout=2.0)
+    with caplog.at_level(logging.WARNING):
+        _, slot = limiter.reserve()
+        assert slot is not None
+        assert limiter.reserve() == (9.0, None)  # the later release's slots count: one in flight, one done
+        limiter.release(slot)
+    window = json.loads(state_file.read_text())
+    assert window["version"] == version  # never downgraded
+    assert {name: window[name] for name in NEWER_FIELDS} == NEWER_FIELDS  # kept as they were
+    assert window["open"] == {"other": [998.0, 1120.0]}
+    assert window["done"] == [999.0, 1000.0]
+    assert pacing_logs(caplog) == []
+
+
+def test_a_later_release_window_this_release_cannot_read_is_left_alone(tmp_path, caplog):
+    state_file = tmp_path / "key.json"
+    contents = json.dumps({"version": FORMAT_VERSION + 1, "open": {"a": {"since": 998.0}}, "done": []})
+    state_file.write_text(contents)
+    clock = FakeClock()
+    limiter = RateLimiter(1, 10.0, state_file=state_file, clock=clock)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            _, slot = limiter.reserve()  # paced in memory, by the same rules
+            assert slot is not None
+            limiter.release(slot)
+            assert limiter.reserve() == (10.0, None)
+            clock.now += 10.0
+    assert state_file.read_text() == contents  # neither reset nor rewritten
+    [warning] = pacing_logs(caplog)
+    assert str(state_file) in warning and "later release" in warning and "Upgrade" in warning
+
+
+# A worker killed with uploads in flight: the key is free again within the slots' lease and a window.
+
+HOLDER = """
+import asyncio, contextlib, sys
+from pathlib import Path
+import airflow_provider_doc2x.pacing as pacing
+base_url, key, limit, window, timeout, conn_id, ready = sys.argv[1:]
+limiter = pacing.limiter_for(
+    base_url, key, int(limit), float(window), pacing_conn_id=conn_id or None, upload_timeout=float(timeout)
+)
+
+async def hold():
+    async with contextlib.AsyncExitStack() as uploads:
+        for _ in range(int(limit)):
+            await uploads.enter_async_context(limiter.aupload())
+        Path(ready).touch()
+        await asyncio.Event().wait()  # uploads that never end: the process is killed with them in flight
+
+asyncio.run(hold())
+"""
+
+
+def kill_a_worker_holding_the_key(
+    tmp_path: Path, limit: int, window: float, timeout: float, conn_id: str = "", env: dict | None = None
+) -> float:
+    """Start a process that holds ``limit`` uploads in flight, SIGKILL it once it holds them; return when."""
+    ready = tmp_path / "holder-ready"
+    args = [BASE_URL, KEY, str(limit), str(window), str(timeout), conn_id, str(ready)]
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, *args], env=env or os.environ.copy())
+    try:
+
+        def holding() -> bool:
+            if holder.poll() is not None:
+                raise AssertionError(f"the holding process exited with {holder.returncode}")
+            return ready.exists()
+
+        wait_until(holding, timeout=60, message="the holding process to hold its uploads")
+    finally:
+        killed = time.monotonic()
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=30)
+    return killed
+
+
+def test_a_killed_worker_frees_the_key_within_its_lease_and_one_window(tmp_path):
+    limit, window, timeout = 2, 1.0, 2.0
+    killed = kill_a_worker_holding_the_key(tmp_path, limit, window, timeout)
+    limiter = limiter_for(BASE_URL, KEY, limit, window, upload_timeout=timeout)
+    assert limiter.reserve()[1] is None  # the killed process's uploads still hold the key
+    within = killed + lease_seconds(timeout) + window - time.monotonic()  # the bound, from the kill
+    wait_until(lambda: limiter.reserve()[1], timeout=within, interval=0.05, message="the first upload")
+
+
+def test_the_hook_paces_with_its_connections_timeout(doc2x, monkeypatch):
+    from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
+
+    monkeypatch.setenv("AIRFLOW_CONN_DOC2X_DEFAULT", doc2x.connection_json(timeout=3))
+    hook = Doc2XHook()
+    assert hook.pacer(hook.settings).lease == lease_seconds(3.0)
 
 
 @pytest.mark.parametrize(("ahead", "warnings"), [(0.5, 0), (9.9, 1)])

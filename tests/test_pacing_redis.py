@@ -23,14 +23,18 @@ from pathlib import Path
 import pytest
 
 from airflow_provider_doc2x.pacing import (
-    STALE_IN_FLIGHT_SECONDS,
+    FORMAT_VERSION,
+    LEGACY_IN_FLIGHT_SECONDS,
+    MAX_LEASE_SECONDS,
     RateLimiter,
     RedisRateLimiter,
     key_digest,
+    lease_seconds,
     limiter_for,
     reset_limiters,
 )
 from tests.helpers import API_KEY, FakeClock, free_port, pacing_logs, upload_times, wait_until
+from tests.test_pacing import kill_a_worker_holding_the_key
 
 redis = pytest.importorskip("redis", reason="the Redis client comes with apache-airflow-providers-redis")
 pytest.importorskip(
@@ -105,7 +109,12 @@ def redis_server(tmp_path, monkeypatch):
 
 
 def in_redis(
-    tmp_path: Path, clock: FakeClock, limit: int, window: float, host: str = "a"
+    tmp_path: Path,
+    clock: FakeClock,
+    limit: int,
+    window: float,
+    host: str = "a",
+    upload_timeout: float | None = None,
 ) -> RedisRateLimiter:
     """A limiter on the test key in Redis, standing for one host (its own host-local window file)."""
     return RedisRateLimiter(
@@ -115,7 +124,13 @@ def in_redis(
         redis_key="doc2x:pacing:test",
         state_file=tmp_path / f"host-{host}" / "window.json",
         clock=clock,
+        upload_timeout=upload_timeout,
     )
+
+
+def slots_in(client: redis.Redis, key: str) -> list[bytes]:
+    """The slots of a window set in Redis (its ``version`` member left out)."""
+    return [member for member in client.zrange(key, 0, -1) if member != b"version"]
 
 
 @pytest.mark.parametrize(
@@ -158,16 +173,50 @@ def test_two_hosts_on_one_redis_key_pace_as_one(redis_server, tmp_path):
     assert not (tmp_path / "host-a").exists() and not (tmp_path / "host-b").exists()
 
 
-def test_a_crashed_holder_expires_in_redis(redis_server, tmp_path):
+def test_a_crashed_holder_expires_in_redis_one_window_after_its_lease(redis_server, tmp_path):
     clock = FakeClock()
-    crashed, alive = in_redis(tmp_path, clock, 1, 10.0, "a"), in_redis(tmp_path, clock, 1, 10.0, "b")
+    crashed = in_redis(tmp_path, clock, 1, 10.0, "a", upload_timeout=2.0)
+    alive = in_redis(tmp_path, clock, 1, 10.0, "b", upload_timeout=60.0)
     crashed.reserve()  # never released: its host died
-    clock.now += STALE_IN_FLIGHT_SECONDS - 1
-    assert alive.reserve() == (10.0, None)
-    clock.now += 2
-    assert alive.reserve()[1] is not None
+    clock.now += crashed.lease - 0.1
+    assert alive.reserve() == (10.0, None)  # in flight: it may still be uploading
+    clock.now += 0.1
+    assert alive.reserve() == (10.0, None)  # expired: the server may have counted it until then
+    clock.now += 10.0
+    assert alive.reserve()[1] is not None  # the other host's own, longer lease is its slot's
+    clock.now += crashed.lease + 10.0
+    assert crashed.reserve() == (10.0, None)
     # And a key nobody uses any more leaves Redis by itself.
-    assert 0 < redis_server.client().pttl("doc2x:pacing:test") <= (STALE_IN_FLIGHT_SECONDS + 10) * 1000
+    ttl = redis_server.client().pttl("doc2x:pacing:test")
+    assert 0 < ttl <= (alive.lease + 10 + 1) * 1000
+
+
+def test_a_long_upload_renews_its_slot_in_redis(redis_server, tmp_path):
+    clock = FakeClock()
+    holder = in_redis(tmp_path, clock, 1, 10.0, "a", upload_timeout=2.0)
+    other = in_redis(tmp_path, clock, 1, 10.0, "b", upload_timeout=2.0)
+    _, slot = holder.reserve()
+    for _ in range(5):
+        clock.now += holder.lease / 2
+        holder.renew(slot)  # what aupload does while the upload runs
+        assert other.reserve() == (10.0, None)
+    holder.release(slot)
+    assert other.reserve() == (10.0, None)
+    clock.now += 10.0
+    assert other.reserve()[1] is not None
+
+
+def test_a_killed_worker_frees_the_redis_key_within_its_lease_and_one_window(redis_server, tmp_path):
+    limit, window, timeout = 2, 1.0, 2.0
+    env = {**os.environ, "DOC2X_PACING_DIR": str(tmp_path / "killed-host")}  # another host
+    killed = kill_a_worker_holding_the_key(tmp_path, limit, window, timeout, CONN_ID, env)
+    redis_key = f"doc2x:pacing:{key_digest(BASE_URL, KEY)}"
+    assert len(slots_in(redis_server.client(), redis_key)) == limit  # booked in Redis, not on its host
+    limiter = limiter_for(BASE_URL, KEY, limit, window, pacing_conn_id=CONN_ID, upload_timeout=timeout)
+    assert limiter.reserve()[1] is None  # the killed process's uploads still hold the key
+    within = killed + lease_seconds(timeout) + window - time.monotonic()  # the bound, from the kill
+    wait_until(lambda: limiter.reserve()[1], timeout=within, interval=0.05, message="the first upload")
+    assert not (tmp_path / "pacing").exists()  # paced in Redis
 
 
 @pytest.mark.parametrize(("ahead", "warnings"), [(0.5, 0), (9.9, 1), (1e9, 1)])
@@ -191,15 +240,87 @@ def test_a_slot_dated_ahead_in_redis_waits_one_window_at_most(
     assert len(pacing_logs(caplog)) == warnings
 
 
-def test_a_redis_key_that_is_not_a_window_starts_anew(redis_server, tmp_path, caplog):
+@pytest.mark.parametrize(
+    "members",
+    [
+        {"done:x": 1e12},
+        {"open:x": 1e12},
+        {"lease:x": 1000 + MAX_LEASE_SECONDS + 20},
+        {"lease:x": float("inf")},
+        {"done:x": 995.0, "version": 1.5},
+        {"done:x": 995.0, "version": -1},
+    ],
+    ids=str,
+)
+def test_a_redis_key_that_is_not_a_window_starts_anew(redis_server, tmp_path, caplog, members):
     client = redis_server.client()
     client.set("doc2x:pacing:test", "not a window")
     limiter = in_redis(tmp_path, FakeClock(), 1, 10.0)
     with caplog.at_level(logging.WARNING):
         assert limiter.reserve()[1] is not None
-    client.zadd("doc2x:pacing:test", {"someone else's": 1000.0})
+    client.delete("doc2x:pacing:test")
+    client.zadd("doc2x:pacing:test", members)
     assert limiter.reserve()[1] is not None
+    assert client.zscore("doc2x:pacing:test", "version") == FORMAT_VERSION
+    assert len(slots_in(client, "doc2x:pacing:test")) == 1
     assert ["not hold a valid window" in message for message in pacing_logs(caplog)] == [True]
+
+
+# Two releases on one Redis: the window set's format is versioned; a reader keeps what it does not know.
+
+
+def test_todays_unversioned_redis_window_is_still_read(redis_server, tmp_path, caplog):
+    client = redis_server.client()
+    client.zadd("doc2x:pacing:test", {"open:crashed": 995.0, "done:answered": 999.0})
+    clock = FakeClock()
+    limiter = in_redis(tmp_path, clock, 2, 10.0, upload_timeout=2.0)
+    with caplog.at_level(logging.WARNING):
+        assert limiter.reserve() == (9.0, None)  # both counted: the answered one until 1009
+        clock.now += 9.0
+        _, slot = limiter.reserve()
+        assert slot is not None  # the one in flight still holds its slot, by its writer's rule
+        limiter.release(slot)
+        clock.now = 995.0 + LEGACY_IN_FLIGHT_SECONDS + 10.0
+        assert limiter.reserve()[1] is not None
+    assert client.zscore("doc2x:pacing:test", "version") == FORMAT_VERSION
+    assert pacing_logs(caplog) == []
+
+
+@pytest.mark.parametrize("version", [FORMAT_VERSION, FORMAT_VERSION + 1, 7])
+def test_a_redis_window_with_members_of_a_later_release_is_used_and_kept(
+    redis_server, tmp_path, caplog, version
+):
+    client = redis_server.client()
+    later = {"version": version, "rule:count-from": 990.0, "budget:2026-05-01": 412.0}
+    client.zadd("doc2x:pacing:test", {**later, "lease:other": 1120.0, "done:answered": 999.0})
+    client.set("doc2x:pacing:test:pages", "412")  # a later release's state beside the window
+    limiter = in_redis(tmp_path, FakeClock(), 3, 10.0, upload_timeout=2.0)
+    with caplog.at_level(logging.WARNING):
+        _, slot = limiter.reserve()
+        assert slot is not None
+        assert limiter.reserve() == (9.0, None)  # the later release's slots count
+        limiter.release(slot)
+    assert {name: client.zscore("doc2x:pacing:test", name) for name in later} == later  # not downgraded
+    assert client.zscore("doc2x:pacing:test", "lease:other") == 1120.0
+    assert client.get("doc2x:pacing:test:pages") == b"412"
+    assert pacing_logs(caplog) == []
+
+
+def test_a_later_release_redis_window_this_release_cannot_read_is_left_alone(redis_server, tmp_path, caplog):
+    client = redis_server.client()
+    members = {"version": FORMAT_VERSION + 1, "lease:other": 1e12, "done:answered": 999.0}
+    client.zadd("doc2x:pacing:test", members)
+    limiter = in_redis(tmp_path, FakeClock(), 1, 10.0)
+    with caplog.at_level(logging.WARNING):
+        _, slot = limiter.reserve()  # paced on the host meanwhile
+        assert slot is not None
+        limiter.release(slot)
+    assert {
+        name.decode(): score for name, score in client.zrange("doc2x:pacing:test", 0, -1, withscores=True)
+    } == members
+    assert (tmp_path / "host-a" / "window.json").exists()
+    [warning] = pacing_logs(caplog)
+    assert "doc2x:pacing:test" in warning and "later release" in warning
 
 
 def test_the_redis_key_is_a_digest_never_the_api_key(redis_server, tmp_path, caplog):
@@ -208,7 +329,7 @@ def test_the_redis_key_is_a_digest_never_the_api_key(redis_server, tmp_path, cap
         pass
     client = redis_server.client()
     assert client.keys("*") == [f"doc2x:pacing:{key_digest(BASE_URL, KEY)}".encode()]
-    members = client.zrange(f"doc2x:pacing:{key_digest(BASE_URL, KEY)}", 0, -1)
+    members = slots_in(client, f"doc2x:pacing:{key_digest(BASE_URL, KEY)}")
     assert len(members) == 1 and members[0].startswith(b"done:")
     assert KEY.encode() not in b"".join(members)
     assert not (tmp_path / "pacing").exists()  # the host-local window was not needed
@@ -244,7 +365,9 @@ async def test_aupload_talks_to_redis_off_the_event_loop(redis_server, monkeypat
 
     async def upload():
         async with limiter.aupload():
-            in_window.append(redis_server.client().zcard(f"doc2x:pacing:{key_digest(BASE_URL, KEY)}"))
+            in_window.append(
+                len(slots_in(redis_server.client(), f"doc2x:pacing:{key_digest(BASE_URL, KEY)}"))
+            )
 
     await asyncio.gather(*(upload() for _ in range(6)))
     assert len(in_window) == 6 and max(in_window) <= 2  # paced in Redis: never more than the limit
@@ -264,7 +387,7 @@ def test_redis_down_falls_back_to_the_host_window_with_one_warning_then_comes_ba
         for _ in range(2):
             with limiter.upload():
                 pass
-        assert redis_server.client().zcard(redis_key) == 2
+        assert len(slots_in(redis_server.client(), redis_key)) == 2
         assert not host_window.exists()
 
         redis_server.stop()
@@ -290,7 +413,7 @@ def test_redis_down_falls_back_to_the_host_window_with_one_warning_then_comes_ba
         def redis_used_again() -> bool:
             with limiter.upload():
                 pass
-            return redis_server.client().zcard(redis_key) >= 1
+            return len(slots_in(redis_server.client(), redis_key)) >= 1
 
         wait_until(redis_used_again, timeout=30, interval=0.1, message="Redis to be used again")
     assert len(pacing_logs(caplog)) == 1  # one warning for the limiter, however long Redis was down

@@ -188,6 +188,7 @@ class Doc2XHook(BaseHook):
             settings.rate_limit_images,
             settings.rate_limit_window,
             pacing_conn_id=settings.pacing_conn_id,
+            upload_timeout=settings.timeout,
         )
 
     def _call(self, request: protocol.Doc2XRequest, read: Any) -> Any:

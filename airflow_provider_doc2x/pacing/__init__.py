@@ -16,7 +16,11 @@ Where a key's window is kept (:func:`limiter_for`):
   every worker host books and releases the key's slots there, by the same rules; the host-local
   window stands in while Redis is down (:mod:`~airflow_provider_doc2x.pacing.redis_window`).
 
-Both are named by a digest of the base URL and the key; the key itself is never written.
+Both are named by a digest of the base URL and the key; the key itself is never written. Both hold
+a versioned format that releases share: a reader keeps what it does not know (see
+:mod:`~airflow_provider_doc2x.pacing.window`). A slot in flight expires after the longest its upload
+may take, the connection's ``timeout`` plus a margin (:func:`lease_seconds`), so a worker killed with
+uploads in flight holds the key for that long plus one window at most.
 """
 
 from __future__ import annotations
@@ -29,13 +33,24 @@ from pathlib import Path
 
 from airflow_provider_doc2x.pacing.private import is_private_dir
 from airflow_provider_doc2x.pacing.redis_window import RedisRateLimiter
-from airflow_provider_doc2x.pacing.window import STALE_IN_FLIGHT_SECONDS, RateLimiter
+from airflow_provider_doc2x.pacing.window import (
+    FORMAT_VERSION,
+    IN_FLIGHT_MARGIN_SECONDS,
+    LEGACY_IN_FLIGHT_SECONDS,
+    MAX_LEASE_SECONDS,
+    RateLimiter,
+    lease_seconds,
+)
 
 __all__ = [
-    "STALE_IN_FLIGHT_SECONDS",
+    "FORMAT_VERSION",
+    "IN_FLIGHT_MARGIN_SECONDS",
+    "LEGACY_IN_FLIGHT_SECONDS",
+    "MAX_LEASE_SECONDS",
     "RateLimiter",
     "RedisRateLimiter",
     "key_digest",
+    "lease_seconds",
     "limiter_for",
     "pacing_dir",
     "reset_limiters",
@@ -71,17 +86,27 @@ def _window_file(place: tuple[str | None, ...], digest: str) -> Path:
 
 
 def limiter_for(
-    base_url: str, api_key: str, limit: int, window: float, *, pacing_conn_id: str | None = None
+    base_url: str,
+    api_key: str,
+    limit: int,
+    window: float,
+    *,
+    pacing_conn_id: str | None = None,
+    upload_timeout: float | None = None,
 ) -> RateLimiter:
     """The limiter of one key at one endpoint, shared by the threads of this process.
 
     Without ``pacing_conn_id`` it paces with the other processes of this host (a window file); with
-    it, with every process of every host that uses the same Redis connection. Cheap: no file, no
-    connection and no network is touched until the first upload.
+    it, with every process of every host that uses the same Redis connection. ``upload_timeout``
+    (the connection's ``timeout``, within which the transport ends each upload) bounds how long a
+    slot stays in flight when its holder dies (:func:`lease_seconds`); without it, that is
+    :data:`MAX_LEASE_SECONDS`. Cheap: no file, no connection and no network is touched until the
+    first upload.
     """
     digest = key_digest(base_url, api_key)
     place = tuple(os.environ.get(name) for name in _PLACE_VARIABLES)
-    registry_key = (digest, limit, float(window), pacing_conn_id or None, place)
+    lease = lease_seconds(upload_timeout)
+    registry_key = (digest, limit, float(window), pacing_conn_id or None, place, lease)
     with _limiters_lock:
         limiter = _limiters.get(registry_key)
         if limiter is None:
@@ -93,9 +118,10 @@ def limiter_for(
                     redis_conn_id=pacing_conn_id,
                     redis_key=f"doc2x:pacing:{digest}",
                     state_file=state_file,
+                    upload_timeout=upload_timeout,
                 )
             else:
-                limiter = RateLimiter(limit, window, state_file=state_file)
+                limiter = RateLimiter(limit, window, state_file=state_file, upload_timeout=upload_timeout)
             _limiters[registry_key] = limiter
         return limiter
 

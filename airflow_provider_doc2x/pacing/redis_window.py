@@ -6,12 +6,26 @@ Why a script of our own rather than a rate-limiting library: the well-kept ones,
 an acquisition as one anonymous point in time that never changes. Our window needs a slot that
 counts as "now" for as long as its upload is in flight and is then re-dated to the answer's time:
 neither library hands back a handle to find the slot again at release, nor counts an entry at
-a moving time. Two short Lua scripts do it atomically on one sorted set.
+a moving time. Short Lua scripts do it atomically on one sorted set.
 
-The set ``doc2x:pacing:<digest>`` holds one member per slot: ``open:<id>`` while the upload is in
-flight, ``done:<id>`` once it was answered, scored by the slot's time (the Redis server's clock, so
-hosts whose clocks differ still agree). The rules are exactly those of the host-local window; the
-key expires by itself once no slot can count any more.
+The set ``doc2x:pacing:<digest>`` holds one member per slot, scored by the Redis server's clock (so
+hosts whose clocks differ still agree): ``lease:<id>`` while the upload is in flight, scored by its
+expiry (the booking host's :func:`~airflow_provider_doc2x.pacing.window.lease_seconds`, renewed while
+its holder runs), and ``done:<id>`` once it was answered, scored by the answer's time. A slot past
+its expiry (its holder died) counts from its expiry. The rules are exactly those of the host-local
+window; the key expires by itself once no slot can count any more.
+
+**Versions.** The member ``version`` is scored by the set's format (that of the window file:
+:data:`~airflow_provider_doc2x.pacing.window.FORMAT_VERSION`). The format of earlier releases, with
+no ``version``, is version 1: its slots in flight are ``open:<id>`` scored by their booking time, and
+expire :data:`~airflow_provider_doc2x.pacing.window.LEGACY_IN_FLIGHT_SECONDS` after it; they are
+still counted. As in the file, a reader keeps every member it does not know and never lowers the
+version; ``lease:``, ``open:`` and ``done:`` keep their meaning in later versions. When a set of a
+later version holds a slot this release cannot read, it is left untouched and the host-local
+window stands in for a while, with one warning to upgrade. What later releases keep for a key
+beside its window (a learned rule, a daily page budget) goes into keys of its own,
+``doc2x:pacing:<digest>:<name>``, which these scripts never touch. Releases before version 2 start
+the set anew when it holds ``version`` or ``lease:`` members.
 
 When Redis cannot be reached or fails, the limiter paces on the host-local window for a while
 (:attr:`RedisRateLimiter.fallback_seconds`) before it tries Redis again, and says so once.
@@ -30,52 +44,102 @@ from typing import Any
 
 from airflow_provider_doc2x.pacing.window import (
     CLOCK_TOLERANCE_SECONDS,
-    STALE_IN_FLIGHT_SECONDS,
+    FORMAT_VERSION,
+    LEGACY_IN_FLIGHT_SECONDS,
+    MAX_LEASE_SECONDS,
     RateLimiter,
 )
 
 log = logging.getLogger(__name__)
 
-#: Book a slot if the window has room. KEYS[1]: the window. ARGV: limit, window, seconds after which
-#: a slot in flight is stale, the new slot's id, now ('' for the Redis server's clock), seconds a
-#: slot may be dated ahead of the clock. Returns {booked, value, distrusted}: {1, now, _} when booked,
-#: {0, wait, _} when full; distrusted is 1 when the window held something that is not a slot of
-#: ours, or a slot dated too far ahead of the clock, and was started anew.
-BOOK_SCRIPT = """
+#: A window set with more members than this is not a window (the host-local file's size bound).
+MAX_MEMBERS = 20_000
+
+#: What every script starts with: the key, and the time (ARGV[n]; '' for the Redis server's clock).
+_PRELUDE = """
 if redis.replicate_commands then redis.replicate_commands() end
 local key = KEYS[1]
+local function clock(given)
+    local now = tonumber(given)
+    if now then return now end
+    local time = redis.call('TIME')
+    return tonumber(time[1]) + tonumber(time[2]) / 1000000
+end
+local function keep_for(seconds)
+    local ms = math.ceil(seconds * 1000)
+    if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+end
+local function is_window()
+    local kind = redis.call('TYPE', key)['ok']
+    return kind == 'zset' or kind == 'none'
+end
+"""
+
+#: Book a slot if the window has room. KEYS[1]: the window. ARGV: limit, window, the slot's lease,
+#: the new slot's id, now ('' for the Redis server's clock), seconds a slot may be dated ahead of the
+#: clock. Returns {state, value, distrusted}: {1, now, _} when booked, {0, wait, _} when full,
+#: {2, version, 0} for a set of a later version that this release cannot read (nothing was
+#: changed); distrusted is 1 when the window held something that is not a window, or a slot dated
+#: too far ahead of the clock, and was started anew.
+BOOK_SCRIPT = (
+    _PRELUDE
+    + f"""
+local version_here, legacy, max_lease, max_members = {FORMAT_VERSION}, {LEGACY_IN_FLIGHT_SECONDS!r}, {MAX_LEASE_SECONDS!r}, {MAX_MEMBERS}
+"""
+    + """
 local limit = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
-local stale = tonumber(ARGV[3])
-local now = tonumber(ARGV[5])
+local lease = tonumber(ARGV[3])
+local now = clock(ARGV[5])
 local tolerance = tonumber(ARGV[6])
-if not now then
-    local clock = redis.call('TIME')
-    now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
-end
-local times, gone = {}, {}
 local distrusted = 0
-local kind = redis.call('TYPE', key)['ok']
-if kind ~= 'zset' and kind ~= 'none' then
+if not is_window() then
     redis.call('DEL', key)
     distrusted = 1
 end
-local members = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
-for i = 1, #members, 2 do
-    local member, at = members[i], tonumber(members[i + 1])
-    local state = string.sub(member, 1, 5)
-    if (state ~= 'open:' and state ~= 'done:') or not (at <= now + window) then
-        distrusted = 1
-    elseif (state == 'open:' and at > now - stale) or at > now - window then
-        if state == 'open:' then at = math.max(at, now) end
-        times[#times + 1] = at
-    else
-        gone[#gone + 1] = member
+local version = tonumber(redis.call('ZSCORE', key, 'version') or '1')
+local valid = version and version >= 1 and version == math.floor(version)
+local newer = valid and version > version_here
+if valid and redis.call('ZCARD', key) > max_members then valid = false end
+local times, gone = {}, {}
+local horizon = window
+if valid then
+    local members = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
+    for i = 1, #members, 2 do
+        local member, at = members[i], tonumber(members[i + 1])
+        local kind = string.match(member, '^(%l+):')
+        local expires = nil
+        if member == 'version' or (kind ~= 'done' and kind ~= 'open' and kind ~= 'lease') then
+            -- not a slot, or a member of a later release: kept as it is, not counted
+        elseif not at then
+            valid = false
+        elseif kind == 'done' then
+            if not (at <= now + window) then valid = false end
+            if at > now - window then times[#times + 1] = at else gone[#gone + 1] = member end
+        else
+            if kind == 'open' then
+                if not (at <= now + window) then valid = false end
+                expires = at + legacy
+            else
+                if not (at <= now + window + max_lease) then valid = false end
+                expires = at
+            end
+            if expires > now then
+                if kind == 'open' then times[#times + 1] = math.max(at, now) else times[#times + 1] = now end
+            elseif expires > now - window then
+                times[#times + 1] = expires
+            else
+                gone[#gone + 1] = member
+            end
+            horizon = math.max(horizon, expires - now + window)
+        end
+        if not valid then break end
     end
 end
-if distrusted == 1 then
+if not valid then
+    if newer then return {2, tostring(version), 0} end
     redis.call('DEL', key)
-    times = {}
+    times, gone, horizon, version, distrusted = {}, {}, window, 1, 1
 elseif #gone > 0 then
     redis.call('ZREM', key, unpack(gone))
 end
@@ -83,37 +147,62 @@ table.sort(times)
 if #times >= limit then
     local ahead = times[#times - limit + 1] - now
     if ahead > tolerance then
+        if newer then return {2, tostring(version), 0} end
         redis.call('DEL', key)
         return {0, tostring(window), 1}
     end
     return {0, tostring(math.min(ahead, 0) + window), distrusted}
 end
-redis.call('ZADD', key, now, 'open:' .. ARGV[4])
-redis.call('PEXPIRE', key, math.ceil((math.max(stale, window) + window) * 1000))
+redis.call('ZADD', key, now + lease, 'lease:' .. ARGV[4])
+if version < version_here then redis.call('ZADD', key, version_here, 'version') end
+keep_for(math.max(horizon, lease + window))
 return {1, tostring(now), distrusted}
 """
+)
 
-#: The upload of a slot ended: the slot counts from now, no longer as in flight. KEYS[1]: the window.
-#: ARGV: the slot's id, window, stale seconds, now ('' for the Redis server's clock). Returns 1, or 0
-#: for a slot the window no longer holds.
-RELEASE_SCRIPT = """
-if redis.replicate_commands then redis.replicate_commands() end
-local key = KEYS[1]
-local open = 'open:' .. ARGV[1]
-local at = redis.call('ZSCORE', key, open)
+#: The upload of a slot still runs: hold it for another lease. KEYS[1]: the window. ARGV: the slot's
+#: id, its lease, window, now ('' for the Redis server's clock). Returns 1, or 0 for a slot the
+#: window no longer holds.
+RENEW_SCRIPT = (
+    _PRELUDE
+    + """
+if not is_window() then return 0 end
+local lease_member = 'lease:' .. ARGV[1]
+local at = redis.call('ZSCORE', key, lease_member)
 if not at then return 0 end
-local window = tonumber(ARGV[2])
-local stale = tonumber(ARGV[3])
-local now = tonumber(ARGV[4])
-if not now then
-    local clock = redis.call('TIME')
-    now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
-end
-redis.call('ZREM', key, open)
-redis.call('ZADD', key, math.max(tonumber(at), now), 'done:' .. ARGV[1])
-redis.call('PEXPIRE', key, math.ceil((math.max(stale, window) + window) * 1000))
+local now = clock(ARGV[4])
+local expires = math.max(tonumber(at), now + tonumber(ARGV[2]))
+redis.call('ZADD', key, expires, lease_member)
+keep_for(expires - now + tonumber(ARGV[3]))
 return 1
 """
+)
+
+#: The upload of a slot ended: the slot counts from now, no longer as in flight. KEYS[1]: the window.
+#: ARGV: the slot's id, window, now ('' for the Redis server's clock). A slot the window no longer
+#: holds (it expired while its holder stalled, or the window started anew) counts from now all the
+#: same: the upload was sent. Returns 1, or 0 when the key is not a window.
+RELEASE_SCRIPT = (
+    _PRELUDE
+    + """
+if not is_window() then return 0 end
+local window = tonumber(ARGV[2])
+local now = clock(ARGV[3])
+redis.call('ZREM', key, 'lease:' .. ARGV[1], 'open:' .. ARGV[1])
+redis.call('ZADD', key, now, 'done:' .. ARGV[1])
+keep_for(window)
+return 1
+"""
+)
+
+
+class NewerRedisWindow(Exception):
+    """The window in Redis is of a later format, holding what this release cannot read."""
+
+    def __init__(self, redis_key: str, version: int) -> None:
+        super().__init__(f"{redis_key} is of format {version}")
+        self.redis_key = redis_key
+        self.version = version
 
 
 class RedisRateLimiter(RateLimiter):
@@ -124,7 +213,8 @@ class RedisRateLimiter(RateLimiter):
     and releases in a worker thread, so the event loop never blocks on it. The host-local window
     (``state_file``, else memory) stands in while Redis is down.
 
-    ``clock`` dates the slots in Redis; by default the Redis server's clock does.
+    ``clock`` dates the slots in Redis; by default the Redis server's clock does. ``upload_timeout``
+    (the connection's timeout) sets how long a slot in flight is held without renewal, as on the host.
     """
 
     #: Seconds the host-local window stands in after Redis failed, before Redis is tried again.
@@ -141,16 +231,18 @@ class RedisRateLimiter(RateLimiter):
         redis_key: str,
         state_file: Path | Callable[[], Path] | None = None,
         clock: Callable[[], float] | None = None,
+        upload_timeout: float | None = None,
     ) -> None:
-        super().__init__(limit, window, state_file=state_file, clock=clock or time.time)
+        super().__init__(
+            limit, window, state_file=state_file, clock=clock or time.time, upload_timeout=upload_timeout
+        )
         self.redis_conn_id = redis_conn_id
         self.redis_key = redis_key
         self._redis_clock = clock
         self._connect_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._client: Any = None
-        self._book: Any = None
-        self._release: Any = None
+        self._scripts_of_client: tuple[Any, Any, Any] | None = None
         #: ``time.monotonic()`` before which Redis is not tried again.
         self._down_until = float("-inf")
         self._down = False
@@ -162,10 +254,10 @@ class RedisRateLimiter(RateLimiter):
     def _now_arg(self) -> str:
         return "" if self._redis_clock is None else repr(float(self._redis_clock()))
 
-    def _scripts(self) -> tuple[Any, Any]:
-        """The booking and release scripts, on a client built from the Redis connection at first use."""
+    def _scripts(self) -> tuple[Any, Any, Any]:
+        """The booking, release and renewal scripts, on a client built from the Redis connection at first use."""
         with self._connect_lock:
-            if self._client is None:
+            if self._client is None or self._scripts_of_client is None:
                 try:
                     from airflow.providers.redis.hooks.redis import RedisHook
                 except ImportError as error:
@@ -175,16 +267,23 @@ class RedisRateLimiter(RateLimiter):
                     ) from error
                 client = RedisHook(redis_conn_id=self.redis_conn_id).get_conn()
                 _bound_waits(client, self.socket_timeout)
-                self._book = client.register_script(BOOK_SCRIPT)
-                self._release = client.register_script(RELEASE_SCRIPT)
+                self._scripts_of_client = (
+                    client.register_script(BOOK_SCRIPT),
+                    client.register_script(RELEASE_SCRIPT),
+                    client.register_script(RENEW_SCRIPT),
+                )
                 self._client = client
-            return self._book, self._release
+            return self._scripts_of_client
 
     def reserve(self) -> tuple[float, str | None]:
         """Book a slot in Redis, or on the host while Redis is down (see :meth:`RateLimiter.reserve`)."""
         if time.monotonic() >= self._down_until:
             try:
                 return self._reserve_in_redis()
+            except NewerRedisWindow as newer:  # Redis answers: it is the window that cannot be used
+                with self._state_lock:
+                    self._down_until = time.monotonic() + self.fallback_seconds
+                self._newer(f"the upload window in Redis ({newer.redis_key})", newer.version)
             except Exception as error:  # whatever fails in the pacing store, the upload goes on
                 self._redis_failed(error)
         delay, slot_id = super().reserve()
@@ -194,33 +293,42 @@ class RedisRateLimiter(RateLimiter):
         return delay, slot_id
 
     def _reserve_in_redis(self) -> tuple[float, str | None]:
-        book, release = self._scripts()
+        book, release, _ = self._scripts()
         with self._state_lock:
             unreleased, self._unreleased = self._unreleased, []
         try:
             for slot_id in unreleased:
-                self._call(release, slot_id, self.window, STALE_IN_FLIGHT_SECONDS, self._now_arg())
+                self._call(release, slot_id, self.window, self._now_arg())
         except Exception:
             with self._state_lock:
                 self._unreleased[:0] = unreleased
             raise
         slot_id = uuid.uuid4().hex
         answer = self._call(
-            book,
-            self.limit,
-            self.window,
-            STALE_IN_FLIGHT_SECONDS,
-            slot_id,
-            self._now_arg(),
-            CLOCK_TOLERANCE_SECONDS,
+            book, self.limit, self.window, self.lease, slot_id, self._now_arg(), CLOCK_TOLERANCE_SECONDS
         )
         self._redis_answered()
-        booked, value, distrusted = int(answer[0]), float(answer[1]), int(answer[2])
+        state, value, distrusted = int(answer[0]), float(answer[1]), int(answer[2])
+        if state == 2:
+            raise NewerRedisWindow(self.redis_key, int(value))
         if distrusted:
             self._distrust(f"the upload window in Redis ({self.redis_key}) did not hold a valid window")
-        if booked:
+        if state == 1:
             return 0.0, slot_id
         return min(value, self.window), None
+
+    def renew(self, slot_id: str) -> None:
+        """The upload of ``slot_id`` still runs: hold its slot (in Redis, or on the host) for another lease."""
+        with self._state_lock:
+            local = slot_id in self._local_slots
+        if local:
+            super().renew(slot_id)
+            return
+        try:
+            _, _, renew = self._scripts()
+            self._call(renew, slot_id, self.lease, self.window, self._now_arg())
+        except Exception:  # the slot keeps its lease; a failing Redis is noticed by the next booking
+            log.debug("Doc2X pacing: renewing a slot in Redis failed", exc_info=True)
 
     def release(self, slot_id: str, *, ended: float | None = None) -> None:
         """The upload ended: in Redis the slot is dated by Redis's own clock, shared by every host."""
@@ -231,8 +339,8 @@ class RedisRateLimiter(RateLimiter):
             super().release(slot_id, ended=ended)
             return
         try:
-            _, release = self._scripts()
-            self._call(release, slot_id, self.window, STALE_IN_FLIGHT_SECONDS, self._now_arg())
+            _, release, _ = self._scripts()
+            self._call(release, slot_id, self.window, self._now_arg())
         except Exception as error:  # the slot is released at the next booking that reaches Redis
             with self._state_lock:
                 self._unreleased.append(slot_id)
@@ -267,6 +375,7 @@ class RedisRateLimiter(RateLimiter):
         """Let go of the Redis client."""
         with self._connect_lock:
             client, self._client = self._client, None
+            self._scripts_of_client = None
         if client is not None:
             try:
                 client.close()

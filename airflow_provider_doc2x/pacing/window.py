@@ -1,14 +1,39 @@
 """The rolling window of one key, kept in process memory or in a private file shared by a host's processes.
 
-A window is ``{"open": {slot id: booked at}, "done": [answered at, ...]}``: one slot per upload,
-booked at the send (``open``: in flight) and moved to the answer's time at release (``done``, kept
-sorted). The file is locked (``fcntl.flock``) while a process reads and rewrites it. Whatever it
-holds is checked before it is believed: a file that is not a window, or a slot dated ahead of this
-host's clock, starts a new window (with one warning per limiter), so no file content can crash an
-upload or stall it for more than one window.
+A window file holds one JSON object::
+
+    {"version": 2, "open": {"<slot id>": [booked at, expires at], ...}, "done": [answered at, ...]}
+
+one slot per upload, booked at the send (``open``: in flight) and moved to the answer's time at
+release (``done``, kept sorted). A slot in flight carries its own expiry, the longest its upload may
+take (:func:`lease_seconds`: the connection's ``timeout`` plus a margin), renewed while its holder
+still runs; hosts and tasks with different connections share one window. A slot whose holder died
+(killed, its host lost) is not renewed: at its expiry it counts as answered then, so the key is
+free again one window later, not after a fixed ten minutes. The file is locked (``fcntl.flock``)
+while a process reads and rewrites it.
+
+**Versions, and what a reader keeps.** ``version`` is the format the file was last written in. The
+unversioned file of earlier releases is version 1: ``open`` maps a slot to its booking time alone,
+and such a slot expires :data:`LEGACY_IN_FLIGHT_SECONDS` after it. ``open`` and ``done`` keep their
+meaning in every later version; what a later release adds for a key (a learned rule, a daily page
+budget) goes into fields of its own beside them. So a reader of this release:
+
+- keeps every field it does not know, as it found it, when it rewrites the file, and never writes
+  a version lower than the one it read;
+- uses a file of a higher version when its ``open`` and ``done`` read as this release knows them.
+  When they do not, it leaves the file untouched and this process paces the key on its own, in
+  memory, with one warning to upgrade: an older release never resets or downgrades a newer one's
+  window;
+- starts a window anew (with one warning per limiter) only for contents of its own version or
+  lower that are not a window: not JSON, wrong types, a time that is not a finite number, a slot
+  dated ahead of this host's clock. So no file content can crash an upload or stall it for more
+  than one window.
+
+Releases before version 2 start anew any file that holds more than ``open`` and ``done``: run one
+release per host (and per Redis) while such a release is still deployed.
 
 The format is compact on purpose: with a generous key (thousands of uploads per window) the file is
-read and rewritten twice per upload, and a list of plain numbers is what JSON reads and writes fastest.
+read and rewritten twice per upload, and lists of plain numbers are what JSON reads and writes fastest.
 """
 
 from __future__ import annotations
@@ -27,49 +52,118 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from airflow_provider_doc2x.pacing.private import NotPrivateError, open_private_file
 
 log = logging.getLogger(__name__)
 
-#: An upload still "in flight" after this long is taken for a crashed process and forgotten.
-STALE_IN_FLIGHT_SECONDS = 600.0
+#: The format this release writes (see the module's doc).
+FORMAT_VERSION = 2
+#: The unversioned format's slots in flight carry no expiry; their writers forgot them after this long.
+LEGACY_IN_FLIGHT_SECONDS = 600.0
+#: Added to the connection's timeout: a slot is booked a moment before its exchange starts.
+IN_FLIGHT_MARGIN_SECONDS = 5.0
+#: The longest lease a slot gets; an upload that takes longer renews its slot meanwhile. Without a
+#: connection timeout (a limiter built without one), slots get this lease.
+MAX_LEASE_SECONDS = 600.0
 #: A slot dated further ahead of the clock than this is not believed: the window starts anew. Nearer,
 #: it waits one window at most (a clock stepped back a little).
 CLOCK_TOLERANCE_SECONDS = 1.0
 #: A window file longer than this is not a window (a slot takes about 70 bytes).
 MAX_STATE_BYTES = 1 << 20
+#: The fields of a window file that this release reads; any other is kept as it is.
+_WINDOW_FIELDS = ("version", "open", "done")
+
+
+def lease_seconds(upload_timeout: float | None) -> float:
+    """How long a slot in flight is held without renewal: the upload's deadline plus a margin.
+
+    The transport runs each upload's whole exchange (connect, send, answer) under the connection's
+    ``timeout`` and books a new slot for each retry, so one slot never spans more than one exchange.
+    A holder that still runs renews its slot (see :meth:`RateLimiter.aupload`), so an upload that
+    waited before its exchange started keeps its slot; a holder that died frees it at the lease's end.
+    """
+    if upload_timeout is None or not upload_timeout > 0 or not math.isfinite(upload_timeout):
+        return MAX_LEASE_SECONDS
+    return min(float(upload_timeout) + IN_FLIGHT_MARGIN_SECONDS, MAX_LEASE_SECONDS)
 
 
 @dataclass
 class Window:
-    """The slots of a window: in flight by id (their booking time), and answered (their times, sorted)."""
+    """The slots of a window, and what its file holds beside them.
 
-    open: dict[str, float] = field(default_factory=dict)
+    ``open``: the slots in flight by id, as ``(booked at, expires at)``; ``done``: the answered
+    slots' times, sorted; ``version``: the format the file was read in; ``extra``: the fields this
+    release does not know, written back as they were read.
+    """
+
+    open: dict[str, tuple[float, float]] = field(default_factory=dict)
     done: list[float] = field(default_factory=list)
+    version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
-        """The window as the file holds it."""
-        return json.dumps({"open": self.open, "done": self.done}, separators=(",", ":")).encode()
+        """The window as the file holds it: never in a version lower than it was read in."""
+        data = {"version": max(self.version, FORMAT_VERSION), "open": self.open, "done": self.done}
+        return json.dumps({**data, **self.extra}, separators=(",", ":")).encode()
 
 
-def valid_window(data: object, *, now: float, window: float) -> Window | None:
-    """``data`` as a window if it is one, with no slot dated more than ``window`` ahead; else None."""
-    if not isinstance(data, dict) or data.keys() != {"open", "done"}:
-        return None
-    booked, answered = data["open"], data["done"]
+@dataclass(frozen=True)
+class NewerWindow:
+    """A window of a later format whose slots this release cannot read: left as it is."""
+
+    version: int
+
+
+def _is_time(value: object, latest: float) -> bool:
+    # JSON gives float for 1.0, 1e400 (inf) and NaN, int for 1 and for a 400-digit number: only finite
+    # floats and ints in range are times.
+    return (type(value) is float or type(value) is int) and -latest <= value <= latest
+
+
+def _slots_of(booked: object, answered: object, version: int, *, now: float, window: float) -> Window | None:
+    """The slots of a file's ``open`` and ``done`` as this release reads them; None if they are not."""
     if not isinstance(booked, dict) or not isinstance(answered, list):
         return None
     latest = now + window
-    times = [*booked.values(), *answered]
-    # JSON gives float for 1.0, 1e400 (inf) and NaN, int for 1 and for a 400-digit number: only finite
-    # floats and ints in range are times.
-    if not all((type(at) is float or type(at) is int) and -latest <= at <= latest for at in times):
+    if not all(_is_time(at, latest) for at in answered):
         return None
-    return Window(
-        open={str(slot_id): float(at) for slot_id, at in booked.items()},
-        done=sorted(float(at) for at in answered),
-    )
+    slots: dict[str, tuple[float, float]] = {}
+    if version == 1:  # booking times alone: the slot expired LEGACY_IN_FLIGHT_SECONDS later
+        for slot_id, at in booked.items():
+            if not _is_time(at, latest):
+                return None
+            slots[slot_id] = (float(at), float(at) + LEGACY_IN_FLIGHT_SECONDS)
+    else:
+        furthest = latest + MAX_LEASE_SECONDS
+        for slot_id, entry in booked.items():
+            if not (type(entry) is list and len(entry) == 2):
+                return None
+            at, expires = entry
+            if not (_is_time(at, latest) and _is_time(expires, furthest) and at <= expires):
+                return None
+            slots[slot_id] = (float(at), float(expires))
+    return Window(open=slots, done=sorted(float(at) for at in answered), version=version)
+
+
+def valid_window(data: object, *, now: float, window: float) -> Window | NewerWindow | None:
+    """``data`` as a window, with no slot dated more than ``window`` ahead (expiries: a lease more).
+
+    A :class:`NewerWindow` when it is of a later format whose ``open`` or ``done`` this release cannot
+    read (to be left alone); None when it is not a window (to be started anew). Fields this release
+    does not know are kept in :attr:`Window.extra`.
+    """
+    if not isinstance(data, dict):
+        return None
+    version = data.get("version", 1)
+    if type(version) is not int or version < 1:
+        return None
+    slots = _slots_of(data.get("open"), data.get("done"), version, now=now, window=window)
+    if slots is None:
+        return NewerWindow(version) if version > FORMAT_VERSION else None
+    slots.extra = {name: value for name, value in data.items() if name not in _WINDOW_FIELDS}
+    return slots
 
 
 class RateLimiter:
@@ -78,7 +172,8 @@ class RateLimiter:
     The server counts an upload when it arrives, somewhere between our send and its answer. So a
     slot is booked at the send (to space the sends) and moved to the answer's time when the upload
     ends (so the next window is measured from a time that is never earlier than the server's).
-    While an upload is in flight, its slot counts as taken now.
+    While an upload is in flight, its slot counts as taken now; a slot whose holder died counts from
+    its expiry (``upload_timeout``, the connection's timeout, sets it: :func:`lease_seconds`).
 
     ``state_file`` (a path, or a function that gives it at first use) shares the window with the
     other processes of the host; its folder must be private to this user. Without it, or when the
@@ -92,12 +187,15 @@ class RateLimiter:
         *,
         state_file: Path | Callable[[], Path] | None = None,
         clock: Callable[[], float] = time.time,
+        upload_timeout: float | None = None,
     ) -> None:
         if limit < 1 or not window > 0 or not math.isfinite(window):
             raise ValueError(f"A rate limit needs limit >= 1 and window > 0, got {limit} per {window}s")
         self.limit = limit
         self.window = float(window)
         self.state_file = state_file
+        #: Seconds a slot in flight is held past its booking or last renewal (see :func:`lease_seconds`).
+        self.lease = lease_seconds(upload_timeout)
         self._clock = clock
         self._memory = Window()
         self._lock = threading.Lock()
@@ -151,15 +249,21 @@ class RateLimiter:
             raise
         return fd
 
-    def _read(self, fd: int, now: float) -> Window:
+    def _read(self, fd: int, now: float) -> Window | None:
+        """The file's window; None for a later format's window that this release must leave alone."""
         raw = os.pread(fd, MAX_STATE_BYTES + 1, 0)
         if not raw:
             return Window()  # a new file
-        try:
-            slots = valid_window(json.loads(raw), now=now, window=self.window)
-        except (ValueError, RecursionError):  # not JSON (or not UTF-8)
-            slots = None
-        if slots is None or len(raw) > MAX_STATE_BYTES:
+        slots: Window | NewerWindow | None = None
+        if len(raw) <= MAX_STATE_BYTES:
+            try:
+                slots = valid_window(json.loads(raw), now=now, window=self.window)
+            except (ValueError, RecursionError):  # not JSON (or not UTF-8)
+                slots = None
+        if isinstance(slots, NewerWindow):
+            self._newer(f"the window file {self._state_path()}", slots.version)
+            return None
+        if slots is None:
             self._distrust(f"the window file {self._state_path()} does not hold a valid window")
             return Window()
         return slots
@@ -173,6 +277,18 @@ class RateLimiter:
             what,
         )
 
+    def _newer(self, what: str, version: int) -> None:
+        if not self._first_warning("newer"):
+            return
+        log.warning(
+            "Doc2X pacing: %s was written by a later release of airflow-provider-doc2x (format %d; this "
+            "release reads up to %d) in a form this release cannot use. It is left as it is, and this "
+            "process paces the key on its own meanwhile. Upgrade the provider on every host that shares it.",
+            what,
+            version,
+            FORMAT_VERSION,
+        )
+
     @contextmanager
     def _slots(self) -> Iterator[tuple[Window, float]]:
         """The window and the time, locked for this thread and, with a file, for every process."""
@@ -184,6 +300,9 @@ class RateLimiter:
             try:
                 now = self._clock()  # once the lock is ours: the slot is dated when it is booked
                 slots = self._read(fd, now)
+                if slots is None:  # a later release's window: untouched, this process paces alone
+                    yield self._memory, now
+                    return
                 yield slots, now
                 data = slots.to_json()
                 os.pwrite(fd, data, 0)
@@ -195,15 +314,16 @@ class RateLimiter:
         """Book a slot now if the window has room: return ``(0, slot_id)``; else ``(wait, None)``.
 
         An upload still in flight counts as happening now: when it ends is not known yet, so the
-        window cannot be measured from its start. The caller waits and asks again. The wait is
-        never longer than the window.
+        window cannot be measured from its start. A slot past its expiry (its holder died) counts
+        from its expiry. The caller waits and asks again. The wait is never longer than the window.
         """
         with self._slots() as (slots, now):
-            stale = [slot_id for slot_id, at in slots.open.items() if at <= now - STALE_IN_FLIGHT_SECONDS]
-            for slot_id in stale:
+            expired = [(slot_id, expires) for slot_id, (_, expires) in slots.open.items() if expires <= now]
+            for slot_id, expires in expired:
                 del slots.open[slot_id]
+                bisect.insort(slots.done, expires)
             del slots.done[: bisect.bisect_right(slots.done, now - self.window)]
-            in_flight = [max(at, now) for at in slots.open.values()]
+            in_flight = [max(at, now) for at, _ in slots.open.values()]
             if len(slots.done) + len(in_flight) >= self.limit:
                 # The limit-th newest slot decides when a new one fits: in-flight slots count as now.
                 times = sorted([*slots.done[-self.limit :], *in_flight])
@@ -215,23 +335,38 @@ class RateLimiter:
                     return self.window, None
                 return min(ahead, 0.0) + self.window, None
             slot_id = uuid.uuid4().hex
-            slots.open[slot_id] = now
+            slots.open[slot_id] = (now, now + self.lease)
             return 0.0, slot_id
+
+    def renew(self, slot_id: str) -> None:
+        """The upload of ``slot_id`` still runs: hold its slot for another lease from now."""
+        with self._slots() as (slots, now):
+            held = slots.open.get(slot_id)
+            if held is not None:
+                slots.open[slot_id] = (held[0], max(held[1], now + self.lease))
 
     def release(self, slot_id: str, *, ended: float | None = None) -> None:
         """The upload ended: its slot now counts from its end, no longer as in flight.
 
         ``ended`` is when the answer came (this host's clock), if the caller took it before handing
         the release to a thread: the slot is not dated later than it ended, by however long the
-        thread took to run. Never earlier than the answer, so the window keeps its rule.
+        thread took to run. Never earlier than the answer, so the window keeps its rule. A slot the
+        window no longer holds (it expired while its holder was stalled, or the window started
+        anew) is counted from the answer all the same: the upload was sent.
         """
         with self._slots() as (slots, now):
-            booked = slots.open.pop(slot_id, None)
-            if booked is not None:
-                bisect.insort(slots.done, max(booked, min(now, ended) if ended is not None else now))
+            held = slots.open.pop(slot_id, None)
+            answered = min(now, ended) if ended is not None else now
+            bisect.insort(slots.done, answered if held is None else max(held[0], answered))
 
     def close(self) -> None:
         """Let go of what the limiter holds open (nothing for a host-local window)."""
+
+    def _renew_quietly(self, slot_id: str) -> None:
+        try:
+            self.renew(slot_id)
+        except Exception:  # a renewal that fails leaves the slot to its lease; the upload goes on
+            log.debug("Doc2X pacing: renewing an upload's slot failed", exc_info=True)
 
     @contextmanager
     def upload(self) -> Iterator[None]:
@@ -241,16 +376,26 @@ class RateLimiter:
             if slot_id is not None:
                 break
             time.sleep(min(delay, self.window))
+        ended = threading.Event()
+
+        def keep() -> None:
+            while not ended.wait(self.lease / 2):
+                self._renew_quietly(slot_id)
+
+        threading.Thread(target=keep, name="doc2x-pacing-renew", daemon=True).start()
         try:
             yield
         finally:
+            ended.set()
             self.release(slot_id)
 
     @asynccontextmanager
     async def aupload(self) -> AsyncIterator[None]:
         """:meth:`upload` for an event loop: the window is read and written in a thread, the wait is async.
 
-        A booking that the caller gave up on (cancelled) while its thread ran is released as soon as
+        While the block runs, the slot is renewed every half lease, so an upload that waited (for a
+        connection, for its start to be recorded) before its exchange began keeps its slot. A
+        booking that the caller gave up on (cancelled) while its thread ran is released as soon as
         the thread returns, so a cancelled upload never holds a slot.
         """
         while True:
@@ -263,12 +408,20 @@ class RateLimiter:
             if slot_id is not None:
                 break
             await asyncio.sleep(min(delay, self.window))
+        keeper = asyncio.ensure_future(self._keep(slot_id))
         try:
             yield
         finally:
+            keeper.cancel()
             ended = self._clock()
             # Shielded: a cancelled caller still frees its slot (the thread runs to its end anyway).
             await asyncio.shield(asyncio.to_thread(self.release, slot_id, ended=ended))
+
+    async def _keep(self, slot_id: str) -> None:
+        """Renew ``slot_id`` every half lease until cancelled (the upload ended)."""
+        while True:
+            await asyncio.sleep(self.lease / 2)
+            await asyncio.to_thread(self._renew_quietly, slot_id)
 
     def _release_abandoned(self, booking: asyncio.Future[tuple[float, str | None]]) -> None:
         if booking.cancelled() or booking.exception() is not None:
