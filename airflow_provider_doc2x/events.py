@@ -24,6 +24,11 @@ bounded) is ``not-submitted``, with the number of the planned PDF it belongs to 
 image tried again after its PDF failed carries its ``round``; a PDF whose PUT lost its answer is
 polled by its uid with ``uncertain`` set. A PDF-lane job without ``page_idx`` stands for a whole
 PDF (the sensor's).
+
+A job whose status answers came malformed carries how many in a row (``malformed``). A finished
+job whose result the task already wrote under ``output_path`` (the PDF lane stores what
+finished at each resume, so that no result outlives Doc2X's 24 hours unstored) carries
+``stored``: it is read back from storage at the end, not fetched again.
 """
 
 from __future__ import annotations
@@ -57,6 +62,16 @@ LANE_PDF = "pdf"
 STATUS_QUEUED = "not-submitted"
 #: Keys a job may carry beyond its ids, status and failure (the PDF lane's), each left out when unset.
 _PDF_KEYS = ("lane", "page_idx", "pages", "uploaded_at", "chunk", "round", "uncertain")
+#: A finished job's mark that its result is written under ``output_path`` already.
+STORED = "stored"
+#: An unfinished job's count of malformed status answers in a row, carried from one wait to the next
+#: (the PDF lane waits again and again) so that the bound holds for the task, not for each wait.
+MALFORMED = "malformed"
+#: The fixed text of a job whose result was malformed when the task fetched it.
+MALFORMED_RESULT = (
+    "Doc2X's answer with its result was malformed each time the task fetched it, so no result is "
+    "taken (a protocol error; the task log has the answer)"
+)
 #: What is done with a PDF-lane image whose PDF failed: submitted again as it was packed (the
 #: failure was not the PDF's: a limit, a lost task, a transient failure), or in smaller PDFs.
 RETRY_SAME = "same"
@@ -155,6 +170,14 @@ def failed_job(source: str, sha256: str | None, error: Doc2XError, uid: str | No
     }
 
 
+def malformed_answers(count: int) -> str:
+    """The fixed text of a job whose status answers stayed malformed ``count`` times in a row."""
+    return (
+        f"Doc2X answered its status malformed {count} times in a row, so no result is taken "
+        "(a protocol error; the task log has the answers)"
+    )
+
+
 def is_finished(entry: dict[str, Any]) -> bool:
     """Whether a job needs no more polling."""
     return entry.get("status") in protocol.TERMINAL_STATUSES
@@ -171,7 +194,7 @@ def _carried(entry: dict[str, Any]) -> dict[str, Any]:
     """A job as an event carries it: its ids, status and failure, and nothing the trigger added."""
     carried = {key: entry.get(key) for key in ("uid", "source", "sha256")}
     carried["status"] = entry.get("status") or protocol.STATUS_PROCESSING
-    for key in ("code", "message", *_PDF_KEYS):
+    for key in ("code", "message", *_PDF_KEYS, STORED, MALFORMED):
         if entry.get(key) is not None:
             carried[key] = entry[key]
     return carried
@@ -193,9 +216,16 @@ def validate_event(event: Any) -> dict[str, Any]:
             or not isinstance(entry.get("status"), str)
             or not isinstance(entry.get("source"), str)
             or not _pdf_keys_valid(entry)
+            or entry.get(STORED) not in (None, 1)
+            or not _count_valid(entry.get(MALFORMED))
         ):
             raise Doc2XError(f"The Doc2X trigger sent a malformed job in its event: {protocol.quote(entry)}")
     return event
+
+
+def _count_valid(value: Any) -> bool:
+    """An optional count: absent, or a whole number of at least 0."""
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
 
 
 def _pdf_keys_valid(entry: dict[str, Any]) -> bool:

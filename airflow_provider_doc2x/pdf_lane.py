@@ -65,6 +65,7 @@ from airflow_provider_doc2x.exceptions import (
     Doc2XAuthError,
     Doc2XError,
     Doc2XJobNotFoundError,
+    Doc2XProtocolError,
     Doc2XQuotaError,
     Doc2XSubmitUncertainError,
 )
@@ -117,7 +118,8 @@ class _Recorded:
     uploaded_at: float | None = None
     round: int = 0
     fallback: str | None = None
-    #: When the record was last written (a PUT that started and was never answered started then).
+    #: When its PUT started (a PUT that was never answered may have landed from then on): set when
+    #: the PUT starts, kept by every later write of the record.
     at: float | None = None
 
     @classmethod
@@ -144,8 +146,12 @@ class _Recorded:
         )
 
     def to_json(self) -> dict[str, Any]:
-        """The record as the store keeps it."""
-        value: dict[str, Any] = {"pages": self.pages, "state": self.state, "at": time.time()}
+        """The record as the store keeps it; ``at`` as it was (a rewrite, a fallback say, keeps when the PUT started)."""
+        value: dict[str, Any] = {
+            "pages": self.pages,
+            "state": self.state,
+            "at": self.at if self.at is not None else time.time(),
+        }
         if self.uploaded_at is not None:
             value["uploaded_at"] = self.uploaded_at
         if self.round:
@@ -390,7 +396,9 @@ class PdfLane:
         """The status of a PDF an earlier try recorded, and its images' extra keys; None to submit them again.
 
         None when Doc2X does not know the uid (expired, or its upload never landed). A failed PDF
-        comes back failed: :meth:`advance` tries its images again.
+        comes back failed: :meth:`advance` tries its images again. A PDF whose status answer is
+        malformed (a page_idx twice or missing, say) comes back failed with ``protocol_error``: its
+        images are named, not paid for again, and the other PDFs go on.
         """
         # A PUT that was never answered may have landed moments ago: the pickup delay counts from it.
         since = pdf.uploaded_at if pdf.state == UPLOADED else (pdf.uploaded_at or pdf.at)
@@ -413,6 +421,15 @@ class PdfLane:
                     "lost its answer" if pdf.state == UNCERTAIN else "started and was never answered",
                 )
             return None
+        except Doc2XProtocolError as malformed:
+            self.log.error(
+                "Recorded Doc2X PDF %s (%d pages) answered its status malformed; its images fail with "
+                "protocol_error: %s",
+                pdf.uid,
+                len(pdf.pages),
+                malformed,
+            )
+            return protocol.STATUS_FAILED, {"code": malformed.failure_code, "message": malformed.summary}
         if status.status == protocol.STATUS_FAILED:
             error = status.failure()
             self.log.warning("Recorded Doc2X PDF %s failed (%s); its images are tried again", pdf.uid, error)
@@ -590,7 +607,7 @@ class PdfLane:
         record = _Recorded("", [page.sha256 for page in pdf.pages], PUT_STARTED, round=round_)
 
         async def before_put(upload: protocol.Doc2XPreupload) -> None:
-            record.uid, record.state = upload.uid, PUT_STARTED
+            record.uid, record.state, record.at = upload.uid, PUT_STARTED, time.time()
             await self._add_to_index(upload.uid)
             await self._write(record)
 

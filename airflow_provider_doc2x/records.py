@@ -14,8 +14,21 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_doc2x import protocol, transport
-from airflow_provider_doc2x.events import EVENT_ERROR, STATUS_QUEUED, is_pdf, result_key, validate_event
-from airflow_provider_doc2x.exceptions import Doc2XAuthError, Doc2XError, Doc2XPermanentError
+from airflow_provider_doc2x.events import (
+    EVENT_ERROR,
+    MALFORMED_RESULT,
+    STATUS_QUEUED,
+    STORED,
+    is_pdf,
+    result_key,
+    validate_event,
+)
+from airflow_provider_doc2x.exceptions import (
+    Doc2XAuthError,
+    Doc2XError,
+    Doc2XPermanentError,
+    Doc2XProtocolError,
+)
 from airflow_provider_doc2x.pdf_results import PAGE_MAP_MISMATCH, page_map_problem, pdf_records
 
 if TYPE_CHECKING:
@@ -28,6 +41,9 @@ log = logging.getLogger(__name__)
 FETCHES_IN_FLIGHT = 8
 #: PDF results (each with the pages of a whole PDF, maybe its export zip) handled at once.
 PDFS_IN_FLIGHT = 2
+#: Status calls made for one finished job's result while its answer is malformed, before that job
+#: alone fails with ``protocol_error`` (a status call is safe to repeat; a garbled answer may pass).
+FETCH_ATTEMPTS = 3
 
 
 def result_record(source: str, result: protocol.Doc2XResult, sha256: str | None = None) -> dict[str, Any]:
@@ -64,18 +80,102 @@ def records_from_event(
     ``known`` holds records already made from results the wait brought, by
     :func:`~airflow_provider_doc2x.events.result_key` (the worker's own wait): those are not
     fetched again.
+
+    A wait that gave up (status calls failing round after round) still had jobs that finished:
+    with ``results``, theirs are written before the error is raised, since each was paid for and
+    lives only 24 hours with Doc2X (a new try finds them stored).
     """
     event = validate_event(event)
     register_key(hook)
     if event["status"] == EVENT_ERROR:
         code = event.get("code")
         error_class = Doc2XAuthError if code == "unauthorized" else Doc2XError
-        raise error_class(f"Waiting for Doc2X failed: {event['message']}", code=code)
+        error = error_class(f"Waiting for Doc2X failed: {event['message']}", code=code)
+        if results is not None and error_class is not Doc2XAuthError:
+            _keep_finished(hook, event["jobs"], results, overwrite, known or {})
+        raise error
     outcomes = transport.run_sync(_collect(hook, event["jobs"], results, overwrite, known or {}))
     failures = [outcome for outcome in outcomes if outcome.get("status") is not None]
     if failures:
         raise batch_failure(failures, len(outcomes))
     return outcomes
+
+
+def store_finished(
+    hook: Doc2XHook, jobs: list[dict[str, Any]], *, results: ResultStore | None, overwrite: bool
+) -> list[dict[str, Any]]:
+    """Write the results of the jobs that finished well and are not written yet; return the jobs.
+
+    Why: a task that defers again and again (the PDF lane) would otherwise fetch every result at
+    its end, and a task longer than Doc2X's 24 hours would find the first results expired, to be
+    paid for again. Each job written comes back marked ``stored`` (read back from storage at the
+    end, not fetched again); a job whose result does not map back or stays malformed comes back
+    failed with ``protocol_error`` (named at the end). Without ``results`` (XCom) nothing is done:
+    the records are only made at the end.
+    """
+    todo = [
+        index
+        for index, entry in enumerate(jobs)
+        if entry.get("status") == protocol.STATUS_SUCCESS and not entry.get(STORED)
+    ]
+    if results is None or not todo:
+        return jobs
+    register_key(hook)
+    outcomes = transport.run_sync(_collect(hook, [jobs[index] for index in todo], results, overwrite, {}))
+    kept = list(jobs)
+    for index, outcome in zip(todo, outcomes, strict=True):
+        if outcome.get("status") is None:
+            kept[index] = {**jobs[index], STORED: 1}
+        elif outcome.get("status") == protocol.STATUS_FAILED:
+            kept[index] = {key: value for key, value in outcome.items() if key != STORED}
+    stored = sum(bool(entry.get(STORED)) for entry in kept) - sum(bool(entry.get(STORED)) for entry in jobs)
+    if stored:
+        log.info("Doc2X: stored the results of %d more images that finished", stored)
+    return kept
+
+
+def _keep_finished(
+    hook: Doc2XHook,
+    jobs: list[dict[str, Any]],
+    results: ResultStore,
+    overwrite: bool,
+    known: dict[str, dict[str, Any]],
+) -> None:
+    """Write what finished well before a wait gave up; a failure here is logged, the wait's error raised."""
+    done = [entry for entry in jobs if entry.get("status") == protocol.STATUS_SUCCESS]
+    if not done:
+        return
+    try:
+        transport.run_sync(_collect(hook, done, results, overwrite, known))
+    except Doc2XError as problem:
+        log.warning("The results that finished before the wait gave up could not all be stored: %s", problem)
+
+
+async def _status_of(call: Any, uid: str, job: dict[str, Any]) -> protocol.Doc2XJobStatus:
+    """A finished job's status, asked again while the answer is malformed (at most ``FETCH_ATTEMPTS`` calls)."""
+    for attempt in range(1, FETCH_ATTEMPTS + 1):
+        try:
+            return await call(uid)
+        except Doc2XProtocolError as error:
+            if attempt == FETCH_ATTEMPTS:
+                log.error(
+                    "Doc2X's answer with the result of %s (uid %s) was malformed %d times: %s",
+                    job["source"],
+                    uid,
+                    attempt,
+                    error,
+                )
+                raise
+            log.warning(
+                "Doc2X's answer with the result of uid %s was malformed; asking again: %s", uid, error
+            )
+    raise AssertionError("unreachable")
+
+
+def _malformed(job: dict[str, Any]) -> dict[str, Any]:
+    """A job whose result stayed malformed: failed alone, with ``protocol_error``."""
+    failed = {"status": protocol.STATUS_FAILED, "code": "protocol_error", "message": MALFORMED_RESULT}
+    return {**{key: value for key, value in job.items() if key != STORED}, **failed}
 
 
 async def _collect(
@@ -102,17 +202,22 @@ async def _collect(
         key = result_key(job)
         if key in known:
             return {**known[key], "source": source}
-        if results is not None and not overwrite and digest:
+        # A result this task stored at an earlier resume is read back even with ``overwrite``; it
+        # was parsed by this task, not reused (``cached`` false).
+        if results is not None and (not overwrite or job.get(STORED)) and digest:
             stored = await asyncio.to_thread(results.cached, digest, source)
             if stored is not None:
-                return {**stored, "source": source}
+                return {**stored, "source": source, **({"cached": False} if job.get(STORED) else {})}
         return None
 
     async def image(job: dict[str, Any]) -> dict[str, Any]:
         async with turns:
             if job["uid"] not in fetched:
-                fetched[job["uid"]] = asyncio.ensure_future(hook.aget_job_status(job["uid"]))
-            status = await asyncio.shield(fetched[job["uid"]])
+                fetched[job["uid"]] = asyncio.ensure_future(_status_of(hook.aget_job_status, job["uid"], job))
+            try:
+                status = await asyncio.shield(fetched[job["uid"]])
+            except Doc2XProtocolError:
+                return _malformed(job)
             if status.result is None:
                 return {
                     **job,
@@ -127,7 +232,10 @@ async def _collect(
     async def pdf(uid: str, entries: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
         """The records of a PDF's images (by ``id`` of their job), from one status call."""
         async with pdf_turns:
-            status = await hook.aget_pdf_status(uid)
+            try:
+                status = await _status_of(hook.aget_pdf_status, uid, entries[0])
+            except Doc2XProtocolError:
+                return {id(entry): _malformed(entry) for entry in entries}
             if status.result is None:
                 return {
                     id(entry): {

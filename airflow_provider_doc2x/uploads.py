@@ -41,6 +41,7 @@ from airflow_provider_doc2x.exceptions import (
     Doc2XError,
     Doc2XJobFailedError,
     Doc2XJobNotFoundError,
+    Doc2XProtocolError,
     Doc2XQuotaError,
     Doc2XSubmitUncertainError,
 )
@@ -233,12 +234,24 @@ class ImageUploads:
             if status.status == protocol.STATUS_FAILED:
                 raise status.failure()
         except (Doc2XJobFailedError, Doc2XJobNotFoundError) as error:
-            # Failed or expired: a new upload is the only way to a result. Any other error (Doc2X
-            # unreachable, say) propagates: resubmitting on a guess could pay for the image twice.
+            # Failed or expired: a new upload is the only way to a result. A failure without an
+            # answer (Doc2X unreachable, say) propagates: resubmitting on a guess could pay for the
+            # image twice.
             self.log.warning(
                 "Recorded Doc2X job %s for %s cannot be reused (%s); submitting again", uid, source.uri, error
             )
             return None
+        except Doc2XProtocolError as error:
+            # A malformed answer is this job's, not the task's: the image fails alone, named with its
+            # uid (Doc2X may still hold its result, so it is not paid for again), and the others go on.
+            self.log.error(
+                "Recorded Doc2X job %s for %s answered its status malformed; the image fails with "
+                "protocol_error: %s",
+                uid,
+                source.uri,
+                error,
+            )
+            return failed_job(source.uri, digest, error, uid=uid)
         self.log.info(
             "Reconnected %s to Doc2X job %s (%r), recorded by an earlier try", source.uri, uid, status.status
         )

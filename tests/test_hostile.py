@@ -443,11 +443,16 @@ def test_progress_nan_and_unknown_statuses_are_read_not_raised(hostile):
 
 
 def test_the_trigger_survives_every_malformed_answer(hostile):
+    """Each shape is asked about again next round; past the bound, the job fails alone with its uid."""
     bodies = iter([body_of(case) for case in sorted(MALFORMED)] * 3)
     hostile.handler = lambda request: answer(200, next(bodies))
-    event = asyncio.run(first_event(make_trigger(["x"], max_consecutive_errors=len(MALFORMED))))
-    assert event["status"] == "error"
-    assert event["code"] == "protocol_error"
+    event = asyncio.run(first_event(make_trigger(["x"], max_consecutive_errors=len(MALFORMED) - 1)))
+    # One round per shape: a trigger that gave up (or failed the job) at an earlier answer asked less.
+    assert len(hostile.requests) == len(MALFORMED)
+    assert event["status"] == "failed"
+    (job,) = event["jobs"]
+    assert (job["uid"], job["status"], job["code"]) == ("x", "failed", "protocol_error")
+    assert f"malformed {len(MALFORMED)} times in a row" in job["message"]
 
 
 def test_an_unknown_status_is_named_at_the_deadline(hostile):

@@ -7,6 +7,7 @@ and never paid twice across tries.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import logging
@@ -519,3 +520,115 @@ def test_images_in_object_storage_are_copied_privately_and_packed(lane, pages):
         assert lane.stats()["pdf_tasks"] == 1
     finally:
         fs.rm("/pdf-lane", recursive=True)
+
+
+# -- a PDF whose answers stay malformed fails alone; finished results are stored as they come ----------------
+
+
+def sha256_of(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def stored_titles(output) -> list[str]:
+    """The first line of every Markdown file written under ``output``."""
+    return sorted(path.read_text().splitlines()[0] for path in output.rglob("*.md"))
+
+
+def named_malformed(image) -> re.Pattern:
+    """How the task's error names a PDF-lane image whose PDF failed on a malformed answer."""
+    return re.compile(rf"- {re.escape(str(image))} \(PDF uid [^,]+, page \d+\): .*\(code protocol_error\)")
+
+
+@pytest.mark.parametrize("deferrable", [True, False])
+def test_a_pdf_whose_result_names_a_page_twice_fails_alone_and_the_other_pdf_is_stored(
+    lane, pages, tmp_path, deferrable
+):
+    small = pages("Twice One", "Twice Two")
+    tall = pages("Tall Kept One", "Tall Kept Two", size=(300, 500))  # another size: another PDF
+    lane.configure(malformed_status=[sha256_of(small[1])])  # its PDF's result gives page_idx 0 twice
+    output = tmp_path / "out"
+    op = pdf_operator([*small, *tall], deferrable=deferrable, output_path=str(output))
+    with pytest.raises(Doc2XError) as caught:
+        run_to_the_end(op, {}) if deferrable else op.execute({})
+    message = str(caught.value)
+    assert "2 of 4 images were not parsed" in message
+    for image in small:
+        assert named_malformed(image).search(message), message
+    assert stored_titles(output) == ["# Tall Kept One", "# Tall Kept Two"]
+    assert lane.stats()["pdf_tasks"] == 2
+
+
+def test_a_malformed_pdf_status_on_reconnect_fails_its_images_alone_on_every_try(lane, pages, tmp_path):
+    lane.configure(pdf_page_seconds=30)
+    store = StateStore()
+    small = pages("Again One", "Again Two")
+    tall = pages("Again Tall", size=(300, 500))
+    images = [*small, *tall]
+    output = tmp_path / "out"
+    with pytest.raises(TaskDeferred):
+        pdf_operator(images, deferrable=True, output_path=str(output)).execute({"task_state_store": store})
+    lane.configure(pdf_page_seconds=0, malformed_status=[sha256_of(small[0])])
+    wait_until(lambda: lane.stats()["pdf_tasks_in_progress"] == 0, message="the PDFs to finish")
+    for _ in range(2):  # each new try reconnects to the recorded PDFs
+        with pytest.raises(Doc2XError) as caught:
+            pdf_operator(images, output_path=str(output)).execute({"task_state_store": store})
+        message = str(caught.value)
+        assert "2 of 3 images were not parsed" in message
+        for image in small:
+            assert named_malformed(image).search(message), message
+    assert stored_titles(output) == ["# Again Tall"]
+    stats = lane.stats()
+    assert (stats["preuploads"], stats["puts"], stats["pdf_tasks"]) == (2, 2, 2)  # nothing sent again
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_resume_stores_the_results_of_finished_pdfs_before_the_end(
+    lane, pages, tmp_path, monkeypatch, overwrite
+):
+    use_connection(monkeypatch, lane, pdf_max_in_flight=1)
+    images = pages("Early One", "Later Two", "Later Three")
+    output = tmp_path / "out"
+    op = pdf_operator(images, deferrable=True, pdf_max_pages=1, output_path=str(output), overwrite=overwrite)
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute({})
+    event = asyncio.run(first_event(deferred.value.trigger))
+    assert event["status"] == "progress"  # the first PDF finished; more to submit
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute_complete({}, event)
+    assert stored_titles(output) == ["# Early One"]  # stored at this resume, not at the task's end
+    # The first PDF's result goes bad at Doc2X (as one past its 24 hours does): the end needs it no more.
+    lane.configure(malformed_status=[sha256_of(images[0])])
+    trigger = deferred.value.trigger
+    while True:
+        event = asyncio.run(first_event(trigger))
+        try:
+            records = op.execute_complete({}, event)
+            break
+        except TaskDeferred as again:
+            trigger = again.trigger
+    assert [record["source"] for record in records] == [str(image) for image in images]
+    assert [record["cached"] for record in records] == [False] * 3  # parsed by this task, none reused
+    assert stored_titles(output) == ["# Early One", "# Later Three", "# Later Two"]
+    assert lane.stats()["pdf_pages_billed"] == 3
+
+
+def test_a_pdf_tried_again_keeps_when_its_put_started_in_its_record(lane, pages, monkeypatch):
+    """The next try counts the pickup delay of a PUT never answered from its start, not from a later rewrite."""
+    use_connection(monkeypatch, lane, max_retries=0)
+    lane.configure(put_fail_next=10)  # every PUT fails: the PDF's images are tried again
+    writes: list[tuple[str, dict]] = []
+
+    class Recording(StateStore):
+        def set(self, key, value, **kwargs):
+            writes.append((key, json.loads(json.dumps(value))))
+            super().set(key, value, **kwargs)
+
+    store = Recording()
+    images = pages("Put Started Once")
+    records = pdf_operator(images).execute({"task_state_store": store})
+    assert titles(records) == ["# Put Started Once"]  # through the image lane in the end
+    (uid,) = store.values[STATE_INDEX_KEY]["uids"]
+    written = [value for key, value in writes if key == STATE_PDF_PREFIX + uid]
+    assert [value.get("fallback") for value in written] == [None, "image"]
+    assert {value["state"] for value in written} == {"put"}
+    assert written[1]["at"] == written[0]["at"]

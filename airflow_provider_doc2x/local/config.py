@@ -7,7 +7,7 @@ without importing each other.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from airflow_provider_doc2x import protocol
@@ -64,6 +64,12 @@ class ServerConfig:
     #: connection closed), the second as ``ReadError``.
     reset_next_uploads: int = 0
     reset_after_bytes: int = 65536
+    #: Content sha256s whose status answers stay malformed, for as long as they are listed: an image
+    #: job's status (its ``status`` is not a string), and the result of a PDF task holding a page of
+    #: one of them (that page answers the ``page_idx`` of its neighbour, so one ``page_idx`` comes
+    #: twice; a one-page PDF's page answers none). A PDF page's hash is its image's (a JPEG is
+    #: embedded as it is). What a misbehaving service or proxy does to some jobs and not others.
+    malformed_status: list[str] = field(default_factory=list)
 
     # The PDF API (preupload, PUT to a presigned url, status, export). The slow-link knobs above
     # (upload_seconds, upload_bandwidth, reset_next_uploads, reset_after_bytes) pace and cut the

@@ -601,6 +601,13 @@ class PdfLane:
                     "score": page.score,
                 }
             )
+        malformed = set(self.config.malformed_status)
+        for index in range(task.page_count):
+            if task.pages[index].digest in malformed:
+                if task.page_count == 1:
+                    del pages[index]["page_idx"]
+                else:
+                    pages[index]["page_idx"] = index - 1 if index else index + 1
         return {"version": "", "pages": pages}
 
     # The CDN

@@ -464,6 +464,8 @@ class LocalServer:
         now = time.monotonic()
         if job is None or now - job.created > self.config.result_ttl:
             raise api_error("parse_status_not_found", f"No task with uid {uid!r}, or its result expired")
+        if job.sha256 in self.config.malformed_status:
+            return {"status": ["garbled"], "progress": 0}
         assert job.work is not None
         # Readiness follows the current processing_time, so a test can let waiting jobs finish.
         processing_time = self.config.processing_time

@@ -42,7 +42,7 @@ from airflow_provider_doc2x.packing import DEFAULT_PDF_MAX_PAGES, MAX_PDF_PAGES
 from airflow_provider_doc2x.pdf_lane import PdfLane
 from airflow_provider_doc2x.pdf_results import pdf_records
 from airflow_provider_doc2x.protocol import Doc2XJobStatus
-from airflow_provider_doc2x.records import batch_failure, records_from_event, store_or_record
+from airflow_provider_doc2x.records import batch_failure, records_from_event, store_finished, store_or_record
 from airflow_provider_doc2x.results import ResultStore
 from airflow_provider_doc2x.sources import check_all, resolve_images
 from airflow_provider_doc2x.storage import storage_path
@@ -308,8 +308,10 @@ class Doc2XImageParseOperator(BaseOperator):
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """Resume after the trigger: fetch each finished result; fail naming every image that did not end well.
 
-        The PDF lane first submits what remains (queued PDFs, the images of PDFs that failed) and
-        defers again while PDFs are in flight.
+        The PDF lane first stores the results of the PDFs that finished (with ``output_path``: a
+        task that runs longer than Doc2X keeps results, 24 hours, must not find its first ones
+        expired at its end), then submits what remains (queued PDFs, the images of PDFs that
+        failed) and defers again while PDFs are in flight.
         """
         if self.manifest is not None:
             self.manifest.resume(event)  # results it knows are not looked up again
@@ -319,6 +321,7 @@ class Doc2XImageParseOperator(BaseOperator):
             if event["status"] == EVENT_PROGRESS or (
                 event["status"] in (EVENT_SUCCESS, EVENT_FAILED) and any(retry_plan(entry) for entry in jobs)
             ):
+                jobs = store_finished(self.hook, jobs, results=self.results, overwrite=self.overwrite)
                 with self._pdf_lane(context, self._uploads(context)) as lane:
                     return self._pdf_wait(lane, lane.advance(jobs))
         return self._finish(

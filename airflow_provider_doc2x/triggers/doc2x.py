@@ -30,12 +30,14 @@ from airflow_provider_doc2x.events import (
     EVENT_PROGRESS,
     EVENT_SUCCESS,
     EVENT_TIMEOUT,
+    MALFORMED,
     failed_job,
     is_finished,
     is_pdf,
     is_pending,
     is_queued,
     make_event,
+    malformed_answers,
     retry_plan,
 )
 from airflow_provider_doc2x.exceptions import (
@@ -87,7 +89,8 @@ class Doc2XImageParseTrigger(BaseTrigger):
     :param deadline: absolute Unix time after which the event reports a timeout, so that a
         restarted triggerer keeps the original budget instead of starting a new one.
     :param max_concurrent_polls: status calls in flight at once for this trigger.
-    :param max_consecutive_errors: rounds in a row with transient failures tolerated before giving up.
+    :param max_consecutive_errors: rounds in a row with transient failures tolerated before giving
+        up; also the malformed answers in a row tolerated for one uid before its jobs fail alone.
     """
 
     def __init__(
@@ -160,6 +163,13 @@ class Doc2XImageParseTrigger(BaseTrigger):
         tried again (their PDF failed), the wait ends with a ``progress`` event once half of the
         PDFs it started with are finished, so that the task submits the next ones. After a PDF
         refused for the service's limits, that event waits a back-off first, here (no worker held).
+
+        Failures are told apart by whose they are. A status call that fails without an answer (a
+        5xx, a reset, a timeout) is the service's: rounds in a row with such failures end the wait
+        for every job past ``max_consecutive_errors``. A malformed answer (a
+        :class:`Doc2XProtocolError`) answers one uid's call, so it is that uid's: past
+        ``max_consecutive_errors`` malformed answers in a row for one uid, its jobs fail alone with
+        ``protocol_error`` and the others go on, so that the results they paid for are kept.
         """
         jobs = [dict(entry) for entry in self.jobs]
         pending = _units(entry for entry in jobs if is_pending(entry))
@@ -167,6 +177,8 @@ class Doc2XImageParseTrigger(BaseTrigger):
         pdfs_done = 0
         limited_round = 0  # 1 + the highest round of a PDF refused for the limits in this wait
         failed_rounds = 0
+        # Malformed answers in a row, by id of the unit they answer (counted on from an earlier wait).
+        malformed: dict[int, int] = {id(unit): int(unit[0].get(MALFORMED) or 0) for unit in pending}
         reported = 0  # "0/N done" is not news: log from the first finished job on
         if pending:
             # The first round waits one interval: the task has just learnt these statuses (it
@@ -185,13 +197,32 @@ class Doc2XImageParseTrigger(BaseTrigger):
             transient: list[Doc2XError] = []
             for unit, answer in answers:
                 head = unit[0]
+                if isinstance(answer, Doc2XProtocolError):
+                    # The answer to this uid's call, garbled: asked again next round, then its jobs
+                    # fail alone (a status call is safe to repeat; the other jobs are not held up).
+                    count = malformed[id(unit)] = malformed.get(id(unit), 0) + 1
+                    for entry in unit:
+                        entry[MALFORMED] = count
+                    if count > self.max_consecutive_errors:
+                        self._fail(unit, answer, message=malformed_answers(count))
+                    else:
+                        self.log.warning(
+                            "Doc2X answered the status of %s malformed (%d in a row): %s",
+                            _what(unit),
+                            count,
+                            answer,
+                        )
+                    continue
+                if not isinstance(answer, Doc2XTransientError) and malformed.pop(id(unit), 0):
+                    for entry in unit:  # answered well: the count starts again (no answer is no news)
+                        entry.pop(MALFORMED, None)
                 if isinstance(answer, Doc2XRateLimitError) and is_pdf(head) and answer.http_status != 429:
                     # A limit code in a PDF's status answer is the service refusing the task.
                     self._fail(unit, answer)
                     limited_round = max(limited_round, 1 + int(head.get("round") or 0))
-                elif isinstance(answer, (Doc2XTransientError, Doc2XProtocolError)):
-                    # A status call is safe to repeat: a garbled answer (a proxy's page) is retried
-                    # next round, like a 5xx, within max_consecutive_errors.
+                elif isinstance(answer, Doc2XTransientError):
+                    # No answer (a 5xx, a reset): the service's failure, not this job's. Asked again
+                    # next round, within max_consecutive_errors rounds in a row for the whole wait.
                     transient.append(answer)
                 elif isinstance(answer, Doc2XAuthError):
                     # The key itself is refused: no other job can do better.
@@ -304,16 +335,11 @@ class Doc2XImageParseTrigger(BaseTrigger):
 
     def _fail(self, unit: list[dict[str, Any]], error: Doc2XError, *, message: str | None = None) -> None:
         """Mark jobs failed with their code and a fixed text; the server's own words go to the log only."""
-        head = unit[0]
-        what = (
-            f"PDF {head.get('uid')} ({_names(unit)})"
-            if is_pdf(head)
-            else f"job {head.get('uid')} of {head.get('source')}"
-        )
-        self.log.warning("Doc2X %s failed: %s", what, error)
+        self.log.warning("Doc2X %s failed: %s", _what(unit), error)
         for entry in unit:
             entry.update(failed_job(entry["source"], entry.get("sha256"), error, uid=entry.get("uid")))
             entry.pop("uncertain", None)
+            entry.pop(MALFORMED, None)
             if message is not None:
                 entry["message"] = message
 
@@ -347,6 +373,14 @@ def _lost_upload(head: dict[str, Any], error: Doc2XError) -> Doc2XError:
             uid=head["uid"],
         )
     return error
+
+
+def _what(unit: list[dict[str, Any]]) -> str:
+    """A unit for a log line: its PDF and images, or its job and image."""
+    head = unit[0]
+    if is_pdf(head):
+        return f"PDF {head.get('uid')} ({_names(unit)})"
+    return f"job {head.get('uid')} of {head.get('source')}"
 
 
 def _names(unit: list[dict[str, Any]], most: int = 10) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 
 import pytest
 from airflow.providers.common.compat.sdk import TaskDeferred
@@ -221,3 +223,54 @@ def test_an_unreachable_status_on_reconnect_fails_the_try_instead_of_paying_agai
     with pytest.raises(Doc2XTransientError):
         parse_operator([image], deferrable=True).execute({"task_state_store": store})
     assert doc2x.stats()["requests"]["submit"] == 1
+
+
+# -- a job whose answers stay malformed fails alone --------------------------------------------------
+
+
+def sha256_of(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def stored_titles(output) -> list[str]:
+    """The first line of every Markdown file written under ``output``."""
+    return sorted(path.read_text().splitlines()[0] for path in output.rglob("*.md"))
+
+
+def named_malformed(image) -> re.Pattern:
+    """How the task's error names an image that failed alone on a malformed answer: its file, uid and code."""
+    return re.compile(rf"- {re.escape(str(image))} \(uid [0-9a-f-]{{36}}\): .*\(code protocol_error\)")
+
+
+@pytest.mark.parametrize("deferrable", [True, False])
+def test_a_job_whose_status_stays_malformed_fails_alone_and_the_others_are_stored(
+    doc2x, make_image, tmp_path, deferrable
+):
+    images = [make_image(title=f"Paid {n}") for n in range(4)]
+    doc2x.configure(malformed_status=[sha256_of(images[2])])
+    output = tmp_path / "out"
+    op = parse_operator(images, deferrable=deferrable, output_path=str(output))
+    with pytest.raises(Doc2XError) as caught:
+        run_deferred(op, {}) if deferrable else op.execute({})
+    message = str(caught.value)
+    assert "1 of 4 images were not parsed" in message
+    assert named_malformed(images[2]).search(message), message
+    assert stored_titles(output) == ["# Paid 0", "# Paid 1", "# Paid 3"]
+    assert (doc2x.stats()["billed_total"], doc2x.stats()["max_billed_per_image"]) == (4, 1)
+
+
+def test_a_malformed_status_on_reconnect_fails_that_image_alone_on_every_try(doc2x, make_image, tmp_path):
+    store = StateStore()
+    images = [make_image(title="Reconnected"), make_image(title="Garbled On Reconnect")]
+    output = tmp_path / "out"
+    with pytest.raises(TaskDeferred):
+        parse_operator(images, deferrable=True, output_path=str(output)).execute({"task_state_store": store})
+    doc2x.configure(malformed_status=[sha256_of(images[1])])
+    for _ in range(2):  # each new try reconnects to the recorded jobs (and waits in the worker)
+        with pytest.raises(Doc2XError) as caught:
+            parse_operator(images, output_path=str(output)).execute({"task_state_store": store})
+        message = str(caught.value)
+        assert "1 of 2 images were not parsed" in message
+        assert named_malformed(images[1]).search(message), message
+    assert stored_titles(output) == ["# Reconnected"]
+    assert (doc2x.stats()["billed_total"], doc2x.stats()["max_billed_per_image"]) == (2, 1)

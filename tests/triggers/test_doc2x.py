@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import importlib
 import json
 import os
@@ -351,3 +352,42 @@ async def test_queued_images_are_not_polled_and_the_wait_hands_back_at_half(doc2
     assert event["status"] == "progress"
     assert [job["status"] for job in event["jobs"]] == ["success", events.STATUS_QUEUED]
     assert event["jobs"][1]["chunk"] == 1
+
+
+# -- a job whose answers stay malformed fails alone ------------------------------------------------
+
+
+async def test_a_job_whose_status_stays_malformed_fails_alone_after_the_bound(doc2x, make_image):
+    images = [make_image(title="Good One"), make_image(title="Garbled"), make_image(title="Good Two")]
+    uids = submit(*images)
+    doc2x.configure(malformed_status=[hashlib.sha256(images[1].read_bytes()).hexdigest()])
+    event = await first_event(make_trigger(uids, max_consecutive_errors=3))
+    assert event["status"] == "failed"  # not "error": the wait went on for the others
+    good, bad, other = event["jobs"]
+    assert (good["status"], other["status"]) == ("success", "success")
+    assert (bad["uid"], bad["source"], bad["status"], bad["code"]) == (
+        uids[1],
+        "image-1.png",
+        "failed",
+        "protocol_error",
+    )
+    assert "malformed 4 times in a row" in bad["message"]  # the bound is counted for that uid
+
+
+async def test_the_count_of_malformed_answers_goes_on_from_the_wait_before(doc2x, make_image):
+    """The PDF lane waits again and again: a job's count rides in its event, so the bound is the task's."""
+    image = make_image(title="Garbled Across Waits")
+    (uid,) = submit(image)
+    doc2x.configure(malformed_status=[hashlib.sha256(image.read_bytes()).hexdigest()])
+    first = await first_event(make_trigger([uid], max_consecutive_errors=5, timeout=0.3))
+    assert first["status"] == "timeout"
+    (carried,) = first["jobs"]
+    assert carried["status"] == "processing" and carried["malformed"] >= 2
+    trigger = Doc2XImageParseTrigger(
+        doc2x_conn_id="doc2x_default", jobs=[carried], poll_interval=0.05, deadline=time.time() + 30
+    )
+    event = await first_event(trigger)
+    (job,) = event["jobs"]
+    assert (job["status"], job["code"]) == ("failed", "protocol_error")
+    assert "malformed 6 times in a row" in job["message"]
+    assert "malformed" not in job
