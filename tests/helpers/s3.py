@@ -14,6 +14,10 @@ What it provides:
   AccessDenied``; :meth:`FaultProxy.deny_delete` matches ``DELETE`` and the batch delete ``POST
   ?delete``), ``reset`` (the connection reset, before the request reaches S3 or after S3 did it),
   and ``delay`` (an added pause, then the request goes through: a slow listing).
+  Nothing in it is S3's own but the error bodies: ``answer`` (:meth:`FaultProxy.answer`,
+  :meth:`FaultProxy.malformed`) replaces a chosen request's answer with any status and body, before
+  the request reaches the upstream or after the upstream did it, so the same proxy in front of the
+  local Doc2X server answers truncated JSON, wrong types or an HTML page to the calls it matches.
 - The fixtures ``s3_server`` (session) and ``s3`` (each test), which a test module imports
   (``s3_server, s3 = tests.helpers.s3.s3_server, tests.helpers.s3.s3``); :func:`s3_env` is the same as a
   context manager. The server and proxy are started once per session (per xdist worker); for each test, no rules, an empty log, a fresh bucket, and the
@@ -77,6 +81,14 @@ ERRORS = {
     "deny": (403, "AccessDenied", "Access Denied"),
 }
 _REASONS = {503: "Slow Down", 403: "Forbidden"}
+#: Bodies that no JSON API answers, for :meth:`FaultProxy.malformed`: cut off mid-object, a success
+#: envelope whose fields have the wrong types, and an HTML page sent with ``200 OK``.
+MALFORMED_BODIES = {
+    "truncated": b'{"code": "success", "data": {"status": "succ',
+    "wrong_types": b'{"code": "success", "data": {"status": 7, "progress": "half", "result": [1, 2]}}',
+    "not_json": b"<html><head><title>OK</title></head><body>Loading...</body></html>",
+}
+_MALFORMED_TYPES = {"not_json": "text/html; charset=utf-8"}
 
 
 # -- moto's server ---------------------------------------------------------------------------------
@@ -160,13 +172,18 @@ class S3Request:
 class Rule:
     """A fault for the requests that match; ``times=None`` means every one of them."""
 
-    fault: str  # slow_down | deny | reset | delay
+    fault: str  # slow_down | deny | reset | delay | answer
     method: str | None = None  # None: any
     path: str = ""  # a regex searched in the decoded path
     query: str = ""  # a regex searched in the raw query
     times: int | None = 1
     delay: float = 0.0  # for "delay": seconds before the request goes through
-    after_upstream: bool = False  # for "reset": S3 did the request; only its answer is lost
+    after_upstream: bool = (
+        False  # for "reset" and "answer": the upstream did the request; only its answer is lost
+    )
+    status: int = 200  # for "answer": the status, body and type answered instead
+    body: bytes = b""
+    content_type: str = "application/json"
     hits: int = 0
 
     def matches(self, method: str, path: str, query: str) -> bool:
@@ -255,6 +272,58 @@ class FaultProxy:
         """Hold the matching requests ``seconds`` before they go through (``query="list-type"``: listings)."""
         return self.add(Rule("delay", method, path, query, times, delay=seconds))
 
+    def answer(
+        self,
+        method: str | None,
+        path: str,
+        body: bytes,
+        *,
+        status: int = 200,
+        content_type: str = "application/json",
+        times: int | None = 1,
+        query: str = "",
+        after_upstream: bool = False,
+    ) -> Rule:
+        """Answer the next ``times`` matching requests with ``status`` and ``body`` instead.
+
+        With ``after_upstream`` the upstream does the request (an upload is received and billed, a
+        status is read) and only its answer is replaced; otherwise the request never reaches it.
+        """
+        return self.add(
+            Rule(
+                "answer",
+                method,
+                path,
+                query,
+                times,
+                after_upstream=after_upstream,
+                status=status,
+                body=body,
+                content_type=content_type,
+            )
+        )
+
+    def malformed(
+        self,
+        method: str | None,
+        path: str,
+        kind: str = "truncated",
+        *,
+        times: int | None = 1,
+        query: str = "",
+        after_upstream: bool = False,
+    ) -> Rule:
+        """Answer ``200 OK`` with a malformed body (:data:`MALFORMED_BODIES`: ``truncated``, ``wrong_types``, ``not_json``)."""
+        return self.answer(
+            method,
+            path,
+            MALFORMED_BODIES[kind],
+            content_type=_MALFORMED_TYPES.get(kind, "application/json"),
+            times=times,
+            query=query,
+            after_upstream=after_upstream,
+        )
+
     def clear(self) -> None:
         """No rules, and an empty log."""
         with self._lock:
@@ -278,10 +347,14 @@ class FaultProxy:
 
         async def shutdown() -> None:
             self._server.close()
-            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            for _ in range(10):  # a connection accepted meanwhile gets a task of its own: end it too
+                tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+                if not tasks:
+                    break
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await asyncio.sleep(0)
 
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
@@ -299,6 +372,12 @@ class FaultProxy:
         try:
             self._loop.run_forever()
         finally:
+            # A connection that came in after the last shutdown round: end its task before the loop closes.
+            pending = asyncio.all_tasks(self._loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             self._loop.close()
 
     def _match(self, method: str, path: str, query: str) -> Rule | None:
@@ -329,6 +408,10 @@ class FaultProxy:
                         await asyncio.sleep(rule.delay)
                     if rule.fault in ERRORS:
                         if not await self._answer_error(rule.fault, entry, request, reader, writer):
+                            return
+                        continue
+                    if rule.fault == "answer" and not rule.after_upstream:
+                        if not await self._answer(rule, entry, request, reader, writer, read_body=True):
                             return
                         continue
                     if rule.fault == "reset" and not rule.after_upstream:
@@ -369,6 +452,23 @@ class FaultProxy:
         entry.status = status
         return not expects
 
+    async def _answer(self, rule, entry, request, reader, writer, *, read_body: bool) -> bool:
+        """Answer ``rule``'s status and body; whether the connection stays open."""
+        expects = "100-continue" in request.headers.get("expect", "").lower()
+        if read_body and not expects:  # the body was sent: read it, so that the connection stays usable
+            await _pipe_body(reader, None, request, response=False)
+        closes = expects and read_body
+        head = (
+            f"HTTP/1.1 {rule.status} {'OK' if rule.status == 200 else 'Error'}\r\n"
+            f"Content-Type: {rule.content_type}\r\n"
+            f"Content-Length: {len(rule.body)}\r\n"
+            f"Connection: {'close' if closes else 'keep-alive'}\r\n\r\n"
+        )
+        writer.write(head.encode() + (b"" if entry.method == "HEAD" else rule.body))
+        await writer.drain()
+        entry.status = rule.status
+        return not closes
+
     async def _forward(self, request, entry, rule, reader, writer, up_reader, up_writer) -> bool:
         """Send one request to S3 and its answer back; whether both connections stay open."""
         up_writer.write(request.raw)
@@ -386,7 +486,7 @@ class FaultProxy:
                 writer.write(raw)
                 await writer.drain()
             no_body = entry.method == "HEAD" or status in _NO_BODY_STATUSES or status < 200
-            lost = rule is not None and rule.fault == "reset"
+            lost = rule is not None and rule.fault in ("reset", "answer")
             if not lost:
                 writer.write(raw)
             until_close = await _pipe_body(
@@ -396,6 +496,10 @@ class FaultProxy:
         finally:
             if not body.done():
                 body.cancel()
+        if lost and rule.fault == "answer":  # the upstream's answer was read and dropped; another goes back
+            return await self._answer(rule, entry, request, reader, writer, read_body=False) and not (
+                until_close or answer.closes or request.closes
+            )
         if lost:
             _reset(writer)
             return False
