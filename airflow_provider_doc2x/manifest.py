@@ -75,6 +75,7 @@ entries of about 300 bytes that is little, but it is twice the manifest's share 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -93,7 +94,13 @@ from airflow_provider_doc2x import protocol
 from airflow_provider_doc2x.archives import MAX_ZIP_ENTRIES, safe_member_path
 from airflow_provider_doc2x.events import job
 from airflow_provider_doc2x.exceptions import Doc2XStorageError
-from airflow_provider_doc2x.results import LEGACY_MODEL, ResultStore, folder_name, write
+from airflow_provider_doc2x.results import (
+    LEGACY_MODEL,
+    OBJECT_STORE_SCHEMES,
+    ResultStore,
+    folder_name,
+    write,
+)
 from airflow_provider_doc2x.sources import ImageSource
 from airflow_provider_doc2x.storage import storage_call
 
@@ -420,16 +427,21 @@ class Manifest:
         """Each source's fingerprint (sources with none are left out), remembered for the sidecars.
 
         A folder holding at least ``list_folder_at`` of the sources is listed once; any other source
-        (or one the listing missed) costs one metadata call. Nothing is read.
+        (or one the listing missed) costs one metadata call. Nothing is read. Both come from the
+        storage, never from a listing the filesystem cached in this process (s3fs keeps one, and
+        fills it with any listing of the folder, such as :func:`~airflow_provider_doc2x.listing.list_images`'s):
+        a file replaced since would keep its old fingerprint, and its old result.
         """
         groups: dict[tuple[int, str], list[ImageSource]] = {}
         for source in sources:
             groups.setdefault((id(source.path.fs), posixpath.dirname(source.path.path)), []).append(source)
         taken: dict[str, str] = {}
         for (_, parent), members in groups.items():
+            fs = members[0].path.fs
+            fs.invalidate_cache(parent)
             listed: dict[str, Any] = {}
             if len(members) >= self.list_folder_at:
-                listed = _listing_by_name(members[0].path.fs, parent)
+                listed = _listing_by_name(fs, parent)
             for source in members:
                 info = listed.get(posixpath.basename(source.path.path))
                 if info is None:
@@ -617,9 +629,9 @@ class Manifest:
     def _recover(self, sources: list[ImageSource]) -> dict[str, dict[str, Any]]:
         """Rebuild the missing entries of these sources from the sidecars (one listing of the root).
 
-        A result folder is named after its source (``<stem>-<sha12>``), so only the folders of each
-        source's own name are read; a sidecar counts only if it names this source and the
-        fingerprint the source has now.
+        A result folder is named after its source (``<stem>-<sha12>``, or ``<stem>.<model>-<sha12>``
+        beside another model's), so only the folders of each source's own name are read; a sidecar
+        counts only if it names this source and the fingerprint the source has now.
         """
         by_stem: dict[str, list[Any]] = {}
         for child in self.results.folders():
@@ -643,7 +655,8 @@ class Manifest:
         for source in sources:
             fp = self._fingerprints[source.uri]
             stem = folder_name(source.uri, "0" * 64).rsplit("-", 1)[0]
-            for candidate in by_stem.get(stem, []):
+            by_model = folder_name(source.uri, "0" * 64, model=self.results.model).rsplit("-", 1)[0]
+            for candidate in [*by_stem.get(stem, []), *by_stem.get(by_model, [])]:
                 meta = self.results.sidecar(candidate)
                 if (
                     not meta
@@ -874,7 +887,8 @@ class Manifest:
         target = self.folder / name
 
         def put() -> None:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            if self.folder.protocol not in OBJECT_STORE_SCHEMES:  # a folder there is only a prefix
+                self.folder.mkdir(parents=True, exist_ok=True)
             if self.folder.protocol in ATOMIC_PUT_SCHEMES:
                 target.fs.pipe_file(target.path, data)  # one PUT: the whole object or nothing
             else:
@@ -899,8 +913,12 @@ class Manifest:
         left: list[str] = []
         for name in sorted(folded):
             path = self.folder / name
+            fs, key = path.fs, path.path
             try:
-                storage_call(path.unlink, what="deleting the manifest object", uri=str(path))
+                # One DELETE (``unlink`` would first ask whether the object exists: a HEAD on S3).
+                storage_call(
+                    functools.partial(fs.rm_file, key), what="deleting the manifest object", uri=str(path)
+                )
             except FileNotFoundError:
                 pass  # gone already (even between a check and the delete): another compaction folded it
             except (PermissionError, Doc2XStorageError):
@@ -992,7 +1010,8 @@ class Split:
 
 
 def _listing_by_name(fs: Any, folder: str) -> dict[str, Any]:
-    """A folder's entries (with their metadata) by base name; empty if it cannot be listed."""
+    """A folder's entries (with their metadata) by base name, freshly listed; empty if it cannot be listed."""
+    fs.invalidate_cache(folder)  # a cached listing would give a replaced file its old fingerprint
     try:
         listed = fs.ls(folder, detail=True)
     except (OSError, ValueError):

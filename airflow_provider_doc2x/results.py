@@ -8,12 +8,18 @@ Layout under ``output_path`` (a local directory or any ``ObjectStoragePath`` URI
         invoice.json                 # the sidecar, written last: its presence means "complete"
         convert_zip.raw              # only when Doc2X's convert_zip was not a usable zip
     invoice-<all 64 hex of the sha256>/   # only when the short name holds another content's result
+    invoice.v3-2026-1f2e3d4c5b6a/    # only when invoice-1f2e3d4c5b6a/ holds this content by another model
 
 The hash in the folder name keeps two images of the same name apart, and makes the content cache
 cheap: the sidecar's name says where a content's complete result would be. Twelve hex digits are
 not unique in a corpus of millions, so a folder is a content's result only if its sidecar records
 that very sha256; when the short name is taken by another content, the result gets the folder named
 with the whole sha256 instead, and the other result is left as it is.
+
+A folder keeps the model of the first result written into it. A result of the same content by
+another model gets a folder of its own, ``<stem>.<model>-<hash>``, and the old model's result stays
+where it was: the manifest's entries (and any record handed out) point at a folder whose result
+never changes model under them, so an entry of one model never answers with another model's result.
 
 The sidecar, one versioned format (``format_version``) read by every release::
 
@@ -25,6 +31,10 @@ The sidecar, one versioned format (``format_version``) read by every release::
 - ``model`` is the Doc2X model that made the result. A result is reused only for the same content
   *and* the same model. A sidecar without one was written before the model was recorded, when
   every result was made by ``v2``: it counts as ``v2``.
+- A sidecar of a higher ``format_version`` belongs to a later release whatever its keys look like:
+  it is never overwritten (the result goes to another folder), and it is a hit only if the keys
+  this release reads (``sha256``, ``model``, ``markdown`` as a file name, ``figures`` as a list)
+  are usable as they are; otherwise the image is parsed again into a folder of this release's.
 - Later releases add keys (room is left for a document's ``pages`` with each page's number in its
   source document, and for provenance such as ``source_document``) without changing the meaning
   of the keys above; a change of meaning raises ``format_version``. A reader uses the keys it
@@ -89,6 +99,11 @@ SIDECAR_KEYS = frozenset(
 )
 _IMAGE_LINK = re.compile(r"""(<img\s[^>]*?src=["']|!\[[^\]]*\]\()([^"')\s]+)""")
 _HASH_TAIL = re.compile(r"^(?:[0-9a-f]{12}|[0-9a-f]{64})$")
+#: Object stores, where a folder is only a key prefix: ``mkdir`` creates nothing there and costs a
+#: request (s3fs: a HEAD of the bucket), so it is skipped.
+OBJECT_STORE_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "oss"})
+#: The longest stem of a folder name (the manifest refuses a folder of a longer one).
+MAX_STEM = 80
 
 
 def write(path: Any, data: bytes) -> None:
@@ -110,14 +125,24 @@ def link_figures(markdown: str, files: dict[str, bytes]) -> str:
     return _IMAGE_LINK.sub(relink, markdown)
 
 
-def folder_name(source: str, sha256: str, *, whole: bool = False) -> str:
+def folder_name(source: str, sha256: str, *, whole: bool = False, model: str | None = None) -> str:
     """``<stem>-<first 12 hex of sha256>``: readable, and apart from any other content of the same name.
 
     ``whole``: ``<stem>-<all 64 hex>``, the folder of a content whose short name holds another's result.
+    ``model``: ``<stem>.<model>-<hash>``, the folder of a content whose own folder holds its result
+    by another model (which stays there).
     """
     stem = posixpath.splitext(posixpath.basename(source.rstrip("/")))[0] or "image"
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:80].lstrip(".") or "image"
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:MAX_STEM].lstrip(".") or "image"
+    if model is not None:
+        tag = model_tag(model)
+        stem = f"{stem[: MAX_STEM - len(tag) - 1]}.{tag}"
     return f"{stem}-{sha256 if whole else sha256[:12]}"
+
+
+def model_tag(model: str) -> str:
+    """A model's name as it appears in a folder name: plain characters, at most 40."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", model)[:40] or "model"
 
 
 def model_of(meta: Mapping[str, Any]) -> str:
@@ -129,6 +154,17 @@ def model_of(meta: Mapping[str, Any]) -> str:
 def _newer_format(meta: Mapping[str, Any]) -> bool:
     version = meta.get("format_version")
     return isinstance(version, int) and not isinstance(version, bool) and version > SIDECAR_VERSION
+
+
+def _readable(meta: Mapping[str, Any]) -> bool:
+    """Whether the keys a record is made of have the shape this release reads."""
+    markdown, figures = meta.get("markdown"), meta.get("figures", [])
+    return (
+        isinstance(markdown, str)
+        and markdown.endswith(".md")
+        and isinstance(figures, list)
+        and all(isinstance(path, str) for path in figures)
+    )
 
 
 def markdown_text(markdown: str) -> bytes:
@@ -171,9 +207,10 @@ class ResultStore:
     def cached(self, sha256: str, source: str) -> dict[str, Any] | None:
         """The record of a complete earlier result of this content by this store's model, or None.
 
-        The folder of the image's own name first, then any folder named for this hash (the same
-        content under another name, or a folder of its own after a clash); a folder counts only
-        if its sidecar records this sha256 and this model.
+        The folder of the image's own name first (and, when that holds something else, the
+        folder of its name and this model), then any folder named for this hash (the same content
+        under another name, or a folder of its own after a clash); a folder counts only if its
+        sidecar records this sha256 and this model.
         """
         if sha256 in self._written:
             return self._written[sha256]
@@ -181,15 +218,25 @@ class ResultStore:
         meta = self.sidecar(own)
         if meta is not None and self.holds(meta, sha256):
             return self._record(own, meta, cached=True)
+        probed = {own.name}
+        if meta is not None:
+            by_model = self.root / folder_name(source, sha256, model=self.model)
+            probed.add(by_model.name)
+            meta = self.sidecar(by_model)
+            if meta is not None and self.holds(meta, sha256):
+                return self._record(by_model, meta, cached=True)
         for candidate in self._folders_of(sha256):
-            meta = self.sidecar(candidate) if candidate.name != own.name else None
+            meta = self.sidecar(candidate) if candidate.name not in probed else None
             if meta is not None and self.holds(meta, sha256):
                 return self._record(candidate, meta, cached=True)
         return None
 
     def holds(self, meta: Mapping[str, Any], sha256: str) -> bool:
-        """Whether a sidecar is a result of this content by this store's model (a hit)."""
-        return meta.get("sha256") == sha256 and model_of(meta) == self.model
+        """Whether a sidecar is a result of this content by this store's model (a hit).
+
+        A later release's sidecar is one only if the keys this release reads are usable as they are.
+        """
+        return meta.get("sha256") == sha256 and model_of(meta) == self.model and _readable(meta)
 
     def remember(self, record: dict[str, Any]) -> None:
         """Answer :meth:`cached` for this record's content from memory (a result known from the manifest)."""
@@ -209,12 +256,20 @@ class ResultStore:
             return self._children
 
     def _list_root(self) -> list[Any]:
-        fs = self.root.fs
-        fs.invalidate_cache(self.root.path)  # another process may have written since this one listed
+        """One listing of the root (``iterdir`` would list it twice: once to ask whether it is a folder)."""
+        fs, base = self.root.fs, self.root.path.rstrip("/")
+        fs.invalidate_cache(base)  # another process may have written since this one listed
         try:
-            return list(self.root.iterdir())
+            listed = fs.ls(base, detail=True)
         except (FileNotFoundError, NotADirectoryError):
             return []  # nothing written here yet
+        names = {
+            posixpath.basename(item["name"].rstrip("/"))
+            for item in listed
+            if isinstance(item, dict) and isinstance(item.get("name"), str)
+        }
+        own = posixpath.basename(base)
+        return [self.root / name for name in sorted(names) if name and name not in (own, ".", "..")]
 
     def _folders_of(self, sha256: str) -> list[Any]:
         """Folders whose name ends in this hash (12 or 64 hex), from one listing of the root made at the first miss."""
@@ -242,50 +297,70 @@ class ResultStore:
 
     @staticmethod
     def _sidecar(folder: Any) -> dict[str, Any] | None:
+        """The sidecar as read: a later release's whatever its keys look like (it is taken, not ours)."""
         sidecar = folder / f"{folder.name.rsplit('-', 1)[0]}.json"
+        fs, path = sidecar.fs, sidecar.path
         try:
-            data = storage_call(sidecar.read_bytes, what="reading the sidecar", uri=str(sidecar))
+            # One GET: an ``open`` (or s3fs's whole-object ``cat_file``) first asks for the object's
+            # size, on S3 a HEAD, and a LIST when it is missing, to tell a folder from nothing; a read
+            # from byte 0 on is one GET, or one 404.
+            data = storage_call(
+                lambda: fs.cat_file(path, start=0), what="reading the sidecar", uri=str(sidecar)
+            )
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None  # no sidecar: an interrupted write, not a result
         try:
             meta = json.loads(data)
         except ValueError:
             return None  # read, and not a sidecar
-        if not isinstance(meta, dict) or not isinstance(meta.get("markdown"), str):
+        if not isinstance(meta, dict) or meta.get("format", SIDECAR_FORMAT) != SIDECAR_FORMAT:
             return None
-        if not isinstance(meta.get("figures", []), list):
-            return None
-        if meta.get("format", SIDECAR_FORMAT) != SIDECAR_FORMAT:
+        if _newer_format(meta):
+            return meta  # never overwritten; a hit only if what this release reads is usable
+        if not _readable(meta):
             return None
         return meta
 
     def _folder_for(self, source: str, sha256: str) -> tuple[Any, dict[str, Any] | None]:
         """Where this content's new result goes, with the sidecar there now (None: none, or not a result).
 
-        The short name, unless its sidecar is another content's or of a newer format; then the
-        name with the whole sha256. Another content's result is never overwritten.
+        The image's own folder (``<stem>-<12 hex>``) if it is free or holds this content by this
+        model. If it holds another content's result (or a later release's sidecar): ``<stem>-<64
+        hex>``. If it holds this content by another model: ``<stem>.<model>-<12 hex>`` (and its
+        ``-<64 hex>`` twin, by the same rules). Another content's, another model's or a later
+        release's result is never overwritten.
         """
-        taken: list[tuple[Any, bool]] = []
-        for name in (folder_name(source, sha256), folder_name(source, sha256, whole=True)):
-            folder = self.root / name
-            meta = self.sidecar(folder)
-            if meta is None or (meta.get("sha256") == sha256 and not _newer_format(meta)):
-                if taken:
-                    log.warning(
-                        "Result folder %s holds %s: the result of %s (sha256 %s) goes to %s",
-                        taken[0][0],
-                        "a newer release's result" if taken[0][1] else "another image's result",
-                        source,
-                        sha256,
-                        folder,
-                    )
-                return folder, meta
-            taken.append((folder, meta.get("sha256") == sha256))
+        taken: list[tuple[Any, str]] = []
+        for model in (None, self.model):
+            for whole in (False, True):
+                folder = self.root / folder_name(source, sha256, whole=whole, model=model)
+                meta = self.sidecar(folder)
+                if meta is None or (
+                    meta.get("sha256") == sha256 and model_of(meta) == self.model and not _newer_format(meta)
+                ):
+                    if taken:
+                        log.warning(
+                            "Result folder %s holds %s: the result of %s (sha256 %s) by %s goes to %s",
+                            taken[0][0],
+                            taken[0][1],
+                            source,
+                            sha256,
+                            self.model,
+                            folder,
+                        )
+                    return folder, meta
+                if _newer_format(meta):
+                    taken.append((folder, "a newer release's result"))
+                elif meta.get("sha256") == sha256:
+                    taken.append((folder, f"this image's result by the model {model_of(meta)}"))
+                    break  # this content by another model: a folder named for this model
+                else:
+                    taken.append((folder, "another image's result"))
         raise Doc2XStorageError(
-            f"The result of {source} (sha256 {sha256}) cannot be stored: "
-            f"{', '.join(str(folder) for folder, _ in taken)} hold results of a newer release of "
-            "this provider, which this one does not overwrite; parse it with that release, or "
-            "move those folders away",
+            f"The result of {source} (sha256 {sha256}) by {self.model} cannot be stored: "
+            + "; ".join(f"{folder} holds {what}" for folder, what in taken)
+            + ". This provider overwrites none of them; move those folders away, or parse the image "
+            "with the release that wrote them",
             source=source,
         )
 
@@ -304,10 +379,12 @@ class ResultStore:
         lane's, from an export zip): then ``convert_zip`` is not read. ``extra`` adds fields to the
         sidecar (the PDF lane's ``lane`` and ``page_idx``); a ``page_idx`` there is in the record too.
         The folder is the image's own (``<stem>-<12 hex>``) unless that holds another content's
-        result: then ``<stem>-<64 hex>``.
+        result (then ``<stem>-<64 hex>``) or another model's (then ``<stem>.<model>-<12 hex>``).
         """
         folder, previous = self._folder_for(source, sha256)
-        folder.mkdir(parents=True, exist_ok=True)
+        on_object_store = self.root.protocol in OBJECT_STORE_SCHEMES
+        if not on_object_store:
+            folder.mkdir(parents=True, exist_ok=True)
         stem = folder.name.rsplit("-", 1)[0]
         if figures is None:
             figures = unpack_figures(
@@ -320,7 +397,8 @@ class ResultStore:
         for path, data in figures.files.items():
             target = folder / path
             try:
-                target.parent.mkdir(parents=True, exist_ok=True)
+                if not on_object_store:
+                    target.parent.mkdir(parents=True, exist_ok=True)
                 write(target, data)
             except (OSError, ValueError) as error:
                 figures.warnings.append(

@@ -685,6 +685,35 @@ def test_results_of_another_model_are_parsed_again_then_known(doc2x, storage, in
     assert billed(doc2x) == 4
 
 
+def test_an_entry_of_a_renamed_copy_still_answers_with_its_own_model_after_a_new_model_parsed_the_original(
+    doc2x, storage, inbox
+):
+    """A new model's result is written beside the old one, so an entry pointing at the old folder stays true."""
+    a = inbox("a.png", "Alpha")
+    storage.pipe_file("/inbox/b.png", storage.cat_file("/inbox/a.png"))
+    b = "memory://inbox/b.png"
+    first = parse([a, b])  # v2: b is a hit on a's folder, and its entry points there
+    assert first[1]["sidecar_path"] == first[0]["sidecar_path"]
+
+    (by_v3,) = parse([a], method="pdf", pdf_model="v3-2026")  # the corpus re-parsed by a new model
+    assert by_v3["cached"] is False
+    assert json.loads(storage.cat_file(image_path(by_v3["sidecar_path"])))["model"] == "v3-2026"
+    assert billed(doc2x) == 2
+
+    storage.reset()
+    (copy,) = parse([b])  # v2 again: the entry answers, with v2's result
+    assert copy["cached"] is True
+    assert storage.opened_of("/inbox/") == 0
+    sidecar = json.loads(storage.cat_file(image_path(copy["sidecar_path"])))
+    assert sidecar["model"] == "v2"
+    assert storage.cat_file(image_path(copy["markdown_path"])) == storage.cat_file(
+        image_path(first[0]["markdown_path"])
+    )
+    (original,) = parse([a], method="pdf", pdf_model="v3-2026")
+    assert original["cached"] is True and original["sidecar_path"] == by_v3["sidecar_path"]
+    assert billed(doc2x) == 2
+
+
 # -- two releases' formats side by side ----------------------------------------------------------
 
 

@@ -425,3 +425,43 @@ def test_sidecars_of_a_newer_release_are_kept_beside_todays(faulty):
     kept_apart = store.write("memory://inbox/newer.png", newer, page_result("Newer again"))
     assert kept_apart["sidecar_path"] != second["sidecar_path"]
     assert faulty.cat_file(newer_path) == newer_bytes  # never overwritten
+
+
+def test_a_result_of_another_model_gets_a_folder_of_its_own_and_the_old_one_stays(faulty):
+    """A folder never changes model: whatever points at the old model's result still finds it."""
+    digest = "ef" * 32
+    old = ResultStore(LAKE).write("memory://inbox/page.png", digest, page_result("By v2"))
+    new = ResultStore(LAKE, model="v3-2026").write("memory://inbox/page.png", digest, page_result("By v3"))
+    assert new["markdown_path"].rsplit("/", 2)[1] == f"page.v3-2026-{digest[:12]}"
+    assert markdown_of(faulty, old) == "# By v2\n"
+    assert json.loads(faulty.cat_file(MemoryFileSystem._strip_protocol(old["sidecar_path"])))["model"] == "v2"
+
+    for model, text in (("v2", "# By v2\n"), ("v3-2026", "# By v3\n")):
+        found = ResultStore(LAKE, model=model).cached(digest, "memory://inbox/page.png")
+        assert found is not None and markdown_of(faulty, found) == text
+        copy = ResultStore(LAKE, model=model).cached(digest, "memory://inbox/renamed.png")
+        assert copy is not None and markdown_of(faulty, copy) == text
+    again = ResultStore(LAKE, model="v3-2026").write(
+        "memory://inbox/page.png", digest, page_result("v3 again")
+    )
+    assert again["markdown_path"] == new["markdown_path"]  # its own model's folder is rewritten in place
+    assert markdown_of(faulty, old) == "# By v2\n"
+
+
+def test_a_newer_release_sidecar_whose_keys_changed_shape_is_never_overwritten(faulty):
+    """Taken whatever its keys look like; not a hit, since what this release reads of it is not usable."""
+    digest = "c3" * 32
+    first = ResultStore(LAKE).write("memory://inbox/page.png", digest, page_result("Page"))
+    path = MemoryFileSystem._strip_protocol(first["sidecar_path"])
+    sidecar = json.loads(faulty.cat_file(path))
+    newer = json.dumps({**sidecar, "format_version": 2, "markdown": {"files": ["page.md"]}}).encode()
+    faulty.pipe_file(path, newer)
+
+    store = ResultStore(LAKE)
+    assert store.cached(digest, "memory://inbox/page.png") is None
+    record = store.write("memory://inbox/page.png", digest, page_result("Page again"))
+    assert record["sidecar_path"] != first["sidecar_path"]
+    assert faulty.cat_file(path) == newer
+    assert (
+        markdown_of(faulty, ResultStore(LAKE).cached(digest, "memory://inbox/page.png")) == "# Page again\n"
+    )

@@ -6,6 +6,7 @@ user's paths are. What is asserted is what S3 saw (the proxy's log) and what the
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
@@ -121,3 +122,52 @@ def test_the_operator_parses_s3_images_into_s3_and_a_second_run_bills_nothing(do
     again = parse_operator(images, deferrable=deferrable, output_path=output).execute({})
     assert [record["cached"] for record in again] == [True, True]
     assert doc2x.stats()["billed_total"] == 2
+
+
+@pytest.mark.parametrize(
+    ("count", "listed_first"),
+    [(64, False), (2, True)],
+    ids=["folder-listed-for-fingerprints", "folder-listed-by-list_images"],
+)
+def test_an_image_replaced_after_its_folder_was_listed_in_this_process_is_parsed_again(
+    doc2x, s3, count, listed_first
+):
+    """Fingerprints come from S3, never from s3fs's in-process listing cache."""
+    from airflow_provider_doc2x.listing import list_images
+
+    images = [
+        put(s3, f"scans/f{i:03d}.png", render(Page(title=f"Page {i}"), size=(200, 150))) for i in range(count)
+    ]
+    output = s3.url("lake", conn_id="aws_default")
+    first = parse_operator(
+        images, output_path=output, incremental=True, deferrable=False, method="pdf"
+    ).execute({})
+    if listed_first:
+        assert len(list_images(s3.url("scans/"))) == count
+
+    replaced = render(Page(title="Replaced Page"), size=(300, 200))
+    put(s3, "scans/f000.png", replaced)
+    again = parse_operator(
+        images, output_path=output, incremental=True, deferrable=False, method="pdf"
+    ).execute({})
+    assert again[0]["cached"] is False
+    assert again[0]["sha256"] == hashlib.sha256(replaced).hexdigest() != first[0]["sha256"]
+    assert "300x200" in storage_path(again[0]["markdown_path"]).read_text()
+    assert all(record["cached"] for record in again[1:])
+    assert doc2x.stats()["pdf_pages_billed"] == count + 1
+
+
+def test_a_new_image_result_costs_no_bucket_head_and_a_missing_sidecar_one_get(doc2x, s3):
+    """Folders are only key prefixes on S3 (no mkdir), and a sidecar is probed with one GET."""
+    image = put(s3, "scans/f000.png", render(Page(title="First Page"), size=(400, 300)))
+    (record,) = parse_operator(
+        [image], output_path=s3.url("lake", conn_id="aws_default"), deferrable=False
+    ).execute({})
+    assert record["cached"] is False
+    assert s3.proxy.requests("HEAD", rf"^/{s3.bucket}/?$") == []  # no mkdir
+    sidecar = r"/lake/f000-[0-9a-f]{12}/f000\.json"
+    assert [request.status for request in s3.proxy.requests("GET", sidecar + "$")] == [404]
+    assert s3.proxy.requests("HEAD", sidecar + "$") == []
+    listings = [request.query for request in s3.proxy.requests("GET", query="list-type")]
+    assert not [query for query in listings if ".json" in query]  # no LIST after a missing sidecar
+    assert len([query for query in listings if "prefix=lake%2F&" in query]) == 1  # the root, once
