@@ -447,9 +447,9 @@ class FaultProxy:
             f"x-amz-request-id: {request_id}\r\n"
             f"Connection: {'close' if expects else 'keep-alive'}\r\n\r\n"
         )
+        entry.status = status  # logged before the client can see the answer and read the log
         writer.write(head.encode() + (b"" if entry.method == "HEAD" else data))
         await writer.drain()
-        entry.status = status
         return not expects
 
     async def _answer(self, rule, entry, request, reader, writer, *, read_body: bool) -> bool:
@@ -464,9 +464,9 @@ class FaultProxy:
             f"Content-Length: {len(rule.body)}\r\n"
             f"Connection: {'close' if closes else 'keep-alive'}\r\n\r\n"
         )
+        entry.status = rule.status  # logged before the client can see the answer and read the log
         writer.write(head.encode() + (b"" if entry.method == "HEAD" else rule.body))
         await writer.drain()
-        entry.status = rule.status
         return not closes
 
     async def _forward(self, request, entry, rule, reader, writer, up_reader, up_writer) -> bool:
@@ -488,6 +488,7 @@ class FaultProxy:
             no_body = entry.method == "HEAD" or status in _NO_BODY_STATUSES or status < 200
             lost = rule is not None and rule.fault in ("reset", "answer")
             if not lost:
+                entry.status = status  # logged before the client can see the answer and read the log
                 writer.write(raw)
             until_close = await _pipe_body(
                 up_reader, None if lost else writer, answer, response=True, no_body=no_body
@@ -504,7 +505,6 @@ class FaultProxy:
             _reset(writer)
             return False
         await writer.drain()
-        entry.status = status
         return not (until_close or answer.closes or request.closes)
 
 
