@@ -77,8 +77,9 @@ from airflow_provider_doc2x.packing import (
     pack_images,
     plan_pdfs,
 )
+from airflow_provider_doc2x.records import FETCH_ATTEMPTS
 from airflow_provider_doc2x.sources import ImageSource
-from airflow_provider_doc2x.uploads import STATE_KEY_PREFIX
+from airflow_provider_doc2x.uploads import STATE_KEY_PREFIX, recorded_status
 
 if TYPE_CHECKING:
     from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
@@ -396,14 +397,20 @@ class PdfLane:
         """The status of a PDF an earlier try recorded, and its images' extra keys; None to submit them again.
 
         None when Doc2X does not know the uid (expired, or its upload never landed). A failed PDF
-        comes back failed: :meth:`advance` tries its images again. A PDF whose status answer is
-        malformed (a page_idx twice or missing, say) comes back failed with ``protocol_error``: its
-        images are named, not paid for again, and the other PDFs go on.
+        comes back failed: :meth:`advance` tries its images again. A status answer that is malformed
+        (cut off, or a page_idx twice or missing, say) is asked again, as the result fetch does; a PDF
+        whose answer stays malformed comes back failed with ``protocol_error``: its images are named,
+        not paid for again, and the other PDFs go on.
         """
         # A PUT that was never answered may have landed moments ago: the pickup delay counts from it.
         since = pdf.uploaded_at if pdf.state == UPLOADED else (pdf.uploaded_at or pdf.at)
         try:
-            status = await self.hook.aget_pdf_status(pdf.uid, uploaded_at=since)
+            status = await recorded_status(
+                self.hook,
+                lambda: self.hook.aget_pdf_status(pdf.uid, uploaded_at=since),
+                self.log,
+                f"Recorded Doc2X PDF {pdf.uid} ({len(pdf.pages)} pages)",
+            )
         except Doc2XJobNotFoundError:
             if pdf.state == UPLOADED:
                 self.log.warning(
@@ -423,10 +430,11 @@ class PdfLane:
             return None
         except Doc2XProtocolError as malformed:
             self.log.error(
-                "Recorded Doc2X PDF %s (%d pages) answered its status malformed; its images fail with "
-                "protocol_error: %s",
+                "Recorded Doc2X PDF %s (%d pages) answered its status malformed %d times; its images fail "
+                "with protocol_error: %s",
                 pdf.uid,
                 len(pdf.pages),
+                FETCH_ATTEMPTS,
                 malformed,
             )
             return protocol.STATUS_FAILED, {"code": malformed.failure_code, "message": malformed.summary}

@@ -27,10 +27,11 @@ from airflow_provider_doc2x.local.samples import Page, render
 from airflow_provider_doc2x.packing import pack_images
 from airflow_provider_doc2x.pdf_lane import STATE_INDEX_KEY, STATE_PDF_PREFIX
 from airflow_provider_doc2x.pdf_results import PAGE_MAP_MISMATCH, PdfFigures
-from airflow_provider_doc2x.records import records_from_event
+from airflow_provider_doc2x.records import FETCH_ATTEMPTS, records_from_event
 from airflow_provider_doc2x.storage import storage_path
 from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
 from tests.helpers import API_KEY, StateStore, first_event, parse_operator, wait_until
+from tests.helpers.s3 import proxied_doc2x
 
 
 @pytest.fixture
@@ -577,6 +578,69 @@ def test_a_malformed_pdf_status_on_reconnect_fails_its_images_alone_on_every_try
         for image in small:
             assert named_malformed(image).search(message), message
     assert stored_titles(output) == ["# Again Tall"]
+    stats = lane.stats()
+    assert (stats["preuploads"], stats["puts"], stats["pdf_tasks"]) == (2, 2, 2)  # nothing sent again
+
+
+@pytest.fixture
+def doc2x_proxy(lane, monkeypatch):
+    """The fault proxy in front of the local server, as ``doc2x_default``'s host: it can garble answers."""
+    with proxied_doc2x(lane, monkeypatch) as proxy:
+        yield proxy
+
+
+def recorded_pdfs_finished(lane, images, store, output) -> None:
+    """A first try submits the PDFs, records them and defers; then they finish while no try runs."""
+    lane.configure(pdf_page_seconds=30)
+    with pytest.raises(TaskDeferred):
+        pdf_operator(images, deferrable=True, output_path=str(output)).execute({"task_state_store": store})
+    lane.configure(pdf_page_seconds=0)
+    wait_until(lambda: lane.stats()["pdf_tasks_in_progress"] == 0, message="the PDFs to finish")
+
+
+@pytest.mark.parametrize("kind", ["truncated", "wrong_types", "not_json"])
+def test_one_garbled_pdf_status_on_reconnect_is_asked_again_and_its_images_are_parsed(
+    lane, doc2x_proxy, pages, tmp_path, kind
+):
+    store = StateStore()
+    images = [*pages("Asked One", "Asked Two"), *pages("Asked Tall", size=(300, 500))]  # two PDFs
+    output = tmp_path / "out"
+    recorded_pdfs_finished(lane, images, store, output)
+    garbled = doc2x_proxy.malformed("GET", f"^{protocol.PDF_STATUS_PATH}$", kind, times=1)
+    records = pdf_operator(images, output_path=str(output)).execute({"task_state_store": store})
+    assert garbled.hits == 1  # the new try's first status call, on reconnect
+    assert [record["source"] for record in records] == [str(image) for image in images]
+    assert {record["uid"] for record in records} == set(store.values[STATE_INDEX_KEY]["uids"])
+    assert stored_titles(output) == ["# Asked One", "# Asked Tall", "# Asked Two"]
+    stats = lane.stats()
+    assert (stats["preuploads"], stats["puts"], stats["pdf_tasks"], stats["pdf_pages_billed"]) == (2, 2, 2, 3)
+
+
+def test_a_pdf_status_that_stays_malformed_on_reconnect_is_asked_a_few_times_then_fails_its_images_alone(
+    lane, doc2x_proxy, pages, tmp_path
+):
+    store = StateStore()
+    small = pages("Stays One", "Stays Two")
+    images = [*small, *pages("Stays Tall", size=(300, 500))]
+    output = tmp_path / "out"
+    recorded_pdfs_finished(lane, images, store, output)
+    (uid,) = [
+        uid
+        for uid in store.values[STATE_INDEX_KEY]["uids"]
+        if sha256_of(small[0]) in store.values[STATE_PDF_PREFIX + uid]["pages"]
+    ]
+    doc2x_proxy.malformed("GET", f"^{protocol.PDF_STATUS_PATH}$", "truncated", times=None, query=f"uid={uid}")
+    with pytest.raises(Doc2XError) as caught:
+        pdf_operator(images, output_path=str(output)).execute({"task_state_store": store})
+    message = str(caught.value)
+    assert "2 of 3 images were not parsed" in message
+    for image in small:
+        assert named_malformed(image).search(message), message
+    assert (
+        len(doc2x_proxy.requests("GET", f"^{protocol.PDF_STATUS_PATH}$", query=f"uid={uid}"))
+        == FETCH_ATTEMPTS
+    )
+    assert stored_titles(output) == ["# Stays Tall"]
     stats = lane.stats()
     assert (stats["preuploads"], stats["puts"], stats["pdf_tasks"]) == (2, 2, 2)  # nothing sent again
 

@@ -12,12 +12,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from airflow.providers.common.compat.sdk import TaskDeferred
 
-from airflow_provider_doc2x.exceptions import Doc2XAuthError, Doc2XQuotaError
+from airflow_provider_doc2x.exceptions import Doc2XAuthError, Doc2XError, Doc2XQuotaError
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
-from airflow_provider_doc2x.sources import ImageSource
+from airflow_provider_doc2x.protocol import STATUS_PATH
+from airflow_provider_doc2x.records import FETCH_ATTEMPTS
+from airflow_provider_doc2x.sources import ImageSource, sha256_of
 from airflow_provider_doc2x.uploads import STATE_KEY_PREFIX, ImageUploads
 from tests.helpers import StateStore, parse_operator, run_deferred, wait_until
+from tests.helpers.s3 import proxied_doc2x
 
 
 class CountedPath:
@@ -220,3 +224,61 @@ def test_an_upload_reset_before_its_body_arrived_is_retried_and_billed_once(doc2
     assert job["status"] == "processing" and job["uid"]
     stats = doc2x.stats()
     assert (stats["uploads_reset"], stats["requests"]["submit"], stats["billed_total"]) == (1, 2, 1)
+
+
+# -- a new try's reconnect asks a garbled status again -------------------------------------------------------
+
+
+@pytest.fixture
+def doc2x_proxy(doc2x, monkeypatch):
+    """The fault proxy in front of the local server, as ``doc2x_default``'s host: it can garble answers."""
+    with proxied_doc2x(doc2x, monkeypatch) as proxy:
+        yield proxy
+
+
+def first_try_deferred(images, store, output) -> None:
+    """The first try uploads the images, records their uids and defers; the worker is then lost."""
+    with pytest.raises(TaskDeferred):
+        parse_operator(images, deferrable=True, output_path=str(output)).execute({"task_state_store": store})
+
+
+@pytest.mark.parametrize("kind", ["truncated", "wrong_types", "not_json"])
+def test_one_garbled_status_on_reconnect_is_asked_again_and_the_image_is_parsed(
+    doc2x, doc2x_proxy, make_image, tmp_path, kind
+):
+    store = StateStore()
+    images = [make_image(title="Asked Again One"), make_image(title="Asked Again Two")]
+    output = tmp_path / "out"
+    first_try_deferred(images, store, output)
+    garbled = doc2x_proxy.malformed("GET", f"^{STATUS_PATH}$", kind, times=1)  # the new try's first status
+    records = parse_operator(images, output_path=str(output)).execute({"task_state_store": store})
+    assert garbled.hits == 1
+    assert [record["source"] for record in records] == [str(image) for image in images]
+    recorded = [store.get(STATE_KEY_PREFIX + sha256_of(image.read_bytes()))["uid"] for image in images]
+    assert [record["uid"] for record in records] == recorded  # the earlier try's jobs, reconnected
+    assert sorted(path.read_text().splitlines()[0] for path in output.rglob("*.md")) == [
+        "# Asked Again One",
+        "# Asked Again Two",
+    ]
+    assert (doc2x.stats()["billed_total"], doc2x.stats()["max_billed_per_image"]) == (2, 1)  # none again
+
+
+def test_a_status_that_stays_malformed_on_reconnect_is_asked_a_few_times_then_fails_that_image_alone(
+    doc2x, doc2x_proxy, make_image, tmp_path
+):
+    store = StateStore()
+    images = [make_image(title="Kept On Reconnect"), make_image(title="Garbled Each Time")]
+    output = tmp_path / "out"
+    first_try_deferred(images, store, output)
+    uid = store.get(STATE_KEY_PREFIX + sha256_of(images[1].read_bytes()))["uid"]
+    doc2x_proxy.malformed("GET", f"^{STATUS_PATH}$", "not_json", times=None, query=f"uid={uid}")
+    with pytest.raises(Doc2XError) as caught:
+        parse_operator(images, output_path=str(output)).execute({"task_state_store": store})
+    message = str(caught.value)
+    assert "1 of 2 images were not parsed" in message
+    assert re.search(rf"- {re.escape(str(images[1]))} \(uid {uid}\): .*\(code protocol_error\)", message), (
+        message
+    )
+    assert len(doc2x_proxy.requests("GET", f"^{STATUS_PATH}$", query=f"uid={uid}")) == FETCH_ATTEMPTS
+    assert [path.read_text().splitlines()[0] for path in output.rglob("*.md")] == ["# Kept On Reconnect"]
+    assert (doc2x.stats()["billed_total"], doc2x.stats()["max_billed_per_image"]) == (2, 1)

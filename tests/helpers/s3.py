@@ -717,3 +717,15 @@ def s3(s3_server, monkeypatch, tmp_path) -> Iterator[S3]:
     """A fresh bucket on the S3 API, and the environment that points ``s3://`` paths at it."""
     with s3_env(*s3_server, monkeypatch, tmp_path) as env:
         yield env
+
+
+@contextlib.contextmanager
+def proxied_doc2x(server: Any, monkeypatch: Any) -> Iterator[FaultProxy]:
+    """A fault proxy in front of a local Doc2X server, made ``doc2x_default``'s host: it can garble answers."""
+    proxy = FaultProxy(int(server.url.rsplit(":", 1)[1]))
+    connection = json.loads(server.connection_json())
+    monkeypatch.setenv("AIRFLOW_CONN_DOC2X_DEFAULT", json.dumps({**connection, "host": proxy.url}))
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
