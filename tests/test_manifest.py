@@ -24,7 +24,6 @@ from airflow.providers.common.compat.sdk import TaskDeferred
 from fsspec.implementations.memory import MemoryFileSystem
 
 from airflow_provider_doc2x import protocol
-from airflow_provider_doc2x import storage as storage_module
 from airflow_provider_doc2x.manifest import (
     MANIFEST_DIR,
     Manifest,
@@ -36,7 +35,7 @@ from airflow_provider_doc2x.results import ResultStore
 from airflow_provider_doc2x.sources import ImageSource
 from tests.helpers import REPO, first_event, parse_operator
 from tests.helpers.storage import CountingFS, use_for_memory
-from tests.helpers.storage_faults import FaultyFS
+from tests.helpers.storage_faults import FaultyFS, faulty_memory
 
 LAKE = "memory://lake/doc2x"
 MANIFEST = f"/lake/doc2x/{MANIFEST_DIR}/v1"
@@ -470,12 +469,8 @@ def test_fingerprint_from_storage_metadata(info, expected):
 @pytest.fixture
 def faulty(monkeypatch):
     """``memory://`` counted, with faults a test switches on (retries without waiting)."""
-    monkeypatch.setattr(storage_module, "STORAGE_WAIT_INITIAL", 0)
-    fs = use_for_memory(FaultyFS)
-    FaultyFS.clear()
-    yield fs
-    FaultyFS.clear()
-    use_for_memory(MemoryFileSystem)
+    with faulty_memory(monkeypatch) as fs:
+        yield fs
 
 
 @pytest.fixture

@@ -18,13 +18,11 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 from airflow_provider_doc2x import protocol
-from airflow_provider_doc2x import storage as storage_module
 from airflow_provider_doc2x.archives import decode_base64, unpack_figures
 from airflow_provider_doc2x.exceptions import Doc2XStorageError
 from airflow_provider_doc2x.results import ResultStore
 from tests.helpers import parse_operator, run_deferred
-from tests.helpers.storage import use_for_memory
-from tests.helpers.storage_faults import FaultyFS
+from tests.helpers.storage_faults import FaultyFS, faulty_memory
 
 #: The seed page's own example value of convert_zip: not a zip, a small protobuf-like record.
 VENDOR_EXAMPLE = (
@@ -298,12 +296,8 @@ LAKE = "memory://lake/results"
 @pytest.fixture
 def faulty(monkeypatch):
     """``memory://`` with faults a test switches on (retries without waiting)."""
-    monkeypatch.setattr(storage_module, "STORAGE_WAIT_INITIAL", 0)
-    fs = use_for_memory(FaultyFS)
-    FaultyFS.clear()
-    yield fs
-    FaultyFS.clear()
-    use_for_memory(MemoryFileSystem)
+    with faulty_memory(monkeypatch) as fs:
+        yield fs
 
 
 def page_result(text: str, uid: str = "uid-1") -> protocol.Doc2XResult:

@@ -9,10 +9,14 @@ off until a test names the paths it applies to; :meth:`FaultyFS.heal` switches a
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
-from tests.helpers.storage import CountingFS
+from fsspec.implementations.memory import MemoryFileSystem
+
+from tests.helpers.storage import CountingFS, use_for_memory
 
 
 class FaultyFS(CountingFS):
@@ -102,3 +106,18 @@ class FaultyFS(CountingFS):
         if self._hit(key, self.denied_deletes):
             self.failed.append(key)
             raise PermissionError(13, "Access Denied", key)
+
+
+@contextlib.contextmanager
+def faulty_memory(monkeypatch: Any) -> Iterator[FaultyFS]:
+    """``memory://`` counted, with faults a test switches on; storage retries without waiting."""
+    from airflow_provider_doc2x import storage
+
+    monkeypatch.setattr(storage, "STORAGE_WAIT_INITIAL", 0)
+    fs = use_for_memory(FaultyFS)
+    FaultyFS.clear()
+    try:
+        yield fs
+    finally:
+        FaultyFS.clear()
+        use_for_memory(MemoryFileSystem)
