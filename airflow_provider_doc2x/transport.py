@@ -51,6 +51,7 @@ from airflow_provider_doc2x.exceptions import (
     Doc2XSubmitUncertainError,
     Doc2XTransientError,
 )
+from airflow_provider_doc2x.pacing.window import paced_upload
 from airflow_provider_doc2x.settings import Doc2XSettings
 
 T = TypeVar("T")
@@ -190,7 +191,9 @@ async def call(
 
     Transient failures are retried (bounded, with back-off; ``retry`` narrows which, for a call
     whose errors mean something else than the image API's); an upload goes through ``pacer`` (an
-    object with an ``aupload()`` async context manager holding one of the key's slots). For an
+    object with an ``aupload()`` async context manager holding one of the key's slots; when that is
+    a :class:`~airflow_provider_doc2x.pacing.RateLimiter`'s, even through a wrapper, the slot is
+    confirmed right before the send, and booked again if its lease ran out meanwhile). For an
     upload whose body was sent whole, an answer that is lost or cannot be read (including a
     success whose data ``read`` refuses) means Doc2X may have billed it: that is
     :class:`Doc2XSubmitUncertainError`, which is never retried here.
@@ -199,8 +202,15 @@ async def call(
         with attempt:
             shared = await shared_client(settings.base_url)
             paced = pacer.aupload() if request.bills and pacer is not None else nullcontext()
-            async with paced, shared.gate:
-                answer = await exchange(shared.client, settings, request)
+            async with paced:
+                slot = paced_upload() if request.bills and pacer is not None else None
+                while True:
+                    async with shared.gate:
+                        # The wait for the gate is unbounded: the slot may have expired meanwhile.
+                        if slot is None or await slot.confirm():
+                            answer = await exchange(shared.client, settings, request)
+                            break
+                    await slot.book_again()  # outside the gate: polls are not held behind the window
             try:
                 return read(protocol.read_answer(request, answer, secrets=settings.secrets))
             except Doc2XProtocolError as error:

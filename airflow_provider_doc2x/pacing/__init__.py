@@ -14,13 +14,16 @@ Where a key's window is kept (:func:`limiter_for`):
   on its own, in memory.
 - With ``pacing_conn_id`` (an Airflow connection of type ``redis``), in Redis: every process of
   every worker host books and releases the key's slots there, by the same rules; the host-local
-  window stands in while Redis is down (:mod:`~airflow_provider_doc2x.pacing.redis_window`).
+  window, which records this host's bookings in Redis too, stands in while Redis is down
+  (:mod:`~airflow_provider_doc2x.pacing.redis_window`).
 
 Both are named by a digest of the base URL and the key; the key itself is never written. Both hold
 a versioned format that releases share: a reader keeps what it does not know (see
 :mod:`~airflow_provider_doc2x.pacing.window`). A slot in flight expires after the longest its upload
 may take, the connection's ``timeout`` plus a margin (:func:`lease_seconds`), so a worker killed with
-uploads in flight holds the key for that long plus one window at most.
+uploads in flight holds the key for that long plus one window at most. A slot whose lease ran out
+before its upload was sent (its holder stopped or starved) is never used: the transport confirms
+the slot right before the send and books again if it was lost (:class:`PacedUpload`).
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ from airflow_provider_doc2x.pacing.window import (
     IN_FLIGHT_MARGIN_SECONDS,
     LEGACY_IN_FLIGHT_SECONDS,
     MAX_LEASE_SECONDS,
+    PacedUpload,
     RateLimiter,
     lease_seconds,
+    paced_upload,
 )
 
 __all__ = [
@@ -47,11 +52,13 @@ __all__ = [
     "IN_FLIGHT_MARGIN_SECONDS",
     "LEGACY_IN_FLIGHT_SECONDS",
     "MAX_LEASE_SECONDS",
+    "PacedUpload",
     "RateLimiter",
     "RedisRateLimiter",
     "key_digest",
     "lease_seconds",
     "limiter_for",
+    "paced_upload",
     "pacing_dir",
     "reset_limiters",
 ]

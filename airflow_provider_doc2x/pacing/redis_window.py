@@ -27,9 +27,16 @@ beside its window (a learned rule, a daily page budget) goes into keys of its ow
 ``doc2x:pacing:<digest>:<name>``, which these scripts never touch. Releases before version 2 start
 the set anew when it holds ``version`` or ``lease:`` members.
 
-When Redis cannot be reached or fails, the limiter paces on the host-local window for a while
-(:attr:`RedisRateLimiter.fallback_seconds`) before it tries Redis again, and says so once.
-Uploads never fail or stall because the pacing store is down.
+**Redis down, and back.** Every slot a host books in Redis it books, renews and releases in its
+host-local window too (a booking needs room in both). When Redis cannot be reached or fails, the
+limiter paces on the host-local window alone for a while (:attr:`RedisRateLimiter.fallback_seconds`)
+before it tries Redis again, and says so once; that window already holds what this host sent in the
+last window, so one host alone never goes over the limit, while Redis is down or after it returns.
+Hosts do not see each other's uploads meanwhile: together they may exceed the limit, and the 429
+answers are retried. When Redis answers again, the slots hosts booked on their own are not in it:
+for one window more, other hosts may book up to the limit in Redis beside them, so the key may take
+up to what the other hosts sent alone in that window on top of its limit; after that window Redis
+holds all of it again. Uploads never fail or stall because the pacing store is down.
 """
 
 from __future__ import annotations
@@ -37,13 +44,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from airflow_provider_doc2x.pacing.window import (
-    CLOCK_TOLERANCE_SECONDS,
     FORMAT_VERSION,
     LEGACY_IN_FLIGHT_SECONDS,
     MAX_LEASE_SECONDS,
@@ -76,11 +81,11 @@ end
 """
 
 #: Book a slot if the window has room. KEYS[1]: the window. ARGV: limit, window, the slot's lease,
-#: the new slot's id, now ('' for the Redis server's clock), seconds a slot may be dated ahead of the
-#: clock. Returns {state, value, distrusted}: {1, now, _} when booked, {0, wait, _} when full,
-#: {2, version, 0} for a set of a later version that this release cannot read (nothing was
-#: changed); distrusted is 1 when the window held something that is not a window, or a slot dated
-#: too far ahead of the clock, and was started anew.
+#: the new slot's id, now ('' for the Redis server's clock). Returns {state, value, distrusted}:
+#: {1, now, _} when booked, {0, wait, _} when full (a slot dated ahead of the clock, by one window at
+#: most, is waited out), {2, version, 0} for a set of a later version that this release cannot read
+#: (nothing was changed); distrusted is 1 when the window held something that is not a window (a
+#: slot dated more than one window ahead among it) and was started anew.
 BOOK_SCRIPT = (
     _PRELUDE
     + f"""
@@ -91,7 +96,6 @@ local limit = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local lease = tonumber(ARGV[3])
 local now = clock(ARGV[5])
-local tolerance = tonumber(ARGV[6])
 local distrusted = 0
 if not is_window() then
     redis.call('DEL', key)
@@ -146,11 +150,6 @@ end
 table.sort(times)
 if #times >= limit then
     local ahead = times[#times - limit + 1] - now
-    if ahead > tolerance then
-        if newer then return {2, tostring(version), 0} end
-        redis.call('DEL', key)
-        return {0, tostring(window), 1}
-    end
     return {0, tostring(math.min(ahead, 0) + window), distrusted}
 end
 redis.call('ZADD', key, now + lease, 'lease:' .. ARGV[4])
@@ -162,7 +161,8 @@ return {1, tostring(now), distrusted}
 
 #: The upload of a slot still runs: hold it for another lease. KEYS[1]: the window. ARGV: the slot's
 #: id, its lease, window, now ('' for the Redis server's clock). Returns 1, or 0 for a slot the
-#: window no longer holds.
+#: window no longer holds unexpired; one that expired counts from its expiry from then on, as the
+#: booking script counts it.
 RENEW_SCRIPT = (
     _PRELUDE
     + """
@@ -171,6 +171,11 @@ local lease_member = 'lease:' .. ARGV[1]
 local at = redis.call('ZSCORE', key, lease_member)
 if not at then return 0 end
 local now = clock(ARGV[4])
+if tonumber(at) <= now then
+    redis.call('ZREM', key, lease_member)
+    redis.call('ZADD', key, at, 'done:' .. ARGV[1])
+    return 0
+end
 local expires = math.max(tonumber(at), now + tonumber(ARGV[2]))
 redis.call('ZADD', key, expires, lease_member)
 keep_for(expires - now + tonumber(ARGV[3]))
@@ -276,37 +281,52 @@ class RedisRateLimiter(RateLimiter):
             return self._scripts_of_client
 
     def reserve(self) -> tuple[float, str | None]:
-        """Book a slot in Redis, or on the host while Redis is down (see :meth:`RateLimiter.reserve`)."""
+        """Book a slot on this host's window and in Redis, or on the host alone while Redis is down.
+
+        Every slot this host books in Redis is booked, renewed and released in the host-local window
+        too, by the same rules: so while Redis is down the host's window already holds what this
+        host sent in the last window, and this host alone never goes over the limit, not even when
+        Redis fails or comes back. A booking that Redis refuses (the key is full across hosts) is
+        taken back from the host's window: it was never used.
+        """
+        delay, slot_id = super().reserve()
+        if slot_id is None:
+            return delay, None
         if time.monotonic() >= self._down_until:
             try:
-                return self._reserve_in_redis()
+                delay, booked = self._reserve_in_redis(slot_id)
             except NewerRedisWindow as newer:  # Redis answers: it is the window that cannot be used
                 with self._state_lock:
                     self._down_until = time.monotonic() + self.fallback_seconds
                 self._newer(f"the upload window in Redis ({newer.redis_key})", newer.version)
             except Exception as error:  # whatever fails in the pacing store, the upload goes on
                 self._redis_failed(error)
-        delay, slot_id = super().reserve()
-        if slot_id is not None:
-            with self._state_lock:
-                self._local_slots.add(slot_id)
-        return delay, slot_id
+            else:
+                if not booked:
+                    self._take_back(slot_id)
+                    return delay, None
+                return 0.0, slot_id
+        with self._state_lock:
+            self._local_slots.add(slot_id)
+        return 0.0, slot_id
 
-    def _reserve_in_redis(self) -> tuple[float, str | None]:
+    def _take_back(self, slot_id: str) -> None:
+        """Remove a slot booked on the host's window but never used (Redis refused it)."""
+        with self._slots() as (slots, _):
+            slots.open.pop(slot_id, None)
+
+    def _reserve_in_redis(self, slot_id: str) -> tuple[float, bool]:
         book, release, _ = self._scripts()
         with self._state_lock:
             unreleased, self._unreleased = self._unreleased, []
         try:
-            for slot_id in unreleased:
-                self._call(release, slot_id, self.window, self._now_arg())
+            for unreleased_id in unreleased:
+                self._call(release, unreleased_id, self.window, self._now_arg())
         except Exception:
             with self._state_lock:
                 self._unreleased[:0] = unreleased
             raise
-        slot_id = uuid.uuid4().hex
-        answer = self._call(
-            book, self.limit, self.window, self.lease, slot_id, self._now_arg(), CLOCK_TOLERANCE_SECONDS
-        )
+        answer = self._call(book, self.limit, self.window, self.lease, slot_id, self._now_arg())
         self._redis_answered()
         state, value, distrusted = int(answer[0]), float(answer[1]), int(answer[2])
         if state == 2:
@@ -314,29 +334,34 @@ class RedisRateLimiter(RateLimiter):
         if distrusted:
             self._distrust(f"the upload window in Redis ({self.redis_key}) did not hold a valid window")
         if state == 1:
-            return 0.0, slot_id
-        return min(value, self.window), None
+            return 0.0, True
+        return min(value, self.window), False
 
-    def renew(self, slot_id: str) -> None:
-        """The upload of ``slot_id`` still runs: hold its slot (in Redis, or on the host) for another lease."""
+    def renew(self, slot_id: str) -> bool:
+        """Hold ``slot_id`` for another lease, in Redis and on the host; whether it was still held.
+
+        A slot booked in Redis is still held when Redis holds it unexpired; while Redis cannot be
+        reached, when the host's window does (it paces meanwhile).
+        """
         with self._state_lock:
             local = slot_id in self._local_slots
+        held_here = super().renew(slot_id)
         if local:
-            super().renew(slot_id)
-            return
+            return held_here
         try:
             _, _, renew = self._scripts()
-            self._call(renew, slot_id, self.lease, self.window, self._now_arg())
-        except Exception:  # the slot keeps its lease; a failing Redis is noticed by the next booking
-            log.debug("Doc2X pacing: renewing a slot in Redis failed", exc_info=True)
+            return bool(self._call(renew, slot_id, self.lease, self.window, self._now_arg())) and held_here
+        except Exception as error:  # the host's window stands in, as for a booking
+            self._redis_failed(error)
+            return held_here
 
     def release(self, slot_id: str, *, ended: float | None = None) -> None:
-        """The upload ended: in Redis the slot is dated by Redis's own clock, shared by every host."""
+        """The upload ended: on the host, and in Redis dated by Redis's own clock, shared by every host."""
         with self._state_lock:
             local = slot_id in self._local_slots
             self._local_slots.discard(slot_id)
+        super().release(slot_id, ended=ended)
         if local:
-            super().release(slot_id, ended=ended)
             return
         try:
             _, release, _ = self._scripts()

@@ -25,9 +25,21 @@ budget) goes into fields of its own beside them. So a reader of this release:
   memory, with one warning to upgrade: an older release never resets or downgrades a newer one's
   window;
 - starts a window anew (with one warning per limiter) only for contents of its own version or
-  lower that are not a window: not JSON, wrong types, a time that is not a finite number, a slot
-  dated ahead of this host's clock. So no file content can crash an upload or stall it for more
-  than one window.
+  lower that are not a window: not JSON, wrong types, a time that is not a finite number, an
+  answered slot or a booking dated more than one window ahead of this host's clock, an expiry more
+  than one window plus :data:`MAX_LEASE_SECONDS` ahead. So no file content can crash an upload, and
+  none holds uploads back for longer than :data:`MAX_LEASE_SECONDS` plus two windows (a slot in
+  flight with the longest lease there is, then counted for one window from its expiry). The folder
+  is private to the user (:mod:`~airflow_provider_doc2x.pacing.private`): only the user's own
+  programs can write such a file.
+
+**Clocks.** The file is dated by this host's wall clock (``time.time``), which every process of the
+host shares and which means the same after a reboot. A slot dated ahead of it (the clock was stepped
+back, by at most one window: further is not a window) is waited out: it counts at its own time,
+so the window is never wiped for it. A step forward while uploads are in flight shortens their
+slots' leases by the step: a step longer than what is left of a lease (at most the connection's
+timeout plus 5 s) lets those slots count as answered at their expiry, so up to ``limit`` uploads
+more may start within that window, and the server's 429s are retried.
 
 Releases before version 2 start anew any file that holds more than ``open`` and ``done``: run one
 release per host (and per Redis) while such a release is still deployed.
@@ -40,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextvars
 import fcntl
 import json
 import logging
@@ -67,9 +80,6 @@ IN_FLIGHT_MARGIN_SECONDS = 5.0
 #: The longest lease a slot gets; an upload that takes longer renews its slot meanwhile. Without a
 #: connection timeout (a limiter built without one), slots get this lease.
 MAX_LEASE_SECONDS = 600.0
-#: A slot dated further ahead of the clock than this is not believed: the window starts anew. Nearer,
-#: it waits one window at most (a clock stepped back a little).
-CLOCK_TOLERANCE_SECONDS = 1.0
 #: A window file longer than this is not a window (a slot takes about 70 bytes).
 MAX_STATE_BYTES = 1 << 20
 #: The fields of a window file that this release reads; any other is kept as it is.
@@ -325,25 +335,32 @@ class RateLimiter:
             del slots.done[: bisect.bisect_right(slots.done, now - self.window)]
             in_flight = [max(at, now) for at, _ in slots.open.values()]
             if len(slots.done) + len(in_flight) >= self.limit:
-                # The limit-th newest slot decides when a new one fits: in-flight slots count as now.
+                # The limit-th newest slot decides when a new one fits: in-flight slots count as now, a
+                # slot dated ahead of the clock (stepped back) at its own time, waited out a window at a time.
                 times = sorted([*slots.done[-self.limit :], *in_flight])
-                ahead = times[-self.limit] - now  # > 0 only for a slot dated ahead of the clock
-                if ahead > CLOCK_TOLERANCE_SECONDS:
-                    self._distrust("the upload window held a slot dated ahead of this host's clock")
-                    slots.open.clear()
-                    slots.done.clear()
-                    return self.window, None
-                return min(ahead, 0.0) + self.window, None
+                return min(times[-self.limit] - now, 0.0) + self.window, None
             slot_id = uuid.uuid4().hex
             slots.open[slot_id] = (now, now + self.lease)
             return 0.0, slot_id
 
-    def renew(self, slot_id: str) -> None:
-        """The upload of ``slot_id`` still runs: hold its slot for another lease from now."""
+    def renew(self, slot_id: str) -> bool:
+        """Hold ``slot_id`` for another lease from now; whether the window still held it unexpired.
+
+        False when the window no longer holds the slot: it expired (its holder was stopped or starved
+        longer than its lease), or the window started anew. An expired slot then counts from its
+        expiry, as :meth:`reserve` counts it: the window may have booked another in its place, so an
+        upload that has not been sent yet must book a slot again (:meth:`PacedUpload.confirm`).
+        """
         with self._slots() as (slots, now):
             held = slots.open.get(slot_id)
-            if held is not None:
-                slots.open[slot_id] = (held[0], max(held[1], now + self.lease))
+            if held is None:
+                return False
+            if held[1] <= now:
+                del slots.open[slot_id]
+                bisect.insort(slots.done, held[1])
+                return False
+            slots.open[slot_id] = (held[0], max(held[1], now + self.lease))
+            return True
 
     def release(self, slot_id: str, *, ended: float | None = None) -> None:
         """The upload ended: its slot now counts from its end, no longer as in flight.
@@ -362,11 +379,12 @@ class RateLimiter:
     def close(self) -> None:
         """Let go of what the limiter holds open (nothing for a host-local window)."""
 
-    def _renew_quietly(self, slot_id: str) -> None:
+    def _renew_quietly(self, slot_id: str) -> bool:
         try:
-            self.renew(slot_id)
+            return self.renew(slot_id)
         except Exception:  # a renewal that fails leaves the slot to its lease; the upload goes on
             log.debug("Doc2X pacing: renewing an upload's slot failed", exc_info=True)
+            return False
 
     @contextmanager
     def upload(self) -> Iterator[None]:
@@ -390,14 +408,31 @@ class RateLimiter:
             self.release(slot_id)
 
     @asynccontextmanager
-    async def aupload(self) -> AsyncIterator[None]:
+    async def aupload(self) -> AsyncIterator[PacedUpload]:
         """:meth:`upload` for an event loop: the window is read and written in a thread, the wait is async.
 
-        While the block runs, the slot is renewed every half lease, so an upload that waited (for a
-        connection, for its start to be recorded) before its exchange began keeps its slot. A
-        booking that the caller gave up on (cancelled) while its thread ran is released as soon as
-        the thread returns, so a cancelled upload never holds a slot.
+        Yields the :class:`PacedUpload`, also given by :func:`paced_upload` to code that runs inside
+        the block in the same task: the transport confirms the slot right before the send, since it
+        may wait between booking and sending (for a connection) longer than a lease. While the block
+        runs, the slot is renewed every half lease. A booking that the caller gave up on (cancelled)
+        while its thread ran is released as soon as the thread returns, so a cancelled upload never
+        holds a slot.
         """
+        upload = PacedUpload(self, await self._abook())
+        keeper = asyncio.ensure_future(self._keep(upload))
+        token = _paced.set(upload)
+        try:
+            yield upload
+        finally:
+            _paced.reset(token)
+            keeper.cancel()
+            ended = self._clock()
+            if upload.slot_id is not None:
+                # Shielded: a cancelled caller still frees its slot (the thread runs to its end anyway).
+                await asyncio.shield(asyncio.to_thread(self.release, upload.slot_id, ended=ended))
+
+    async def _abook(self) -> str:
+        """Wait for room in the window without blocking the loop, and book a slot."""
         while True:
             booking = asyncio.ensure_future(asyncio.to_thread(self.reserve))
             try:
@@ -406,22 +441,15 @@ class RateLimiter:
                 booking.add_done_callback(self._release_abandoned)
                 raise
             if slot_id is not None:
-                break
+                return slot_id
             await asyncio.sleep(min(delay, self.window))
-        keeper = asyncio.ensure_future(self._keep(slot_id))
-        try:
-            yield
-        finally:
-            keeper.cancel()
-            ended = self._clock()
-            # Shielded: a cancelled caller still frees its slot (the thread runs to its end anyway).
-            await asyncio.shield(asyncio.to_thread(self.release, slot_id, ended=ended))
 
-    async def _keep(self, slot_id: str) -> None:
-        """Renew ``slot_id`` every half lease until cancelled (the upload ended)."""
+    async def _keep(self, upload: PacedUpload) -> None:
+        """Renew the upload's slot every half lease until cancelled (the upload ended)."""
         while True:
             await asyncio.sleep(self.lease / 2)
-            await asyncio.to_thread(self._renew_quietly, slot_id)
+            if upload.slot_id is not None:
+                await asyncio.to_thread(self._renew_quietly, upload.slot_id)
 
     def _release_abandoned(self, booking: asyncio.Future[tuple[float, str | None]]) -> None:
         if booking.cancelled() or booking.exception() is not None:
@@ -429,3 +457,50 @@ class RateLimiter:
         slot_id = booking.result()[1]
         if slot_id is not None:
             booking.get_loop().run_in_executor(None, self.release, slot_id)
+
+
+class PacedUpload:
+    """The slot one upload holds in its key's window, from :meth:`RateLimiter.aupload`.
+
+    Booking and sending are apart: the transport books, then waits for one of its loop's
+    connections. A process that is stopped meanwhile, an event loop that is blocked, or renewals
+    that wait behind a saturated thread pool let the slot's lease run out; the window then no longer
+    counts it and may give its place to another upload. So right before the send the transport calls
+    :meth:`confirm`, and on False books again (:meth:`book_again`, waiting its turn): an upload is
+    never sent on a slot the window no longer counts.
+    """
+
+    def __init__(self, limiter: RateLimiter, slot_id: str) -> None:
+        self.limiter = limiter
+        #: The slot held now; None between a lost slot and the next booking.
+        self.slot_id: str | None = slot_id
+
+    async def confirm(self) -> bool:
+        """Whether the slot is still held, renewed for a whole lease from about now.
+
+        A confirmation that itself took longer than :data:`IN_FLIGHT_MARGIN_SECONDS` (the part of a
+        lease beyond the exchange's deadline) is asked again, so the exchange that follows ends
+        within the lease it renewed.
+        """
+        while self.slot_id is not None:
+            asked = time.monotonic()
+            if not await asyncio.to_thread(self.limiter._renew_quietly, self.slot_id):
+                self.slot_id = None  # not released: the window no longer counts it, and it was not sent
+                break
+            if time.monotonic() - asked <= IN_FLIGHT_MARGIN_SECONDS:
+                return True
+        return False
+
+    async def book_again(self) -> None:
+        """Book a new slot for this upload, waiting for room in the window as the first booking did."""
+        self.slot_id = await self.limiter._abook()
+
+
+_paced: contextvars.ContextVar[PacedUpload | None] = contextvars.ContextVar(
+    "doc2x_paced_upload", default=None
+)
+
+
+def paced_upload() -> PacedUpload | None:
+    """The slot of the :meth:`RateLimiter.aupload` block this task runs in, if any (even through a wrapper)."""
+    return _paced.get()
