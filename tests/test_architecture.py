@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import ast
 import re
+from pathlib import Path
 
+import airflow_provider_doc2x
 from tests.helpers import REPO
 
-PACKAGE = REPO / "airflow_provider_doc2x"
+#: The package under test: the checkout's, or the installed wheel's when ``.ci/run`` tests the wheel.
+PACKAGE = Path(airflow_provider_doc2x.__file__).resolve().parent
 
 
 def floors() -> dict[str, int]:
@@ -26,7 +29,7 @@ def imports() -> dict[str, set[str]]:
     """Each unit of the package -> the units it imports (at module level or inside functions)."""
     found: dict[str, set[str]] = {}
     for path in PACKAGE.rglob("*.py"):
-        relative = path.relative_to(REPO).with_suffix("")
+        relative = path.relative_to(PACKAGE.parent).with_suffix("")
         if relative.parts == ("airflow_provider_doc2x", "__init__"):
             continue
         own = unit(".".join(relative.parts))
