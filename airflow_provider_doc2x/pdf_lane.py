@@ -77,9 +77,9 @@ from airflow_provider_doc2x.packing import (
     pack_images,
     plan_pdfs,
 )
-from airflow_provider_doc2x.records import FETCH_ATTEMPTS
+from airflow_provider_doc2x.records import FETCH_ATTEMPTS, recorded_status
 from airflow_provider_doc2x.sources import ImageSource
-from airflow_provider_doc2x.uploads import STATE_KEY_PREFIX, recorded_status
+from airflow_provider_doc2x.uploads import STATE_KEY_PREFIX
 
 if TYPE_CHECKING:
     from airflow_provider_doc2x.hooks.doc2x import Doc2XHook

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+import random
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from airflow_provider_doc2x import protocol, transport
 from airflow_provider_doc2x.events import (
@@ -44,6 +46,8 @@ PDFS_IN_FLIGHT = 2
 #: Status calls made for one finished job's result while its answer is malformed, before that job
 #: alone fails with ``protocol_error`` (a status call is safe to repeat; a garbled answer may pass).
 FETCH_ATTEMPTS = 3
+
+_Status = TypeVar("_Status")
 
 
 def result_record(source: str, result: protocol.Doc2XResult, sha256: str | None = None) -> dict[str, Any]:
@@ -151,24 +155,54 @@ def _keep_finished(
         log.warning("The results that finished before the wait gave up could not all be stored: %s", problem)
 
 
-async def _status_of(call: Any, uid: str, job: dict[str, Any]) -> protocol.Doc2XJobStatus:
-    """A finished job's status, asked again while the answer is malformed (at most ``FETCH_ATTEMPTS`` calls)."""
+async def _status_of(hook: Doc2XHook, call: Any, uid: str, job: dict[str, Any]) -> protocol.Doc2XJobStatus:
+    """A finished job's status for its result (see :func:`recorded_status`)."""
+    try:
+        return await recorded_status(
+            hook, lambda: call(uid), log, f"Doc2X's answer with the result of {job['source']} (uid {uid})"
+        )
+    except Doc2XProtocolError as error:
+        log.error(
+            "Doc2X's answer with the result of %s (uid %s) was malformed %d times: %s",
+            job["source"],
+            uid,
+            FETCH_ATTEMPTS,
+            error,
+        )
+        raise
+
+
+async def recorded_status(
+    hook: Doc2XHook, call: Callable[[], Awaitable[_Status]], log: Any, what: str
+) -> _Status:
+    """A job's status, asked again while its answer is malformed: the one rule for every status read.
+
+    A single garbled answer (cut off, wrong types, an HTML page) says nothing about the job, and a
+    status call is safe to repeat: it is asked again, after the connection's back-off, at most
+    :data:`FETCH_ATTEMPTS` times in all (as the result fetch does),
+    before the job's images fail alone with ``protocol_error``. ``what`` names the job in the log.
+
+    Raises:
+        Doc2XProtocolError: the answer was malformed every time.
+    """
     for attempt in range(1, FETCH_ATTEMPTS + 1):
         try:
-            return await call(uid)
+            return await call()
         except Doc2XProtocolError as error:
             if attempt == FETCH_ATTEMPTS:
-                log.error(
-                    "Doc2X's answer with the result of %s (uid %s) was malformed %d times: %s",
-                    job["source"],
-                    uid,
-                    attempt,
-                    error,
-                )
                 raise
+            settings = await hook.aget_settings()
+            ceiling = min(settings.retry_wait_max, settings.retry_wait * 2 ** (attempt - 1))
+            pause = random.uniform(ceiling / 2, ceiling)
             log.warning(
-                "Doc2X's answer with the result of uid %s was malformed; asking again: %s", uid, error
+                "%s answered its status malformed (%s); asking again in %.1fs (try %d of %d)",
+                what,
+                error,
+                pause,
+                attempt + 1,
+                FETCH_ATTEMPTS,
             )
+            await asyncio.sleep(pause)
     raise AssertionError("unreachable")
 
 
@@ -213,7 +247,9 @@ async def _collect(
     async def image(job: dict[str, Any]) -> dict[str, Any]:
         async with turns:
             if job["uid"] not in fetched:
-                fetched[job["uid"]] = asyncio.ensure_future(_status_of(hook.aget_job_status, job["uid"], job))
+                fetched[job["uid"]] = asyncio.ensure_future(
+                    _status_of(hook, hook.aget_job_status, job["uid"], job)
+                )
             try:
                 status = await asyncio.shield(fetched[job["uid"]])
             except Doc2XProtocolError:
@@ -233,7 +269,7 @@ async def _collect(
         """The records of a PDF's images (by ``id`` of their job), from one status call."""
         async with pdf_turns:
             try:
-                status = await _status_of(hook.aget_pdf_status, uid, entries[0])
+                status = await _status_of(hook, hook.aget_pdf_status, uid, entries[0])
             except Doc2XProtocolError:
                 return {id(entry): _malformed(entry) for entry in entries}
             if status.result is None:

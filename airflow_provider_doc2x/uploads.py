@@ -27,13 +27,12 @@ Everything else stays as safe as one upload at a time:
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from airflow_provider_doc2x import protocol, transport
 from airflow_provider_doc2x.events import failed_job, job
@@ -46,51 +45,16 @@ from airflow_provider_doc2x.exceptions import (
     Doc2XQuotaError,
     Doc2XSubmitUncertainError,
 )
-from airflow_provider_doc2x.records import FETCH_ATTEMPTS, store_or_record
+from airflow_provider_doc2x.records import FETCH_ATTEMPTS, recorded_status, store_or_record
 from airflow_provider_doc2x.sources import ImageSource, sha256_of
 
 if TYPE_CHECKING:
     from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
     from airflow_provider_doc2x.results import ResultStore
 
-_Status = TypeVar("_Status")
 
 #: Key prefix of what the task state store records per image content.
 STATE_KEY_PREFIX = "doc2x/"
-
-
-async def recorded_status(
-    hook: Doc2XHook, call: Callable[[], Awaitable[_Status]], log: Any, what: str
-) -> _Status:
-    """The status of a job an earlier try recorded, asked again while its answer is malformed.
-
-    A single garbled answer (cut off, wrong types, an HTML page) says nothing about the job, and a
-    status call is safe to repeat: it is asked again, after the connection's back-off, at most
-    :data:`~airflow_provider_doc2x.records.FETCH_ATTEMPTS` times in all (as the result fetch does),
-    before the job's images fail alone with ``protocol_error``. ``what`` names the job in the log.
-
-    Raises:
-        Doc2XProtocolError: the answer was malformed every time.
-    """
-    for attempt in range(1, FETCH_ATTEMPTS + 1):
-        try:
-            return await call()
-        except Doc2XProtocolError as error:
-            if attempt == FETCH_ATTEMPTS:
-                raise
-            settings = await hook.aget_settings()
-            ceiling = min(settings.retry_wait_max, settings.retry_wait * 2 ** (attempt - 1))
-            pause = random.uniform(ceiling / 2, ceiling)
-            log.warning(
-                "%s answered its status malformed (%s); asking again in %.1fs (try %d of %d)",
-                what,
-                error,
-                pause,
-                attempt + 1,
-                FETCH_ATTEMPTS,
-            )
-            await asyncio.sleep(pause)
-    raise AssertionError("unreachable")
 
 
 class BatchStopped(Exception):
