@@ -377,8 +377,19 @@ class Run:
         return image
 
     def make_images(self) -> None:
+        """Distinct pages: a page whose billing key another page has already is drawn again.
+
+        Two renderings can share their pixels (the local server bills a PNG in a PDF by its pixels),
+        and the server would then rightly bill them as one page, twice: not a fault of the client's.
+        """
+        taken: set[str] = set()
         for number in range(self.args.images):
-            data, ext = draw_image(self.rng, f"Soak {self.seed} {self.lane} page {number}")
+            while True:
+                data, ext = draw_image(self.rng, f"Soak {self.seed} {self.lane} page {number}")
+                keys = describe("", "", data).billing_keys
+                if not keys & taken:
+                    break
+            taken |= keys
             self.images.append(self.put(f"src/{self.lane}/page-{number:05d}.{ext}", data))
 
     # -- faults
