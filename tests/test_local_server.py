@@ -202,3 +202,57 @@ def test_the_server_refuses_what_the_api_refuses(doc2x, body, code):
     answer = submit(doc2x, body)
     assert answer.json()["code"] == code
     assert doc2x.stats()["billed_total"] == 0
+
+
+# An echoing server (echo_key): every error quotes the Authorization header it received
+
+
+def failing_image() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (300, 200), "white").save(
+        out, format="JPEG", comment=b"<!-- doc2x-fail: parse_error -->"
+    )
+    return out.getvalue()
+
+
+def error_texts(doc2x, make_image) -> list[str]:
+    """The texts of a 401, a refused image, a failed job, a gateway's 503 and an unknown route."""
+    doc2x.configure(processing_time=0)
+    texts = [submit(doc2x, make_image().read_bytes(), headers={"Authorization": "Bearer sk-wrong-9876"}).text]
+    texts.append(submit(doc2x, b"GIF89a" + b"\0" * 20).text)
+    uid = submit(doc2x, failing_image()).json()["data"]["uid"]
+    failed = wait_until(lambda: (answer := status(doc2x, uid))["code"] != "success" and answer)
+    texts.append(failed["msg"])
+    doc2x.configure(fail_next=1)
+    gateway = doc2x.client.get(protocol.STATUS_PATH, params={"uid": uid}, headers=AUTH)
+    assert gateway.status_code == 503
+    texts.append(gateway.text)
+    texts.append(doc2x.client.get("/api/v2/nowhere", headers=AUTH).text)
+    return texts
+
+
+def test_an_echoing_server_quotes_the_authorization_header_in_every_error(doc2x, make_image):
+    texts = error_texts(doc2x, make_image)
+    assert not any("sk-" in text for text in texts), texts  # the control: off by default
+    doc2x.configure(echo_key=True)
+    texts = error_texts(doc2x, make_image)
+    assert "Bearer sk-wrong-9876" in texts[0]
+    assert all(f"Bearer {API_KEY}" in text for text in texts[1:]), texts
+    assert submit(doc2x, make_image().read_bytes()).json()["code"] == "success"  # answers stay as they were
+    doc2x.reset()
+    assert doc2x.client.get("/local/config").json()["echo_key"] is False
+
+
+def test_echo_key_from_the_command_line_and_keys_learnt_by_a_server_that_accepts_any():
+    """``--echo-key`` (``LocalServerProcess(echo_key=True)``); without ``--api-key`` the server still
+    finds on its keyless routes the keys it accepted."""
+    from airflow_provider_doc2x.local.process import LocalServerProcess
+
+    with LocalServerProcess(echo_key=True) as server:
+        assert server.client.get("/local/config").json()["echo_key"] is True
+        key = {"Authorization": "Bearer sk-learnt-4567"}
+        answer = server.client.get(protocol.STATUS_PATH, params={"uid": "x"}, headers=key)
+        assert answer.json()["msg"].endswith("(Authorization: Bearer sk-learnt-4567)")
+        url = server.client.post("/api/v2/parse/preupload", headers=key).json()["data"]["url"]
+        assert httpx.put(url, content=b"%PDF-", headers={"X-Token": "sk-learnt-4567"}).status_code == 200
+        assert server.stats()["keyless_routes"]["put"] == {"requests": 1, "with_authorization": 1}

@@ -82,9 +82,10 @@ def new_url(doc2x, **body) -> tuple[str, str]:
     return answer["data"]["uid"], answer["data"]["url"]
 
 
-def put(url: str, body: bytes, **kwargs) -> httpx.Response:
-    """PUT as doc2x-mcp does: the raw file, no key."""
-    return httpx.put(url, content=body, headers={"Content-Type": "application/pdf"}, timeout=30, **kwargs)
+def put(url: str, body: bytes, headers: dict[str, str] | None = None, **kwargs) -> httpx.Response:
+    """PUT as doc2x-mcp does: the raw file, no key (unless ``headers`` add one)."""
+    headers = {"Content-Type": "application/pdf", **(headers or {})}
+    return httpx.put(url, content=body, headers=headers, timeout=30, **kwargs)
 
 
 def upload(doc2x, pdf: bytes, **body) -> str:
@@ -213,6 +214,25 @@ def test_preupload_models_and_key(lane):
     assert refused.status_code == 401
     assert refused.json()["code"] == "unauthorized"
     assert lane.stats()["preuploads"] == 3
+
+
+def test_the_model_that_parsed_a_pdf_is_reported(lane):
+    image = jpeg("Modelled")
+    by_default, by_v2, by_v3 = (
+        upload(lane, pdf_of(image), **asked) for asked in ({}, {"model": "v2"}, {"model": "v3-2026"})
+    )
+    assert [page["md"] for page in parsed(lane, by_default)["result"]["pages"]] == [embedded_text(image)]
+    assert [page["md"] for page in parsed(lane, by_v2)["result"]["pages"]] == [embedded_text(image)]
+    assert [page["md"] for page in parsed(lane, by_v3)["result"]["pages"]] == [
+        f"{embedded_text(image)}\n\n<!-- model: v3-2026 -->"
+    ]
+    with zipfile.ZipFile(
+        io.BytesIO(httpx.get(export(lane, by_v3, to="md", formula_mode="normal")["url"]).content)
+    ) as archive:
+        assert archive.read("output.md").decode().endswith("<!-- model: v3-2026 -->")
+    stats = lane.stats()
+    assert stats["preuploads_by_model"] == {"v2": 2, "v3-2026": 1}
+    assert stats["pages_by_model"] == {"v2": 2, "v3-2026": 1}
 
 
 def test_preupload_rate_limit_is_429(lane):
@@ -583,3 +603,76 @@ def test_status_of_unknown_uid_and_expiry(lane):
     parsed(lane, uid)
     lane.configure(result_ttl=0)
     assert status(lane, uid)["code"] == "parse_status_not_found"
+
+
+# What reaches the keyless routes (the presigned PUT, the export download, the CDN)
+
+
+def keyless(doc2x) -> dict:
+    return doc2x.stats()["keyless_routes"]
+
+
+def with_query(url: str, **extra) -> str:
+    parts = urlsplit(url)
+    return parts._replace(
+        query=f"{parts.query}&{urlencode(extra)}" if parts.query else urlencode(extra)
+    ).geturl()
+
+
+def test_keyless_routes_count_their_requests_and_those_carrying_the_key(lane):
+    zero = {"requests": 0, "with_authorization": 0}
+    assert keyless(lane) == {"put": zero, "export": zero, "cdn": zero}
+    pdf = pdf_of(figure_page())
+    _, url = new_url(lane)
+    assert put(url, pdf).status_code == 200  # as a client should: no key
+    assert keyless(lane)["put"] == {"requests": 1, "with_authorization": 0}
+    # The key in any form is counted, whatever the store answered.
+    _, url = new_url(lane)
+    assert put(url, pdf, headers={"Authorization": "Basic anything"}).status_code == 200
+    _, url = new_url(lane)
+    assert put(url, pdf, headers={"X-Api-Key": API_KEY}).status_code == 200
+    _, url = new_url(lane)
+    assert put(with_query(url, token=API_KEY), pdf).status_code == 403  # the signature no longer matches
+    assert keyless(lane)["put"] == {"requests": 4, "with_authorization": 3}
+
+    uid = upload(lane, pdf)
+    link = re.findall(r'<img src="([^"]+)"/>', parsed(lane, uid)["result"]["pages"][0]["md"])[0]
+    assert httpx.get(link).status_code == 200
+    assert httpx.get(link, headers=AUTH).status_code == 200  # served: the store ignores the header
+    assert httpx.get(with_query(link, key=API_KEY)).status_code == 200
+    url = export(lane, uid, to="md", formula_mode="normal")["url"]
+    assert httpx.get(url).status_code == 200
+    assert httpx.get(url, headers={"Cookie": f"doc2x={API_KEY}"}).status_code == 200
+    assert keyless(lane) == {
+        "put": {"requests": 5, "with_authorization": 3},
+        "export": {"requests": 2, "with_authorization": 1},
+        "cdn": {"requests": 3, "with_authorization": 2},
+    }
+    lane.reset()
+    assert keyless(lane) == {"put": zero, "export": zero, "cdn": zero}
+
+
+def test_an_echoing_server_quotes_the_authorization_header_in_pdf_errors(lane):
+    def failures() -> list[str]:
+        """The error texts of a failed task (both shapes), a refused export and a refused PUT."""
+        lane.configure(pdf_fail_next=1, pdf_failure_shape="status")
+        detail = finished(lane, upload(lane, pdf_of(jpeg("Failing"))))["data"]["detail"]
+        lane.configure(pdf_fail_next=1, pdf_failure_shape="envelope")
+        msg = finished(lane, upload(lane, pdf_of(jpeg("Failing")))).get("msg", "")
+        refused = lane.client.post(
+            CONVERT, json={"uid": "nope", "to": "md", "formula_mode": "normal"}, headers=AUTH
+        )
+        _, url = new_url(lane)
+        store = put(with_query(url, extra="1"), b"%PDF-", headers=AUTH)
+        assert store.status_code == 403
+        return [detail, msg, refused.json()["msg"], store.text]
+
+    assert not any(API_KEY in text for text in failures())  # the control: off by default
+    lane.configure(echo_key=True)
+    assert lane.client.get("/local/config").json()["echo_key"] is True
+    texts = failures()
+    assert all(f"Authorization: Bearer {API_KEY}" in text for text in texts), texts
+    assert texts[0].startswith("parse_error ")
+    _, url = new_url(lane)
+    bare = put(with_query(url, extra="1"), b"%PDF-")  # no header: nothing to quote
+    assert bare.status_code == 403 and "Authorization" not in bare.text

@@ -16,6 +16,7 @@ import time
 
 import pytest
 from airflow.providers.common.compat.sdk import TaskDeferred
+from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 
 from airflow_provider_doc2x import protocol
@@ -32,6 +33,7 @@ from airflow_provider_doc2x.storage import storage_path
 from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
 from tests.helpers import API_KEY, StateStore, first_event, parse_operator, wait_until
 from tests.helpers.s3 import proxied_doc2x
+from tests.helpers.storage import CountingFS, use_for_memory
 
 
 @pytest.fixture
@@ -486,20 +488,52 @@ def test_operator_arguments_are_checked():
     assert STATUS_QUEUED == "not-submitted"  # never a status Doc2X could answer (not code-shaped)
 
 
-def test_incremental_with_the_pdf_lane_reads_nothing_unchanged_on_the_next_run(lane, pages, tmp_path):
-    images = pages("Daily One", "Daily Two")
-    lake = str(tmp_path / "lake")
-    first = pdf_operator(images, output_path=lake, incremental=True).execute({})
+@pytest.fixture
+def counted():
+    """``memory://`` counting storage calls and bytes read by path (a plain one put back afterwards)."""
+    yield use_for_memory(CountingFS)
+    use_for_memory(MemoryFileSystem)
+
+
+def test_incremental_with_the_pdf_lane_reads_nothing_unchanged_on_the_next_run(lane, pages, counted):
+    def inbox(*titles: str) -> list[str]:
+        for path in pages(*titles):
+            counted.pipe_file(f"/inbox/{path.name}", path.read_bytes())
+        return [f"memory://inbox/{title.replace(' ', '-')}.jpg" for title in titles]
+
+    images = inbox("Daily One", "Daily Two")
+    first = pdf_operator(images, output_path="memory://lake", incremental=True).execute({})
     assert [record["cached"] for record in first] == [False, False]
-    again = pdf_operator(images, output_path=lake, incremental=True).execute({})
-    assert [record["markdown_path"] for record in again] == [record["markdown_path"] for record in first]
-    assert lane.stats()["preuploads"] == 1
+    assert counted.read_of("/inbox/") > 0  # the control: reads of the sources are counted
+    CountingFS.reset()
+    added = inbox("Daily Three")
+    again = pdf_operator([*images, *added], output_path="memory://lake", incremental=True).execute({})
+    assert [record["cached"] for record in again] == [True, True, False]
+    assert [record["markdown_path"] for record in again[:2]] == [record["markdown_path"] for record in first]
+    # The unchanged sources were looked at (metadata), never opened nor read; the new one was read.
+    for image in images:
+        assert (counted.opened_of(image_key(image)), counted.read_of(image_key(image))) == (0, 0), image
+    assert counted.read_of(image_key(added[0])) > 0
+    stats = lane.stats()
+    assert (stats["preuploads"], stats["pdf_pages_billed"], stats["max_pdf_billed_per_page"]) == (2, 3, 1)
 
 
-def test_a_model_is_asked_for_when_chosen(lane, pages):
-    records = pdf_operator(pages("Model Page"), pdf_model="v3-2026").execute({})
-    assert titles(records) == ["# Model Page"]
-    assert lane.stats()["preuploads"] == 1
+def image_key(uri: str) -> str:
+    """A ``memory://`` URI as the filesystem names it."""
+    return MemoryFileSystem._strip_protocol(uri)
+
+
+def test_a_model_is_asked_for_when_chosen(lane, pages, tmp_path):
+    (record,) = pdf_operator(
+        pages("Model Page"), pdf_model="v3-2026", output_path=str(tmp_path / "out")
+    ).execute({})
+    markdown = storage_path(record["markdown_path"]).read_text()
+    assert markdown.startswith("# Model Page")
+    # The local server ends a page that another model than v2 parsed with its mark.
+    assert markdown.rstrip().endswith("<!-- model: v3-2026 -->")
+    assert json.loads(storage_path(record["sidecar_path"]).read_text())["model"] == "v3-2026"
+    stats = lane.stats()
+    assert (stats["preuploads_by_model"], stats["pages_by_model"]) == ({"v3-2026": 1}, {"v3-2026": 1})
 
 
 def test_images_in_object_storage_are_copied_privately_and_packed(lane, pages):

@@ -28,7 +28,9 @@ EPILOG = """\
 While it runs, the knobs above and more (fail_next, stall_next, quota, pickup_delay,
 reset_next_uploads, ...) can be changed with POST /local/config, e.g.
   curl -X POST localhost:8765/local/config -d '{"upload_bandwidth": 200000}'
-GET /local/stats shows what was billed per image and the load;
+GET /local/stats shows what was billed per image and the load, and in keyless_routes
+the requests to the presigned PUT, the export download and the CDN (and how many
+of them carried an Authorization header or the key);
 POST /local/reset starts over; /local/docs lists every endpoint.
 """
 
@@ -118,6 +120,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="rate at which each upload's body is read; 0 is unlimited (default: %(default)s)",
     )
     parser.add_argument(
+        "--echo-key",
+        action="store_true",
+        default=defaults.echo_key,
+        help="quote the Authorization header a request carried in every error answer, as a careless "
+        "server might (for tests that the key never reaches logs or files)",
+    )
+    parser.add_argument(
         "--ocr-threads",
         type=int,
         default=0,
@@ -151,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         result_ttl=args.result_ttl,
         upload_seconds=args.upload_seconds,
         upload_bandwidth=args.upload_bandwidth,
+        echo_key=args.echo_key,
     )
     app = create_app(config)
     # Bind first, so that --port 0 can print the port it got before serving.

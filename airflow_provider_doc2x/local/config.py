@@ -70,6 +70,12 @@ class ServerConfig:
     #: twice; a one-page PDF's page answers none). A PDF page's hash is its image's (a JPEG is
     #: embedded as it is). What a misbehaving service or proxy does to some jobs and not others.
     malformed_status: list[str] = field(default_factory=list)
+    #: Quote the ``Authorization`` header a request carried in every error answer, as a careless
+    #: server might: the ``msg`` of every API error envelope (HTTP 4xx/5xx or 200), a PDF task's
+    #: ``failed`` status ``detail``, a gateway's HTML error page, and the object store's and FastAPI's
+    #: own errors. A request without the header gets the usual answer. For tests that the key a
+    #: server echoes never reaches logs, XCom or files.
+    echo_key: bool = False
 
     # The PDF API (preupload, PUT to a presigned url, status, export). The slow-link knobs above
     # (upload_seconds, upload_bandwidth, reset_next_uploads, reset_after_bytes) pace and cut the

@@ -44,6 +44,11 @@ Billing: a task that succeeds bills one page per PDF page, counted per page cont
 :mod:`~airflow_provider_doc2x.local.pdfdoc`) in ``pdf_billed``; a failed task bills only with
 ``bill_failed_pdfs``. Images and PDF pages share the ``quota``.
 
+The model: ``/local/stats`` counts preuploads per model asked (``preuploads_by_model``) and pages
+billed per model (``pages_by_model``), and a page parsed by a model other than the default (v2)
+ends its ``md`` (and its export's Markdown) with ``<!-- model: NAME -->``, so that a result of
+another model differs from the default's. The default model's Markdown is the engine's, unchanged.
+
 :class:`PdfLane` holds the state and the rules; the routes in
 :func:`~airflow_provider_doc2x.local.server.create_app` call it. It reaches the rest of the server
 (knobs, key check, the upload link, the engine) through :class:`Host`, which
@@ -68,7 +73,7 @@ from typing import Any, Protocol
 from fastapi import Request
 from fastapi.responses import Response
 
-from airflow_provider_doc2x.local.answers import Refused, api_error
+from airflow_provider_doc2x.local.answers import Refused, api_error, authorization_quote
 from airflow_provider_doc2x.local.config import ServerConfig
 from airflow_provider_doc2x.local.engines import Engine, ImageUnreadable
 from airflow_provider_doc2x.local.exports import (
@@ -104,6 +109,8 @@ CDN_ROUTE = "/local/cdn/{name}"
 
 MODELS = ("v2", "v3-2026")
 DEFAULT_MODEL = "v2"
+#: What ends each page's Markdown when a model other than :data:`DEFAULT_MODEL` parsed it.
+MODEL_MARK = "<!-- model: {model} -->"
 #: This server's code for a bad parameter (Doc2X's is not documented).
 PARAMETER_ERROR = "invalid_params"
 #: This server's code for an export asked of a task that has not succeeded.
@@ -269,6 +276,10 @@ class PdfLane:
         self.in_progress: set[str] = set()
         self.pages_in_progress = 0
         self.counts: Counter[str] = Counter()
+        #: Preuploads per model asked (no model asked counts as the default).
+        self.preuploads_by_model: Counter[str] = Counter()
+        #: Billed pages per model.
+        self.pages_by_model: Counter[str] = Counter()
 
     def reset(self) -> None:
         """Stop every task's work and start over (``POST /local/reset``)."""
@@ -302,6 +313,8 @@ class PdfLane:
             "pdf_tasks_failed": self.counts["pdf_tasks_failed"],
             "pdf_pages_billed": self.pages_billed(),
             "pdf_billed": dict(self.billed),
+            "preuploads_by_model": dict(self.preuploads_by_model),
+            "pages_by_model": dict(self.pages_by_model),
             "max_pdf_billed_per_page": max(self.billed.values(), default=0),
             "pdf_tasks_in_progress": len(self.in_progress),
             "max_pdf_tasks_in_progress": self.counts["max_pdf_tasks_in_progress"],
@@ -342,6 +355,7 @@ class PdfLane:
         base_url = str(request.base_url).rstrip("/")
         self.uploads[uid] = Upload(uid, model, base_url, issued=time.monotonic(), ttl=settings.upload_url_ttl)
         self.counts["preuploads"] += 1
+        self.preuploads_by_model[model] += 1
         url = self.presigner.url(base_url, "PUT", upload_path(uid), expires=settings.upload_url_ttl)
         return {"uid": uid, "url": url}
 
@@ -523,6 +537,8 @@ class PdfLane:
             page.fail_code = result.fail_code
             return page
         md = "\n\n".join(engine_page.md for engine_page in result.pages)
+        if task.model != DEFAULT_MODEL:
+            md = f"{md}\n\n{MODEL_MARK.format(model=task.model)}"
         boxes = {name: figure_box(name, (image.width, image.height)) for name in result.figures}
         page.md = link_figures(md, boxes, lambda box: cdn_link(task.base_url, task.uid, index, box))
         page.export_md = link_figures(md, boxes, lambda box: f"images/{image_name(task.uid, index, box)}")
@@ -547,9 +563,11 @@ class PdfLane:
         self.counts["pdf_tasks_failed"] += 1
 
     def bill(self, task: PdfTask) -> None:
-        """Bill one page per page read, by its content hash."""
+        """Bill one page per page read, by its content hash and by the task's model."""
         for page in task.pages.values():
             self.billed[page.digest] += 1
+        if task.pages:
+            self.pages_by_model[task.model] += len(task.pages)
 
     # Status
 
@@ -581,7 +599,10 @@ class PdfLane:
             assert task.failure is not None
             if task.failure_shape == "envelope":
                 raise api_error(task.failure, f"Failed: {task.failure}")
-            return {"status": FAILED, "progress": task.progress, "detail": task.failure}
+            detail = task.failure
+            if self.config.echo_key and "authorization" in request.headers:
+                detail = f"{detail} {authorization_quote(request.headers['authorization'])}"
+            return {"status": FAILED, "progress": task.progress, "detail": detail}
         if task.status == SUCCESS:
             return {"status": SUCCESS, "progress": 100, "result": self.result(task)}
         return {"status": PROCESSING, "progress": task.progress}

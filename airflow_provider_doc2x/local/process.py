@@ -25,18 +25,24 @@ class LocalServerProcess:
         args: more command-line options, e.g. ``"--engine", "ocr"`` (see ``doc2x-local-server --help``).
         api_key: the only key the server accepts; by default it accepts any, and
             :meth:`connection_json` uses ``sk-local``.
+        echo_key: quote the ``Authorization`` header in every error answer (``--echo-key``; also
+            settable at run time as the ``echo_key`` knob).
         startup_timeout: seconds to wait for the server to answer.
 
     Raises:
         RuntimeError: the server did not start, or did not answer in time.
     """
 
-    def __init__(self, *args: str, api_key: str | None = None, startup_timeout: float = 60.0) -> None:
+    def __init__(
+        self, *args: str, api_key: str | None = None, echo_key: bool = False, startup_timeout: float = 60.0
+    ) -> None:
         """Start the server and wait until it answers."""
         self.api_key = api_key or "sk-local"
         command = [sys.executable, "-m", "airflow_provider_doc2x.local", "--port", "0", *args]
         if api_key:
             command += ["--api-key", api_key]
+        if echo_key:
+            command.append("--echo-key")
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         self.url = self._read_url()
         self.client = httpx.Client(base_url=self.url, timeout=30)
@@ -75,7 +81,7 @@ class LocalServerProcess:
         self.client.post("/local/reset").raise_for_status()
 
     def stats(self) -> dict[str, Any]:
-        """Read the server's counters: ``billed_total``, ``billed`` per image hash, ``uploads_in_flight``, ..."""
+        """Read the server's counters: ``billed_total``, ``billed`` per image hash, ``keyless_routes``, ..."""
         return self.client.get("/local/stats").json()
 
     def connection_json(self, api_key: str | None = None, **extra: Any) -> str:

@@ -5,10 +5,13 @@ checks with their codes, the per-key rate limit as HTTP 429 ``request_limit_exce
 that are ``processing`` then ``success`` or a failure code, ``parse_status_not_found`` for unknown
 or expired uids, ``convert_zip`` as base64 of a real zip of ``images/...``), plus what tests and
 benchmarks need: knobs (latency, processing time, injected 5xx, stalled answers, rate window,
-quota, a slow and flaky upload link) under ``/local/config``, and billing counters per image
-content hash under ``/local/stats``. The PDF API (preupload, PUT to a presigned url, status,
-export, the CDN of figures) is :class:`~airflow_provider_doc2x.local.pdf.PdfLane`'s; its knobs are
-in :class:`~airflow_provider_doc2x.local.config.ServerConfig` too.
+quota, a slow and flaky upload link, an ``echo_key`` that quotes the ``Authorization`` header in
+every error) under ``/local/config``, and billing counters per image content hash under
+``/local/stats``, with ``keyless_routes``: how many requests reached the routes a client reaches
+without the key (the presigned PUT, the export download, the CDN), and how many of them carried an
+``Authorization`` header or the key all the same. The PDF API (preupload, PUT to a presigned
+url, status, export, the CDN of figures) is :class:`~airflow_provider_doc2x.local.pdf.PdfLane`'s;
+its knobs are in :class:`~airflow_provider_doc2x.local.config.ServerConfig` too.
 
 :class:`LocalServer` holds the state and the API's rules; :func:`create_app` maps the routes onto
 it. :class:`TransportInScope` is the uvicorn protocol that lets the server reset a connection.
@@ -32,13 +35,23 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import asdict, dataclass, replace
 from typing import Any
+from urllib.parse import unquote_plus
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from airflow_provider_doc2x import protocol
-from airflow_provider_doc2x.local.answers import ConnectionGone, Refused, api_error, html_failure, success
+from airflow_provider_doc2x.local.answers import (
+    ConnectionGone,
+    Refused,
+    api_error,
+    authorization_quote,
+    echoed,
+    html_failure,
+    success,
+)
 from airflow_provider_doc2x.local.config import ServerConfig
 from airflow_provider_doc2x.local.engines import Engine, EngineResult, ImageUnreadable, open_image
 from airflow_provider_doc2x.local.limits import admit
@@ -61,6 +74,13 @@ except ImportError:  # pragma: no cover
 
 #: The ASGI scope extension under which :class:`TransportInScope` puts a request's connection.
 TRANSPORT_EXTENSION = "doc2x.transport"
+#: The routes a client reaches without the API key, as ``/local/stats`` names them in
+#: ``keyless_routes``: the presigned PUT, the export download, the CDN's page images.
+KEYLESS_ROUTES = ("put", "export", "cdn")
+#: Keys shorter than this are not searched for in keyless requests (they would match by chance).
+MIN_SEARCHED_KEY = 8
+#: Most keys remembered from accepted API calls (a server that accepts any key learns them so).
+MAX_REMEMBERED_KEYS = 1000
 
 
 @dataclass
@@ -150,6 +170,11 @@ class LocalServer:
         self.billed_seconds: deque[float] = deque(maxlen=100_000)
         #: Set (and replaced) when the knobs change: paced uploads compute their pace again.
         self.knobs_changed = asyncio.Event()
+        #: Per keyless route (:data:`KEYLESS_ROUTES`): ``requests``, and ``with_authorization``.
+        self.keyless: dict[str, Counter[str]] = {route: Counter() for route in KEYLESS_ROUTES}
+        #: Bearer keys the API accepted: what a keyless request must not carry even when the server
+        #: accepts any key. Kept across :meth:`reset`.
+        self.accepted_keys: set[str] = set()
         #: The PDF API's state and rules.
         self.pdf = PdfLane(self)
 
@@ -170,6 +195,8 @@ class LocalServer:
         self.uploads_reset = 0
         self.upload_times = [0.0, 0.0]
         self.billed_seconds.clear()
+        for counts in self.keyless.values():
+            counts.clear()
         self.pdf.reset()
         self.announce_change()
 
@@ -218,6 +245,10 @@ class LocalServer:
             "upload_span_seconds": self.upload_times[1] - self.upload_times[0],
             "billed_seconds": [round(seconds, 4) for seconds in self.billed_seconds],
             "jobs": len(self.jobs),
+            "keyless_routes": {
+                route: {"requests": counts["requests"], "with_authorization": counts["with_authorization"]}
+                for route, counts in self.keyless.items()
+            },
             **self.pdf.stats(),
         }
 
@@ -233,16 +264,17 @@ class LocalServer:
         finally:
             self.in_flight -= 1
 
-    async def inject_faults(self, trace_id: str) -> Response | None:
+    async def inject_faults(self, request: Request, trace_id: str) -> Response | None:
         """Apply the faults the knobs ask for: latency, then maybe a gateway's HTML error to answer instead."""
         settings = self.config
         if settings.latency:
             await asyncio.sleep(settings.latency)
+        quote = authorization_quote(request.headers.get("authorization")) if settings.echo_key else ""
         if settings.fail_next > 0:
             self.config = replace(settings, fail_next=settings.fail_next - 1)
-            return html_failure(503, "Service Unavailable", trace_id)
+            return html_failure(503, "Service Unavailable", trace_id, quote)
         if settings.error_rate and self.random.random() < settings.error_rate:
-            return html_failure(502, "Bad Gateway", trace_id)
+            return html_failure(502, "Bad Gateway", trace_id, quote)
         return None
 
     def authorize(self, request: Request) -> None:
@@ -255,6 +287,43 @@ class LocalServer:
         expected = self.config.api_key
         if scheme.lower() != "bearer" or not token.strip() or (expected is not None and token != expected):
             raise api_error("unauthorized", "Invalid or missing API key", status=401)
+        if len(self.accepted_keys) < MAX_REMEMBERED_KEYS:
+            self.accepted_keys.add(token)
+
+    # Keyless routes and the key
+
+    def count_keyless(self, request: Request, route: str) -> None:
+        """Count a request to a keyless route, and again in ``with_authorization`` if it carried the key.
+
+        A client must never send its key where Doc2X does not ask for it (the object store's
+        presigned urls, the CDN): another party runs those hosts.
+        """
+        counts = self.keyless[route]
+        counts["requests"] += 1
+        if self.carries_key(request):
+            counts["with_authorization"] += 1
+
+    def carries_key(self, request: Request) -> bool:
+        """Whether a request has an ``Authorization`` header, or a known key in a header or its query.
+
+        The keys searched for are the configured ``api_key`` and every key the API accepted (at
+        least :data:`MIN_SEARCHED_KEY` characters long).
+        """
+        if "authorization" in request.headers:
+            return True
+        keys = set(self.accepted_keys)
+        if self.config.api_key:
+            keys.add(self.config.api_key)
+        keys = {key for key in keys if len(key) >= MIN_SEARCHED_KEY}
+        query = request.url.query
+        places = [*request.headers.values(), query, unquote_plus(query)]
+        return any(key in place for key in keys for place in places)
+
+    def echo(self, request: Request, response: Response) -> Response:
+        """Quote the request's ``Authorization`` header in an error answer when ``echo_key`` is on."""
+        if not self.config.echo_key:
+            return response
+        return echoed(response, authorization_quote(request.headers.get("authorization")))
 
     # Uploads
 
@@ -494,7 +563,14 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
 
     @app.exception_handler(Refused)
     async def refused(request: Request, refusal: Refused) -> Response:
-        return refusal.response
+        return server.echo(request, refusal.response)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, problem: StarletteHTTPException) -> Response:
+        answer = JSONResponse(
+            {"detail": problem.detail}, status_code=problem.status_code, headers=problem.headers
+        )
+        return server.echo(request, answer)
 
     @app.exception_handler(ConnectionGone)
     async def gone(request: Request, problem: ConnectionGone) -> Response:
@@ -506,7 +582,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             return await call_next(request)
         trace_id = uuid.uuid4().hex
         with server.api_call():
-            response = await server.inject_faults(trace_id) or await call_next(request)
+            response = await server.inject_faults(request, trace_id) or await call_next(request)
         response.headers["trace-id"] = trace_id
         return response
 
@@ -532,6 +608,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
 
     @app.put(UPLOAD_ROUTE)
     async def put_upload(request: Request, name: str) -> Response:
+        server.count_keyless(request, "put")
         return await server.pdf.put(request, name)
 
     @app.get(PDF_STATUS_PATH)
@@ -548,10 +625,12 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
 
     @app.get(EXPORT_ROUTE)
     async def export_file(request: Request, uid: str, name: str) -> Response:
+        server.count_keyless(request, "export")
         return server.pdf.download(request, uid, name)
 
     @app.get(CDN_ROUTE)
     async def cdn(request: Request, name: str) -> Response:
+        server.count_keyless(request, "cdn")
         return await server.pdf.cdn(name, request.query_params)
 
     @app.get("/local/stats")

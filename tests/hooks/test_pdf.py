@@ -146,11 +146,20 @@ def test_status_from_synchronous_code(lane, packed):
 
 
 async def test_a_model_is_sent_when_chosen(lane, packed):
+    pdf = packed("Model Page")
     hook = Doc2XHook()
-    assert (await hook.apreupload("v3-2026")).uid
+    status = await hook.aparse_pdf(
+        pdf.path, pages=pdf.page_count, sources=pdf.sources, model="v3-2026", poll_interval=0.05
+    )
+    # The local server ends a page that another model than v2 parsed with its mark.
+    assert status.result.pages[0].md.startswith("# Model Page")
+    assert status.result.pages[0].md.endswith("<!-- model: v3-2026 -->")
+    assert (await hook.apreupload("v2")).uid
     with pytest.raises(Doc2XInputError):
         await hook.apreupload("v9")
-    assert lane.stats()["preuploads"] == 1
+    stats = lane.stats()
+    assert stats["preuploads_by_model"] == {"v3-2026": 1, "v2": 1}
+    assert stats["pages_by_model"] == {"v3-2026": 1}
 
 
 # -- the presigned url's rules -------------------------------------------------------------------------
