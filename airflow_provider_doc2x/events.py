@@ -68,6 +68,12 @@ STORED = "stored"
 #: (the PDF lane waits again and again) so that the bound holds for the task, not for each wait.
 MALFORMED = "malformed"
 #: The fixed text of a job whose result was malformed when the task fetched it.
+#: The code of a job that finished but that Doc2X no longer knew when its result was fetched.
+RESULT_EXPIRED = "result_expired"
+RESULT_EXPIRED_MESSAGE = (
+    "Doc2X no longer knew the job when its result was fetched (expired or lost); a new try submits "
+    "the image again, and pays for it again"
+)
 MALFORMED_RESULT = (
     "Doc2X's answer with its result was malformed each time the task fetched it, so no result is "
     "taken (a protocol error; the task log has the answer)"

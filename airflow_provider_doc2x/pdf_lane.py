@@ -414,8 +414,8 @@ class PdfLane:
         except Doc2XJobNotFoundError:
             if pdf.state == UPLOADED:
                 self.log.warning(
-                    "Recorded Doc2X PDF %s (%d pages) is no longer known (its result expired); its images "
-                    "are submitted again",
+                    "Recorded Doc2X PDF %s (%d pages) is no longer known (its result expired or was lost); "
+                    "its images are submitted again and billed again",
                     pdf.uid,
                     len(pdf.pages),
                 )

@@ -13,12 +13,14 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from airflow_provider_doc2x import protocol, transport
 from airflow_provider_doc2x.events import (
     EVENT_ERROR,
     MALFORMED_RESULT,
+    RESULT_EXPIRED,
+    RESULT_EXPIRED_MESSAGE,
     STATUS_QUEUED,
     STORED,
     is_pdf,
@@ -28,6 +30,7 @@ from airflow_provider_doc2x.events import (
 from airflow_provider_doc2x.exceptions import (
     Doc2XAuthError,
     Doc2XError,
+    Doc2XJobNotFoundError,
     Doc2XPermanentError,
     Doc2XProtocolError,
 )
@@ -208,7 +211,27 @@ async def recorded_status(
 
 def _malformed(job: dict[str, Any]) -> dict[str, Any]:
     """A job whose result stayed malformed: failed alone, with ``protocol_error``."""
-    failed = {"status": protocol.STATUS_FAILED, "code": "protocol_error", "message": MALFORMED_RESULT}
+    return _failed(job, "protocol_error", MALFORMED_RESULT)
+
+
+def _unfetched(job: dict[str, Any], error: Doc2XError) -> dict[str, Any]:
+    """A finished job whose result could not be fetched: failed alone, named, the others go on.
+
+    Why alone: one uid that Doc2X no longer knows (its result expired or was lost), or a status call
+    that failed past its retries, says nothing about the other jobs, whose results are paid for. A
+    job Doc2X no longer knows gets ``result_expired``, which Airflow retries: the next try submits
+    the image again and pays again, the only way to a result. Any other failure keeps its code: the
+    next try reconnects to the job and fetches its result again, paying nothing.
+    """
+    if isinstance(error, Doc2XJobNotFoundError):
+        return _failed(job, RESULT_EXPIRED, RESULT_EXPIRED_MESSAGE)
+    return _failed(
+        job, error.code or "fetch_failed", "its result could not be fetched (a new try fetches it)"
+    )
+
+
+def _failed(job: dict[str, Any], code: str, message: str) -> dict[str, Any]:
+    failed = {"status": protocol.STATUS_FAILED, "code": code, "message": message}
     return {**{key: value for key, value in job.items() if key != STORED}, **failed}
 
 
@@ -254,6 +277,10 @@ async def _collect(
                 status = await asyncio.shield(fetched[job["uid"]])
             except Doc2XProtocolError:
                 return _malformed(job)
+            except Doc2XAuthError:
+                raise
+            except Doc2XError as error:
+                return _unfetched(job, error)
             if status.result is None:
                 return {
                     **job,
@@ -272,6 +299,10 @@ async def _collect(
                 status = await _status_of(hook, hook.aget_pdf_status, uid, entries[0])
             except Doc2XProtocolError:
                 return {id(entry): _malformed(entry) for entry in entries}
+            except Doc2XAuthError:
+                raise
+            except Doc2XError as error:
+                return {id(entry): _unfetched(entry, error) for entry in entries}
             if status.result is None:
                 return {
                     id(entry): {
@@ -308,10 +339,17 @@ async def _collect(
             (by_pdf.setdefault(job["uid"], []) if is_pdf(job) else images).append(index)
     pdf_work = [pdf(uid, [jobs[index] for index in indices]) for uid, indices in by_pdf.items()]
     image_work = [image(jobs[index]) for index in images]
-    fetched_records = await asyncio.gather(asyncio.gather(*image_work), asyncio.gather(*pdf_work))
-    for index, record in zip(images, fetched_records[0], strict=True):
+    # Every fetch and write runs to its end before an error is raised: one failure (a refused key,
+    # a storage outage) must not cancel the writes of results already paid for.
+    gathered = await asyncio.gather(*image_work, *pdf_work, return_exceptions=True)
+    for outcome in gathered:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    image_records = cast("list[dict[str, Any]]", gathered[: len(images)])
+    pdf_records_ = cast("list[dict[int, dict[str, Any]]]", gathered[len(images) :])
+    for index, record in zip(images, image_records, strict=True):
         outcomes[index] = record
-    for indices, records in zip(by_pdf.values(), fetched_records[1], strict=True):
+    for indices, records in zip(by_pdf.values(), pdf_records_, strict=True):
         for index in indices:
             outcomes[index] = records[id(jobs[index])]
     return [outcome for outcome in outcomes if outcome is not None]
