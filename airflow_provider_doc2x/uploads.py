@@ -213,22 +213,33 @@ class ImageUploads:
             return {**record, "source": source.uri}
         return None
 
-    async def _reconnect(self, source: ImageSource, digest: str) -> dict[str, Any] | None:
-        """The job an earlier try recorded for this content, if Doc2X still has it."""
+    async def _recorded(self, source: ImageSource, digest: str) -> dict[str, Any] | None:
+        """What an earlier try recorded for this content; an upload it never saw answered is named.
+
+        Both endpoints read it: an upload whose answer was lost, or that was started and never
+        answered (a killed worker), may have been billed, so sending it again is said in the log as
+        "possibly billed twice", never done silently.
+        """
         if not self.may_hold_uids:
             return None
         recorded = await self.store_call("get", STATE_KEY_PREFIX + digest)
         if not isinstance(recorded, dict):
             return None
         uid = recorded.get("uid")
+        if (not isinstance(uid, str) or not uid) and (recorded.get("uncertain") or recorded.get("started")):
+            what = "lost its answer" if recorded.get("uncertain") else "started and was never answered"
+            self.log.warning(
+                "%s is submitted again and is possibly billed twice: an earlier try's upload of it %s",
+                source.uri,
+                what,
+            )
+        return recorded
+
+    async def _reconnect(self, source: ImageSource, digest: str) -> dict[str, Any] | None:
+        """The job an earlier try recorded for this content, if Doc2X still has it."""
+        recorded = await self._recorded(source, digest)
+        uid = recorded.get("uid") if recorded else None
         if not isinstance(uid, str) or not uid:
-            if recorded.get("uncertain") or recorded.get("started"):
-                what = "lost its answer" if recorded.get("uncertain") else "started and was never answered"
-                self.log.warning(
-                    "%s is submitted again and is possibly billed twice: an earlier try's upload of it %s",
-                    source.uri,
-                    what,
-                )
             return None
         try:
             status = await recorded_status(
@@ -273,6 +284,9 @@ class ImageUploads:
         stored = await self._stored(source, digest)
         if stored is not None:
             return stored
+        # The synchronous endpoint's answer is the result: nothing to reconnect to, but an earlier
+        # try's unanswered upload of this content is named before it is sent again.
+        await self._recorded(source, digest)
         upload = _Upload(self, source, digest, stop)
         try:
             result = await self.hook.aparse_image(data, source=source.uri, pacer=upload.window())

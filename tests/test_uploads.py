@@ -7,12 +7,14 @@ bodies read when their turn comes, records in input order).
 
 from __future__ import annotations
 
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 from airflow.providers.common.compat.sdk import TaskDeferred
+from PIL import Image
 
 from airflow_provider_doc2x.exceptions import Doc2XAuthError, Doc2XError, Doc2XQuotaError
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
@@ -119,18 +121,52 @@ def test_bodies_are_read_when_their_turn_comes(doc2x, make_image, monkeypatch):
     assert [job["source"] for job in jobs] == [source.uri for source in sources]
 
 
+def noise_image(path, side: int):
+    """A PNG that does not compress: its body is about ``3 * side**2`` bytes on the wire."""
+    noise = Image.frombytes("RGB", (side, side), os.urandom(side * side * 3))
+    noise.save(path, format="PNG", compress_level=0)
+    return path
+
+
 def test_uids_are_recorded_as_uploads_finish_in_any_order_and_records_keep_input_order(
-    doc2x, make_image, monkeypatch
+    doc2x, make_image, tmp_path, monkeypatch
 ):
+    """
+    The first image's body takes long to arrive; the three after it are answered meanwhile. Each of
+    their uids is in the task state store while the first upload is still in flight (a worker lost
+    then would leave them recorded, to be reconnected to), and the first's start is recorded too.
+    """
     slow_link(doc2x, monkeypatch, max_concurrent_uploads=4)
-    doc2x.configure(upload_bandwidth=400_000)  # a big image takes longer to arrive than a small one
-    big = make_image("big.png", "Big", paragraphs=["Words " * 400] * 6)
+    big = noise_image(tmp_path / "big.png", 1000)  # about 3 MB: held on the link until the test lets it go
     small = [make_image(f"small-{n}.png", f"Small {n}") for n in range(3)]
+    assert all(image.stat().st_size < big.stat().st_size // 20 for image in small)
+    doc2x.configure(upload_bandwidth=100_000)  # a small image in well under a second, the big one in 30 s
     images = [big, *small]
     store = StateStore()
     log = Log()
-    jobs = batch(store, log=log).submit([ImageSource.of(str(image)) for image in images])
+
+    def uid_of(image):
+        value = store.values.get(STATE_KEY_PREFIX + sha256_of(image.read_bytes()))
+        return value.get("uid") if isinstance(value, dict) else None
+
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(batch(store, log=log).submit, [ImageSource.of(str(image)) for image in images])
+        try:
+            recorded_early = wait_until(
+                lambda: all(uid_of(image) for image in small) and [uid_of(image) for image in small],
+                timeout=20,  # well before the big upload could arrive
+                message="the small images' uids recorded while the big upload is in flight",
+            )
+            # The batch is still running: the big upload has not arrived, and only its start is recorded.
+            assert not running.done()
+            assert doc2x.stats()["uploads_in_flight"] == 1
+            assert store.values[STATE_KEY_PREFIX + sha256_of(big.read_bytes())]["started"] is True
+            assert uid_of(big) is None
+        finally:
+            doc2x.configure(upload_bandwidth=0)  # the big upload's body arrives at once
+        jobs = running.result(timeout=60)
     assert [job["source"] for job in jobs] == [str(image) for image in images]
+    assert [job["uid"] for job in jobs[1:]] == recorded_early
     recorded = {value["source"]: value["uid"] for value in store.values.values()}
     assert recorded == {job["source"]: job["uid"] for job in jobs}
     assert all(key.startswith(STATE_KEY_PREFIX) for key in store.values)
@@ -199,6 +235,24 @@ def test_an_upload_started_by_a_killed_worker_is_named_possibly_billed_twice(doc
     assert str(image) in warning
 
 
+@pytest.mark.parametrize("recorded", [{"uncertain": True}, {"started": True}], ids=["answer-lost", "killed"])
+def test_the_synchronous_endpoint_names_an_earlier_unanswered_upload_before_sending_it_again(
+    doc2x, make_image, recorded
+):
+    """``method="sync"`` has nothing to reconnect to, but it never resends silently either."""
+    image = make_image("sync-again.png", "Sync Again")
+    store = StateStore()
+    store.set(STATE_KEY_PREFIX + sha256_of(image.read_bytes()), {**recorded, "source": str(image), "at": 0})
+    log = Log()
+    (record,) = batch(store, log=log).parse([ImageSource.of(str(image))])
+    assert record["markdown"].startswith("# Sync Again")
+    (warning,) = [line for line in log.lines if "possibly billed twice" in line]
+    assert str(image) in warning
+    log = Log()
+    batch(StateStore(), log=log).parse([ImageSource.of(str(image))])  # nothing recorded: nothing said
+    assert log.lines and not [line for line in log.lines if "possibly billed twice" in line]
+
+
 def test_the_operators_argument_caps_uploads_in_flight(doc2x, make_image, monkeypatch):
     slow_link(doc2x, monkeypatch, max_concurrent_uploads=8)
     doc2x.configure(upload_seconds=0.3)
@@ -210,13 +264,7 @@ def test_the_operators_argument_caps_uploads_in_flight(doc2x, make_image, monkey
 
 def test_an_upload_reset_before_its_body_arrived_is_retried_and_billed_once(doc2x, tmp_path, monkeypatch):
     """A flaky link cuts the connection mid-body: nothing reached Doc2X, so the upload goes again."""
-    import os
-
-    from PIL import Image
-
-    noise = Image.frombytes("RGB", (1480, 1480), os.urandom(1480 * 1480 * 3))  # about 6.6 MB as PNG
-    big = tmp_path / "big-scan.png"
-    noise.save(big, format="PNG", compress_level=0)
+    big = noise_image(tmp_path / "big-scan.png", 1480)  # about 6.6 MB as PNG
     assert big.stat().st_size < 7 * 1024 * 1024
     slow_link(doc2x, monkeypatch, max_retries=3)
     doc2x.configure(reset_next_uploads=1, reset_after_bytes=65536, upload_bandwidth=2_000_000)
