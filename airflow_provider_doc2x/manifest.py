@@ -23,7 +23,11 @@ source: ``{"fingerprint": "size=...;etag=...;mtime=...", "sha256", "at", "status
 - ``status`` is ``parsed`` (``result`` says where) or ``read`` (``result`` is null: read and hashed
   by a task that deferred and has not recorded its result yet). Room is left for entries that are
   neither (a failure recorded without a result, as a later release may write): this release keeps
-  them and answers nothing from them, so their images are read.
+  them exactly as they were written, whatever their other keys hold, answers nothing from them (so
+  their images are read), and never deletes an object that holds one.
+- An entry of a known status that is not valid is dropped alone (with a warning; its image is
+  rebuilt from its sidecar or read again): the other entries of its object are used, and carried
+  into the object that folds it.
 - ``model`` is the Doc2X model that made the result; an entry of another model than the task's
   answers nothing. Version 1 (the first release) had neither key: its entries count as ``v2``, the
   only model then, and their result folder's sidecar is checked once before it is trusted (that
@@ -300,6 +304,8 @@ class Entry:
 
     def to_json(self) -> dict[str, Any]:
         """As stored in a manifest object (an entry of version 1 keeps that shape)."""
+        if not self.usable:
+            return dict(self.extra)  # a later release's entry: exactly as it was read
         data = {
             **self.extra,
             "fingerprint": self.fingerprint,
@@ -314,7 +320,23 @@ class Entry:
 
     @classmethod
     def from_json(cls, data: Any) -> Entry:
-        """Validated field by field; keys it does not know are kept."""
+        """Validated field by field; keys it does not know are kept.
+
+        An entry whose ``status`` this release does not know is a later release's: it is kept whole,
+        as it was written (its other keys may mean something else there), and answers nothing.
+        """
+        status = data.get("status") if isinstance(data, dict) else None
+        if isinstance(status, str) and 0 < len(status) <= 64 and status not in (PARSED, READ):
+            at = data.get("at")
+            when = float(at) if isinstance(at, (int, float)) and not isinstance(at, bool) else 0.0
+            fingerprint, sha256 = data.get("fingerprint"), data.get("sha256")
+            return cls(
+                fingerprint if isinstance(fingerprint, str) else "",
+                sha256 if isinstance(sha256, str) else "",
+                when if math.isfinite(when) else 0.0,
+                status=status,
+                extra=dict(data),
+            )
         if not isinstance(data, dict) or not set(cls.KEYS) <= set(data):
             raise _Unusable("an entry is not an object with fingerprint, sha256, at and result")
         fp, sha256, at = data["fingerprint"], data["sha256"], data["at"]
@@ -336,6 +358,18 @@ class Entry:
             raise _Unusable(f"an entry's status {status!r} does not match its result")
         extra = _extra(data, (*cls.KEYS, "status", "model"))
         return cls(fp, sha256, float(at), result, model, status, extra)
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """One manifest object as read: its valid entries, whether a compaction may fold it, what was dropped."""
+
+    entries: dict[str, Entry]
+    #: False when it holds what this release does not understand (top-level keys, an entry of a later
+    #: status): such an object is never deleted.
+    foldable: bool
+    #: The entries of a known status that were not valid, each with why (dropped alone).
+    rejected: list[str]
 
 
 def _newer(entry: Entry, other: Entry | None) -> bool:
@@ -800,16 +834,25 @@ class Manifest:
                 if parsed is None:
                     self._left[shard].add(name)  # a later format: left alone
                     continue
-                entries, foldable = parsed
                 merged = self._entries[shard]
-                for source, entry in entries.items():
+                for source, entry in parsed.entries.items():
                     if _newer(entry, merged.get(source)):
                         merged[source] = entry
-                if foldable:
-                    self._read[shard].add(name)
-                    self._stored[shard] += len(entries)
+                if not parsed.foldable:
+                    self._kept[shard].add(name)  # holds what a later release wrote: never deleted
+                    continue
+                if parsed.rejected:
+                    log.warning(
+                        "Manifest object %s has %d entries that are not valid, dropped (their images are "
+                        "rebuilt from the sidecars, or read again); its other entries are used: %s",
+                        self.folder / name,
+                        len(parsed.rejected),
+                        "; ".join(parsed.rejected[:5]),
+                    )
+                    self._corrupt[shard].add(name)
                 else:
-                    self._kept[shard].add(name)
+                    self._read[shard].add(name)
+                self._stored[shard] += len(parsed.entries)
         return vanished
 
     def _get(self, name: str, size: int) -> tuple[bytes, Exception | None]:
@@ -840,8 +883,8 @@ class Manifest:
         return data, None
 
     @staticmethod
-    def _parse(data: bytes, shard: str) -> tuple[dict[str, Entry], bool] | None:
-        """An object's entries, validated, and whether a compaction may fold it; None for a later version."""
+    def _parse(data: bytes, shard: str) -> Parsed | None:
+        """An object's entries, validated one by one; None for a later version."""
         try:
             document = json.loads(data)
         except (ValueError, UnicodeDecodeError) as error:
@@ -863,12 +906,17 @@ class Manifest:
             or not isinstance(document.get("entries"), dict)
         ):
             raise _Unusable("wrong version, shard or entries")
-        entries = {}
+        entries, rejected = {}, []
         for source, value in document["entries"].items():
             if not 0 < len(source) <= _MAX_URI or shard_of(source) != shard:
-                raise _Unusable("an entry's source does not belong in this shard")
-            entries[source] = Entry.from_json(value)
-        return entries, set(document) <= OBJECT_KEYS
+                rejected.append(f"{source[:200]!r}: its source does not belong in this shard")
+                continue
+            try:
+                entries[source] = Entry.from_json(value)
+            except _Unusable as unusable:
+                rejected.append(f"{source}: {unusable}")
+        foldable = set(document) <= OBJECT_KEYS and all(entry.usable for entry in entries.values())
+        return Parsed(entries, foldable, rejected)
 
     def _put(self, shard: str, kind: str, entries: Mapping[str, Entry]) -> str:
         """Write one new object (never over another); atomic: a single PUT, or a write then a rename."""

@@ -165,6 +165,64 @@ def test_a_renamed_duplicate_is_read_once_and_not_billed(doc2x, storage, inbox):
     assert storage.opened_of("/inbox/") == 0
 
 
+def test_identical_bytes_rewritten_are_read_once_not_billed_and_their_entry_renewed(doc2x, storage, inbox):
+    """A ``touch`` (the same bytes, a new version token) costs one read, no billing, and the entry is renewed."""
+    images = [inbox("touched.png", "Touched"), inbox("untouched.png")]
+    first = parse(images)
+    before = Manifest(ResultStore(LAKE)).entries()[images[0]]
+    storage.pipe_file("/inbox/touched.png", storage.cat_file("/inbox/touched.png"))  # rewritten as it was
+    touched = fingerprint(storage.info("/inbox/touched.png"))
+    assert touched != before.fingerprint
+
+    storage.reset()
+    records = parse(images)
+    assert doc2x.stats()["billed_total"] == 2
+    assert storage.opened["/inbox/touched.png"] >= 1  # its fingerprint changed: read and hashed
+    size = storage.info("/inbox/touched.png")["size"]
+    assert storage.bytes_read["/inbox/touched.png"] < 2 * size  # its body downloaded once
+    assert storage.opened["/inbox/untouched.png"] == 0
+    assert records[0]["cached"] is True
+    assert records[0]["markdown_path"] == first[0]["markdown_path"]
+    renewed = Manifest(ResultStore(LAKE)).entries()[images[0]]
+    assert (renewed.fingerprint, renewed.sha256, renewed.result) == (touched, before.sha256, before.result)
+
+    storage.reset()
+    again = parse(images)
+    assert storage.opened_of("/inbox/") == 0  # known by its new fingerprint: not read at all
+    assert [record["markdown_path"] for record in again] == [record["markdown_path"] for record in first]
+    assert doc2x.stats()["billed_total"] == 2
+
+
+@pytest.mark.parametrize("deferrable", [True, False], ids=["deferred", "worker"])
+def test_a_task_reads_only_the_manifest_shards_of_its_own_images(doc2x, storage, inbox, deferrable):
+    """A mapped task over a few images of a large corpus reads their shards of the manifest, not the others."""
+    corpus = [inbox(f"page-{number}.png") for number in range(24)]
+    parse(corpus)
+    written = {shard_of_object(name) for name in manifest_objects(storage)}
+    own = corpus[:2]
+    new = inbox("new.png")  # read, billed and recorded by the task: its shard is written too
+    own_shards = {shard_of(source_key(uri)) for uri in (*own, new)}
+    assert len(written - own_shards) >= 10  # many shards the task has no business reading
+
+    storage.reset()
+    records = parse([*own, new], deferrable=deferrable)
+    assert [record["cached"] for record in records] == [True, True, False]
+    read = {
+        shard_of_object(path)
+        for path in {*storage.opened, *storage.bytes_read}
+        if path.startswith(MANIFEST + "/") and (storage.opened[path] or storage.bytes_read[path])
+    }
+    holding_its_entries = {shard_of(source_key(uri)) for uri in own}
+    assert holding_its_entries <= read  # its own shards are read
+    assert read <= own_shards, f"read the shards {sorted(read - own_shards)} of other images"
+    assert doc2x.stats()["billed_total"] == 25
+
+
+def shard_of_object(path: str) -> str:
+    """The shard of a manifest object, from its name (``3f.delta.<stamp>.<id>.json``)."""
+    return path.rsplit("/", 1)[1][:2]
+
+
 def test_overwrite_parses_everything_again_and_keeps_the_manifest(doc2x, storage, inbox):
     images = [inbox("a.png"), inbox("b.png")]
     parse(images)
@@ -755,3 +813,55 @@ def test_objects_of_a_newer_release_are_kept_beside_todays_and_nothing_is_lost(s
     assert "model" not in folded[first]  # still of the first format: checked once before it is trusted
     assert "unusable" not in caplog.text
     assert set(Manifest(ResultStore(LAKE)).entries()) == {first, added, unknown, new}
+
+
+@pytest.mark.parametrize(
+    "later_entry",
+    [
+        {"status": "failed", "model": None, "result": None, "code": "parse_error"},  # no model made it
+        {"status": "failed", "sha256": None, "result": None, "code": "input_error"},  # never hashed
+        {"status": "split", "result": {"document": "book.pdf", "pages": [1, 2]}},  # another result shape
+    ],
+    ids=["no-model", "no-sha256", "other-result-shape"],
+)
+def test_an_entry_of_a_later_status_is_kept_as_written_with_its_object(storage, caplog, later_entry):
+    """An entry whose status this release does not know answers nothing, and nothing near it is lost."""
+    later, good, new = sources_in_one_shard(3, "status")
+    digest = hashlib.sha256(b"x").hexdigest()
+    name = good.rsplit("/", 1)[1].rsplit(".", 1)[0]
+    result = {"folder": f"{name}-{digest[:12]}", "uid": "u", "markdown": f"{name}.md", "figures": []}
+    good_entry = {"fingerprint": "size=1;mtime=1.000000", "sha256": digest, "at": 1.0, "status": "parsed"}
+    good_entry |= {"model": "v2", "result": result}
+    written = {"fingerprint": "size=1;mtime=1.000000", "sha256": digest, "at": 2.0, **later_entry}
+    planted = f"{MANIFEST}/00.delta.20260101T000000000000Z.{'1' * 32}.json"
+    body = {"format": "airflow-provider-doc2x manifest", "version": 2, "shard": "00", "writer": "w"}
+    storage.pipe_file(planted, json.dumps({**body, "entries": {later: written, good: good_entry}}).encode())
+    caplog.set_level(logging.WARNING, logger="airflow_provider_doc2x.manifest")
+    storage.pipe_file(image_path(new), new.encode())
+    one_task(new, compact_at=2)  # a compaction of the shard
+    assert planted in manifest_objects(storage)  # never deleted: it holds what this release cannot read
+    assert json.loads(storage.cat_file(planted))["entries"][later] == written
+    entries = Manifest(ResultStore(LAKE)).entries()
+    assert set(entries) == {later, good, new}
+    assert not entries[later].usable  # answers nothing: its image is read
+    assert entries[later].to_json() == written  # carried as written into every object that folds it
+    assert "unusable" not in caplog.text and "not valid" not in caplog.text
+
+
+def test_an_invalid_entry_is_dropped_alone_and_the_others_of_its_object_are_kept(storage, caplog):
+    bad, good, new = sources_in_one_shard(3, "invalid")
+    digest = hashlib.sha256(b"x").hexdigest()
+    name = good.rsplit("/", 1)[1].rsplit(".", 1)[0]
+    result = {"folder": f"{name}-{digest[:12]}", "uid": "u", "markdown": f"{name}.md", "figures": []}
+    good_entry = {"fingerprint": "size=1;mtime=1.000000", "sha256": digest, "at": 1.0, "status": "parsed"}
+    good_entry |= {"model": "v2", "result": result}
+    bad_entry = {**good_entry, "sha256": "not hex"}
+    planted = f"{MANIFEST}/00.delta.20260101T000000000000Z.{'2' * 32}.json"
+    body = {"format": "airflow-provider-doc2x manifest", "version": 2, "shard": "00", "writer": "w"}
+    storage.pipe_file(planted, json.dumps({**body, "entries": {bad: bad_entry, good: good_entry}}).encode())
+    caplog.set_level(logging.WARNING, logger="airflow_provider_doc2x.manifest")
+    storage.pipe_file(image_path(new), new.encode())
+    one_task(new, compact_at=2)
+    assert bad in caplog.text and "not valid" in caplog.text  # named, with why
+    assert planted not in manifest_objects(storage)  # read and folded ...
+    assert set(Manifest(ResultStore(LAKE)).entries()) == {good, new}  # ... its valid entry carried
