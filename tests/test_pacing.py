@@ -366,6 +366,27 @@ def test_a_window_file_with_fields_of_a_later_release_is_used_and_kept(tmp_path,
     assert pacing_logs(caplog) == []
 
 
+@pytest.mark.parametrize(
+    "slots",
+    [
+        {"open": {}, "done": [1060.0]},  # the host's clock was stepped back by two windows
+        {"open": {"other": [1000.0, 2200.0]}, "done": []},  # a lease longer than this release allows
+    ],
+    ids=["answered-far-ahead", "lease-too-long"],
+)
+def test_a_window_started_anew_keeps_the_fields_of_a_later_release(tmp_path, caplog, slots):
+    state_file = tmp_path / "key.json"
+    state_file.write_text(json.dumps({"version": FORMAT_VERSION, **slots, **NEWER_FIELDS}))
+    limiter = RateLimiter(3, 30.0, state_file=state_file, clock=FakeClock(), upload_timeout=2.0)
+    with caplog.at_level(logging.WARNING):
+        _, slot = limiter.reserve()
+        limiter.release(slot)
+    assert any("starts anew" in line for line in pacing_logs(caplog))  # its slots were not trusted ...
+    window = json.loads(state_file.read_text())
+    assert window["done"] == [1000.0]
+    assert {name: window[name] for name in NEWER_FIELDS} == NEWER_FIELDS  # ... but the rest is kept
+
+
 def test_a_later_release_window_this_release_cannot_read_is_left_alone(tmp_path, caplog):
     state_file = tmp_path / "key.json"
     contents = json.dumps({"version": FORMAT_VERSION + 1, "open": {"a": {"since": 998.0}}, "done": []})

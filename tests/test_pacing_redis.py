@@ -305,6 +305,20 @@ def test_a_redis_window_with_members_of_a_later_release_is_used_and_kept(
     assert pacing_logs(caplog) == []
 
 
+def test_a_redis_window_started_anew_keeps_the_members_of_a_later_release(redis_server, tmp_path, caplog):
+    client = redis_server.client()
+    later = {"version": FORMAT_VERSION, "rule:count-from": 990.0, "budget:2026-05-01": 412.0}
+    # a lease longer than this release allows: its slots are not trusted
+    client.zadd("doc2x:pacing:test", {**later, "lease:other": 1000.0 + 1200.0, "done:answered": 999.0})
+    limiter = in_redis(tmp_path, FakeClock(), 3, 10.0, upload_timeout=2.0)
+    with caplog.at_level(logging.WARNING):
+        _, slot = limiter.reserve()
+        limiter.release(slot)
+    assert any("starts anew" in line for line in pacing_logs(caplog))
+    assert client.zscore("doc2x:pacing:test", "lease:other") is None  # the slots went ...
+    assert {name: client.zscore("doc2x:pacing:test", name) for name in later} == later  # ... the rest stayed
+
+
 def test_a_later_release_redis_window_this_release_cannot_read_is_left_alone(redis_server, tmp_path, caplog):
     client = redis_server.client()
     members = {"version": FORMAT_VERSION + 1, "lease:other": 1e12, "done:answered": 999.0}

@@ -85,7 +85,8 @@ end
 #: {1, now, _} when booked, {0, wait, _} when full (a slot dated ahead of the clock, by one window at
 #: most, is waited out), {2, version, 0} for a set of a later version that this release cannot read
 #: (nothing was changed); distrusted is 1 when the window held something that is not a window (a
-#: slot dated more than one window ahead among it) and was started anew.
+#: slot dated more than one window ahead among it) and was started anew (its slots dropped, the
+#: members it does not know kept).
 BOOK_SCRIPT = (
     _PRELUDE
     + f"""
@@ -142,7 +143,17 @@ if valid then
 end
 if not valid then
     if newer then return {2, tostring(version), 0} end
-    redis.call('DEL', key)
+    if redis.call('ZCARD', key) > max_members then
+        redis.call('DEL', key)
+    else
+        -- only the slots are dropped: members of a later release (a rule, a budget) stay
+        local members, slots = redis.call('ZRANGE', key, 0, -1), {}
+        for i = 1, #members do
+            local kind = string.match(members[i], '^(%l+):')
+            if kind == 'done' or kind == 'open' or kind == 'lease' then slots[#slots + 1] = members[i] end
+        end
+        for i = 1, #slots, 1000 do redis.call('ZREM', key, unpack(slots, i, math.min(i + 999, #slots))) end
+    end
     times, gone, horizon, version, distrusted = {}, {}, window, 1, 1
 elseif #gone > 0 then
     redis.call('ZREM', key, unpack(gone))

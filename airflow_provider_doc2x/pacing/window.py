@@ -24,8 +24,8 @@ budget) goes into fields of its own beside them. So a reader of this release:
   When they do not, it leaves the file untouched and this process paces the key on its own, in
   memory, with one warning to upgrade: an older release never resets or downgrades a newer one's
   window;
-- starts a window anew (with one warning per limiter) only for contents of its own version or
-  lower that are not a window: not JSON, wrong types, a time that is not a finite number, an
+- starts a window anew (with one warning per limiter, keeping the fields it does not know) only
+  for contents of its own version or lower that are not a window: not JSON, wrong types, a time that is not a finite number, an
   answered slot or a booking dated more than one window ahead of this host's clock, an expiry more
   than one window plus :data:`MAX_LEASE_SECONDS` ahead. So no file content can crash an upload, and
   none holds uploads back for longer than :data:`MAX_LEASE_SECONDS` plus two windows (a slot in
@@ -176,6 +176,25 @@ def valid_window(data: object, *, now: float, window: float) -> Window | NewerWi
     return slots
 
 
+def anew(raw: bytes) -> Window:
+    """An empty window that keeps what the file held beside its slots (a later release's fields).
+
+    Why: slots this release cannot trust are dropped, but a budget or a learned rule that a later
+    release keeps in the same file is not this release's to wipe.
+    """
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        return Window()
+    if not isinstance(data, dict):
+        return Window()
+    version = data.get("version")
+    kept = {name: value for name, value in data.items() if name not in _WINDOW_FIELDS}
+    if type(version) is int and version > FORMAT_VERSION:
+        return Window(version=version, extra=kept)
+    return Window(extra=kept)
+
+
 class RateLimiter:
     """A rolling-window limiter: at most ``limit`` uploads whose slots fall in any ``window`` seconds.
 
@@ -275,7 +294,7 @@ class RateLimiter:
             return None
         if slots is None:
             self._distrust(f"the window file {self._state_path()} does not hold a valid window")
-            return Window()
+            return anew(raw)
         return slots
 
     def _distrust(self, what: str) -> None:
