@@ -420,6 +420,9 @@ def read_answer(request: Doc2XRequest, answer: Doc2XAnswer, *, secrets: Iterable
 def read_result(data: Mapping[str, Any], *, uid: str | None = None) -> Doc2XResult:
     """Read the ``data`` of a synchronous parse or of a successful status into a result."""
     result_uid = check_uid(data["uid"]) if data.get("uid") is not None else uid
+    if uid is not None and result_uid != uid:
+        # Another job's result (a cache that ignores the query string, say): never stored as this one's.
+        raise Doc2XProtocolError(f"Doc2X answered the result of uid {result_uid!r} for another uid", uid=uid)
     if result_uid is None:
         raise Doc2XProtocolError("Doc2X answered a result without a uid")
     result = data.get("result")

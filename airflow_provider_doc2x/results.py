@@ -62,7 +62,13 @@ from datetime import datetime, timezone
 from typing import Any
 
 from airflow_provider_doc2x import __version__, protocol
-from airflow_provider_doc2x.archives import MAX_ZIP_BYTES, MAX_ZIP_ENTRIES, Figures, unpack_figures
+from airflow_provider_doc2x.archives import (
+    MAX_ZIP_BYTES,
+    MAX_ZIP_ENTRIES,
+    Figures,
+    safe_member_path,
+    unpack_figures,
+)
 from airflow_provider_doc2x.exceptions import Doc2XStorageError
 from airflow_provider_doc2x.storage import storage_call, storage_path
 
@@ -162,8 +168,10 @@ def _readable(meta: Mapping[str, Any]) -> bool:
     return (
         isinstance(markdown, str)
         and markdown.endswith(".md")
+        and safe_member_path(markdown) == markdown
+        and "/" not in markdown  # a file of its own folder, never another's
         and isinstance(figures, list)
-        and all(isinstance(path, str) for path in figures)
+        and all(isinstance(path, str) and safe_member_path(path) == path for path in figures)
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -112,3 +113,12 @@ def test_json_nested_far_too_deep_is_not_json():
     body = b'{"code": "success", "data": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
     error = read_or_typed_error(protocol.read_answer, REQUESTS[0], protocol.Doc2XAnswer(200, body, {}))
     assert isinstance(error, Doc2XError)
+
+
+def test_a_result_answered_with_another_jobs_uid_is_refused():
+    """A status answer carrying another job's result (a cache that ignores the query) is never taken."""
+    answer = {"status": "success", "uid": "job-b", "result": {"pages": [{"md": "# Not mine", "page_idx": 0}]}}
+    with pytest.raises(protocol.Doc2XProtocolError, match="job-b") as refused:
+        protocol.read_status("job-a", answer)
+    assert refused.value.uid == "job-a"
+    assert protocol.read_status("job-b", answer).result.pages[0].md == "# Not mine"

@@ -459,3 +459,15 @@ def test_a_newer_release_sidecar_whose_keys_changed_shape_is_never_overwritten(f
     assert (
         markdown_of(faulty, ResultStore(LAKE).cached(digest, "memory://inbox/page.png")) == "# Page again\n"
     )
+
+
+@pytest.mark.parametrize("markdown", ["../other-c3c3c3c3c3c3/other.md", "sub/page.md", "/page.md"])
+def test_a_sidecar_whose_markdown_lies_outside_its_folder_is_not_a_hit(faulty, markdown):
+    """A record never points at another folder's file, whatever a sidecar says."""
+    digest = "d4" * 32
+    first = ResultStore(LAKE).write("memory://inbox/page.png", digest, page_result("Page"))
+    path = MemoryFileSystem._strip_protocol(first["sidecar_path"])
+    sidecar = json.loads(faulty.cat_file(path))
+    assert ResultStore(LAKE).cached(digest, "memory://inbox/page.png") is not None  # the control
+    faulty.pipe_file(path, json.dumps({**sidecar, "markdown": markdown}).encode())
+    assert ResultStore(LAKE).cached(digest, "memory://inbox/page.png") is None
