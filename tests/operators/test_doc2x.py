@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 
 import pytest
@@ -148,7 +149,20 @@ def test_an_expired_recorded_job_is_submitted_again(doc2x, make_image):
     assert doc2x.stats()["billed_total"] == 1
 
 
-def test_a_lost_upload_answer_fails_the_image_and_the_next_try_resubmits_it(doc2x, make_image, monkeypatch):
+def logged(caplog, capfd) -> list[str]:
+    """What was logged, line by line: records, and the captured streams (Airflow 3 logs through structlog)."""
+    lines = [record.getMessage() for record in caplog.records]
+    for stream in capfd.readouterr():
+        lines.extend(stream.splitlines())
+    caplog.clear()
+    return lines
+
+
+def test_a_lost_upload_answer_fails_the_image_and_the_next_try_resubmits_it(
+    doc2x, make_image, monkeypatch, caplog, capfd
+):
+    """The next try uploads the image again, and says in the log that it is possibly billed twice."""
+    caplog.set_level(logging.INFO)
     monkeypatch.setenv("AIRFLOW_CONN_DOC2X_DEFAULT", doc2x.connection_json(timeout=0.5))
     doc2x.configure(stall_next=1, stall_seconds=3)
     store = StateStore()
@@ -157,9 +171,16 @@ def test_a_lost_upload_answer_fails_the_image_and_the_next_try_resubmits_it(doc2
         run_deferred(parse_operator([image], deferrable=True), {"task_state_store": store})
     assert str(image) in str(caught.value) and "may have billed" in str(caught.value)
     assert store.values[next(iter(store.values))]["uncertain"] is True
+    first_try = logged(caplog, capfd)
+    assert any("Doc2X: 1/1 submitted" in line for line in first_try)  # the task's log is seen here
+    assert not any("possibly billed twice" in line for line in first_try)  # nothing was resubmitted yet
+
     records = run_deferred(parse_operator([image], deferrable=True), {"task_state_store": store})
     assert records[0]["markdown"].startswith("# Lost")
     assert doc2x.stats()["requests"]["submit"] == 2
+    warned = [line for line in logged(caplog, capfd) if "possibly billed twice" in line]
+    assert warned, "the next try resubmitted the image without a warning"
+    assert all(str(image) in line and "lost its answer" in line for line in warned), warned
 
 
 @pytest.mark.parametrize(
