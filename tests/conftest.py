@@ -32,6 +32,11 @@ os.environ.update(
     }
 )
 
+# Airflow 2.11's ExecutorSafeguard sets a per-thread attribute when baseoperator is first imported:
+# importing it here, in the main thread, keeps a test that first imports it in a worker thread from
+# breaking every later operator of this process.
+import airflow.models.baseoperator  # noqa: E402,F401
+
 from airflow_provider_doc2x.local.process import LocalServerProcess  # noqa: E402
 from airflow_provider_doc2x.local.samples import Page, render  # noqa: E402
 
