@@ -13,7 +13,9 @@ What it provides:
   always): ``slow_down`` (``503 SlowDown`` with S3's XML error body), ``deny`` (``403
   AccessDenied``; :meth:`FaultProxy.deny_delete` matches ``DELETE`` and the batch delete ``POST
   ?delete``), ``reset`` (the connection reset, before the request reaches S3 or after S3 did it),
-  and ``delay`` (an added pause, then the request goes through: a slow listing).
+  ``delay`` (an added pause, then the request goes through: a slow listing), and ``hold`` (a barrier:
+  :meth:`FaultProxy.hold` keeps the matching requests waiting until that many wait at once, then
+  lets them and every later one through, so that two clients are inside the same step together).
   Nothing in it is S3's own but the error bodies: ``answer`` (:meth:`FaultProxy.answer`,
   :meth:`FaultProxy.malformed`) replaces a chosen request's answer with any status and body, before
   the request reaches the upstream or after the upstream did it, so the same proxy in front of the
@@ -172,7 +174,7 @@ class S3Request:
 class Rule:
     """A fault for the requests that match; ``times=None`` means every one of them."""
 
-    fault: str  # slow_down | deny | reset | delay | answer
+    fault: str  # slow_down | deny | reset | delay | answer | hold
     method: str | None = None  # None: any
     path: str = ""  # a regex searched in the decoded path
     query: str = ""  # a regex searched in the raw query
@@ -184,7 +186,10 @@ class Rule:
     status: int = 200  # for "answer": the status, body and type answered instead
     body: bytes = b""
     content_type: str = "application/json"
+    until: int = 0  # for "hold": requests held at once that open the barrier
     hits: int = 0
+    met: bool = False  # for "hold": the barrier opened because ``until`` requests waited at once
+    _gate: Any = field(default=None, repr=False)  # for "hold": an asyncio.Event of the proxy's loop
 
     def matches(self, method: str, path: str, query: str) -> bool:
         if self.times is not None and self.hits >= self.times:
@@ -271,6 +276,19 @@ class FaultProxy:
     ) -> Rule:
         """Hold the matching requests ``seconds`` before they go through (``query="list-type"``: listings)."""
         return self.add(Rule("delay", method, path, query, times, delay=seconds))
+
+    def hold(
+        self, method: str | None, path: str, *, until: int, query: str = "", timeout: float = 60.0
+    ) -> Rule:
+        """Hold the matching requests until ``until`` of them wait at once, then let all through.
+
+        A barrier between clients that the test cannot reach (other processes): with ``until=2`` on
+        a step each client takes once, both are inside that step at the same time. The rule takes
+        only the first ``until`` requests that match (later ones go to the other rules). If the
+        barrier is not met within ``timeout`` seconds, it opens anyway (so nothing hangs) and the
+        rule's ``met`` stays False.
+        """
+        return self.add(Rule("hold", method, path, query, until, delay=timeout, until=until))
 
     def answer(
         self,
@@ -404,7 +422,9 @@ class FaultProxy:
                 rule = self._match(entry.method, entry.path, entry.query)
                 if rule is not None:
                     entry.fault = rule.fault
-                    if rule.delay:
+                    if rule.fault == "hold":
+                        await self._hold(rule)
+                    elif rule.delay:
                         await asyncio.sleep(rule.delay)
                     if rule.fault in ERRORS:
                         if not await self._answer_error(rule.fault, entry, request, reader, writer):
@@ -430,6 +450,20 @@ class FaultProxy:
             for stream in (writer, upstream[1] if upstream else None):
                 if stream is not None and not stream.is_closing():
                     stream.close()
+
+    async def _hold(self, rule: Rule) -> None:
+        """Wait at ``rule``'s barrier until ``rule.until`` requests wait there (or its timeout)."""
+        if rule._gate is None:
+            rule._gate = asyncio.Event()
+        with self._lock:
+            if rule.hits >= rule.until and not rule._gate.is_set():  # every match so far waits here
+                rule.met = True
+        if rule.met:
+            rule._gate.set()
+        try:
+            await asyncio.wait_for(rule._gate.wait(), rule.delay)
+        except asyncio.TimeoutError:
+            rule._gate.set()  # a client that never comes must not hang the others
 
     async def _answer_error(self, fault, entry, request, reader, writer) -> bool:
         """Answer S3's error for ``fault``; whether the connection stays open."""
@@ -599,17 +633,21 @@ class S3:
             aws_secret_access_key=SECRET,
         )
 
-    def objects(self, prefix: str = "") -> list[str]:
-        """The bucket's keys under ``prefix``, asked of moto directly (not logged, no fault)."""
+    def direct_client(self) -> Any:
+        """A boto3 S3 client on moto itself: its requests are neither logged nor faulted."""
         import boto3
 
-        client = boto3.client(
+        return boto3.client(
             "s3",
             endpoint_url=self.server.url,
             region_name=REGION,
             aws_access_key_id=KEY_ID,
             aws_secret_access_key=SECRET,
         )
+
+    def objects(self, prefix: str = "") -> list[str]:
+        """The bucket's keys under ``prefix``, asked of moto directly (not logged, no fault)."""
+        client = self.direct_client()
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
         return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
