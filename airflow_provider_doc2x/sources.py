@@ -29,7 +29,7 @@ from typing import Any
 
 from airflow_provider_doc2x import protocol
 from airflow_provider_doc2x.exceptions import Doc2XInputError
-from airflow_provider_doc2x.storage import scheme_of, storage_call, storage_path
+from airflow_provider_doc2x.storage import ensure_filesystem, scheme_of, storage_call, storage_path
 
 _HEAD_BYTES = 16
 #: How the first bytes are opened: a block no larger than what is read, and no read-ahead cache, so
@@ -70,13 +70,16 @@ class ImageSource:
         """A local path or a storage URI; refuse a scheme that is neither storage nor allowed explicitly."""
         uri = str(value)
         scheme = scheme_of(value)
-        if scheme not in STORAGE_SCHEMES and scheme not in {name.lower() for name in allow_schemes}:
+        allowed = scheme in {name.lower() for name in allow_schemes}
+        if scheme not in STORAGE_SCHEMES and not allowed:
             raise Doc2XInputError(
                 f"Image {protocol.quote(uri)} uses the scheme {scheme!r}, which this operator does not read "
                 f"from: give a local path or an object-storage URI ({', '.join(sorted(STORAGE_SCHEMES))}), "
                 f"or name the scheme in the operator's allow_schemes",
                 source=uri,
             )
+        if allowed or scheme == "memory":
+            ensure_filesystem(scheme)
         return cls(uri, storage_path(value))
 
     def check(self) -> None:

@@ -51,6 +51,30 @@ def storage_path(value: Any) -> Any:
     return ObjectStoragePath(text if "://" in text else f"file://{os.path.abspath(text)}")
 
 
+def ensure_filesystem(scheme: str) -> None:
+    """Give Airflow fsspec's own filesystem for ``scheme`` when no provider registered one.
+
+    Why: Airflow registers filesystems only for the schemes its providers serve (file, s3, gcs, ...),
+    so a scheme a user opens on purpose (``allow_schemes=["https"]``) or ``memory://`` would fail
+    with "No filesystem registered". It is attached before the first ``ObjectStoragePath`` of the
+    scheme is made (Airflow 3 keeps the store it makes then); a provider's filesystem is never
+    replaced.
+    """
+    try:
+        from airflow.sdk.io.fs import has_fs
+    except ImportError:  # Airflow 2.11 and 3.0
+        from airflow.io import has_fs  # type: ignore[attr-defined,no-redef]
+    if has_fs(scheme):
+        return
+    import fsspec
+
+    try:
+        from airflow.sdk.io import attach
+    except ImportError:  # Airflow 2.11
+        from airflow.io.store import attach  # type: ignore[no-redef]
+    attach(protocol=scheme, fs=fsspec.filesystem(scheme))
+
+
 def scheme_of(value: Any) -> str:
     """The URI scheme of a path or URI, lower case; ``file`` for a local path."""
     text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)

@@ -12,7 +12,7 @@ numbered point of the hardening work has a test here:
 4. a cap on the answer's size, after decompression;
 5. malformed shapes become typed errors (and a property test throws arbitrary JSON at the readers);
 6. a hostile ``convert_zip`` keeps the Markdown;
-7. ``image_path`` fetches no URL;
+7. ``image_path`` fetches no URL, unless the operator names its scheme in ``allow_schemes``;
 8. an input error quotes no bytes of the file;
 9. a uid with a newline forges no log line;
 10. the sensor fails the same way, poking or deferred;
@@ -23,8 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ctypes
+import http.server
 import io
 import json
+import logging
+import multiprocessing
 import os
 import stat
 import threading
@@ -38,8 +42,9 @@ from typing import Any
 
 import pytest
 from airflow.providers.common.compat.sdk import AirflowFailException, TaskDeferred
+from fsspec.implementations.memory import MemoryFileSystem
 
-from airflow_provider_doc2x import protocol
+from airflow_provider_doc2x import protocol, storage
 from airflow_provider_doc2x.events import make_event
 from airflow_provider_doc2x.exceptions import (
     Doc2XError,
@@ -52,8 +57,10 @@ from airflow_provider_doc2x.exceptions import (
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
 from airflow_provider_doc2x.results import ResultStore
 from airflow_provider_doc2x.sensors.doc2x import Doc2XImageParseSensor
+from airflow_provider_doc2x.storage import storage_path
 from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
 from tests.helpers import REPO, airflow_cli, first_event, parse_operator, run_deferred, wait_until
+from tests.helpers.storage import use_for_memory
 
 SECRET = "sk-hostile-echo-5f3a9c0d1e2b"
 
@@ -216,6 +223,25 @@ def echo(request: Request) -> str:
     return f"denied request with Authorization: {request.headers.get('authorization')} and key {SECRET}"
 
 
+def logged(caplog, capfd) -> str:
+    """What was logged: the records, and the captured streams (Airflow 3 logs through structlog to them)."""
+    return "\n".join([record.getMessage() for record in caplog.records] + list(capfd.readouterr()))
+
+
+def assert_logs_would_show(caplog, capfd, own_logger: Any, text: str) -> None:
+    """Positive control: ``text`` logged through ``own_logger`` and a package module's logger is read back.
+
+    ``own_logger`` is the hook's or the trigger's ``log`` (structlog on Airflow 3, writing to the
+    streams); the module loggers are the standard library's (records). A check that a text is absent
+    from :func:`logged` means something only if both ways in are seen.
+    """
+    own_logger.info("control through its own logger: %s", text)
+    logging.getLogger("airflow_provider_doc2x.transport").info("control through a module logger: %s", text)
+    seen = logged(caplog, capfd)
+    assert f"control through its own logger: {text}" in seen
+    assert f"control through a module logger: {text}" in seen
+
+
 # -- 1. the key never leaks ------------------------------------------------------------------------
 
 
@@ -241,7 +267,9 @@ def test_the_connection_test_repeats_no_key(hostile):
     assert SECRET not in message
 
 
-def test_trigger_kwargs_and_events_carry_no_server_prose(hostile, caplog):
+def test_trigger_kwargs_and_events_carry_no_server_prose(hostile, caplog, capfd):
+    """The server's words go to the triggerer's log only, redacted; kwargs and events hold fixed texts."""
+    caplog.set_level(logging.INFO)
     hostile.handler = lambda request: envelope(
         {"status": "failed", "detail": echo(request)} if "uid=a" in request.query else None,
         code="success" if "uid=a" in request.query else "parse_error",
@@ -253,7 +281,12 @@ def test_trigger_kwargs_and_events_carry_no_server_prose(hostile, caplog):
     carried = json.dumps([trigger.serialize()[1], event])
     assert SECRET not in carried and "denied" not in carried  # fixed texts and codes only
     assert {job["code"] for job in event["jobs"]} == {"parse_error"}
-    assert not [record for record in caplog.records if SECRET in record.getMessage()]
+    log = logged(caplog, capfd)
+    # Each failure was logged with the server's prose, redacted (this capture holds the trigger's lines) ...
+    for uid in ("a", "b"):
+        assert [line for line in log.splitlines() if f"{uid}.png failed" in line and "denied request" in line]
+    assert SECRET not in log  # ... and the key is not in it
+    assert_logs_would_show(caplog, capfd, trigger.log, SECRET)
 
 
 def test_a_resumed_try_whose_jobs_all_failed_registers_the_key_with_the_masker(hostile):
@@ -493,20 +526,73 @@ HOSTILE_PAYLOADS = {
 }
 
 
+#: The one warning each hostile payload is worth.
+HOSTILE_WARNINGS = {
+    "scheme memory": "refused unsafe entry 'memory://x'",
+    "scheme s3": "refused unsafe entry 's3:/bucket/x'",
+    "file where a folder goes": "refused entry 'images/fig.jpg', which clashes with another",
+    "same name twice": "refused entry 'images/fig.jpg', which clashes with another",
+    "300-character name": "refused unsafe entry 'images/nnnnnnnnnn",
+    "not a string": "is not valid base64; kept raw",
+    "a number": "is not valid base64; kept raw",
+}
+
+
+def memory_objects(fs: Any) -> dict[str, bytes | None]:
+    """Everything in the memory filesystem's store: each file's bytes, and each folder (None)."""
+    return {**{path: None for path in fs.pseudo_dirs}, **{path: f.getvalue() for path, f in fs.store.items()}}
+
+
+def local_files(root: Path) -> set[Path]:
+    return {path for path in root.rglob("*") if path.is_file() or path.is_symlink()}
+
+
+@pytest.mark.parametrize("output", ["local", "memory"])
 @pytest.mark.parametrize("case", sorted(HOSTILE_PAYLOADS))
-def test_a_hostile_convert_zip_keeps_the_markdown_and_writes_nothing_outside(tmp_path, case, caplog):
+def test_a_hostile_convert_zip_keeps_the_markdown_and_writes_nothing_outside(tmp_path, case, output, caplog):
+    """Nothing lands outside the result's folder, in the output's storage, memory:// or the disk."""
+    caplog.set_level(logging.WARNING)
+    memory = use_for_memory(MemoryFileSystem)  # memory:// as Airflow sees it, with its shared store
+    memory_before = memory_objects(memory)
+    disk_before = local_files(tmp_path)
     payload = HOSTILE_PAYLOADS[case]
     text = protocol._convert_zip_text(payload)  # what the protocol reader hands on
     result = protocol.Doc2XResult(
         "uid-1", (protocol.Doc2XPage(0, 10, 10, '# Kept\n\n<img src="fig.jpg"/>'),), text
     )
-    out = tmp_path / "out"
-    record = ResultStore(str(out)).write("page.png", "d" * 64, result)
-    folder = Path(record["markdown_path"].removeprefix("file://")).parent
-    assert (folder / "page.md").read_text().startswith("# Kept")
-    assert {path.parent for path in tmp_path.rglob("*") if path.is_file()} <= {folder, folder / "images"}
-    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
-    assert len(warnings) == len(set(warnings))  # each refused entry is logged once
+    out = str(tmp_path / "out") if output == "local" else f"memory://hostile-zip/{tmp_path.name}/out"
+    record = ResultStore(out).write("page.png", "d" * 64, result)
+    markdown = storage_path(record["markdown_path"])
+    assert markdown.read_text().startswith("# Kept")
+    folder = markdown.parent
+    # On the disk: the result's files only, in its folder; nothing at all for a memory:// output.
+    on_disk = Path(str(folder).removeprefix("file://")) if output == "local" else None
+    written = local_files(tmp_path) - disk_before
+    assert {path for path in written if on_disk is None or on_disk not in path.parents} == set()
+    # In memory://'s store: the result's folder, what it holds and the folders above it; nothing at
+    # all for a local output (a ``memory://x`` entry joined to a local folder would land here).
+    inside = memory._strip_protocol(str(folder)) if output == "memory" else None
+    after = memory_objects(memory)
+    changed = {
+        path for path, data in after.items() if path not in memory_before or memory_before[path] != data
+    }
+
+    def in_the_folder(path: str) -> bool:
+        return inside is not None and (
+            path == inside
+            or path.startswith(inside + "/")
+            or (after[path] is None and inside.startswith(path.rstrip("/") + "/"))
+        )
+
+    assert {path for path in changed if not in_the_folder(path)} == set()
+    # Positive control: the scans see the result itself where it was written.
+    if output == "memory":
+        assert memory._strip_protocol(str(markdown)) in changed
+    else:
+        assert Path(str(markdown).removeprefix("file://")) in written
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len([warning for warning in warnings if HOSTILE_WARNINGS[case] in warning]) == 1  # logged once
+    assert len(warnings) == len(set(warnings))  # and nothing twice
 
 
 def test_a_hostile_convert_zip_from_the_server_does_not_fail_the_task(hostile, make_image, tmp_path):
@@ -546,6 +632,84 @@ def test_image_path_fetches_no_url(hostile, scheme):
     assert hostile.requests == []
 
 
+class FileServer(http.server.ThreadingHTTPServer):
+    """Loopback HTTP serving fixed files (with byte ranges, as fsspec's HTTP reader asks); records each request."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+        self.requests: list[tuple[str, str]] = []
+        super().__init__(("127.0.0.1", 0), _FileHandler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/{name}"
+
+
+class _FileHandler(http.server.BaseHTTPRequestHandler):
+    server: FileServer
+
+    def do_HEAD(self) -> None:
+        self._answer(body=False)
+
+    def do_GET(self) -> None:
+        self._answer(body=True)
+
+    def _answer(self, *, body: bool) -> None:
+        self.server.requests.append((self.command, self.path))
+        data = self.server.files.get(self.path.lstrip("/"))
+        if data is None:
+            self.send_error(404)
+            return
+        wanted = self.headers.get("Range", "").removeprefix("bytes=")
+        if wanted:
+            first, _, last = wanted.partition("-")
+            start, end = int(first), min(int(last) if last else len(data) - 1, len(data) - 1)
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+            data = data[start : end + 1]
+        else:
+            self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def file_server():
+    server = FileServer({})
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_allow_schemes_reads_an_image_through_the_scheme_it_names(doc2x, make_image, file_server):
+    """``allow_schemes=["http"]`` makes an ``http://`` image readable: fetched, uploaded and parsed."""
+    file_server.files["scan.png"] = make_image(title="Fetched Over HTTP").read_bytes()
+    url = file_server.url("scan.png")
+    (record,) = parse_operator([url], allow_schemes=["http"]).execute({})
+    assert record["source"] == url
+    assert record["markdown"].startswith("# Fetched Over HTTP")
+    assert ("GET", "/scan.png") in file_server.requests
+    assert doc2x.stats()["billed_total"] == 1
+
+
+def test_without_allow_schemes_the_same_url_is_refused_unread(doc2x, make_image, file_server):
+    file_server.files["scan.png"] = make_image(title="Fetched Over HTTP").read_bytes()
+    url = file_server.url("scan.png")
+    with pytest.raises(Doc2XInputError, match="uses the scheme 'http'"):
+        parse_operator([url]).execute({})
+    with pytest.raises(Doc2XInputError, match="uses the scheme 'http'"):
+        parse_operator([url], allow_schemes=["https"]).execute({})  # another scheme named
+    assert file_server.requests == []
+    assert doc2x.stats()["billed_total"] == 0
+
+
 def test_an_input_error_names_the_type_never_the_bytes(hostile, tmp_path):
     secret_file = tmp_path / "shadow.png"
     secret_file.write_text("root:$6$s3cr3tHash:19000:0:99999:7:::\n")
@@ -559,28 +723,149 @@ def test_an_input_error_names_the_type_never_the_bytes(hostile, tmp_path):
     assert hostile.requests == []
 
 
-def test_an_unreadable_file_is_an_input_error(hostile, tmp_path):
+#: Root's rights to read and search any file whatever its mode (``linux/capability.h``).
+CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 1, 2
+_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def drop_root_file_access() -> None:
+    """Take from this process root's right to read any file: a file's mode binds it as it binds a user."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    header, data = _CapHeader(_CAPABILITY_VERSION_3, 0), (_CapData * 2)()
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    keep = ~((1 << CAP_DAC_OVERRIDE) | (1 << CAP_DAC_READ_SEARCH)) & 0xFFFFFFFF
+    data[0].effective &= keep
+    data[0].permitted &= keep
+    data[0].inheritable &= keep
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+def as_a_plain_user(call: Callable[[], Any]) -> tuple[str, str]:
+    """Run ``call`` where a file's mode is obeyed; return its outcome as (exception type name, text).
+
+    As root (CI), in a forked child that keeps root's uid (the interpreter's files in root's home stay
+    readable to it) but not root's right to read any file; otherwise in this process.
+    """
+
+    def outcome() -> tuple[str, str]:
+        try:
+            call()
+        except Exception as error:
+            return type(error).__name__, str(error)
+        return "returned", ""
+
+    if os.geteuid() != 0:
+        return outcome()
+    parent_end, child_end = multiprocessing.Pipe(duplex=False)
+
+    def child() -> None:
+        try:
+            drop_root_file_access()
+        except OSError as error:
+            child_end.send(("OSError", f"root's file access could not be dropped: {error}"))
+            return
+        child_end.send(outcome())
+
+    process = multiprocessing.get_context("fork").Process(target=child, daemon=True)
+    process.start()
+    try:
+        assert parent_end.poll(60), f"the child answered nothing (exit code {process.exitcode})"
+        kind, text = parent_end.recv()
+    finally:
+        process.join(10)
+        if process.is_alive():
+            process.kill()
+    return kind, text
+
+
+def test_an_unreadable_file_is_an_input_error(hostile, make_image, monkeypatch):
+    """A real read refused with PermissionError fails the image as a bad input, named, nothing sent."""
+    monkeypatch.setattr(storage, "STORAGE_WAIT_INITIAL", 0)  # a storage failure would be retried at once
+    readable = make_image("readable.png")
+    locked = make_image("locked.png")
+    locked.chmod(0)  # only root's right to read any file reads it
+    kind, message = as_a_plain_user(lambda: parse_operator([locked, readable]).execute({}))
     if os.geteuid() == 0:
-        pytest.skip("root reads any file")
-    locked = tmp_path / "locked.png"
-    locked.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 100)
-    locked.chmod(0)
-    with pytest.raises(Doc2XInputError, match="cannot be read"):
-        parse_operator([locked]).execute({})
+        assert locked.read_bytes()  # root reads it: only that right was missing
+    assert kind == "Doc2XInputError", message
+    assert "1 of 2 images cannot be sent to Doc2X; nothing was submitted" in message
+    assert f"Image {locked} cannot be read (PermissionError: Permission denied)" in message
+    assert str(readable) not in message  # the readable image, read by the same user, passed
+    assert hostile.requests == []
 
 
 # -- 9. a uid with a newline ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "uid", ["abc\nFORGED LOG LINE", "", "x" * 500, "tab\there", 42, SECRET, f"Bearer {SECRET}"]
-)
-def test_a_bad_uid_from_the_server_is_refused(hostile, make_image, uid, caplog):
-    hostile.handler = lambda request: envelope({"uid": uid})
+def echoed_key(request: Request) -> str:
+    """The key, as a proxy that echoes the request's ``Authorization`` header would hand it back."""
+    return request.headers["authorization"].removeprefix("Bearer ")
+
+
+def echoed_header(request: Request) -> str:
+    """The whole ``Authorization`` header, echoed."""
+    return request.headers["authorization"]
+
+
+#: A uid (or how the server makes it from the request), and what the error says of it.
+BAD_UIDS: dict[str, tuple[Any, str]] = {
+    "a newline": ("abc\nFORGED LOG LINE", "printable characters without spaces, got 'abc\\nFORGED LOG LINE'"),
+    "empty": ("", "accepted the image but answered no uid"),
+    "too long": ("x" * 500, "printable characters without spaces, got 'xxxxxxxxxx"),
+    "a tab": ("tab\there", "printable characters without spaces, got 'tab\\there'"),
+    "a number": (42, "printable characters without spaces, got int"),
+    "the key echoed": (echoed_key, "answered a uid shaped like an API key; it is not used"),
+    "the header echoed": (echoed_header, "printable characters without spaces, got 'Bearer ***'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_UIDS))
+def test_a_bad_uid_from_the_server_is_refused(hostile, make_image, case, caplog, capfd):
+    """Refused as uncertain (Doc2X may have billed it); no key and no forged line in the error or the log."""
+    caplog.set_level(logging.INFO)
+    make_uid, reason = BAD_UIDS[case]
+    sent: list[Any] = []
+
+    def handler(request: Request) -> Reply:
+        sent.append(make_uid(request) if callable(make_uid) else make_uid)
+        return envelope({"uid": sent[-1]})
+
+    hostile.handler = handler
+    hook = Doc2XHook()
     with pytest.raises(Doc2XSubmitUncertainError) as caught:  # accepted (maybe billed), but unusable
-        Doc2XHook().submit_image(make_image())
-    assert "\n" not in str(caught.value).split("\n")[0] or "FORGED" not in str(caught.value)
-    assert not [record for record in caplog.records if "FORGED" in record.getMessage().replace("\\n", " ")]
+        hook.submit_image(make_image())
+    error = caught.value
+    assert reason in str(error)  # the uid is named, escaped and redacted, or why it is not
+    assert len(hostile.requests) == 1  # not sent again
+    (uid,) = sent
+    keys = [SECRET]  # the connection's key ...
+    if callable(make_uid):
+        assert SECRET in uid  # the server did echo it
+        keys.append(uid)  # ... and the uid text that echoes it
+    texts = {
+        "str": str(error),
+        "repr": repr(error),
+        "message": error.message,
+        "cause": repr(error.__cause__),
+        "log": logged(caplog, capfd),
+    }
+    assert not [(where, key) for where, text in texts.items() for key in keys if key in text]
+    assert not [where for where, text in texts.items() if "\nFORGED" in text]  # no line starts with it
+    assert_logs_would_show(caplog, capfd, hook.log, f"{SECRET} {uid}")
 
 
 # -- 10. the sensor ----------------------------------------------------------------------------
