@@ -815,6 +815,22 @@ def test_objects_of_a_newer_release_are_kept_beside_todays_and_nothing_is_lost(s
     assert set(Manifest(ResultStore(LAKE)).entries()) == {first, added, unknown, new}
 
 
+def parsed_entry(uri: str, digest: str, **more) -> dict:
+    """A valid entry of this format for ``uri``, as a manifest object holds it."""
+    name = uri.rsplit("/", 1)[1].rsplit(".", 1)[0]
+    result = {"folder": f"{name}-{digest[:12]}", "uid": "u", "markdown": f"{name}.md", "figures": []}
+    entry = {"fingerprint": "size=1;mtime=1.000000", "sha256": digest, "at": 1.0, "status": "parsed"}
+    return {**entry, "model": "v2", "result": result, **more}
+
+
+def plant_object(storage, stamp: int, entries: dict) -> str:
+    """A manifest object of this format in shard 00, written as another writer would; returns its name."""
+    name = f"{MANIFEST}/00.delta.20260101T000000000000Z.{str(stamp) * 32}.json"
+    body = {"format": "airflow-provider-doc2x manifest", "version": 2, "shard": "00", "writer": "w"}
+    storage.pipe_file(name, json.dumps({**body, "entries": entries}).encode())
+    return name
+
+
 @pytest.mark.parametrize(
     "later_entry",
     [
@@ -828,14 +844,8 @@ def test_an_entry_of_a_later_status_is_kept_as_written_with_its_object(storage, 
     """An entry whose status this release does not know answers nothing, and nothing near it is lost."""
     later, good, new = sources_in_one_shard(3, "status")
     digest = hashlib.sha256(b"x").hexdigest()
-    name = good.rsplit("/", 1)[1].rsplit(".", 1)[0]
-    result = {"folder": f"{name}-{digest[:12]}", "uid": "u", "markdown": f"{name}.md", "figures": []}
-    good_entry = {"fingerprint": "size=1;mtime=1.000000", "sha256": digest, "at": 1.0, "status": "parsed"}
-    good_entry |= {"model": "v2", "result": result}
     written = {"fingerprint": "size=1;mtime=1.000000", "sha256": digest, "at": 2.0, **later_entry}
-    planted = f"{MANIFEST}/00.delta.20260101T000000000000Z.{'1' * 32}.json"
-    body = {"format": "airflow-provider-doc2x manifest", "version": 2, "shard": "00", "writer": "w"}
-    storage.pipe_file(planted, json.dumps({**body, "entries": {later: written, good: good_entry}}).encode())
+    planted = plant_object(storage, 1, {later: written, good: parsed_entry(good, digest)})
     caplog.set_level(logging.WARNING, logger="airflow_provider_doc2x.manifest")
     storage.pipe_file(image_path(new), new.encode())
     one_task(new, compact_at=2)  # a compaction of the shard
@@ -851,14 +861,8 @@ def test_an_entry_of_a_later_status_is_kept_as_written_with_its_object(storage, 
 def test_an_invalid_entry_is_dropped_alone_and_the_others_of_its_object_are_kept(storage, caplog):
     bad, good, new = sources_in_one_shard(3, "invalid")
     digest = hashlib.sha256(b"x").hexdigest()
-    name = good.rsplit("/", 1)[1].rsplit(".", 1)[0]
-    result = {"folder": f"{name}-{digest[:12]}", "uid": "u", "markdown": f"{name}.md", "figures": []}
-    good_entry = {"fingerprint": "size=1;mtime=1.000000", "sha256": digest, "at": 1.0, "status": "parsed"}
-    good_entry |= {"model": "v2", "result": result}
-    bad_entry = {**good_entry, "sha256": "not hex"}
-    planted = f"{MANIFEST}/00.delta.20260101T000000000000Z.{'2' * 32}.json"
-    body = {"format": "airflow-provider-doc2x manifest", "version": 2, "shard": "00", "writer": "w"}
-    storage.pipe_file(planted, json.dumps({**body, "entries": {bad: bad_entry, good: good_entry}}).encode())
+    entries = {bad: parsed_entry(bad, digest, sha256="not hex"), good: parsed_entry(good, digest)}
+    planted = plant_object(storage, 2, entries)
     caplog.set_level(logging.WARNING, logger="airflow_provider_doc2x.manifest")
     storage.pipe_file(image_path(new), new.encode())
     one_task(new, compact_at=2)
