@@ -91,3 +91,62 @@ def figures(server: LocalServer, count: int, seconds: float, parsed: int, limit:
         ("not parsed (named in a task's error)", count - parsed),
         ("max billings of one image", stats["max_billed_per_image"]),
     ]
+
+
+class CountingRelay:
+    """
+    A TCP relay on loopback in front of ``upstream`` (``http://host:port``) that counts the bytes
+    each way: what a task sent to the server and received, request heads included.
+
+    The relay forwards bytes unchanged, so the ``Host`` a client sends names the relay, and the
+    local server's presigned PUT urls (built from it) lead through the relay too.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        import asyncio
+        import threading
+
+        host, port = upstream.split("//", 1)[1].rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.sent = 0
+        self.received = 0
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        async def serve() -> None:
+            self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+            self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+            ready.set()
+
+        threading.Thread(target=self.loop.run_forever, name="counting-relay", daemon=True).start()
+        asyncio.run_coroutine_threadsafe(serve(), self.loop)
+        if not ready.wait(10):
+            raise RuntimeError("the counting relay did not start")
+
+    def reset(self) -> None:
+        self.sent = self.received = 0
+
+    async def _client(self, reader, writer) -> None:
+        import asyncio
+
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            writer.close()
+            return
+
+        async def pipe(source, sink, upstream: bool) -> None:
+            try:
+                while data := await source.read(65536):
+                    if upstream:
+                        self.sent += len(data)
+                    else:
+                        self.received += len(data)
+                    sink.write(data)
+                    await sink.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))

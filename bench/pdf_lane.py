@@ -1,19 +1,26 @@
 """
-The bulk lane against the image lane: N JPEG pages through one operator, each lane in turn.
+The bulk lane against the image lane: N JPEG pages through one task, each lane in turn.
 
     python bench/pdf_lane.py                      # 300 and 3,000 images
     python bench/pdf_lane.py --counts 300 --limit 30 --window 30     # the image API's real rate
 
-Each run is one worker process running ``Doc2XImageParseOperator(method=...)`` in the worker (not
-deferred: the worker's own wait), against the local server in its own process. Printed per lane,
-beside the server's knobs (they decide the absolute numbers: the image lane is bound by the key's
-rate window, the PDF lane by the server's page workers):
+Each run is a real Airflow task: ``airflow dags test`` of ``bench/dags/doc2x_bench.py``, whose
+``parse`` task is ``Doc2XImageParseOperator(method=...)``, deferrable (the image lane defers once;
+the PDF lane defers for each wave of PDFs in flight and resumes to submit the next), through
+Airflow's task runner, its task state store (Airflow 3.3) and its XCom, against the local server in
+its own process. Printed per lane, beside the server's knobs (they decide the absolute numbers: the
+image lane is bound by the key's rate window, the PDF lane by the server's page workers):
 
-- images per second, end to end (the worker's start-up excluded);
-- our own time per image: the worker process's CPU time (user + system) over the run, per image;
-- bytes uploaded against the sum of the image files (the image lane sends each file as it is; the
-  PDF lane sends PDFs, whose overhead over the JPEG bytes they hold should stay under 5 %);
-- peak worker memory: the worker's peak resident set, and its growth over the run.
+- images per second, end to end: from the task's first start to its end, as Airflow recorded them
+  (the CLI's start-up and DAG parsing excluded);
+- our own time per image: the CPU time (user + system) of the ``dags test`` process, which runs the
+  task and its trigger, beyond that of a run of the same lane over 1 image, per further image
+  (Airflow's start-up, the DAG's parsing and the lane's imports are in both, so they drop out);
+- bytes sent to the server against the sum of the image files, counted by a relay in front of the
+  server (request heads, status calls and presigned PUTs included; the image lane sends each file
+  as it is, the PDF lane sends PDFs, whose overhead over the JPEG bytes they hold should stay
+  under 5 %);
+- peak memory: the process's peak resident set, and its growth over the 1-image run's.
 
 The images are distinct JPEG pages of about 40-80 KB whose comment carries their Markdown (what
 the local server's ``simple`` engine answers), so every page bills once and parses to a known text.
@@ -23,48 +30,11 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
-import subprocess
-import sys
 import time
 
-from _support import SCRATCH, LocalServer, report
-
-WORKER = r"""
-import json, os, resource, sys, time
-from airflow_provider_doc2x import transport
-from airflow_provider_doc2x.operators.doc2x import Doc2XImageParseOperator
-
-method = sys.argv[1]
-with open(sys.argv[2]) as listing:
-    images = json.load(listing)
-sent = {"bytes": 0}
-put_file, call = transport.put_file, transport.call
-
-async def counted_put(settings, url, path, **kwargs):
-    sent["bytes"] += os.path.getsize(path)
-    return await put_file(settings, url, path, **kwargs)
-
-async def counted_call(settings, request, read, **kwargs):
-    if request.bills and request.content is not None:
-        sent["bytes"] += len(request.content)
-    return await call(settings, request, read, **kwargs)
-
-transport.put_file, transport.call = counted_put, counted_call
-
-def maxrss():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-operator = Doc2XImageParseOperator(task_id="parse", image_path=images, method=method, poll_interval=0.25, timeout=3600)
-before = maxrss()
-cpu, wall = time.process_time(), time.monotonic()
-records = operator.execute({})
-wall, cpu = time.monotonic() - wall, time.process_time() - cpu
-titles_ok = all(record["markdown"].startswith("# Bench Page ") for record in records)
-print(json.dumps({"records": len(records), "wall": wall, "cpu": cpu, "bytes": sent["bytes"],
-                  "rss_before": before, "rss_peak": maxrss(), "titles_ok": titles_ok}))
-"""
+from _airflow import HOW, TaskRun, migrated_database, run, start
+from _support import SCRATCH, CountingRelay, LocalServer, report
 
 
 def make_jpegs(count: int) -> list[str]:
@@ -90,19 +60,14 @@ def make_jpegs(count: int) -> list[str]:
     return paths
 
 
-def run_lane(method: str, images: list[str]) -> dict:
-    listing = SCRATCH / "images.json"
-    listing.write_text(json.dumps(images))
-    result = subprocess.run(
-        [sys.executable, "-c", WORKER, method, str(listing)],
-        capture_output=True,
-        text=True,
-        timeout=7200,
-        env=dict(os.environ),
+def run_lane(name: str, method: str, images: list[str], env: dict[str, str]) -> TaskRun:
+    """One real task of the lane over ``images``; it must end successfully."""
+    task = run(
+        name,
+        {"image_path": images, "method": method, "deferrable": True, "poll_interval": 0.25, "timeout": 3600},
+        env=env,
     )
-    if result.returncode != 0:
-        raise SystemExit(f"the {method} lane failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return task.must_succeed()
 
 
 def main() -> None:
@@ -126,7 +91,9 @@ def main() -> None:
     args = parser.parse_args()
 
     server = LocalServer("--processing-time", str(args.processing))
-    server.use_as_default_connection(rate_limit_images=args.limit, rate_limit_window=args.window)
+    relay = CountingRelay(server.url)
+    connection = server.connection_json(rate_limit_images=args.limit, rate_limit_window=args.window)
+    env = {"AIRFLOW_CONN_DOC2X_DEFAULT": connection.replace(server.url, relay.url)}
     knobs = {
         "rate_limit": args.limit,
         "rate_window": args.window,
@@ -136,13 +103,25 @@ def main() -> None:
         "pickup_delay": args.pickup,
     }
     print(
-        f"# pdf_lane: image lane (method='async') against the bulk lane (method='pdf'), {os.cpu_count()} cores"
+        f"# pdf_lane {HOW}, deferrable: image lane (method='async') against the bulk lane (method='pdf'), "
+        f"{os.cpu_count()} cores",
+        flush=True,
     )
     print("# server knobs: " + ", ".join(f"{name}={value:g}" for name, value in knobs.items()))
     print(
         f"#   image API: at most {args.limit / args.window:.2f} images/s by the key's window; "
         f"PDF API: at most {args.page_workers / args.page_seconds:.0f} pages/s by its page workers"
     )
+    migrated_database()
+    # What a task of the lane costs with one image: Airflow's own share of the figures, and the lane's
+    # start-up (imports, first connection), which the per-image figures leave out.
+    one = make_jpegs(1)
+    baseline = {
+        method: start(f"one-{method}", {"image_path": one, "method": method, "deferrable": True}, env=env)
+        for method in args.lanes
+    }
+    for task in baseline.values():
+        task.wait().must_succeed()
     for count in args.counts:
         images = make_jpegs(count)
         total = sum(os.path.getsize(path) for path in images)
@@ -159,7 +138,13 @@ def main() -> None:
             time.sleep(
                 args.window if method == "async" else 0
             )  # an empty window, at the server and in pacing
-            figures = run_lane(method, images)
+            env["DOC2X_PACING_DIR"] = str(SCRATCH / f"pacing-{method}-{count}")
+            relay.reset()
+            task = run_lane(f"{method}-{count}", method, images, env)
+            first, last = task.span()
+            wall = (last - first).total_seconds()
+            records = task.xcom()
+            titles_ok = all(record["markdown"].startswith("# Bench Page ") for record in records)
             stats = server.stats()
             lane = "image lane (async)" if method == "async" else "PDF lane (pdf)"
             billed = stats["billed_total"] + stats["pdf_pages_billed"]
@@ -168,17 +153,20 @@ def main() -> None:
                 [
                     (
                         "images",
-                        f"{figures['records']} ({'all' if figures['titles_ok'] else 'NOT all'} parsed as expected)",
+                        f"{len(records)} ({'all' if titles_ok else 'NOT all'} parsed as expected)",
                     ),
                     ("image bytes (MB)", f"{total / 1e6:.1f} ({total / count / 1e3:.0f} KB each)"),
-                    ("images per second", f"{count / figures['wall']:.1f}"),
-                    ("seconds in all", f"{figures['wall']:.1f}"),
-                    ("our CPU time per image (ms)", f"{1000 * figures['cpu'] / count:.2f}"),
-                    ("bytes uploaded / image bytes", f"{figures['bytes'] / total:.4f}"),
-                    ("peak worker memory (MB)", f"{figures['rss_peak'] / 1e6:.0f}"),
+                    ("images per second", f"{count / wall:.1f}"),
+                    ("seconds in all", f"{wall:.1f}"),
                     (
-                        "worker memory growth (MB)",
-                        f"{(figures['rss_peak'] - figures['rss_before']) / 1e6:.0f}",
+                        "our CPU time per image (ms)",
+                        f"{1000 * (task.cpu_seconds - baseline[method].cpu_seconds) / max(1, count - 1):.2f}",
+                    ),
+                    ("bytes sent to the server / image bytes", f"{relay.sent / total:.4f}"),
+                    ("peak task process memory (MB)", f"{task.peak_rss / 1e6:.0f}"),
+                    (
+                        "memory growth over a run of 1 image (MB)",
+                        f"{(task.peak_rss - baseline[method].peak_rss) / 1e6:.0f}",
                     ),
                     (
                         "PDFs (max in progress)",

@@ -9,11 +9,14 @@ that uploads from outside mainland China are slow), and counts an upload in the 
 its body has arrived. For each upload time (a multiple of the window's slot interval,
 window / limit) it runs, in one process each, on the same images:
 
-- this provider's operator, ``method="async"`` (submit, then wait), default ``max_concurrent_uploads``;
-- the same with ``method="sync"`` (each request also waits for the parse);
+- this provider's operator in a real Airflow task (``airflow dags test`` of
+  ``bench/dags/doc2x_bench.py``, through Airflow's task runner), ``method="async"`` and deferrable
+  (submit, defer, the trigger waits in line, resume), default ``max_concurrent_uploads``;
+- the same with ``method="sync"`` (each request also waits for the parse; nothing to defer);
 - a naive loop: one ``requests.post`` after another, sleeping ``Retry-After`` on a 429;
 - the vendor SDK's way: 5 requests in flight (threads), sleeping ``Retry-After`` on a 429.
 
+The naive contenders are plain scripts, not Airflow tasks: they stand for code without this provider.
 Printed: the sustained upload rate at the server (from its limit-th billed upload to its last, once
 the window is in use) divided by the limit, beside what the window's rule allows when a slot
 counts from the answer and an upload in flight holds its slot: ``limit / (window + upload time)``
@@ -30,15 +33,9 @@ import subprocess
 import sys
 import time
 
+from _airflow import HOW, migrated_database
+from _airflow import run as run_task
 from _support import SCRATCH, LocalServer, make_images, report, sustained_rate
-
-OPERATOR = """
-import json, sys
-from airflow_provider_doc2x.operators.doc2x import Doc2XImageParseOperator
-images, method = json.loads(sys.argv[1]), sys.argv[2]
-records = Doc2XImageParseOperator(task_id="parse", image_path=images, method=method, poll_interval=0.25).execute({})
-print(len(records))
-"""
 
 NAIVE = """
 import json, sys, time
@@ -64,12 +61,29 @@ with ThreadPoolExecutor(in_flight) as pool:
 """
 
 
-def run(command: list[str], env: dict[str, str]) -> int:
-    """Run one contender in its own process; return how many images it got through."""
+def run(name: str, command: list[str] | str, env: dict[str, str], images: list[str]) -> tuple[int, float]:
+    """
+    Run one contender in its own process; return how many images it got through, and in how many
+    seconds: a task's from its start to its end as Airflow recorded them, a script's its process's.
+    """
+    if isinstance(command, str):  # this provider: a method of the operator, in a real task
+        task = run_task(
+            name,
+            {
+                "image_path": images,
+                "method": command,
+                "deferrable": command == "async",
+                "poll_interval": 0.25,
+            },
+            env={name: env[name] for name in ("AIRFLOW_CONN_DOC2X_DEFAULT", "DOC2X_PACING_DIR")},
+        )
+        first, last = task.span()
+        return task.parsed(len(images)), (last - first).total_seconds()
+    started = time.monotonic()
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
     if finished.returncode != 0:
         raise SystemExit(f"{command[2][:40]!r} failed:\n{finished.stderr[-3000:]}")
-    return int(finished.stdout.strip().splitlines()[-1])
+    return int(finished.stdout.strip().splitlines()[-1]), time.monotonic() - started
 
 
 def main() -> None:
@@ -96,15 +110,14 @@ def main() -> None:
     images = make_images(args.images)
     interval = args.window / args.limit
     print(
-        f"# slow link: {args.images} images per run, limit {args.limit} per {args.window:g} s "
-        f"(slot interval {interval:g} s), processing {args.processing:g} s, {os.cpu_count()} cores"
+        f"# slow link, this provider {HOW} (method=async deferrable; method=sync): {args.images} images "
+        f"per run, limit {args.limit} per {args.window:g} s (slot interval {interval:g} s), "
+        f"processing {args.processing:g} s, {os.cpu_count()} cores",
+        flush=True,
     )
-    contenders = {
-        "async": (
-            "this provider, method=async",
-            [sys.executable, "-c", OPERATOR, json.dumps(images), "async"],
-        ),
-        "sync": ("this provider, method=sync", [sys.executable, "-c", OPERATOR, json.dumps(images), "sync"]),
+    contenders: dict[str, tuple[str, list[str] | str]] = {
+        "async": ("this provider, method=async, deferrable", "async"),
+        "sync": ("this provider, method=sync", "sync"),
         "naive": (
             "naive loop, one upload after another",
             [sys.executable, "-c", NAIVE, server.url, server.api_key, json.dumps(images), "1"],
@@ -114,6 +127,8 @@ def main() -> None:
             [sys.executable, "-c", NAIVE, server.url, server.api_key, json.dumps(images), "5"],
         ),
     }
+    if {"async", "sync"} & set(args.contenders.split(",")):
+        migrated_database()
     for multiple in [float(value) for value in args.multiples.split(",")]:
         upload = multiple * interval
         for name in args.contenders.split(","):
@@ -127,9 +142,7 @@ def main() -> None:
             )
             time.sleep(args.window)  # let the previous run's window empty, at the server and in pacing
             env["DOC2X_PACING_DIR"] = str(SCRATCH / f"pacing-{name}-{multiple:g}")
-            started = time.monotonic()
-            parsed = run(command, env)
-            seconds = time.monotonic() - started
+            parsed, seconds = run(f"slow-link-{name}-{multiple:g}", command, env, images)
             stats = server.stats()
             limit_rate = args.limit / args.window
             sustained = sustained_rate(stats, args.limit)

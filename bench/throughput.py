@@ -1,61 +1,63 @@
 """
-Throughput at the key's limit: N images through one operator, then through tasks sharing the key.
+Throughput at the key's limit: N images through one task, then through tasks sharing the key.
 
     python bench/throughput.py                 # 300 images, 30 images per 3 s, 1 s processing
     python bench/throughput.py --images 120 --tasks 4
 
+Every run is real Airflow tasks: ``airflow dags test`` of ``bench/dags/doc2x_bench.py``, whose
+``parse`` task is deferrable (it submits, defers, its trigger waits in line, it resumes and fetches),
+through Airflow's task runner and its task state store (Airflow 3.3).
+
 Prints the sustained upload rate divided by the window's limit (target: at least 0.95), measured
 at the server from its limit-th billed upload to its last (once the window is in use), and the
-end-to-end rate (process start-up and the last jobs' processing included); the server's count of
-429 answers, images dropped, and the most any one image was billed (target: 1).
-"Tasks sharing a key" runs that many worker processes at once, each an operator over its share of
-the images (what mapped tasks in a pool of that many slots do on one worker host); a last run
-gives each process its own pacing window, to show the 429 storm that shared pacing prevents.
+end-to-end rate: from the first task's start to the last task's end, as Airflow recorded them (the
+task instances' ``running`` and ``success`` events in the metadata database's audit log on
+Airflow 3, the run's log lines on 2.11; the CLI's start-up and DAG parsing are not in it, the
+deferral round trip and the last jobs' processing are). Then the server's count of 429 answers,
+images not parsed (the task's XCom, or its error naming them), and the most any one image was
+billed (target: 1).
+
+"Tasks sharing a key" runs that many ``airflow dags test`` processes at once, each over its share
+of the images, sharing the host's pacing folder (``DOC2X_PACING_DIR``): what mapped tasks in a pool
+of that many slots do on one worker host. Separate processes rather than mapped tasks of one
+LocalExecutor deployment, because the figure is the pacing between task processes of one host,
+which needs no scheduler (``bench/mapped_pool.py`` runs mapped tasks in a deployment), and because
+``dags test`` runs on both Airflow lines; each process has its own Airflow home and SQLite
+database, since SQLite takes one writer at a time. A last run gives each process its own pacing
+folder, to show the 429 storm that shared pacing prevents.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 import time
 
+from _airflow import HOW, TaskRun, migrated_database, start
 from _support import SCRATCH, LocalServer, figures, make_images, report
 
-TASK = """
-import json, sys
-from airflow_provider_doc2x.operators.doc2x import Doc2XImageParseOperator
-from airflow_provider_doc2x.exceptions import Doc2XError
-images = json.loads(sys.argv[1])
-try:
-    parsed = len(Doc2XImageParseOperator(task_id="parse", image_path=images, poll_interval=0.25).execute({}))
-except Doc2XError as error:  # images that ran out of retries are named, one per line: the others parsed
-    parsed = len(images) - sum(line.startswith("- ") for line in str(error).splitlines())
-print(json.dumps(parsed))
-"""
 
-
-def run_tasks(image_groups: list[list[str]], *, shared_pacing: bool) -> tuple[float, int]:
-    started = time.monotonic()
-    workers = []
+def run_tasks(
+    name: str, image_groups: list[list[str]], env: dict[str, str], *, shared_pacing: bool
+) -> tuple[float, int]:
+    """One ``airflow dags test`` per group, all at once; the tasks' span and the images parsed."""
+    tasks: list[TaskRun] = []
     for index, group in enumerate(image_groups):
-        env = dict(os.environ)
-        if not shared_pacing:
-            env["DOC2X_PACING_DIR"] = str(SCRATCH / f"pacing-{index}")
-        workers.append(
-            subprocess.Popen(
-                [sys.executable, "-c", TASK, json.dumps(group)], env=env, stdout=subprocess.PIPE, text=True
+        pacing = SCRATCH / (f"pacing-{name}" if shared_pacing else f"pacing-{name}-{index}")
+        tasks.append(
+            start(
+                f"{name}-{index}",
+                {"image_path": group, "deferrable": True, "poll_interval": 0.25},
+                env={**env, "DOC2X_PACING_DIR": str(pacing)},
             )
         )
     parsed = 0
-    for worker in workers:
-        out, _ = worker.communicate(timeout=3600)
-        if worker.returncode != 0:
-            raise SystemExit(f"a task crashed (exit {worker.returncode})")
-        parsed += int(out.strip().splitlines()[-1])
-    return time.monotonic() - started, parsed
+    for task, group in zip(tasks, image_groups, strict=True):
+        task.wait()
+        parsed += task.parsed(len(group))
+    spans = [task.span() for task in tasks]
+    seconds = (max(end for _, end in spans) - min(start for start, _ in spans)).total_seconds()
+    return seconds, parsed
 
 
 def main() -> None:
@@ -72,34 +74,31 @@ def main() -> None:
     args = parser.parse_args()
 
     server = LocalServer("--processing-time", str(args.processing))
-    server.use_as_default_connection(rate_limit_images=args.limit, rate_limit_window=args.window)
+    env = {
+        "AIRFLOW_CONN_DOC2X_DEFAULT": server.connection_json(
+            rate_limit_images=args.limit, rate_limit_window=args.window
+        )
+    }
     images = make_images(args.images)
     print(
-        f"# throughput: {args.images} images, limit {args.limit} per {args.window:g} s "
-        f"(= {args.limit / args.window:.2f} images/s), processing {args.processing:g} s, {os.cpu_count()} cores"
+        f"# throughput {HOW}, deferrable: {args.images} images, limit {args.limit} per {args.window:g} s "
+        f"(= {args.limit / args.window:.2f} images/s), processing {args.processing:g} s, {os.cpu_count()} cores",
+        flush=True,
     )
-
-    from airflow_provider_doc2x.operators.doc2x import Doc2XImageParseOperator
+    migrated_database()
 
     runs = [
-        ("one operator, all images", None, True),
-        (f"{args.tasks} tasks sharing the key", args.tasks, True),
-        (f"{args.tasks} tasks, each pacing alone (no shared window)", args.tasks, False),
+        ("one task, all images", "one", 1, True),
+        (f"{args.tasks} tasks sharing the key", "shared", args.tasks, True),
+        (f"{args.tasks} tasks, each pacing alone (no shared window)", "alone", args.tasks, False),
     ]
-    for title, tasks, shared in runs:
+    for title, name, tasks, shared in runs:
         server.reset()
         server.configure(rate_limit=args.limit, rate_window=args.window, processing_time=args.processing)
-        time.sleep(args.window)  # let the previous run's window empty, at the server and in pacing
-        if tasks is None:
-            started = time.monotonic()
-            records = Doc2XImageParseOperator(task_id="parse", image_path=images, poll_interval=0.25).execute(
-                {}
-            )
-            seconds, parsed = time.monotonic() - started, len(records)
-        else:
-            seconds, parsed = run_tasks(
-                [images[index::tasks] for index in range(tasks)], shared_pacing=shared
-            )
+        time.sleep(args.window)  # let the previous run's window empty at the server
+        seconds, parsed = run_tasks(
+            name, [images[index::tasks] for index in range(tasks)], env, shared_pacing=shared
+        )
         report(title, figures(server, len(images), seconds, parsed, args.limit, args.window))
 
 

@@ -1,4 +1,9 @@
-"""The bench scripts still run (tiny parameters); their figures are read by people, not asserted."""
+"""
+The bench scripts still run (tiny parameters); their figures are read by people, not asserted.
+
+The benches that run the operator in real Airflow tasks (``airflow dags test``, ``bench/_airflow.py``)
+copy the suite's migrated database instead of migrating their own, and say so on their first line.
+"""
 
 from __future__ import annotations
 
@@ -50,7 +55,7 @@ RUNS = {
         "0.5",
     ],
     "worker_occupancy.py": ["--processing", "0.3", "--tasks", "1", "--poll-interval", "0.1"],
-    "triggerer.py": ["--triggers", "20", "--processing", "0.3", "--poll-interval", "0.1"],
+    "triggerer.py": ["--triggers", "20", "--processing", "0.3", "--poll-interval", "0.1", "--alone", "1"],
     "upload.py": [],
     "packing_memory.py": ["--images", "6", "--pdfs", "3", "--side", "200"],
     "slow_link.py": [
@@ -84,7 +89,9 @@ RUNS = {
 
 
 #: The benches that deploy Airflow run with the deployment tests, alone.
-DEPLOYING = ("mapped_pool.py", "celery_pacing.py")
+DEPLOYING = ("mapped_pool.py", "celery_pacing.py", "triggerer.py")
+#: The benches whose tasks run through ``airflow dags test``.
+THROUGH_DAGS_TEST = ("worker_occupancy.py", "throughput.py", "slow_link.py", "pdf_lane.py", "incremental.py")
 
 
 @pytest.mark.parametrize(
@@ -94,23 +101,32 @@ DEPLOYING = ("mapped_pool.py", "celery_pacing.py")
         for script in sorted(RUNS)
     ],
 )
-def test_bench_script_runs_and_prints_its_figures(script):
+def test_bench_script_runs_and_prints_its_figures(script, request):
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AIRFLOW_CONN_")}
+    if script in THROUGH_DAGS_TEST:
+        env["DOC2X_BENCH_AIRFLOW_DB"] = str(request.getfixturevalue("airflow_db") / "airflow.db")
+    if script == "incremental.py":
+        for module in ("moto.server", "s3fs", "boto3", "airflow.providers.amazon"):
+            pytest.importorskip(module, reason=f"the S3 bench needs {module} (the test extra)")
     if script == "ocr_engine.py":
         pytest.importorskip("rapidocr", reason="the ocr extra is not installed")
     if script in DEPLOYING and AIRFLOW_VERSION < (3, 3):
-        pytest.skip("the mapped-tasks benches deploy Airflow 3.3")
+        pytest.skip("this bench runs Airflow 3.3's own components")
     if script == "celery_pacing.py" and (missing := CeleryDeployment.missing()):
         pytest.skip(f"cannot deploy with Celery here: {missing}")
     result = subprocess.run(
         [sys.executable, str(REPO / "bench" / script), *RUNS[script]],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
         cwd=REPO / "bench",
-        env={key: value for key, value in os.environ.items() if not key.startswith("AIRFLOW_CONN_")},
+        env=env,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "\n## " in result.stdout
+    if script in THROUGH_DAGS_TEST:
+        assert "through `airflow dags test`" in result.stdout.splitlines()[0]
+        assert not re.search(r"\bexecute\(", (REPO / "bench" / script).read_text())
     if script in (
         "throughput.py",
         "mapped_pool.py",
