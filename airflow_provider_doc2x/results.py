@@ -52,6 +52,7 @@ holds, the Markdown is written and the task goes on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import posixpath
@@ -125,6 +126,16 @@ def write(path: Any, data: bytes) -> None:
             handle.write(data)
 
     storage_call(put, what="writing the result file", uri=str(path))
+
+
+def remove(path: Any) -> None:
+    """Delete one object (gone already is fine); a storage failure is retried, then named."""
+
+    def delete() -> None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+    storage_call(delete, what="removing the result file", uri=str(path))
 
 
 def link_figures(markdown: str, files: dict[str, bytes]) -> str:
@@ -403,6 +414,13 @@ class ResultStore:
         if not on_object_store:
             folder.mkdir(parents=True, exist_ok=True)
         stem = folder.name.rsplit("-", 1)[0]
+        if previous is not None:
+            # Rewriting a complete result in place (overwrite, a result fetched again): its sidecar
+            # goes first, so that a rewrite cut short leaves a folder that is not a hit, never a
+            # valid sidecar beside a half-written Markdown.
+            self._sidecars[folder.name] = None
+            self._written.pop(sha256, None)
+            remove(folder / f"{stem}.json")
         if figures is None:
             figures = unpack_figures(
                 result.convert_zip,

@@ -471,3 +471,16 @@ def test_a_sidecar_whose_markdown_lies_outside_its_folder_is_not_a_hit(faulty, m
     assert ResultStore(LAKE).cached(digest, "memory://inbox/page.png") is not None  # the control
     faulty.pipe_file(path, json.dumps({**sidecar, "markdown": markdown}).encode())
     assert ResultStore(LAKE).cached(digest, "memory://inbox/page.png") is None
+
+
+def test_a_rewrite_cut_short_leaves_no_hit_beside_a_half_written_markdown(faulty):
+    """Rewriting a complete result in place removes its sidecar first: a cut leaves no false hit."""
+    digest = "e5" * 32
+    text = "A long title " * 20
+    first = ResultStore(LAKE).write("memory://inbox/page.png", digest, page_result(text))
+    assert ResultStore(LAKE).cached(digest, "memory://inbox/page.png") is not None  # the control
+    faulty.failing_writes.add(MemoryFileSystem._strip_protocol(first["markdown_path"]))
+    with pytest.raises(Doc2XStorageError, match=r"page\.md"):
+        ResultStore(LAKE).write("memory://inbox/page.png", digest, page_result(text))  # overwrite=True
+    faulty.heal()
+    assert ResultStore(LAKE).cached(digest, "memory://inbox/page.png") is None  # parsed again, not half

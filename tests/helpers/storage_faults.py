@@ -24,6 +24,8 @@ class FaultyFS(CountingFS):
 
     #: Reads (opens for reading) of paths containing one of these fail with an OSError that is not an answer.
     failing_reads: ClassVar[set[str]] = set()
+    #: Writes of paths containing one of these put a third of their bytes, then fail (a full disk).
+    failing_writes: ClassVar[set[str]] = set()
     #: Listings of paths containing one of these fail the same way.
     failing_listings: ClassVar[set[str]] = set()
     #: Deletes of paths containing one of these are denied (PermissionError).
@@ -37,7 +39,7 @@ class FaultyFS(CountingFS):
 
     @classmethod
     def heal(cls) -> None:
-        for faults in (cls.failing_reads, cls.failing_listings, cls.denied_deletes):
+        for faults in (cls.failing_reads, cls.failing_writes, cls.failing_listings, cls.denied_deletes):
             faults.clear()
         cls.slow_listings.clear()
         cls.cache_listings = False
@@ -58,7 +60,17 @@ class FaultyFS(CountingFS):
         if "r" in mode and self._hit(key, self.failing_reads):
             self.failed.append(key)
             raise OSError(f"503 SlowDown: please reduce your request rate ({key})")
-        return super()._open(path, mode, **kwargs)
+        handle = super()._open(path, mode, **kwargs)
+        if "w" in mode and self._hit(key, self.failing_writes):
+            put = handle.write
+
+            def write_a_third(data):
+                put(data[: len(data) // 3])
+                self.failed.append(key)
+                raise OSError(28, "No space left on device", key)
+
+            handle.write = write_a_third
+        return handle
 
     def cat_file(self, path, start=None, end=None, **kwargs):
         key = self._strip_protocol(path)
