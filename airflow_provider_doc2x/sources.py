@@ -79,7 +79,17 @@ class ImageSource:
                 source=uri,
             )
         if allowed or scheme == "memory":
-            ensure_filesystem(scheme)
+            try:
+                ensure_filesystem(scheme)
+            except (ValueError, ImportError, TypeError, OSError) as error:  # none, or not without options
+                raise Doc2XInputError(
+                    f"Image {protocol.quote(uri)} uses the scheme {scheme!r}, which allow_schemes names, but "
+                    f"no filesystem reads it without options ({type(error).__name__}: {error}): install what "
+                    "it needs, or read the image through an Airflow connection's object storage",
+                    source=uri,
+                ) from error
+        if isinstance(value, str) and "://" in value and not value.startswith(scheme):
+            value = scheme + value[value.index("://") :]  # HTTP://... as http://...
         return cls(uri, storage_path(value))
 
     def check(self) -> None:

@@ -97,10 +97,22 @@ NETWORK_FAILURES = frozenset(
 
 
 def is_storage_failure(error: BaseException) -> bool:
-    """Whether a storage call failed without answering (retry it), rather than answered with an error."""
-    if isinstance(error, OSError):
-        return not isinstance(error, ANSWERS)
-    return any((kind.__module__, kind.__name__) in NETWORK_FAILURES for kind in type(error).__mro__)
+    """Whether a storage call failed without answering (retry it), rather than answered with an error.
+
+    fsspec's HTTP filesystem raises "not found" for any failure (a 503, a refused connection): an
+    answer is taken as one only when nothing in its causes says the server failed to answer.
+    """
+    if isinstance(error, OSError) and not isinstance(error, ANSWERS):
+        return True
+    if any((kind.__module__, kind.__name__) in NETWORK_FAILURES for kind in type(error).__mro__):
+        return True
+    cause = error.__cause__ or error.__context__
+    if isinstance(error, FileNotFoundError) and cause is not None and cause is not error:
+        status = getattr(cause, "status", None)
+        if isinstance(status, int) and (status >= 500 or status == 429):
+            return True  # aiohttp's ClientResponseError: the server answered 5xx or 429, not "missing"
+        return is_storage_failure(cause)
+    return False
 
 
 def storage_call(call: Callable[[], T], *, what: str, uri: str, tries: int | None = None) -> T:

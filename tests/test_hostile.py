@@ -52,7 +52,9 @@ from airflow_provider_doc2x.exceptions import (
     Doc2XJobNotFoundError,
     Doc2XPermanentError,
     Doc2XProtocolError,
+    Doc2XStorageError,
     Doc2XSubmitUncertainError,
+    is_permanent,
 )
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
 from airflow_provider_doc2x.results import ResultStore
@@ -660,6 +662,9 @@ class _FileHandler(http.server.BaseHTTPRequestHandler):
         if data is None:
             self.send_error(404)
             return
+        if data == b"503":
+            self.send_error(503)  # the server is overloaded: it says nothing about the file
+            return
         wanted = self.headers.get("Range", "").removeprefix("bytes=")
         if wanted:
             first, _, last = wanted.partition("-")
@@ -707,6 +712,27 @@ def test_without_allow_schemes_the_same_url_is_refused_unread(doc2x, make_image,
     with pytest.raises(Doc2XInputError, match="uses the scheme 'http'"):
         parse_operator([url], allow_schemes=["https"]).execute({})  # another scheme named
     assert file_server.requests == []
+    assert doc2x.stats()["billed_total"] == 0
+
+
+def test_an_allowed_url_whose_server_fails_is_retryable_and_a_missing_one_an_input_error(
+    doc2x, file_server, monkeypatch
+):
+    """fsspec reads every HTTP failure as "not found": a 503 must not become a permanent bad input."""
+    monkeypatch.setattr(storage, "STORAGE_WAIT_INITIAL", 0)
+    file_server.files["busy.png"] = b"503"
+    with pytest.raises(Doc2XStorageError, match=r"busy\.png") as caught:
+        parse_operator([file_server.url("busy.png")], allow_schemes=["http"]).execute({})
+    assert not is_permanent(caught.value)  # Airflow's retries try again
+    with pytest.raises(Doc2XInputError, match=r"missing\.png"):  # the control: a real 404 is an answer
+        parse_operator([file_server.url("missing.png")], allow_schemes=["http"]).execute({})
+    assert doc2x.stats()["billed_total"] == 0
+
+
+@pytest.mark.parametrize("scheme", ["foo", "zip", "ftp"])
+def test_an_allowed_scheme_no_filesystem_can_read_is_named_not_raised_raw(doc2x, scheme):
+    with pytest.raises(Doc2XInputError, match=f"uses the scheme '{scheme}', which allow_schemes names"):
+        parse_operator([f"{scheme}://127.0.0.1:9/x.png"], allow_schemes=[scheme]).execute({})
     assert doc2x.stats()["billed_total"] == 0
 
 
