@@ -112,19 +112,9 @@ class Bench:
         self.runs = 0
 
     def s3_client(self) -> Any:
-        import boto3
-        from botocore.config import Config
+        from tests.helpers.s3 import s3_client
 
-        from tests.helpers.s3 import KEY_ID, REGION, SECRET
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.moto.url,
-            region_name=REGION,
-            aws_access_key_id=KEY_ID,
-            aws_secret_access_key=SECRET,
-            config=Config(max_pool_connections=16),
-        )
+        return s3_client(self.moto.url, max_pool_connections=16)
 
     def stop(self) -> None:
         self.proxy.stop()

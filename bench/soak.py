@@ -347,17 +347,9 @@ class Run:
 
     @staticmethod
     def client(endpoint: str) -> Any:
-        import boto3
+        from tests.helpers.s3 import s3_client
 
-        from tests.helpers.s3 import KEY_ID, REGION, SECRET
-
-        return boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name=REGION,
-            aws_access_key_id=KEY_ID,
-            aws_secret_access_key=SECRET,
-        )
+        return s3_client(endpoint)
 
     def stop(self) -> None:
         with quiet_asyncio():  # the proxy's keep-alive connections end with it

@@ -607,6 +607,21 @@ def _reset(writer: asyncio.StreamWriter) -> None:
 # -- the environment of a test ---------------------------------------------------------------------
 
 
+def s3_client(endpoint: str, **config: Any) -> Any:
+    """A boto3 S3 client on ``endpoint`` (moto's server, or a proxy before it) with moto's credentials."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=REGION,
+        aws_access_key_id=KEY_ID,
+        aws_secret_access_key=SECRET,
+        config=Config(**config),
+    )
+
+
 @dataclass
 class S3:
     """The S3 API of one test: a fresh bucket behind the proxy."""
@@ -623,27 +638,11 @@ class S3:
 
     def client(self) -> Any:
         """A boto3 S3 client on the proxy, for setting up and looking at objects beside the code under test."""
-        import boto3
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            region_name=REGION,
-            aws_access_key_id=KEY_ID,
-            aws_secret_access_key=SECRET,
-        )
+        return s3_client(self.endpoint)
 
     def direct_client(self) -> Any:
         """A boto3 S3 client on moto itself: its requests are neither logged nor faulted."""
-        import boto3
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.server.url,
-            region_name=REGION,
-            aws_access_key_id=KEY_ID,
-            aws_secret_access_key=SECRET,
-        )
+        return s3_client(self.server.url)
 
     def objects(self, prefix: str = "") -> list[str]:
         """The bucket's keys under ``prefix``, asked of moto directly (not logged, no fault)."""
