@@ -79,7 +79,6 @@ entries of about 300 bytes that is little, but it is twice the manifest's share 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -106,7 +105,7 @@ from airflow_provider_doc2x.results import (
     write,
 )
 from airflow_provider_doc2x.sources import ImageSource
-from airflow_provider_doc2x.storage import storage_call
+from airflow_provider_doc2x.storage import remove_object, storage_call
 
 log = logging.getLogger(__name__)
 
@@ -961,14 +960,9 @@ class Manifest:
         left: list[str] = []
         for name in sorted(folded):
             path = self.folder / name
-            fs, key = path.fs, path.path
             try:
-                # One DELETE (``unlink`` would first ask whether the object exists: a HEAD on S3).
-                storage_call(
-                    functools.partial(fs.rm_file, key), what="deleting the manifest object", uri=str(path)
-                )
-            except FileNotFoundError:
-                pass  # gone already (even between a check and the delete): another compaction folded it
+                # Gone already (even between a check and the delete) is fine: another compaction folded it.
+                remove_object(path, what="deleting the manifest object")
             except (PermissionError, Doc2XStorageError):
                 left.append(name)
                 continue

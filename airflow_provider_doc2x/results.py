@@ -52,7 +52,6 @@ holds, the Markdown is written and the task goes on.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import posixpath
@@ -71,7 +70,7 @@ from airflow_provider_doc2x.archives import (
     unpack_figures,
 )
 from airflow_provider_doc2x.exceptions import Doc2XStorageError
-from airflow_provider_doc2x.storage import storage_call, storage_path
+from airflow_provider_doc2x.storage import remove_object, storage_call, storage_path
 
 log = logging.getLogger(__name__)
 
@@ -126,16 +125,6 @@ def write(path: Any, data: bytes) -> None:
             handle.write(data)
 
     storage_call(put, what="writing the result file", uri=str(path))
-
-
-def remove(path: Any) -> None:
-    """Delete one object (gone already is fine); a storage failure is retried, then named."""
-
-    def delete() -> None:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-    storage_call(delete, what="removing the result file", uri=str(path))
 
 
 def link_figures(markdown: str, files: dict[str, bytes]) -> str:
@@ -420,7 +409,7 @@ class ResultStore:
             # valid sidecar beside a half-written Markdown.
             self._sidecars[folder.name] = None
             self._written.pop(sha256, None)
-            remove(folder / f"{stem}.json")
+            remove_object(folder / f"{stem}.json", what="removing the sidecar before rewriting")
         if figures is None:
             figures = unpack_figures(
                 result.convert_zip,

@@ -15,6 +15,8 @@ object, so that a throttled read is never taken for "no result", "corrupt" or a 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -135,6 +137,19 @@ def storage_call(call: Callable[[], T], *, what: str, uri: str, tries: int | Non
         if not is_storage_failure(error):
             raise
         raise storage_error(error, what=what, uri=uri, tries=tries) from error
+
+
+def remove_object(path: Any, *, what: str) -> None:
+    """Delete one object, gone already or not; a storage failure is retried, then named.
+
+    One DELETE: ``unlink`` would first ask whether the object exists (a HEAD on S3).
+
+    Raises:
+        PermissionError: the storage refused the delete (an answer).
+        Doc2XStorageError: the storage kept failing to answer.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        storage_call(functools.partial(path.fs.rm_file, path.path), what=what, uri=str(path))
 
 
 def storage_error(error: BaseException, *, what: str, uri: str, tries: int = 1) -> Doc2XStorageError:

@@ -25,9 +25,9 @@ budget) goes into fields of its own beside them. So a reader of this release:
   memory, with one warning to upgrade: an older release never resets or downgrades a newer one's
   window;
 - starts a window anew (with one warning per limiter, keeping the fields it does not know) only
-  for contents of its own version or lower that are not a window: not JSON, wrong types, a time that is not a finite number, an
-  answered slot or a booking dated more than one window ahead of this host's clock, an expiry more
-  than one window plus :data:`MAX_LEASE_SECONDS` ahead. So no file content can crash an upload, and
+  for contents of its own version or lower that are not a window: not JSON, wrong types, a time
+  that is not a finite number, an answered slot or a booking dated more than one window ahead of
+  this host's clock, an expiry more than one window plus :data:`MAX_LEASE_SECONDS` ahead. So no file content can crash an upload, and
   none holds uploads back for longer than :data:`MAX_LEASE_SECONDS` plus two windows (a slot in
   flight with the longest lease there is, then counted for one window from its expiry). The folder
   is private to the user (:mod:`~airflow_provider_doc2x.pacing.private`): only the user's own
@@ -176,16 +176,12 @@ def valid_window(data: object, *, now: float, window: float) -> Window | NewerWi
     return slots
 
 
-def anew(raw: bytes) -> Window:
+def anew(data: object) -> Window:
     """An empty window that keeps what the file held beside its slots (a later release's fields).
 
     Why: slots this release cannot trust are dropped, but a budget or a learned rule that a later
     release keeps in the same file is not this release's to wipe.
     """
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError):
-        return Window()
     if not isinstance(data, dict):
         return Window()
     version = data.get("version")
@@ -283,18 +279,19 @@ class RateLimiter:
         raw = os.pread(fd, MAX_STATE_BYTES + 1, 0)
         if not raw:
             return Window()  # a new file
-        slots: Window | NewerWindow | None = None
+        data: object = None
         if len(raw) <= MAX_STATE_BYTES:
             try:
-                slots = valid_window(json.loads(raw), now=now, window=self.window)
+                data = json.loads(raw)
             except (ValueError, RecursionError):  # not JSON (or not UTF-8)
-                slots = None
+                data = None
+        slots = valid_window(data, now=now, window=self.window)
         if isinstance(slots, NewerWindow):
             self._newer(f"the window file {self._state_path()}", slots.version)
             return None
         if slots is None:
             self._distrust(f"the window file {self._state_path()} does not hold a valid window")
-            return anew(raw)
+            return anew(data)
         return slots
 
     def _distrust(self, what: str) -> None:
