@@ -104,9 +104,13 @@ class ImageSource:
         protocol.check_image_head(self._read(_HEAD_BYTES, **_HEAD_OPEN_OPTIONS), source=self.uri)
 
     def read(self) -> bytes:
-        """The image's bytes, checked (size first: a 2 GB file is never loaded to learn it is too large)."""
+        """The image's bytes, checked (size first: a 2 GB file is never loaded to learn it is too large).
+
+        The read itself stops one byte past Doc2X's limit too: a file that grew after its metadata was
+        read, or a server whose metadata lies, is refused as too large without being held whole.
+        """
         self._check_file()
-        data = self._read()
+        data = self._read(protocol.MAX_IMAGE_BYTES + 1)
         protocol.check_image(data, source=self.uri)
         return data
 

@@ -180,3 +180,24 @@ def test_bad_images_are_still_reported_together(flaky):
     message = str(caught.value)
     assert "3 of 4 images cannot be sent" in message
     assert "is empty" in message and "not a JPEG or PNG" in message and "over Doc2X's limit" in message
+
+
+def test_an_image_larger_than_its_metadata_says_is_refused_without_being_read_whole():
+    """A file that grew after its stat (or a store whose metadata lies): the read stops past the limit."""
+    from airflow_provider_doc2x.protocol import MAX_IMAGE_BYTES
+    from tests.helpers.storage import CountingFS
+
+    class Lying(CountingFS):
+        def info(self, path, **kwargs):
+            return {**super().info(path, **kwargs), "size": 1000}
+
+    fs = use_for_memory(Lying)
+    try:
+        Lying.clear()
+        head = render(Page(title="Grown"), fmt="PNG", size=(64, 64))
+        fs.pipe_file("/inbox/grown.png", head + b"\0" * (2 * MAX_IMAGE_BYTES))
+        with pytest.raises(Doc2XInputError, match="over Doc2X's limit"):
+            ImageSource.of("memory://inbox/grown.png").read()
+        assert 0 < Lying.bytes_read["/inbox/grown.png"] <= MAX_IMAGE_BYTES + 1
+    finally:
+        use_for_memory(MemoryFileSystem)
