@@ -101,7 +101,7 @@ class Doc2XTransientError(Doc2XError):
 class Doc2XStorageError(Doc2XTransientError):
     """Object storage failed in a way that may pass (a 5xx, throttling, a reset, a timeout).
 
-    Raised once a storage call has been tried a few times (:func:`airflow_provider_doc2x.storage.
+    Raised once a storage call has been tried a few times (:func:`airflow_provider_doc2x.storage.objects.
     storage_call`); it names the object. Never "no result", "corrupt" or a bad input: the task
     fails with Airflow's retries left, and nothing the storage did not answer is taken as an answer.
     """

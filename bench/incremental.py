@@ -10,7 +10,7 @@ A prefix (``s3://bench/scans/``) on moto's S3 server holds ``--existing`` images
 already under ``output_path`` (``s3://bench/lake/``, written as an earlier run without the manifest
 left them: no manifest, no fingerprints in the sidecars), plus ``--new`` images never parsed. Each
 run is a real Airflow run: ``airflow dags test`` of ``bench/dags/doc2x_bench.py``, whose ``list``
-task lists the prefix (:func:`airflow_provider_doc2x.listing.list_images`) and whose ``parse`` task
+task lists the prefix (:func:`airflow_provider_doc2x.storage.listing.list_images`) and whose ``parse`` task
 runs the operator over the listing (its XCom) with ``incremental=True``, against the local Doc2X
 server:
 
@@ -130,7 +130,7 @@ class Bench:
         import hashlib
 
         from airflow_provider_doc2x import protocol
-        from airflow_provider_doc2x.results import ResultStore
+        from airflow_provider_doc2x.storage.results import ResultStore
 
         results = ResultStore(LAKE)
         pages = [page(number, 0, self.size, self.rng) for number in range(self.args.existing)]

@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=600, help="image side in pixels (default 600)")
     args = parser.parse_args()
 
-    from airflow_provider_doc2x.packing import pack_images
+    from airflow_provider_doc2x.pdf.packing import pack_images
 
     folder = SCRATCH / "packing-memory"
     folder.mkdir(parents=True, exist_ok=True)

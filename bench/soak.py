@@ -129,7 +129,8 @@ WORDS = [
 
 def tune_provider() -> None:
     """Shorten the waits that are sized for Doc2X's service, not for the local server (see the docstring)."""
-    from airflow_provider_doc2x import protocol, storage
+    from airflow_provider_doc2x import protocol
+    from airflow_provider_doc2x.storage import objects as storage
 
     protocol.PDF_PICKUP_GRACE_SECONDS = PICKUP_GRACE_SECONDS
     storage.STORAGE_WAIT_INITIAL = 0.1

@@ -3,7 +3,7 @@ Every day, parse the images that arrived in a folder or bucket prefix, then star
 
 The DAG to copy for a prefix that only grows (``s3://bucket/scans/``, ``gs://...``, a folder):
 
-1. ``list_new`` lists the prefix once (:func:`airflow_provider_doc2x.listing.list_new_images`): the
+1. ``list_new`` lists the prefix once (:func:`airflow_provider_doc2x.storage.listing.list_new_images`): the
    images stored since the last successful run's data interval ended (less an hour of look-back for
    uploads still in flight then) until this run's ended; every image on the first run. It hands
    them on in batches.
@@ -35,8 +35,8 @@ from airflow.providers.common.compat.sdk import (
     task,
 )
 
-from airflow_provider_doc2x.listing import list_new_images
 from airflow_provider_doc2x.operators.doc2x import Doc2XImageParseOperator
+from airflow_provider_doc2x.storage.listing import list_new_images
 
 IMAGES = Path(__file__).parent / "images"
 LAKE = "file:///tmp/doc2x-incremental/lake"

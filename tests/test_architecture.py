@@ -1,4 +1,9 @@
-"""The package keeps the floors the README's architecture map names: no module imports from its own floor or above."""
+"""The package keeps the floors of the architecture map in CONTRIBUTING.md: no module imports from its own floor or above.
+
+Every module is on the map by its dotted name inside the package (``pdf.lane``, ``storage.manifest``,
+``pacing`` for ``pacing/__init__.py``), so an upward import between two modules of one subpackage
+fails as surely as one between subpackages.
+"""
 
 from __future__ import annotations
 
@@ -14,46 +19,97 @@ PACKAGE = Path(airflow_provider_doc2x.__file__).resolve().parent
 
 
 def floors() -> dict[str, int]:
-    """The README's map: module (or subpackage) -> floor."""
-    section = (REPO / "README.md").read_text().split("## Architecture", 1)[1]
+    """CONTRIBUTING.md's map: module -> floor."""
+    section = (REPO / "CONTRIBUTING.md").read_text().split("## Architecture", 1)[1]
     block = section.split("```", 2)[1]
-    return {name: int(floor) for floor, name in re.findall(r"^floor (\d+)\s+(\w+)", block, re.MULTILINE)}
+    return {name: int(floor) for floor, name in re.findall(r"^floor +(\d+)\s+([\w.]+)", block, re.MULTILINE)}
 
 
-def unit(module: str) -> str:
-    """``airflow_provider_doc2x.hooks.doc2x`` -> ``hooks``: what the map names."""
-    return module.split(".")[1]
+def is_only_a_docstring(path: Path) -> bool:
+    """A subpackage's ``__init__`` that says what the subpackage is for and imports nothing is no module of the map."""
+    body = ast.parse(path.read_text()).body
+    return all(
+        (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))
+        or (isinstance(node, ast.ImportFrom) and node.module == "__future__")
+        for node in body
+    )
+
+
+def modules() -> dict[str, Path]:
+    """Each module of the package by its dotted name inside it; a package by its own name."""
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        if parts[-1] == "__init__":
+            if is_only_a_docstring(path):
+                continue
+            parts = parts[:-1]
+        if parts:
+            found[".".join(parts)] = path
+    return found
+
+
+def imported(node: ast.ImportFrom | ast.Import, importer: str, known: set[str]) -> set[str]:
+    """The package's modules one import statement names (``from pkg.pdf import lane`` names ``pdf.lane``)."""
+    if isinstance(node, ast.Import):
+        targets = [alias.name for alias in node.names]
+        return {
+            name.removeprefix("airflow_provider_doc2x.")
+            for name in targets
+            if name.startswith("airflow_provider_doc2x.")
+        }
+    if node.level:
+        base = importer.split(".")[: -node.level] if importer in known else []
+        module = ".".join([*base, *(node.module or "").split(".")]).strip(".")
+    elif node.module == "airflow_provider_doc2x":
+        module = ""
+    elif (node.module or "").startswith("airflow_provider_doc2x."):
+        module = node.module.removeprefix("airflow_provider_doc2x.")
+    else:
+        return set()
+    names = set()
+    for alias in node.names:
+        submodule = f"{module}.{alias.name}".strip(".")
+        if submodule in known:
+            names.add(submodule)
+        elif module:
+            names.add(module)
+    return names
 
 
 def imports() -> dict[str, set[str]]:
-    """Each unit of the package -> the units it imports (at module level or inside functions)."""
+    """Each module of the package -> the modules of the package it imports (at module level or inside functions)."""
+    known = modules()
     found: dict[str, set[str]] = {}
-    for path in PACKAGE.rglob("*.py"):
-        relative = path.relative_to(PACKAGE.parent).with_suffix("")
-        if relative.parts == ("airflow_provider_doc2x", "__init__"):
-            continue
-        own = unit(".".join(relative.parts))
-        names = found.setdefault(own, set())
+    for name, path in known.items():
+        found[name] = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("airflow_provider_doc2x"):
-                if node.module == "airflow_provider_doc2x":
-                    names.update(alias.name for alias in node.names if alias.name != "__version__")
-                else:
-                    names.add(unit(node.module))
-        names.discard(own)
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                found[name] |= imported(node, name, set(known))
+        found[name].discard(name)
     return found
 
 
 def test_every_module_is_on_the_map():
-    assert set(imports()) == set(floors())
+    assert set(modules()) == set(floors())
 
 
 def test_no_module_imports_from_its_own_floor_or_above():
     floor = floors()
     upward = [
-        f"{importer} (floor {floor[importer]}) imports {imported} (floor {floor[imported]})"
-        for importer, imported_units in imports().items()
-        for imported in imported_units
-        if floor[imported] >= floor[importer]
+        f"{importer} (floor {floor[importer]}) imports {target} (floor {floor[target]})"
+        for importer, targets in imports().items()
+        for target in targets
+        if floor[target] >= floor[importer]
     ]
     assert upward == []
+
+
+def test_an_upward_import_inside_a_subpackage_is_caught():
+    """Positive control: the reader sees an import between two modules of one subpackage, by either spelling."""
+    known = set(modules())
+    absolute = ast.parse("from airflow_provider_doc2x.pdf.lane import PdfLane").body[0]
+    relative = ast.parse("from . import lane").body[0]
+    assert isinstance(absolute, ast.ImportFrom) and isinstance(relative, ast.ImportFrom)
+    assert imported(absolute, "pdf.packing", known) == {"pdf.lane"}
+    assert imported(relative, "pdf.packing", known) == {"pdf.lane"}

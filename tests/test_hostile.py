@@ -44,7 +44,7 @@ import pytest
 from airflow.providers.common.compat.sdk import AirflowFailException, TaskDeferred
 from fsspec.implementations.memory import MemoryFileSystem
 
-from airflow_provider_doc2x import protocol, storage
+from airflow_provider_doc2x import protocol
 from airflow_provider_doc2x.events import make_event
 from airflow_provider_doc2x.exceptions import (
     Doc2XError,
@@ -57,9 +57,10 @@ from airflow_provider_doc2x.exceptions import (
     is_permanent,
 )
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
-from airflow_provider_doc2x.results import ResultStore
 from airflow_provider_doc2x.sensors.doc2x import Doc2XImageParseSensor
-from airflow_provider_doc2x.storage import storage_path
+from airflow_provider_doc2x.storage import objects as storage
+from airflow_provider_doc2x.storage.objects import storage_path
+from airflow_provider_doc2x.storage.results import ResultStore
 from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
 from tests.helpers import REPO, airflow_cli, first_event, parse_operator, run_deferred, wait_until
 from tests.helpers.storage import use_for_memory

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from airflow_provider_doc2x.listing import (
+from airflow_provider_doc2x.storage.listing import (
     DEFAULT_LOOKBACK,
     list_images,
     list_new_images,
@@ -92,7 +92,7 @@ def test_an_untimed_listing_entry_is_kept_with_a_warning(tmp_path, monkeypatch, 
         "find",
         lambda self, path, **kwargs: {f"{tmp_path}/a.png": {"name": f"{tmp_path}/a.png", "type": "file"}},
     )
-    caplog.set_level(logging.WARNING, logger="airflow_provider_doc2x.listing")
+    caplog.set_level(logging.WARNING, logger="airflow_provider_doc2x.storage.listing")
     assert list_images(tmp_path, since=DAY) == [uri]
     assert "no storage time" in caplog.text
 

@@ -24,15 +24,15 @@ from airflow.providers.common.compat.sdk import TaskDeferred
 from fsspec.implementations.memory import MemoryFileSystem
 
 from airflow_provider_doc2x import protocol
-from airflow_provider_doc2x.manifest import (
+from airflow_provider_doc2x.storage.manifest import (
     MANIFEST_DIR,
     Manifest,
     fingerprint,
     shard_of,
     source_key,
 )
-from airflow_provider_doc2x.results import ResultStore
-from airflow_provider_doc2x.sources import ImageSource
+from airflow_provider_doc2x.storage.results import ResultStore
+from airflow_provider_doc2x.storage.sources import ImageSource
 from tests.helpers import REPO, first_event, parse_operator
 from tests.helpers.storage import CountingFS, use_for_memory
 from tests.helpers.storage_faults import FaultyFS, faulty_memory
@@ -311,7 +311,7 @@ def test_a_corrupt_manifest_is_rebuilt_from_the_sidecars_with_a_warning(
     corrupted = manifest_objects(storage)
 
     storage.reset()
-    caplog.set_level(logging.WARNING, logger="airflow_provider_doc2x.manifest")
+    caplog.set_level(logging.WARNING, logger="airflow_provider_doc2x.storage.manifest")
     (record,) = parse(images)
     assert "unusable" in caplog.text
     assert doc2x.stats()["billed_total"] == 1
@@ -332,7 +332,7 @@ def test_a_missing_manifest_is_rebuilt_from_the_sidecars_with_a_warning(doc2x, s
     for name in manifest_objects(storage):
         storage.rm_file(name)
     storage.reset()
-    caplog.set_level(logging.WARNING, logger="airflow_provider_doc2x.manifest")
+    caplog.set_level(logging.WARNING, logger="airflow_provider_doc2x.storage.manifest")
     parse(images)
     assert "missing" in caplog.text
     assert storage.opened_of("/inbox/") == 0
@@ -345,7 +345,7 @@ def test_results_from_before_the_manifest_cost_one_read_and_no_billing(doc2x, st
     images = [inbox("a.png"), inbox("b.png")]
     parse_operator(images, output_path=LAKE).execute({})
     storage.reset()
-    caplog.set_level(logging.WARNING, logger="airflow_provider_doc2x.manifest")
+    caplog.set_level(logging.WARNING, logger="airflow_provider_doc2x.storage.manifest")
     records = parse(images)
     assert "missing" in caplog.text
     assert all(storage.opened[image_path(uri)] >= 1 for uri in images)
@@ -357,16 +357,18 @@ def test_results_from_before_the_manifest_cost_one_read_and_no_billing(doc2x, st
 
 
 def test_a_first_run_on_an_empty_output_path_warns_nothing(doc2x, storage, inbox, caplog):
-    caplog.set_level(logging.WARNING, logger="airflow_provider_doc2x.manifest")
+    caplog.set_level(logging.WARNING, logger="airflow_provider_doc2x.storage.manifest")
     parse([inbox("a.png")])
-    assert not [record for record in caplog.records if record.name == "airflow_provider_doc2x.manifest"]
+    assert not [
+        record for record in caplog.records if record.name == "airflow_provider_doc2x.storage.manifest"
+    ]
 
 
 def test_an_object_of_a_later_format_version_is_left_alone(storage, caplog):
     document = {"format": "airflow-provider-doc2x manifest", "version": 99, "shard": "00", "entries": {}}
     name = f"{MANIFEST}/00.delta.20260101T000000000000Z.{'a' * 32}.json"
     storage.pipe_file(name, json.dumps(document).encode())
-    caplog.set_level(logging.WARNING, logger="airflow_provider_doc2x.manifest")
+    caplog.set_level(logging.WARNING, logger="airflow_provider_doc2x.storage.manifest")
     assert Manifest(ResultStore(LAKE), compact_at=2).entries() == {}
     assert "version 99" in caplog.text
     assert name in storage.store
@@ -443,9 +445,9 @@ def test_two_mapped_tasks_updating_one_manifest_at_once_lose_nothing(storage, co
 WRITER = """
 import hashlib, itertools, sys
 from airflow_provider_doc2x import protocol
-from airflow_provider_doc2x.manifest import Manifest, shard_of
-from airflow_provider_doc2x.results import ResultStore
-from airflow_provider_doc2x.sources import ImageSource
+from airflow_provider_doc2x.storage.manifest import Manifest, shard_of
+from airflow_provider_doc2x.storage.results import ResultStore
+from airflow_provider_doc2x.storage.sources import ImageSource
 
 lake, folder, name, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 # Names in one shard: the two writers contend for it.
@@ -547,7 +549,7 @@ def test_an_unreadable_manifest_object_is_left_alone_not_deleted(doc2x, faulty, 
     (written,) = manifest_objects(faulty)
 
     FaultyFS.failing_reads.add(MANIFEST + "/")
-    caplog.set_level(logging.WARNING, logger="airflow_provider_doc2x.manifest")
+    caplog.set_level(logging.WARNING, logger="airflow_provider_doc2x.storage.manifest")
     (record,) = parse(images, overwrite=False)
     assert record["cached"] is True
     assert doc2x.stats()["billed_total"] == 1
@@ -589,7 +591,7 @@ def test_a_denied_delete_after_the_work_is_done_warns_and_the_task_succeeds(
 ):
     FaultyFS.denied_deletes.add(MANIFEST + "/")
     images = [faulty_inbox(f"page-{number}.png") for number in range(3)]
-    caplog.set_level(logging.WARNING, logger="airflow_provider_doc2x.manifest")
+    caplog.set_level(logging.WARNING, logger="airflow_provider_doc2x.storage.manifest")
     records = parse(images, deferrable=True)  # the second half folds the first half's objects
     assert [record["source"] for record in records] == images
     assert FaultyFS.failed  # deletes were tried, and denied
@@ -643,7 +645,7 @@ def unchanged_count(caplog) -> str:
 
 def test_two_spellings_of_one_source_are_one_entry(doc2x, make_image, tmp_path, caplog):
     image, lake = make_image("a.png", "Alpha"), tmp_path / "lake"
-    caplog.set_level(logging.INFO, logger="airflow_provider_doc2x.manifest")
+    caplog.set_level(logging.INFO, logger="airflow_provider_doc2x.storage.manifest")
 
     def run(uri):
         return parse_operator([uri], output_path=str(lake), incremental=True).execute({})
@@ -679,7 +681,7 @@ def test_entries_of_the_first_format_under_a_spelling_with_a_connection_id_are_s
             }
         )
     )
-    caplog.set_level(logging.INFO, logger="airflow_provider_doc2x.manifest")
+    caplog.set_level(logging.INFO, logger="airflow_provider_doc2x.storage.manifest")
     for uri in (spelled, f"file://{image}", spelled):
         (record,) = parse_operator([uri], output_path=str(lake), incremental=True).execute({})
         assert record["cached"] is True
@@ -798,7 +800,7 @@ def test_objects_of_a_newer_release_are_kept_beside_todays_and_nothing_is_lost(s
     extra = plant("delta", 3, {"version": 2, "documents": {}, "entries": {unknown: entry(unknown)}})
     higher = plant("base", 4, {"version": 3, "entries": {newer: {"anything": True}}})
 
-    caplog.set_level(logging.WARNING, logger="airflow_provider_doc2x.manifest")
+    caplog.set_level(logging.WARNING, logger="airflow_provider_doc2x.storage.manifest")
     storage.pipe_file(image_path(new), new.encode())
     one_task(new, compact_at=2)
 
@@ -846,7 +848,7 @@ def test_an_entry_of_a_later_status_is_kept_as_written_with_its_object(storage, 
     digest = hashlib.sha256(b"x").hexdigest()
     written = {"fingerprint": "size=1;mtime=1.000000", "sha256": digest, "at": 2.0, **later_entry}
     planted = plant_object(storage, 1, {later: written, good: parsed_entry(good, digest)})
-    caplog.set_level(logging.WARNING, logger="airflow_provider_doc2x.manifest")
+    caplog.set_level(logging.WARNING, logger="airflow_provider_doc2x.storage.manifest")
     storage.pipe_file(image_path(new), new.encode())
     one_task(new, compact_at=2)  # a compaction of the shard
     assert planted in manifest_objects(storage)  # never deleted: it holds what this release cannot read
@@ -863,7 +865,7 @@ def test_an_invalid_entry_is_dropped_alone_and_the_others_of_its_object_are_kept
     digest = hashlib.sha256(b"x").hexdigest()
     entries = {bad: parsed_entry(bad, digest, sha256="not hex"), good: parsed_entry(good, digest)}
     planted = plant_object(storage, 2, entries)
-    caplog.set_level(logging.WARNING, logger="airflow_provider_doc2x.manifest")
+    caplog.set_level(logging.WARNING, logger="airflow_provider_doc2x.storage.manifest")
     storage.pipe_file(image_path(new), new.encode())
     one_task(new, compact_at=2)
     assert bad in caplog.text and "not valid" in caplog.text  # named, with why

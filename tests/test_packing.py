@@ -16,8 +16,8 @@ import pypdf
 import pytest
 from PIL import Image, ImageCms
 
-from airflow_provider_doc2x import packing
-from airflow_provider_doc2x.packing import PackImage, pack_images
+from airflow_provider_doc2x.pdf import packing
+from airflow_provider_doc2x.pdf.packing import PackImage, pack_images
 
 
 def noise(size: tuple[int, int], seed: int = 0, mode: str = "RGB") -> Image.Image:

@@ -24,12 +24,12 @@ from airflow_provider_doc2x.events import LANE_PDF, STATUS_QUEUED, make_event, p
 from airflow_provider_doc2x.exceptions import Doc2XError, Doc2XQuotaError
 from airflow_provider_doc2x.hooks import doc2x as hook_module
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
+from airflow_provider_doc2x.image.records import FETCH_ATTEMPTS, records_from_event
 from airflow_provider_doc2x.local.samples import Page, render
-from airflow_provider_doc2x.packing import pack_images
-from airflow_provider_doc2x.pdf_lane import STATE_INDEX_KEY, STATE_PDF_PREFIX
-from airflow_provider_doc2x.pdf_results import PAGE_MAP_MISMATCH, PdfFigures
-from airflow_provider_doc2x.records import FETCH_ATTEMPTS, records_from_event
-from airflow_provider_doc2x.storage import storage_path
+from airflow_provider_doc2x.pdf.lane import STATE_INDEX_KEY, STATE_PDF_PREFIX
+from airflow_provider_doc2x.pdf.packing import pack_images
+from airflow_provider_doc2x.pdf.results import PAGE_MAP_MISMATCH, PdfFigures
+from airflow_provider_doc2x.storage.objects import storage_path
 from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
 from tests.helpers import API_KEY, StateStore, first_event, parse_operator, wait_until
 from tests.helpers.s3 import proxied_doc2x

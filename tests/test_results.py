@@ -18,9 +18,9 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 from airflow_provider_doc2x import protocol
-from airflow_provider_doc2x.archives import decode_base64, unpack_figures
 from airflow_provider_doc2x.exceptions import Doc2XStorageError
-from airflow_provider_doc2x.results import ResultStore
+from airflow_provider_doc2x.storage.archives import decode_base64, unpack_figures
+from airflow_provider_doc2x.storage.results import ResultStore
 from tests.helpers import parse_operator, run_deferred
 from tests.helpers.storage_faults import FaultyFS, faulty_memory
 

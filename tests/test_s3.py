@@ -20,11 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from airflow_provider_doc2x import storage
 from airflow_provider_doc2x.exceptions import Doc2XInputError, Doc2XStorageError, is_permanent
 from airflow_provider_doc2x.local.samples import Page, render
-from airflow_provider_doc2x.manifest import shard_of, source_key
-from airflow_provider_doc2x.sources import ImageSource, check_all
+from airflow_provider_doc2x.storage.manifest import shard_of, source_key
+from airflow_provider_doc2x.storage import objects as storage
+from airflow_provider_doc2x.storage.sources import ImageSource, check_all
 from tests.helpers import REPO, first_event, parse_operator, run_deferred, wait_until
 from tests.helpers import s3 as s3_api
 
@@ -143,7 +143,7 @@ def test_an_image_replaced_after_its_folder_was_listed_in_this_process_is_parsed
     doc2x, s3, count, listed_first
 ):
     """Fingerprints come from S3, never from s3fs's in-process listing cache."""
-    from airflow_provider_doc2x.listing import list_images
+    from airflow_provider_doc2x.storage.listing import list_images
 
     images = [
         put(s3, f"scans/f{i:03d}.png", render(Page(title=f"Page {i}"), size=(200, 150))) for i in range(count)

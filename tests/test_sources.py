@@ -17,10 +17,10 @@ from typing import ClassVar
 import pytest
 from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 
-from airflow_provider_doc2x import storage
 from airflow_provider_doc2x.exceptions import Doc2XInputError, Doc2XStorageError, is_permanent
 from airflow_provider_doc2x.local.samples import Page, render
-from airflow_provider_doc2x.sources import ImageSource, check_all
+from airflow_provider_doc2x.storage import objects as storage
+from airflow_provider_doc2x.storage.sources import ImageSource, check_all
 from tests.helpers.storage import use_for_memory
 
 FOREVER = 10**6

@@ -6,8 +6,8 @@ import errno
 
 import pytest
 
-from airflow_provider_doc2x import storage
 from airflow_provider_doc2x.exceptions import Doc2XStorageError, is_permanent
+from airflow_provider_doc2x.storage import objects as storage
 
 
 @pytest.fixture(autouse=True)

@@ -41,7 +41,7 @@ from airflow_provider_doc2x.exceptions import (
 )
 from airflow_provider_doc2x.pacing import limiter_for
 from airflow_provider_doc2x.settings import Doc2XSettings
-from airflow_provider_doc2x.sources import ImageSource
+from airflow_provider_doc2x.storage.sources import ImageSource
 
 ImageInput = bytes | str | os.PathLike
 

@@ -6,7 +6,7 @@ trigger reports, the task resumes, fetches the results and returns one record pe
 order. A new try of the task (crash, lost triggerer, a clear within the 24 h result lifetime)
 reconnects to the recorded uids instead of uploading again.
 
-``method="pdf"`` (the bulk lane, :mod:`airflow_provider_doc2x.pdf_lane`) packs the images into
+``method="pdf"`` (the bulk lane, :mod:`airflow_provider_doc2x.pdf.lane`) packs the images into
 multi-page PDFs for Doc2X's PDF API: a few PDFs in flight at once, the task deferring until half of
 them are done, then submitting the next ones (and trying again the images of a PDF that failed),
 until every image is parsed or named in the error.
@@ -37,17 +37,22 @@ from airflow_provider_doc2x.events import (
     validate_event,
 )
 from airflow_provider_doc2x.hooks.doc2x import DEFAULT_PDF_WAIT, Doc2XHook
-from airflow_provider_doc2x.manifest import Manifest
-from airflow_provider_doc2x.packing import DEFAULT_PDF_MAX_PAGES, MAX_PDF_PAGES
-from airflow_provider_doc2x.pdf_lane import PdfLane
-from airflow_provider_doc2x.pdf_results import pdf_records
+from airflow_provider_doc2x.image.records import (
+    batch_failure,
+    records_from_event,
+    store_finished,
+    store_or_record,
+)
+from airflow_provider_doc2x.image.uploads import STATE_KEY_PREFIX, ImageUploads
+from airflow_provider_doc2x.pdf.lane import PdfLane
+from airflow_provider_doc2x.pdf.packing import DEFAULT_PDF_MAX_PAGES, MAX_PDF_PAGES
+from airflow_provider_doc2x.pdf.results import pdf_records
 from airflow_provider_doc2x.protocol import Doc2XJobStatus
-from airflow_provider_doc2x.records import batch_failure, records_from_event, store_finished, store_or_record
-from airflow_provider_doc2x.results import ResultStore
-from airflow_provider_doc2x.sources import check_all, resolve_images
-from airflow_provider_doc2x.storage import storage_path
+from airflow_provider_doc2x.storage.manifest import Manifest
+from airflow_provider_doc2x.storage.objects import storage_path
+from airflow_provider_doc2x.storage.results import ResultStore
+from airflow_provider_doc2x.storage.sources import check_all, resolve_images
 from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
-from airflow_provider_doc2x.uploads import STATE_KEY_PREFIX, ImageUploads
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
@@ -66,19 +71,19 @@ class Doc2XImageParseOperator(BaseOperator):
     :param image_path: one local path or ``ObjectStoragePath`` URI, or a list of them (templated).
     :param doc2x_conn_id: the ``doc2x`` connection (templated).
     :param output_path: a local directory or ``ObjectStoragePath`` URI (templated) to write each
-        image's Markdown, figures and sidecar into (see :mod:`airflow_provider_doc2x.results`); XCom
+        image's Markdown, figures and sidecar into (see :mod:`airflow_provider_doc2x.storage.results`); XCom
         then holds their paths. None keeps the Markdown itself in XCom.
     :param overwrite: with ``output_path``, parse an image again even if its content already has a
         complete result there (by default that result is reused and nothing is submitted).
     :param incremental: with ``output_path``, keep a manifest there of each image's storage
         fingerprint (size plus ETag, generation or modification time; see
-        :mod:`airflow_provider_doc2x.manifest`): an image unchanged since it was parsed is not read
+        :mod:`airflow_provider_doc2x.storage.manifest`): an image unchanged since it was parsed is not read
         at all, and its record comes from the manifest. New and changed images are read as usual.
     :param method: ``"async"`` (submit, then wait without a worker when deferrable), ``"sync"``
         (Doc2X's synchronous endpoint, one image at a time, in the worker), or ``"pdf"`` (the bulk
         lane: images of one aspect ratio packed losslessly into multi-page PDFs for Doc2X's PDF
         API, which is not bound by the image API's 30 images per 30 s; see
-        :mod:`airflow_provider_doc2x.pdf_lane`). The records are the same; the PDF lane's also
+        :mod:`airflow_provider_doc2x.pdf.lane`). The records are the same; the PDF lane's also
         carry the image's ``page_idx`` in its PDF (whose uid is the record's ``uid``).
     :param deferrable: wait in the triggerer instead of the worker.
     :param poll_interval: seconds between status rounds.

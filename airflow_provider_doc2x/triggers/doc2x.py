@@ -7,7 +7,7 @@ statuses only; the task fetches the results itself when it resumes.
 
 The PDF lane's jobs are one per image too: the trigger asks Doc2X's PDF status once per PDF and
 updates each of its images, and hands the task back (a ``progress`` event) when PDFs remain to be
-submitted (see :mod:`airflow_provider_doc2x.pdf_lane`).
+submitted (see :mod:`airflow_provider_doc2x.pdf.lane`).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from airflow_provider_doc2x.exceptions import (
     Doc2XTransientError,
 )
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
-from airflow_provider_doc2x.pdf_results import PAGE_MAP_MISMATCH, page_map_problem
+from airflow_provider_doc2x.pdf.results import PAGE_MAP_MISMATCH, page_map_problem
 
 #: Status calls in flight at once for all the triggers of an event loop (as many as the transport's
 #: requests in flight per loop).

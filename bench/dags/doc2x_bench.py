@@ -10,7 +10,7 @@ when the DAG is built, as in a user's DAG file:
 - ``operator``: the operator's keyword arguments (``image_path``, ``deferrable``, ``method``,
   ``output_path``, ``incremental``, ``poll_interval``, ...);
 - ``prefix`` (optional): a folder or ``ObjectStoragePath`` URI that an upstream task, ``list``,
-  lists with :func:`airflow_provider_doc2x.listing.list_images`; its XCom is the ``parse`` task's
+  lists with :func:`airflow_provider_doc2x.storage.listing.list_images`; its XCom is the ``parse`` task's
   ``image_path``, as in a daily DAG over a bucket prefix.
 
 Without ``DOC2X_BENCH_SPEC`` (a deployment's dag-processor parsing ``bench/dags``) the DAG parses
@@ -37,7 +37,7 @@ with DAG("doc2x_bench", schedule=None, tags=["bench", "doc2x"]):
 
         @task(task_id="list")
         def listing(prefix: str) -> list[str]:
-            from airflow_provider_doc2x.listing import list_images
+            from airflow_provider_doc2x.storage.listing import list_images
 
             images = list_images(prefix)
             print(f"listed: {len(images)} images")

@@ -41,7 +41,7 @@ Usage::
 The filesystems' own retries are kept short through the connection and the environment (one
 botocore attempt; s3fs still retries ``SlowDown`` and connection errors five times, as a user's
 does), so a lasting fault takes a few seconds, not minutes. Set
-``airflow_provider_doc2x.storage.STORAGE_WAIT_INITIAL = 0`` in a test to drop the provider's
+``airflow_provider_doc2x.storage.objects.STORAGE_WAIT_INITIAL = 0`` in a test to drop the provider's
 back-off too.
 """
 

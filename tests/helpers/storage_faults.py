@@ -123,7 +123,7 @@ class FaultyFS(CountingFS):
 @contextlib.contextmanager
 def faulty_memory(monkeypatch: Any) -> Iterator[FaultyFS]:
     """``memory://`` counted, with faults a test switches on; storage retries without waiting."""
-    from airflow_provider_doc2x import storage
+    from airflow_provider_doc2x.storage import objects as storage
 
     monkeypatch.setattr(storage, "STORAGE_WAIT_INITIAL", 0)
     fs = use_for_memory(FaultyFS)

@@ -24,7 +24,7 @@ from airflow_provider_doc2x.exceptions import (
 from airflow_provider_doc2x.hooks import doc2x as hook_module
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
 from airflow_provider_doc2x.local.samples import Page, render
-from airflow_provider_doc2x.packing import pack_images
+from airflow_provider_doc2x.pdf.packing import pack_images
 from tests.helpers import async_wait_until, wait_until
 
 

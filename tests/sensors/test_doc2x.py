@@ -12,7 +12,7 @@ from airflow_provider_doc2x.events import LANE_PDF
 from airflow_provider_doc2x.exceptions import Doc2XJobFailedError, Doc2XJobNotFoundError
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
 from airflow_provider_doc2x.local.samples import Page, render
-from airflow_provider_doc2x.packing import pack_images
+from airflow_provider_doc2x.pdf.packing import pack_images
 from airflow_provider_doc2x.sensors.doc2x import Doc2XImageParseSensor
 from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
 from tests.helpers import REPO, dags_test, first_event, wait_until

@@ -17,7 +17,7 @@ from airflow_provider_doc2x import events
 from airflow_provider_doc2x.exceptions import Doc2XJobFailedError
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
 from airflow_provider_doc2x.local.samples import Page, render
-from airflow_provider_doc2x.packing import pack_images
+from airflow_provider_doc2x.pdf.packing import pack_images
 from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
 from tests.helpers import API_KEY, async_wait_until, first_event
 

@@ -45,12 +45,12 @@ from airflow_provider_doc2x.exceptions import (
     Doc2XQuotaError,
     Doc2XSubmitUncertainError,
 )
-from airflow_provider_doc2x.records import FETCH_ATTEMPTS, recorded_status, store_or_record
-from airflow_provider_doc2x.sources import ImageSource, sha256_of
+from airflow_provider_doc2x.image.records import FETCH_ATTEMPTS, recorded_status, store_or_record
+from airflow_provider_doc2x.storage.sources import ImageSource, sha256_of
 
 if TYPE_CHECKING:
     from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
-    from airflow_provider_doc2x.results import ResultStore
+    from airflow_provider_doc2x.storage.results import ResultStore
 
 
 #: Key prefix of what the task state store records per image content.

@@ -64,7 +64,7 @@ Every byte read back is treated as hostile. An object that was read and is not t
 module writes (types, hashes, shard, folder names that stay inside ``output_path``, figure paths
 that are plain relative paths) is ignored as a whole with a warning, and deleted when the task that
 rebuilds its entries writes the shard again. An object that could not be read (a 5xx, throttling,
-a timeout, after :func:`~airflow_provider_doc2x.storage.storage_call`'s retries) is not corrupt:
+a timeout, after :func:`~airflow_provider_doc2x.storage.objects.storage_call`'s retries) is not corrupt:
 it is left alone for this run, named in a warning, never deleted. A delete the storage denies
 leaves a folded object behind with a warning: harmless, since its entries are in the new base. Entries that are missing (no manifest at all, or a
 shard with a corrupt object) are rebuilt from the sidecars, which carry the fingerprint of the
@@ -94,18 +94,18 @@ from datetime import datetime, timezone
 from typing import Any
 
 from airflow_provider_doc2x import protocol
-from airflow_provider_doc2x.archives import MAX_ZIP_ENTRIES, safe_member_path
 from airflow_provider_doc2x.events import job
 from airflow_provider_doc2x.exceptions import Doc2XStorageError
-from airflow_provider_doc2x.results import (
+from airflow_provider_doc2x.storage.archives import MAX_ZIP_ENTRIES, safe_member_path
+from airflow_provider_doc2x.storage.objects import remove_object, storage_call
+from airflow_provider_doc2x.storage.results import (
     LEGACY_MODEL,
     OBJECT_STORE_SCHEMES,
     ResultStore,
     folder_name,
     write,
 )
-from airflow_provider_doc2x.sources import ImageSource
-from airflow_provider_doc2x.storage import remove_object, storage_call
+from airflow_provider_doc2x.storage.sources import ImageSource
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ class Entry:
     sha256: str
     at: float
     result: Result | None = None
-    #: The model that made the result (:data:`~airflow_provider_doc2x.results.LEGACY_MODEL` for an
+    #: The model that made the result (:data:`~airflow_provider_doc2x.storage.results.LEGACY_MODEL` for an
     #: entry of version 1, which recorded none).
     model: str = LEGACY_MODEL
     #: None for an entry of version 1 (no ``status``, no ``model``); else its ``status``.
@@ -462,7 +462,7 @@ class Manifest:
         A folder holding at least ``list_folder_at`` of the sources is listed once; any other source
         (or one the listing missed) costs one metadata call. Nothing is read. Both come from the
         storage, never from a listing the filesystem cached in this process (s3fs keeps one, and
-        fills it with any listing of the folder, such as :func:`~airflow_provider_doc2x.listing.list_images`'s):
+        fills it with any listing of the folder, such as :func:`~airflow_provider_doc2x.storage.listing.list_images`'s):
         a file replaced since would keep its old fingerprint, and its old result.
         """
         groups: dict[tuple[int, str], list[ImageSource]] = {}

@@ -41,11 +41,11 @@ The sidecar, one versioned format (``format_version``) read by every release::
   knows and ignores the others; a rewrite of the same source's result keeps the keys it does not
   know; a sidecar of a higher ``format_version`` is never overwritten.
 - A sidecar that cannot be *read* (a 5xx, a throttled or timed-out GET) is an error, never "no
-  result": after :func:`~airflow_provider_doc2x.storage.storage_call`'s retries the task fails,
+  result": after :func:`~airflow_provider_doc2x.storage.objects.storage_call`'s retries the task fails,
   retryably, naming the sidecar. Only a missing sidecar, or one that was read and is not a
   result, means "no result".
 
-The figures come from :func:`airflow_provider_doc2x.archives.unpack_figures`, which refuses what
+The figures come from :func:`airflow_provider_doc2x.storage.archives.unpack_figures`, which refuses what
 is unsafe; a figure that cannot be written is skipped with a warning. Whatever ``convert_zip``
 holds, the Markdown is written and the task goes on.
 """
@@ -62,15 +62,15 @@ from datetime import datetime, timezone
 from typing import Any
 
 from airflow_provider_doc2x import __version__, protocol
-from airflow_provider_doc2x.archives import (
+from airflow_provider_doc2x.exceptions import Doc2XStorageError
+from airflow_provider_doc2x.storage.archives import (
     MAX_ZIP_BYTES,
     MAX_ZIP_ENTRIES,
     Figures,
     safe_member_path,
     unpack_figures,
 )
-from airflow_provider_doc2x.exceptions import Doc2XStorageError
-from airflow_provider_doc2x.storage import remove_object, storage_call, storage_path
+from airflow_provider_doc2x.storage.objects import remove_object, storage_call, storage_path
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ class ResultStore:
         self._children: list[Any] | None = None
         self._sidecars: dict[str, dict[str, Any] | None] = {}
         #: Each source's storage fingerprint taken before it was read (see
-        #: :mod:`airflow_provider_doc2x.manifest`); written into the sidecar so that a lost manifest
+        #: :mod:`airflow_provider_doc2x.storage.manifest`); written into the sidecar so that a lost manifest
         #: can be rebuilt from the sidecars without reading the images again.
         self.fingerprints: dict[str, str] = {}
 

@@ -24,7 +24,7 @@ import logging
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from airflow_provider_doc2x.storage import storage_path
+from airflow_provider_doc2x.storage.objects import storage_path
 
 log = logging.getLogger(__name__)
 

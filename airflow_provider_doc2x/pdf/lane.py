@@ -2,8 +2,8 @@
 
 Doc2X's image API takes 30 images per 30 s per key; its PDF API takes multi-page PDFs, one image
 being one page of quota either way. This lane plans PDFs of images of one aspect ratio
-(:func:`~airflow_provider_doc2x.packing.plan_pdfs`), packs each losslessly when its turn comes
-(:func:`~airflow_provider_doc2x.packing.pack_images`), and submits it with the hook's PDF calls
+(:func:`~airflow_provider_doc2x.pdf.packing.plan_pdfs`), packs each losslessly when its turn comes
+(:func:`~airflow_provider_doc2x.pdf.packing.pack_images`), and submits it with the hook's PDF calls
 (preupload, PUT to the presigned url). What the task hands the trigger is still one job per
 image, with its PDF's uid and its ``page_idx`` (see :mod:`airflow_provider_doc2x.events`).
 
@@ -28,7 +28,7 @@ image, with its PDF's uid and its ``page_idx`` (see :mod:`airflow_provider_doc2x
   Doc2X bills a failed PDF is not documented. In the end every image is parsed or named in the
   task's error with its code.
 - **Images a PDF cannot hold losslessly** (a PNG with alpha, a CMYK JPEG, ...; see
-  :mod:`~airflow_provider_doc2x.packing`) go through the image lane, with the reason in the log.
+  :mod:`~airflow_provider_doc2x.pdf.packing`) go through the image lane, with the reason in the log.
 - **Remote images** (object storage) are copied into a private temporary folder of the worker
   (mode 0700) while the task runs; local files are read where they are.
 
@@ -69,7 +69,9 @@ from airflow_provider_doc2x.exceptions import (
     Doc2XQuotaError,
     Doc2XSubmitUncertainError,
 )
-from airflow_provider_doc2x.packing import (
+from airflow_provider_doc2x.image.records import FETCH_ATTEMPTS, recorded_status
+from airflow_provider_doc2x.image.uploads import STATE_KEY_PREFIX
+from airflow_provider_doc2x.pdf.packing import (
     DEFAULT_ASPECT_TOLERANCE,
     DEFAULT_PDF_MAX_PAGES,
     PackImage,
@@ -77,14 +79,12 @@ from airflow_provider_doc2x.packing import (
     pack_images,
     plan_pdfs,
 )
-from airflow_provider_doc2x.records import FETCH_ATTEMPTS, recorded_status
-from airflow_provider_doc2x.sources import ImageSource
-from airflow_provider_doc2x.uploads import STATE_KEY_PREFIX
+from airflow_provider_doc2x.storage.sources import ImageSource
 
 if TYPE_CHECKING:
     from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
-    from airflow_provider_doc2x.results import ResultStore
-    from airflow_provider_doc2x.uploads import ImageUploads
+    from airflow_provider_doc2x.image.uploads import ImageUploads
+    from airflow_provider_doc2x.storage.results import ResultStore
 
 #: The task state store's list of the task's PDF uids, in the order they were preuploaded.
 STATE_INDEX_KEY = f"{STATE_KEY_PREFIX}pdf/index"

@@ -34,11 +34,11 @@ from airflow_provider_doc2x.exceptions import (
     Doc2XPermanentError,
     Doc2XProtocolError,
 )
-from airflow_provider_doc2x.pdf_results import PAGE_MAP_MISMATCH, page_map_problem, pdf_records
+from airflow_provider_doc2x.pdf.results import PAGE_MAP_MISMATCH, page_map_problem, pdf_records
 
 if TYPE_CHECKING:
     from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
-    from airflow_provider_doc2x.results import ResultStore
+    from airflow_provider_doc2x.storage.results import ResultStore
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ image's turn to be uploaded comes.
 Only the storage's answers about an image (missing, not a file, access denied) make it a bad input,
 which no retry fixes. A storage failure (any other ``OSError``: a 5xx, ``503 SlowDown``; or a
 client library's connection error: a reset, a refused connection) says nothing about the image: it
-is retried by :func:`~airflow_provider_doc2x.storage.storage_call`, then raised as a retryable
+is retried by :func:`~airflow_provider_doc2x.storage.objects.storage_call`, then raised as a retryable
 :class:`~airflow_provider_doc2x.exceptions.Doc2XStorageError` naming the image.
 
 ``image_path`` can come from a DAG run's params, which a REST call sets: a URL scheme that fetches
@@ -29,7 +29,7 @@ from typing import Any
 
 from airflow_provider_doc2x import protocol
 from airflow_provider_doc2x.exceptions import Doc2XInputError
-from airflow_provider_doc2x.storage import ensure_filesystem, scheme_of, storage_call, storage_path
+from airflow_provider_doc2x.storage.objects import ensure_filesystem, scheme_of, storage_call, storage_path
 
 _HEAD_BYTES = 16
 #: How the first bytes are opened: a block no larger than what is read, and no read-ahead cache, so

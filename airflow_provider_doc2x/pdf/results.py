@@ -3,7 +3,7 @@
 The PDF lane packs many images into one PDF; Doc2X answers one result for the PDF, a page per
 image. This module turns that result back into what the image lanes give: one record per image
 (its page's Markdown in XCom, or its folder under ``output_path``: see
-:mod:`airflow_provider_doc2x.results`).
+:mod:`airflow_provider_doc2x.storage.results`).
 
 Figures. A PDF result's Markdown links each figure to Doc2X's CDN
 (``<img src="https://cdn.noedgeai.com/<uid>_<page_idx>.jpg?x=..&y=..&w=..&h=..&r=0"/>``), and those
@@ -12,7 +12,7 @@ Markdown and its links rewritten to them (``images/<uid>_<page_idx>_<x>_<y>_<w>_
 
 1. The PDF's Markdown export (one per PDF, only when one of its pages links a figure): the zip is
    downloaded (only from the hosts the PDF API's files live on, or the connection's own host, and
-   capped), unpacked safely (:func:`~airflow_provider_doc2x.archives.unpack_figures`), and each
+   capped), unpacked safely (:func:`~airflow_provider_doc2x.storage.archives.unpack_figures`), and each
    link matched to the zip's file by its name, or by its page and box at the end of the name
    (the zip's naming is not documented).
 2. A link the export did not answer is downloaded itself (same host rule and cap).
@@ -36,13 +36,13 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from airflow_provider_doc2x import protocol
-from airflow_provider_doc2x.archives import MAX_ZIP_BYTES, MAX_ZIP_ENTRIES, Figures, unpack_figures
 from airflow_provider_doc2x.events import LANE_PDF
 from airflow_provider_doc2x.exceptions import Doc2XError
+from airflow_provider_doc2x.storage.archives import MAX_ZIP_BYTES, MAX_ZIP_ENTRIES, Figures, unpack_figures
 
 if TYPE_CHECKING:
     from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
-    from airflow_provider_doc2x.results import ResultStore
+    from airflow_provider_doc2x.storage.results import ResultStore
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Where images come from and results go: object storage through ``ObjectStoragePath``."""
