@@ -7,8 +7,10 @@ import os
 import socket
 import sys
 
+from airflow_provider_doc2x.local.config import ServerConfig
+from airflow_provider_doc2x.local.connection import TransportInScope
 from airflow_provider_doc2x.local.registry import ENGINES
-from airflow_provider_doc2x.local.server import ServerConfig, TransportInScope, create_app
+from airflow_provider_doc2x.local.server import create_app
 
 DESCRIPTION = """\
 A local server that answers like the Doc2X v2 API. Images: the synchronous

@@ -1,7 +1,8 @@
 """The answers the local Doc2X server gives: the API's JSON envelope, its refusals, a gateway's HTML.
 
-Below both :mod:`~airflow_provider_doc2x.local.server` and :mod:`~airflow_provider_doc2x.local.pdf`,
-so that each raises the same refusals without importing the other.
+Below the server (:mod:`~airflow_provider_doc2x.local.server`) and its two APIs
+(:mod:`~airflow_provider_doc2x.local.image_service`, :mod:`~airflow_provider_doc2x.local.pdf_service`),
+so that each raises the same refusals without importing the others.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The local Doc2X server's knobs: :class:`ServerConfig`, every one settable at run time.
 
 Kept apart from :mod:`~airflow_provider_doc2x.local.server` so that the server's parts (the image
-endpoints there, the PDF API in :mod:`~airflow_provider_doc2x.local.pdf`) all read one config
-without importing each other.
+API in :mod:`~airflow_provider_doc2x.local.image_service`, the PDF API in
+:mod:`~airflow_provider_doc2x.local.pdf_service` and its tasks) all read one config without
+importing each other.
 """
 
 from __future__ import annotations

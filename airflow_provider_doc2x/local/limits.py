@@ -1,8 +1,9 @@
 """The local Doc2X server's limits: rolling rate windows, and slots for pages parsed at once.
 
-Shared by the image endpoints (:mod:`~airflow_provider_doc2x.local.server`) and the PDF API
-(:mod:`~airflow_provider_doc2x.local.pdf`); both read their sizes from the knobs at every call, so
-that a change with ``POST /local/config`` applies at once.
+Shared by the image API (:mod:`~airflow_provider_doc2x.local.image_service`) and the PDF API
+(:mod:`~airflow_provider_doc2x.local.pdf_service`, :mod:`~airflow_provider_doc2x.local.pdf_tasks`);
+both read their sizes from the knobs at every call, so that a change with ``POST /local/config``
+applies at once.
 """
 
 from __future__ import annotations

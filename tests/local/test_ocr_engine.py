@@ -97,7 +97,7 @@ def test_a_scanned_page_of_several_sections_keeps_its_headings_and_paragraphs(en
 
 
 def test_a_figure_is_cropped_into_convert_zip_and_linked(engine):
-    from airflow_provider_doc2x.local.server import convert_zip
+    from airflow_provider_doc2x.local.image_service import convert_zip
 
     result = engine.parse(render(EXAMPLE_PAGES["report.jpg"], fmt="JPEG"), "uid-2")
     assert len(result.figures) == 1
