@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from airflow_provider_doc2x import protocol
-from airflow_provider_doc2x.exceptions import Doc2XError
+from airflow_provider_doc2x.exceptions import Doc2XError, Doc2XProtocolError
 
 KEY = "sk-property-0123456789"
 SECRETS = (KEY, f"Bearer {KEY}")
@@ -118,7 +118,7 @@ def test_json_nested_far_too_deep_is_not_json():
 def test_a_result_answered_with_another_jobs_uid_is_refused():
     """A status answer carrying another job's result (a cache that ignores the query) is never taken."""
     answer = {"status": "success", "uid": "job-b", "result": {"pages": [{"md": "# Not mine", "page_idx": 0}]}}
-    with pytest.raises(protocol.Doc2XProtocolError, match="job-b") as refused:
+    with pytest.raises(Doc2XProtocolError, match="job-b") as refused:
         protocol.read_status("job-a", answer)
     assert refused.value.uid == "job-a"
     assert protocol.read_status("job-b", answer).result.pages[0].md == "# Not mine"
