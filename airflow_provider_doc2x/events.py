@@ -33,7 +33,8 @@ finished at each resume, so that no result outlives Doc2X's 24 hours unstored) c
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, cast
 
 from airflow_provider_doc2x import protocol
 from airflow_provider_doc2x.exceptions import (
@@ -193,17 +194,90 @@ def make_event(
     status: str, jobs: list[dict[str, Any]], message: str, code: str | None = None
 ) -> dict[str, Any]:
     """The event's payload: a fixed message, and each job's ids and status."""
-    return {"status": status, "message": message, "code": code, "jobs": [_carried(entry) for entry in jobs]}
+    return {
+        "status": status,
+        "message": message,
+        "code": code,
+        "jobs": [Job.of(entry).to_json() for entry in jobs],
+    }
 
 
-def _carried(entry: dict[str, Any]) -> dict[str, Any]:
-    """A job as an event carries it: its ids, status and failure, and nothing the trigger added."""
-    carried = {key: entry.get(key) for key in ("uid", "source", "sha256")}
-    carried["status"] = entry.get("status") or protocol.STATUS_PROCESSING
-    for key in ("code", "message", *_PDF_KEYS, STORED, MALFORMED):
-        if entry.get(key) is not None:
-            carried[key] = entry[key]
-    return carried
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One image's job as it crosses the trigger boundary (trigger kwargs, events), typed.
+
+    Inside the task and the wait a job is a working dict (keys are added and dropped as it goes);
+    where it crosses Airflow's database it is this: :meth:`from_json` refuses a job that is not one,
+    naming it, and :meth:`to_json` writes today's compact form (ids and status always, every other
+    key only when set, nothing the wait added), so that a task of ten thousand images stays small
+    and a task of this release reads a trigger row of the last one.
+    """
+
+    source: str
+    status: str = protocol.STATUS_PROCESSING
+    uid: str | None = None
+    sha256: str | None = None
+    code: str | None = None
+    message: str | None = None
+    lane: str | None = None
+    page_idx: int | None = None
+    pages: int | None = None
+    uploaded_at: float | None = None
+    chunk: int | None = None
+    round: int | None = None
+    uncertain: bool | None = None
+    stored: int | None = None
+    malformed: int | None = None
+
+    @classmethod
+    def of(cls, entry: dict[str, Any]) -> Job:
+        """A working dict's job as it is, unchecked: what the wait and the task made themselves."""
+        fields = {key: entry.get(key) for key in _CARRIED if entry.get(key) is not None}
+        return cls(
+            source=cast(str, entry.get("source")),
+            status=entry.get("status") or protocol.STATUS_PROCESSING,
+            **fields,
+        )
+
+    @classmethod
+    def from_json(cls, entry: Any) -> Job:
+        """A job read from the database, checked: its types, and a PDF-lane job's own keys.
+
+        Raises:
+            Doc2XError: the job is not one (named, quoted safely); resuming on a guess could lose
+                or repeat pages.
+        """
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("status", protocol.STATUS_PROCESSING), str)
+            or not isinstance(entry.get("source"), str)
+            or not all(
+                isinstance(entry.get(key), (str, type(None))) for key in ("uid", "sha256", "code", "message")
+            )
+            or not _pdf_keys_valid(entry)
+            or entry.get(STORED) not in (None, 1)
+            or not _count_valid(entry.get(MALFORMED))
+        ):
+            raise Doc2XError(f"The Doc2X trigger was handed a malformed job: {protocol.quote(entry)}")
+        return cls.of(entry)
+
+    def to_json(self) -> dict[str, Any]:
+        """The compact form: ``uid``, ``source``, ``sha256`` and ``status``, then each other key that is set."""
+        carried: dict[str, Any] = {
+            "uid": self.uid,
+            "source": self.source,
+            "sha256": self.sha256,
+            "status": self.status,
+        }
+        for key in _CARRIED:
+            value = getattr(self, key)
+            if value is not None and key not in carried:
+                carried[key] = value
+        return carried
+
+
+#: What a job carries across the boundary beyond its source and status, in the order it is written.
+_CARRIED = ("uid", "sha256", "code", "message", *_PDF_KEYS, STORED, MALFORMED)
 
 
 def validate_event(event: Any) -> dict[str, Any]:
@@ -217,15 +291,14 @@ def validate_event(event: Any) -> dict[str, Any]:
             f"The Doc2X trigger sent an event this provider does not know (status {protocol.quote(event.get('status'))})"
         )
     for entry in event["jobs"]:
-        if (
-            not isinstance(entry, dict)
-            or not isinstance(entry.get("status"), str)
-            or not isinstance(entry.get("source"), str)
-            or not _pdf_keys_valid(entry)
-            or entry.get(STORED) not in (None, 1)
-            or not _count_valid(entry.get(MALFORMED))
-        ):
+        if not isinstance(entry, dict) or not isinstance(entry.get("status"), str):
             raise Doc2XError(f"The Doc2X trigger sent a malformed job in its event: {protocol.quote(entry)}")
+        try:
+            Job.from_json(entry)
+        except Doc2XError:
+            raise Doc2XError(
+                f"The Doc2X trigger sent a malformed job in its event: {protocol.quote(entry)}"
+            ) from None
     return event
 
 

@@ -276,6 +276,13 @@ async def _exchange(
         return protocol.Doc2XAnswer(response.status_code, body, response.headers)
 
 
+async def _pieces(content: bytes) -> AsyncIterator[bytes]:
+    """``content`` in pieces of :data:`BODY_PIECE_BYTES`, without copying it."""
+    view = memoryview(content)
+    for start in range(0, len(view), BODY_PIECE_BYTES):
+        yield view[start : start + BODY_PIECE_BYTES]  # type: ignore[misc]
+
+
 async def read_capped(
     response: httpx.Response,
     cap: int,
@@ -412,164 +419,61 @@ class Backoff:
         return wait
 
 
+def retry_options(
+    settings: Doc2XSettings,
+    *,
+    retry: Callable[[BaseException], bool],
+    on_retry: Callable[[BaseException | None, float, int], None],
+) -> dict[str, Any]:
+    """``tenacity.AsyncRetrying``'s options for one Doc2X call or one PDF's PUTs: the connection's policy.
+
+    At most ``max_retries + 1`` tries in all, the failures ``retry`` accepts retried after a
+    :class:`Backoff` (the server's Retry-After as a floor); ``on_retry(error, pause, next_try)``
+    says so before each pause (a warning naming what is tried again). The last error is re-raised.
+    """
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        on_retry(error, state.upcoming_sleep, state.attempt_number + 1)
+
+    return {
+        "retry": tenacity.retry_if_exception(retry),
+        "stop": tenacity.stop_after_attempt(settings.max_retries + 1),
+        "wait": Backoff(settings.retry_wait, settings.retry_wait_max),
+        "before_sleep": before_sleep,
+        "reraise": True,
+    }
+
+
 def _retry_options(
     settings: Doc2XSettings,
     request: protocol.Doc2XRequest,
     log: Any,
     retry: Callable[[BaseException], bool] = protocol.is_retryable,
 ) -> dict[str, Any]:
-    def log_retry(state: tenacity.RetryCallState) -> None:
-        error = state.outcome.exception() if state.outcome else None
+    def log_retry(error: BaseException | None, pause: float, next_try: int) -> None:
         log.warning(
             "Doc2X %s failed (%s); try %d of %d again in %.1fs",
             request.what,
             error,
-            state.attempt_number + 1,
+            next_try,
             settings.max_retries + 1,
-            state.upcoming_sleep,
+            pause,
         )
 
-    return {
-        "retry": tenacity.retry_if_exception(retry),
-        "stop": tenacity.stop_after_attempt(settings.max_retries + 1),
-        "wait": Backoff(settings.retry_wait, settings.retry_wait_max),
-        "before_sleep": log_retry,
-        "reraise": True,
-    }
+    return retry_options(settings, retry=retry, on_retry=log_retry)
 
 
-# -- Object storage: the PDF API's uploads and downloads -----------------------------------------
+# -- Object storage: the PDF API's downloads ----------------------------------------------------
 #
 # These calls go to presigned urls (Aliyun OSS, S3, the CDN), never to the API: no Authorization
 # header is sent, no redirect is followed, and a url is named in messages only redacted
-# (``scheme://host/path``): its query is a credential for its lifetime.
+# (``scheme://host/path``): its query is a credential for its lifetime. A PDF's PUT to its
+# presigned url is part of its submission (:mod:`airflow_provider_doc2x.pdf.presigned`), on the
+# same shared client (:data:`OUTSIDE_CLIENT`) and by the same rules.
 
-#: Slowest upload rate a PUT's deadline allows for: the connection's timeout, plus the file's size
-#: at this rate. Conservative for links outside mainland China, which the vendor warns about.
-MIN_UPLOAD_BYTES_PER_SECOND = 64 * 1024
-#: Bytes read from the file (in a thread) and sent per step of a PUT.
-UPLOAD_CHUNK_BYTES = 256 * 1024
-#: Cap on an object store's answer to a PUT: its status line decides, the body only names an error.
-MAX_PUT_ANSWER_BYTES = 64 * 1024
 #: The key of the loop's shared client for absolute urls (no base url, no key).
-_OUTSIDE_CLIENT = ""
-
-
-def put_deadline(settings: Doc2XSettings, size: int) -> float:
-    """Seconds a PUT of ``size`` bytes may take in all: the connection's timeout plus the size at the slowest rate."""
-    return settings.timeout + size / MIN_UPLOAD_BYTES_PER_SECOND
-
-
-async def put_file(
-    settings: Doc2XSettings,
-    url: str,
-    path: str | os.PathLike,
-    *,
-    uid: str | None = None,
-    source: str,
-    sources: tuple[str, ...] = (),
-    content_type: str = "application/pdf",
-) -> protocol.Doc2XAnswer:
-    """PUT a file to a presigned url, streamed from disk, once; return the store's answer.
-
-    The body is read in chunks in a thread and sent with its ``Content-Length`` (no chunked
-    encoding, which object stores refuse) and no ``Authorization`` header, under an overall
-    deadline of :func:`put_deadline`. The answer is not judged here
-    (:func:`~airflow_provider_doc2x.protocol.read_put_answer` does). Raises:
-
-    - :class:`Doc2XTransientError` (code ``upload_failed``) when the exchange failed before the
-      body was sent whole: the store has nothing, the same url may be used again while young;
-    - :class:`Doc2XSubmitUncertainError` when the body was sent whole but no answer came: the store
-      may hold the PDF, and Doc2X may parse and bill it. It names the PDF and its images.
-    """
-    checked = protocol.check_presigned_url(url, uid=uid)
-    redacted = protocol.redact_url(checked)
-    size = await asyncio.to_thread(os.path.getsize, path)
-    body_sent = False
-
-    async def trace(event: str, info: dict[str, Any]) -> None:
-        nonlocal body_sent
-        if event.endswith("send_request_body.complete"):
-            body_sent = True
-
-    async def exchange() -> protocol.Doc2XAnswer:
-        shared = await shared_client(_OUTSIDE_CLIENT)
-        headers = {"Content-Type": content_type, "Content-Length": str(size)}
-        async with (
-            shared.gate,
-            shared.client.stream(
-                "PUT",
-                checked,
-                content=_file_chunks(path, size),
-                headers=headers,
-                timeout=httpx.Timeout(settings.timeout, connect=settings.connect_timeout),
-                extensions={"trace": trace},
-            ) as response,
-        ):
-            try:
-                body = CappedBody(response.headers.get("content-encoding", ""), MAX_PUT_ANSWER_BYTES)
-                async for chunk in response.aiter_raw():
-                    body.feed(chunk)
-                data = body.finish()
-            except (CappedBody.TooLarge, zlib.error, ValueError):
-                data = b""  # the status line decides; the body only names an error
-            return protocol.Doc2XAnswer(response.status_code, data, response.headers)
-
-    deadline = put_deadline(settings, size)
-    try:
-        return await asyncio.wait_for(exchange(), timeout=deadline)
-    except asyncio.TimeoutError as error:
-        reason = f"no complete answer within {deadline:.0f}s"
-        raise _put_lost(reason, body_sent, redacted, uid, source, sources) from error
-    except (httpx.TransportError, ValueError) as error:
-        # ValueError: the file changed size under the upload, or a bad Content-Encoding header.
-        reason = protocol.redact(f"{type(error).__name__}: {error or 'no detail'}", settings.secrets)
-        reason = reason.replace(checked, redacted)
-        raise _put_lost(reason, body_sent, redacted, uid, source, sources) from None
-
-
-async def _pieces(content: bytes) -> AsyncIterator[bytes]:
-    """``content`` in pieces of :data:`BODY_PIECE_BYTES`, without copying it."""
-    view = memoryview(content)
-    for start in range(0, len(view), BODY_PIECE_BYTES):
-        yield view[start : start + BODY_PIECE_BYTES]  # type: ignore[misc]
-
-
-async def _file_chunks(path: str | os.PathLike, size: int) -> AsyncIterator[bytes]:
-    """The file's bytes, a chunk at a time, each read in a thread; exactly ``size`` bytes or an error."""
-    handle = await asyncio.to_thread(open, path, "rb")
-    try:
-        sent = 0
-        while chunk := await asyncio.to_thread(handle.read, UPLOAD_CHUNK_BYTES):
-            sent += len(chunk)
-            if sent > size:
-                break
-            yield chunk
-        if sent != size:
-            raise ValueError(f"the file changed size while it was being uploaded ({size} bytes declared)")
-    finally:
-        handle.close()  # at once, even when cancelled: closing a read-only file does not wait on the disk
-
-
-def _put_lost(
-    reason: str, body_sent: bool, redacted: str, uid: str | None, source: str, sources: tuple[str, ...]
-) -> Doc2XError:
-    if body_sent:
-        images = (
-            f" (images: {', '.join(sources[:10])}{', ...' if len(sources) > 10 else ''})" if sources else ""
-        )
-        return Doc2XSubmitUncertainError(
-            f"The upload of {source}{images} to {redacted} was sent whole but {reason}; the store may "
-            "hold it and Doc2X may parse and bill it, so it is not sent again automatically",
-            uid=uid,
-            source=source,
-        )
-    return Doc2XTransientError(
-        f"The upload of {source} to {redacted} failed before it was sent whole: {reason}",
-        code="upload_failed",
-        uid=uid,
-        source=source,
-    )
+OUTSIDE_CLIENT = ""
 
 
 async def download(
@@ -607,7 +511,7 @@ async def download(
 async def _download_once(
     settings: Doc2XSettings, url: str, redacted: str, cap: int, uid: str | None
 ) -> bytes:
-    shared = await shared_client(_OUTSIDE_CLIENT)
+    shared = await shared_client(OUTSIDE_CLIENT)
     async with (
         shared.gate,
         shared.client.stream(

@@ -30,6 +30,7 @@ import importlib, json, resource, sys, time
 from airflow_provider_doc2x import transport
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
 from airflow_provider_doc2x.image.records import records_from_event
+from airflow_provider_doc2x.journal import TaskJournal
 from airflow_provider_doc2x.storage.sources import check_all, resolve_images
 from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
 from airflow_provider_doc2x.image.uploads import ImageUploads
@@ -43,9 +44,9 @@ hook = Doc2XHook()
 sources = resolve_images(images)
 check_all(sources)
 first_upload = time.monotonic()
-jobs = ImageUploads(hook, store=None, results=None, overwrite=False, may_hold_uids=False, log=log).submit(sources)
+jobs = ImageUploads(hook, journal=TaskJournal(None, may_hold=False), results=None, log=log).submit(sources)
 trigger = Doc2XImageParseTrigger(doc2x_conn_id="doc2x_default", jobs=jobs, poll_interval=0.25, deadline=time.time() + 3600)
-event = transport.run_sync(trigger.wait(hook))
+event = transport.run_sync(trigger.waiter(hook).wait())
 records = records_from_event(hook, event)
 last_record = time.monotonic()
 classpath, kwargs = trigger.serialize()

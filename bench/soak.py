@@ -132,7 +132,7 @@ def tune_provider() -> None:
     from airflow_provider_doc2x import protocol
     from airflow_provider_doc2x.storage import objects as storage
 
-    protocol.PDF_PICKUP_GRACE_SECONDS = PICKUP_GRACE_SECONDS
+    protocol.PDF_PICKUP_GRACE_SECONDS = PICKUP_GRACE_SECONDS  # read through the package by pdf.submission
     storage.STORAGE_WAIT_INITIAL = 0.1
 
 

@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from airflow_provider_doc2x.image.uploads import STATE_KEY_PREFIX
+from airflow_provider_doc2x.journal import STATE_KEY_PREFIX
 from tests.helpers import HAS_TASK_STATE_STORE, wait_until
 from tests.helpers.deployment import Deployment
 

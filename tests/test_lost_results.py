@@ -17,8 +17,8 @@ from airflow.providers.common.compat.sdk import TaskDeferred
 from airflow_provider_doc2x import protocol
 from airflow_provider_doc2x.events import RESULT_EXPIRED
 from airflow_provider_doc2x.exceptions import Doc2XError, Doc2XPermanentError
-from airflow_provider_doc2x.hooks import doc2x as hook_module
 from airflow_provider_doc2x.local.samples import Page, render
+from airflow_provider_doc2x.pdf import submission as pdf_submission
 from tests.helpers import StateStore, first_event, parse_operator
 from tests.helpers.s3 import proxied_doc2x
 
@@ -68,7 +68,7 @@ def test_a_finished_pdf_gone_at_a_resume_fails_its_images_and_the_queued_ones_go
     doc2x, monkeypatch, tmp_path
 ):
     doc2x.configure(pickup_delay=0, pdf_page_seconds=0, export_seconds=0)
-    monkeypatch.setattr(hook_module, "_used_urls", hook_module._UsedUrls())
+    monkeypatch.setattr(pdf_submission, "_used_urls", pdf_submission._UsedUrls())
     images = []
     for number in range(4):
         path = tmp_path / f"page-{number}.jpg"

@@ -22,13 +22,14 @@ from PIL import Image
 from airflow_provider_doc2x import protocol
 from airflow_provider_doc2x.events import LANE_PDF, STATUS_QUEUED, make_event, pdf_job, queued_job
 from airflow_provider_doc2x.exceptions import Doc2XError, Doc2XQuotaError
-from airflow_provider_doc2x.hooks import doc2x as hook_module
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
 from airflow_provider_doc2x.image.records import FETCH_ATTEMPTS, records_from_event
+from airflow_provider_doc2x.journal import STATE_INDEX_KEY, STATE_PDF_PREFIX
 from airflow_provider_doc2x.local.samples import Page, render
-from airflow_provider_doc2x.pdf.lane import STATE_INDEX_KEY, STATE_PDF_PREFIX
+from airflow_provider_doc2x.pdf import submission as pdf_submission
 from airflow_provider_doc2x.pdf.packing import pack_images
 from airflow_provider_doc2x.pdf.results import PAGE_MAP_MISMATCH, PdfFigures
+from airflow_provider_doc2x.protocol import pdf as protocol_pdf
 from airflow_provider_doc2x.storage.objects import storage_path
 from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
 from tests.helpers import API_KEY, StateStore, first_event, parse_operator, wait_until
@@ -40,7 +41,7 @@ from tests.helpers.storage import CountingFS, use_for_memory
 def lane(doc2x, monkeypatch):
     """The local server with PDF tasks picked up and parsed at once; no url remembered from another test."""
     doc2x.configure(pickup_delay=0, pdf_page_seconds=0, export_seconds=0)
-    monkeypatch.setattr(hook_module, "_used_urls", hook_module._UsedUrls())
+    monkeypatch.setattr(pdf_submission, "_used_urls", pdf_submission._UsedUrls())
     return doc2x
 
 
@@ -284,7 +285,7 @@ def test_a_result_with_another_page_count_is_a_protocol_error_naming_the_pdf_and
 
 
 def test_a_failed_put_is_sent_again_on_its_url_and_an_old_url_is_replaced(lane, pages, monkeypatch):
-    monkeypatch.setattr(protocol, "PRESIGNED_URL_LIFETIME", 0.0)  # every url too old to send on again
+    monkeypatch.setattr(protocol_pdf, "PRESIGNED_URL_LIFETIME", 0.0)  # every url too old to send on again
     lane.configure(put_fail_next=1)
     store = StateStore()
     images = pages("Url One", "Url Two")
@@ -314,6 +315,7 @@ def test_a_lost_put_that_never_landed_is_named_then_resubmitted_by_the_next_try(
     lane, pages, monkeypatch, caplog, capfd
 ):
     caplog.set_level(logging.WARNING)
+    # pdf.submission reads the grace through the package, so it is set there.
     monkeypatch.setattr(protocol, "PDF_PICKUP_GRACE_SECONDS", 0.5)
     lane.configure(reset_next_uploads=1, reset_after_bytes=1 << 30)  # the whole body arrives, then a reset
     store = StateStore()

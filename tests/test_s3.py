@@ -22,8 +22,8 @@ import pytest
 
 from airflow_provider_doc2x.exceptions import Doc2XInputError, Doc2XStorageError, is_permanent
 from airflow_provider_doc2x.local.samples import Page, render
-from airflow_provider_doc2x.storage.manifest import shard_of, source_key
 from airflow_provider_doc2x.storage import objects as storage
+from airflow_provider_doc2x.storage.manifest import shard_of, source_key
 from airflow_provider_doc2x.storage.sources import ImageSource, check_all
 from tests.helpers import REPO, first_event, parse_operator, run_deferred, wait_until
 from tests.helpers import s3 as s3_api
@@ -189,10 +189,10 @@ def test_a_new_image_result_costs_no_bucket_head_and_a_missing_sidecar_one_get(d
 @pytest.fixture
 def pdf_doc2x(doc2x, monkeypatch):
     """The local server with PDF tasks picked up and parsed at once; no presigned url remembered from another test."""
-    from airflow_provider_doc2x.hooks import doc2x as hook_module
+    from airflow_provider_doc2x.pdf import submission as pdf_submission
 
     doc2x.configure(pickup_delay=0, pdf_page_seconds=0, export_seconds=0)
-    monkeypatch.setattr(hook_module, "_used_urls", hook_module._UsedUrls())
+    monkeypatch.setattr(pdf_submission, "_used_urls", pdf_submission._UsedUrls())
     return doc2x
 
 

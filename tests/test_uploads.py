@@ -19,7 +19,8 @@ from PIL import Image
 from airflow_provider_doc2x.exceptions import Doc2XAuthError, Doc2XError, Doc2XQuotaError
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
 from airflow_provider_doc2x.image.records import FETCH_ATTEMPTS
-from airflow_provider_doc2x.image.uploads import STATE_KEY_PREFIX, ImageUploads
+from airflow_provider_doc2x.image.uploads import ImageUploads
+from airflow_provider_doc2x.journal import STATE_KEY_PREFIX, TaskJournal
 from airflow_provider_doc2x.protocol import STATUS_PATH
 from airflow_provider_doc2x.storage.sources import ImageSource, sha256_of
 from tests.helpers import StateStore, parse_operator, run_deferred, wait_until
@@ -61,10 +62,8 @@ class Log:
 def batch(store=None, *, results=None, log=None, may_hold_uids=True) -> ImageUploads:
     return ImageUploads(
         Doc2XHook(),
-        store=store,
+        journal=TaskJournal(store, may_hold=may_hold_uids),
         results=results,
-        overwrite=False,
-        may_hold_uids=may_hold_uids,
         log=log or Log(),
     )
 

@@ -3,28 +3,25 @@
 Requests are built and answers read by :mod:`airflow_provider_doc2x.protocol`; bytes are moved by
 :mod:`airflow_provider_doc2x.transport` (deadlines, size caps, retries), uploads are paced by
 :mod:`airflow_provider_doc2x.pacing`, and what the connection holds is declared in
-:mod:`airflow_provider_doc2x.settings`. This module ties them together per call. The API key
-lives in the connection's password and leaves the hook only as the ``Authorization`` header.
+:mod:`airflow_provider_doc2x.settings`. This module reads the connection and ties them together
+for the image API's calls; the PDF API's calls are made by
+:mod:`airflow_provider_doc2x.pdf.submission` and offered by the hook under their names, so that
+callers know one object. The API key lives in the connection's password and leaves the hook only
+as the ``Authorization`` header.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import contextvars
 import dataclasses
-import functools
-import hashlib
 import os
-import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import cached_property
 from typing import Any
 
-import tenacity
 from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
 from airflow.providers.common.compat.sdk import BaseHook, mask_secret
 
@@ -33,13 +30,16 @@ from airflow_provider_doc2x import settings as connection_settings
 from airflow_provider_doc2x.exceptions import (
     Doc2XAuthError,
     Doc2XError,
-    Doc2XInputError,
     Doc2XJobNotFoundError,
-    Doc2XRateLimitError,
-    Doc2XSubmitUncertainError,
     Doc2XTransientError,
 )
-from airflow_provider_doc2x.pacing import limiter_for
+from airflow_provider_doc2x.pacing import PdfBudget, limiter_for
+from airflow_provider_doc2x.pdf.submission import (
+    DEFAULT_EXPORT_WAIT,
+    DEFAULT_PDF_WAIT,
+    PdfCalls,
+    PdfSubmission,
+)
 from airflow_provider_doc2x.settings import Doc2XSettings
 from airflow_provider_doc2x.storage.sources import ImageSource
 
@@ -47,11 +47,6 @@ ImageInput = bytes | str | os.PathLike
 
 #: Seconds the hooks of one event loop share a connection lookup.
 ASYNC_SETTINGS_TTL = 60.0
-#: Longest wait for a PDF's final status by default: the service's own cap is 15 minutes of parsing
-#: (``parse_timeout``); the rest is for its queue and pickup.
-DEFAULT_PDF_WAIT = 30 * 60.0
-#: Longest wait for an export's url by default.
-DEFAULT_EXPORT_WAIT = 300.0
 #: The uid the connection test asks about: Doc2X answers "not found" to a good key, and bills nothing.
 CONNECTION_TEST_UID = "airflow-connection-test"
 
@@ -71,10 +66,11 @@ def read_image(image: ImageInput, *, source: str | None = None) -> tuple[bytes, 
 
 
 class Doc2XHook(BaseHook):
-    """Talk to Doc2X's image API with the key and URL of a ``doc2x`` connection.
+    """Talk to Doc2X's image and PDF APIs with the key and URL of a ``doc2x`` connection.
 
     Synchronous methods are for workers; the ``a``-prefixed ones are for event loops (triggers,
-    and a worker's batch of concurrent uploads). Both go through the same transport.
+    and a worker's batch of concurrent uploads). Both go through the same transport. The PDF
+    methods hand over to :class:`~airflow_provider_doc2x.pdf.submission.PdfCalls`.
 
     :param doc2x_conn_id: the connection: API key in the password, base URL in the host (default
         ``https://v2.doc2x.noedgeai.com``); timeouts, retries and pacing in the extra.
@@ -272,51 +268,24 @@ class Doc2XHook(BaseHook):
             return False, f"Doc2X at {settings.base_url} answered unexpectedly{status}: {error.message}"
         return True, f"Doc2X at {settings.base_url} accepted the API key"
 
-    # -- the PDF API (the bulk lane) --------------------------------------------------------------
+    # -- the PDF API (the bulk lane): the calls live in pdf.submission, offered here by name -------
+
+    @property
+    def pdf_calls(self) -> PdfCalls:
+        """The PDF API's calls on this hook's connection; made per call, so that no cycle holds the hook."""
+        return PdfCalls(self.aget_settings, self.log)
 
     def pdf_budget(self, settings: Doc2XSettings) -> PdfBudget:
         """The key's PDFs and pages in flight in this process, on this event loop (see :class:`PdfBudget`)."""
-        budgets = _pdf_budgets.setdefault(asyncio.get_running_loop(), {})
-        key = (
-            settings.base_url,
-            settings.api_key,
-            settings.pdf_max_in_flight,
-            settings.pdf_max_pages_in_flight,
-        )
-        budget = budgets.get(key)
-        if budget is None:
-            budget = budgets[key] = PdfBudget(settings.pdf_max_in_flight, settings.pdf_max_pages_in_flight)
-        return budget
+        return self.pdf_calls.pdf_budget(settings)
 
-    @contextlib.asynccontextmanager
-    async def apdf_slot(self, pages: int) -> AsyncIterator[None]:
-        """Hold one of the key's PDF slots and ``pages`` of its pages in flight while the block runs.
-
-        Wrap a PDF's submission and its wait for a final status in it, so that the PDFs and pages in
-        progress stay within the connection's ``pdf_max_in_flight`` and ``pdf_max_pages_in_flight``
-        (what pdfdeal bounds). :meth:`asubmit_pdf` called outside one holds a slot for the
-        submission alone.
-        """
-        budget = self.pdf_budget(await self.aget_settings())
-        async with budget.hold(pages):
-            token = _holding_pdf_slot.set(True)
-            try:
-                yield
-            finally:
-                _holding_pdf_slot.reset(token)
+    def apdf_slot(self, pages: int) -> contextlib.AbstractAsyncContextManager[None]:
+        """Hold one of the key's PDF slots and ``pages`` pages in flight (:meth:`PdfCalls.apdf_slot`)."""
+        return self.pdf_calls.apdf_slot(pages)
 
     async def apreupload(self, model: str | None = None) -> protocol.Doc2XPreupload:
-        """Ask Doc2X for a uid and a presigned url to PUT one PDF to (``model``: ``"v2"`` or ``"v3-2026"``).
-
-        Nothing is billed; a lost answer is asked again. 429 and the limit codes are retried after
-        a back-off. The url lives five minutes and is a secret meanwhile: it is never logged whole.
-        """
-        request = protocol.preupload_request(model)
-        upload = await self._acall(
-            request, lambda data: protocol.read_preupload(data, issued_at=time.monotonic())
-        )
-        self.log.info("Doc2X preupload: uid %s, PUT to %s", upload.uid, upload.redacted_url)
-        return upload
+        """A uid and a presigned url to PUT one PDF to (:meth:`PdfCalls.apreupload`)."""
+        return await self.pdf_calls.apreupload(model)
 
     async def aput_pdf(
         self,
@@ -327,57 +296,8 @@ class Doc2XHook(BaseHook):
         sources: Sequence[str] = (),
         issued_at: float | None = None,
     ) -> None:
-        """PUT a PDF to its presigned url (no key, streamed from disk); return once the store answered 200.
-
-        A PUT that failed before its body was sent whole (or that the store answered 408, 429 or
-        5xx) is sent again on the same url while the url is young (``issued_at``, the monotonic
-        time of its preupload; now if not given), within the connection's retries. Otherwise the
-        last :class:`Doc2XTransientError` is raised: ``presigned_url_refused`` (403: expired or
-        refused) or ``upload_failed``; either way the PDF needs a new preupload.
-
-        A PUT whose body was sent whole but whose answer was lost is never sent again:
-        :class:`Doc2XSubmitUncertainError`, naming the PDF and its images (``sources``); the
-        caller decides. A url that took a PDF is never used again (:class:`Doc2XInputError`).
-        """
-        settings = await self.aget_settings()
-        issued_at = time.monotonic() if issued_at is None else issued_at
-        name, images = str(path), tuple(sources)
-        redacted = protocol.redact_url(url)
-        if _used_urls.seen(url):
-            raise Doc2XInputError(
-                f"The presigned url {redacted} already took a PDF: preupload again for {name}",
-                code="presigned_url_used",
-                uid=uid,
-                source=name,
-            )
-        wait = transport.Backoff(settings.retry_wait, settings.retry_wait_max)
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                answer = await transport.put_file(settings, url, path, uid=uid, source=name, sources=images)
-                protocol.read_put_answer(answer, url=url, uid=uid, source=name)
-                _used_urls.add(url)
-                self.log.info("Uploaded %s (%d images) to Doc2X as uid %s", name, len(images), uid)
-                return
-            except Doc2XSubmitUncertainError:
-                _used_urls.add(url)  # the store may hold the PDF: the url is spent either way
-                raise
-            except Doc2XTransientError as error:
-                young = protocol.Doc2XPreupload(uid, url, issued_at).is_young(time.monotonic())
-                if error.code == "presigned_url_refused" or not young or attempt > settings.max_retries:
-                    raise
-                pause = _backoff_wait(wait, attempt, error)
-                self.log.warning(
-                    "PUT of %s to %s failed (%s); sending it again on the same url in %.1fs (try %d of %d)",
-                    name,
-                    redacted,
-                    error.message,
-                    pause,
-                    attempt + 1,
-                    settings.max_retries + 1,
-                )
-                await asyncio.sleep(pause)
+        """PUT a PDF to its presigned url, at most ``max_retries + 1`` times (:meth:`PdfCalls.aput_pdf`)."""
+        await self.pdf_calls.aput_pdf(url, path, uid=uid, sources=sources, issued_at=issued_at)
 
     async def asubmit_pdf(
         self,
@@ -388,69 +308,14 @@ class Doc2XHook(BaseHook):
         model: str | None = None,
         before_put: Callable[[protocol.Doc2XPreupload], Awaitable[None]] | None = None,
     ) -> PdfSubmission:
-        """Submit one PDF of ``pages`` pages: preupload, then PUT; preupload again when the url is refused or too old.
-
-        Bounded by the connection's retries with back-off. Within :meth:`apdf_slot` it uses the held
-        slot; outside, it holds one for the submission. A lost PUT answer raises
-        :class:`Doc2XSubmitUncertainError` (its ``uid`` set) and nothing is sent again.
-        ``before_put`` is awaited with each preupload before its PUT starts: where a caller records
-        the uid, so that a PUT that lands and is never answered can still be found.
-        """
-        settings = await self.aget_settings()
-        if not _holding_pdf_slot.get():
-            async with self.apdf_slot(pages):
-                return await self.asubmit_pdf(
-                    path, pages=pages, sources=sources, model=model, before_put=before_put
-                )
-        wait = transport.Backoff(settings.retry_wait, settings.retry_wait_max)
-        attempt = 0
-        while True:
-            attempt += 1
-            upload = await self.apreupload(model)
-            if before_put is not None:
-                await before_put(upload)
-            try:
-                await self.aput_pdf(
-                    upload.url, path, uid=upload.uid, sources=sources, issued_at=upload.issued_at
-                )
-            except Doc2XTransientError as error:
-                if attempt > settings.max_retries:
-                    raise
-                pause = _backoff_wait(wait, attempt, error)
-                self.log.warning(
-                    "The upload of %s as uid %s failed (%s); preuploading it again in %.1fs",
-                    path,
-                    upload.uid,
-                    error.message,
-                    pause,
-                )
-                await asyncio.sleep(pause)
-                continue
-            return PdfSubmission(upload.uid, str(path), pages, tuple(sources), uploaded_at=time.time())
+        """Preupload and PUT one PDF, at most ``max_retries + 1`` PUTs in all (:meth:`PdfCalls.asubmit_pdf`)."""
+        return await self.pdf_calls.asubmit_pdf(
+            path, pages=pages, sources=sources, model=model, before_put=before_put
+        )
 
     async def aget_pdf_status(self, uid: str, *, uploaded_at: float | None = None) -> protocol.Doc2XJobStatus:
-        """A PDF job's status, and its pages once it succeeded (a ``failed`` status is a status, not an error).
-
-        ``uploaded_at`` (wall-clock seconds of the PUT's 200, :attr:`PdfSubmission.uploaded_at`)
-        covers the service's pickup delay: an unknown uid within ``PDF_PICKUP_GRACE_SECONDS`` of it
-        is ``awaiting_pickup``, not an error. A failure shown as an envelope code is raised as its
-        class; a limit code there refers to the task, so it is raised at once, not retried as a
-        429 is.
-        """
-        settings = await self.aget_settings()
-        request = protocol.pdf_status_request(uid)
-        try:
-            return await transport.call(
-                settings,
-                request,
-                lambda data: protocol.read_pdf_status(uid, data, secrets=settings.secrets),
-                log=self.log,
-                retry=_status_call_retryable,
-            )
-        except Doc2XJobNotFoundError:
-            if uploaded_at is not None and time.time() - uploaded_at < protocol.PDF_PICKUP_GRACE_SECONDS:
-                return protocol.Doc2XJobStatus(uid, protocol.STATUS_AWAITING_PICKUP, progress=0)
-            raise
+        """A PDF job's status, and its pages once it succeeded (:meth:`PdfCalls.aget_pdf_status`)."""
+        return await self.pdf_calls.aget_pdf_status(uid, uploaded_at=uploaded_at)
 
     def get_pdf_status(self, uid: str, *, uploaded_at: float | None = None) -> protocol.Doc2XJobStatus:
         """:meth:`aget_pdf_status` for a worker's synchronous code."""
@@ -460,25 +325,8 @@ class Doc2XHook(BaseHook):
     async def await_pdf(
         self, submission: PdfSubmission, *, poll_interval: float = 2.0, timeout: float = DEFAULT_PDF_WAIT
     ) -> protocol.Doc2XJobStatus:
-        """Poll a submitted PDF until its status is final; return it (``failed`` included).
-
-        A failure shown as an envelope code is raised as its class. Past ``timeout`` seconds a
-        :class:`Doc2XTransientError` names the uid: the job may still finish (and bill), so poll it
-        again rather than submit it again.
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            status = await self.aget_pdf_status(submission.uid, uploaded_at=submission.uploaded_at)
-            if status.is_terminal:
-                return status
-            if time.monotonic() > deadline:
-                raise Doc2XTransientError(
-                    f"Doc2X is still parsing {submission.source} after {timeout:g}s ({status.status}, "
-                    f"progress {status.progress}); poll uid {submission.uid} again rather than resubmit it",
-                    uid=submission.uid,
-                    source=submission.source,
-                )
-            await asyncio.sleep(poll_interval)
+        """Poll a submitted PDF until its status is final (:meth:`PdfCalls.await_pdf`)."""
+        return await self.pdf_calls.await_pdf(submission, poll_interval=poll_interval, timeout=timeout)
 
     async def aparse_pdf(
         self,
@@ -490,39 +338,10 @@ class Doc2XHook(BaseHook):
         poll_interval: float = 2.0,
         timeout: float = DEFAULT_PDF_WAIT,
     ) -> protocol.Doc2XJobStatus:
-        """Submit one PDF and wait for its pages, holding a PDF slot throughout; return the successful status.
-
-        When Doc2X refuses the task for its limits (``parse_task_limit_exceeded``,
-        ``parse_concurrency_limit``: page counts are known only after the upload, so these show in
-        the status), the PDF is submitted again after a back-off, within the connection's retries,
-        with a warning: whether a refused task is billed is not documented. Any other failure is
-        raised as its class.
-        """
-        settings = await self.aget_settings()
-        wait = transport.Backoff(settings.retry_wait, settings.retry_wait_max)
-        attempt = 0
-        async with self.apdf_slot(pages):
-            while True:
-                attempt += 1
-                submission = await self.asubmit_pdf(path, pages=pages, sources=sources, model=model)
-                try:
-                    status = await self.await_pdf(submission, poll_interval=poll_interval, timeout=timeout)
-                    if status.status == protocol.STATUS_SUCCESS:
-                        return status
-                    raise status.failure()
-                except Doc2XRateLimitError as error:
-                    if attempt > settings.max_retries:
-                        raise
-                    pause = _backoff_wait(wait, attempt, error)
-                    self.log.warning(
-                        "Doc2X refused uid %s (%s) for its limits (%s); submitting it again in %.1fs as a new "
-                        "task (whether a refused task is billed is not documented)",
-                        submission.uid,
-                        submission.source,
-                        error.code,
-                        pause,
-                    )
-                    await asyncio.sleep(pause)
+        """Submit one PDF and wait for its pages, at most ``max_retries + 1`` PUTs (:meth:`PdfCalls.aparse_pdf`)."""
+        return await self.pdf_calls.aparse_pdf(
+            path, pages=pages, sources=sources, model=model, poll_interval=poll_interval, timeout=timeout
+        )
 
     async def aexport_markdown(
         self,
@@ -532,163 +351,11 @@ class Doc2XHook(BaseHook):
         poll_interval: float = 1.0,
         timeout: float = DEFAULT_EXPORT_WAIT,
     ) -> str:
-        """Export a finished PDF parse as Markdown (``$`` formulas) and return the zip's presigned url.
-
-        The export is started, then its result polled until it names an md zip (the result call
-        shows the uid's latest export: an earlier export's url is not taken), within ``timeout``
-        seconds. Download it with :meth:`adownload`. Export one uid's formats one after another.
-        """
-        read = functools.partial(protocol.read_export, uid)
-        export = await self._acall(protocol.export_request(uid, filename=filename), read)
-        deadline = time.monotonic() + timeout
-        while not export.names("md"):
-            if export.is_failed:
-                raise export.failure()
-            if time.monotonic() > deadline:
-                raise Doc2XTransientError(
-                    f"Doc2X's Markdown export of uid {uid} was not ready within {timeout:g}s", uid=uid
-                )
-            await asyncio.sleep(poll_interval)
-            export = await self._acall(protocol.export_result_request(uid), read)
-        assert export.url is not None
-        self.log.info("Doc2X exported uid %s to %s", uid, protocol.redact_url(export.url))
-        return export.url
+        """Export a finished PDF parse as Markdown; the zip's url (:meth:`PdfCalls.aexport_markdown`)."""
+        return await self.pdf_calls.aexport_markdown(
+            uid, filename, poll_interval=poll_interval, timeout=timeout
+        )
 
     async def adownload(self, url: str, cap: int | None = None) -> bytes:
-        """Download a file the PDF API points to (an export zip, a page image), at most ``cap`` bytes.
-
-        Only https urls on the vendor's storage and CDN hosts, or on the connection's own host, are
-        fetched, with no key (:func:`~airflow_provider_doc2x.protocol.check_download_url`). ``cap``
-        defaults to the connection's ``max_answer_bytes``.
-        """
-        settings = await self.aget_settings()
-        return await transport.download(settings, url, cap=cap or settings.max_answer_bytes, log=self.log)
-
-
-#: Seconds a url that took a PDF is remembered (its lifetime, and a margin).
-_USED_URL_MEMORY = 2 * protocol.PRESIGNED_URL_LIFETIME
-
-
-@dataclasses.dataclass(frozen=True)
-class PdfSubmission:
-    """A PDF Doc2X took: its uid, file, pages, images, and when its PUT was answered (wall clock, JSON-able)."""
-
-    uid: str
-    source: str
-    pages: int
-    sources: tuple[str, ...]
-    uploaded_at: float
-
-    def to_dict(self) -> dict[str, Any]:
-        """The submission as JSON (for trigger kwargs and the task state store)."""
-        return {**dataclasses.asdict(self), "sources": list(self.sources)}
-
-
-class PdfBudget:
-    """PDFs and pages in flight for one key, in one process and event loop.
-
-    At most ``max_files`` PDFs and ``max_pages`` pages held at once, first come first served (a
-    big PDF at the head of the line is not overtaken). A PDF larger than ``max_pages`` alone is
-    refused, as pdfdeal skips it.
-    """
-
-    def __init__(self, max_files: int, max_pages: int) -> None:
-        """Start with nothing held (limits below 1 count as 1)."""
-        self.max_files = max(1, max_files)
-        self.max_pages = max(1, max_pages)
-        self.files = 0
-        self.pages = 0
-        self._waiting: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
-
-    def _room(self, pages: int) -> bool:
-        return self.files < self.max_files and self.pages + pages <= self.max_pages
-
-    @contextlib.asynccontextmanager
-    async def hold(self, pages: int) -> AsyncIterator[None]:
-        """Wait for a PDF slot and ``pages`` pages; give them back when the block ends."""
-        if not 0 < pages <= self.max_pages:
-            raise Doc2XInputError(
-                f"A PDF of {pages} pages cannot be submitted: the connection's pdf_max_pages_in_flight "
-                f"is {self.max_pages}; pack it into smaller PDFs",
-                code="parse_page_limit_exceeded",
-            )
-        if not self._waiting and self._room(pages):
-            self._take(pages)
-        else:
-            turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiting.append((pages, turn))
-            try:
-                await turn
-            except asyncio.CancelledError:
-                if turn.done() and not turn.cancelled():  # handed the slot, then cancelled: give it back
-                    self._give_back(pages)
-                raise
-        try:
-            yield
-        finally:
-            self._give_back(pages)
-
-    def _take(self, pages: int) -> None:
-        self.files += 1
-        self.pages += pages
-
-    def _give_back(self, pages: int) -> None:
-        self.files -= 1
-        self.pages -= pages
-        while self._waiting:
-            pages_wanted, turn = self._waiting[0]
-            if turn.done():
-                self._waiting.popleft()
-                continue
-            if not self._room(pages_wanted):
-                break
-            self._waiting.popleft()
-            self._take(pages_wanted)
-            turn.set_result(None)
-
-
-class _UsedUrls:
-    """Presigned urls that took a PDF in this process, remembered by digest until they have long expired."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._until: dict[str, float] = {}
-
-    @staticmethod
-    def _key(url: str) -> str:
-        return hashlib.sha256(url.encode()).hexdigest()
-
-    def add(self, url: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            self._until = {key: until for key, until in self._until.items() if until > now}
-            self._until[self._key(url)] = now + _USED_URL_MEMORY
-
-    def seen(self, url: str) -> bool:
-        with self._lock:
-            return self._until.get(self._key(url), 0.0) > time.monotonic()
-
-
-_used_urls = _UsedUrls()
-_pdf_budgets: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Any, ...], PdfBudget]] = (
-    weakref.WeakKeyDictionary()
-)
-#: Set while the current task holds a PDF slot (:meth:`Doc2XHook.apdf_slot`).
-_holding_pdf_slot: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "doc2x_holding_pdf_slot", default=False
-)
-
-
-def _status_call_retryable(error: BaseException) -> bool:
-    """A status call's retry rule: a limit code in its answer (not a 429) is the task's refusal, not the call's."""
-    if isinstance(error, Doc2XRateLimitError) and error.http_status != 429:
-        return False
-    return protocol.is_retryable(error)
-
-
-def _backoff_wait(backoff: transport.Backoff, attempt: int, error: BaseException) -> float:
-    """The back-off before try ``attempt + 1`` after ``error`` (Retry-After as a floor), outside tenacity."""
-    state = tenacity.RetryCallState(tenacity.AsyncRetrying(), None, (), {})
-    state.attempt_number = attempt
-    state.set_exception((type(error), error, None))
-    return backoff(state)
+        """Download a file the PDF API points to, at most ``cap`` bytes (:meth:`PdfCalls.adownload`)."""
+        return await self.pdf_calls.adownload(url, cap)

@@ -43,7 +43,8 @@ from airflow_provider_doc2x.image.records import (
     store_finished,
     store_or_record,
 )
-from airflow_provider_doc2x.image.uploads import STATE_KEY_PREFIX, ImageUploads
+from airflow_provider_doc2x.image.uploads import ImageUploads
+from airflow_provider_doc2x.journal import STATE_KEY_PREFIX, TaskJournal
 from airflow_provider_doc2x.pdf.lane import PdfLane
 from airflow_provider_doc2x.pdf.packing import DEFAULT_PDF_MAX_PAGES, MAX_PDF_PAGES
 from airflow_provider_doc2x.pdf.results import pdf_records
@@ -53,6 +54,7 @@ from airflow_provider_doc2x.storage.objects import storage_path
 from airflow_provider_doc2x.storage.results import ResultStore
 from airflow_provider_doc2x.storage.sources import check_all, resolve_images
 from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
+from airflow_provider_doc2x.waiting import JobWaiter
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
@@ -165,7 +167,11 @@ class Doc2XImageParseOperator(BaseOperator):
     @cached_property
     def results(self) -> ResultStore | None:
         """Where results go: built at run time, once ``output_path`` is rendered."""
-        return ResultStore(self.output_path, model=self.model) if self.output_path else None
+        return (
+            ResultStore(self.output_path, model=self.model, overwrite=self.overwrite)
+            if self.output_path
+            else None
+        )
 
     @property
     def model(self) -> str:
@@ -177,7 +183,7 @@ class Doc2XImageParseOperator(BaseOperator):
         """The manifest under ``output_path`` when ``incremental``: built at run time, like the results."""
         if not self.incremental or self.results is None:
             return None
-        return Manifest(self.results, overwrite=self.overwrite, deferrable=self.deferrable)
+        return Manifest(self.results, deferrable=self.deferrable)
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
         """Check every image, submit (or reuse) each once, then wait: deferred, or in the worker."""
@@ -194,33 +200,40 @@ class Doc2XImageParseOperator(BaseOperator):
                 jobs = lane.prepare(to_read)
                 return self._pdf_wait(lane, lane.advance(split.jobs(jobs) if split else jobs))
         jobs = split.jobs(uploads.submit(to_read)) if split else uploads.submit(to_read)
-        trigger = self._trigger(jobs)
-        if self.deferrable and not all(is_finished(job) for job in jobs):
-            self._defer(trigger)
-        # The worker waits with the trigger's own loop, on the transport's loop (the hook's settings
-        # were read in this thread already), and keeps the results its polls bring.
         known: dict[str, dict[str, Any]] = {}
-        event = transport.run_sync(trigger.wait(self.hook, on_result=self._keeper(known)))
-        return self._finish(
-            records_from_event(self.hook, event, results=self.results, overwrite=self.overwrite, known=known)
-        )
+        event = self._wait(jobs, known)
+        return self._finish(records_from_event(self.hook, event, results=self.results, known=known))
 
-    def _trigger(self, jobs: list[dict[str, Any]]) -> Doc2XImageParseTrigger:
-        return Doc2XImageParseTrigger(
-            doc2x_conn_id=self.doc2x_conn_id,
-            jobs=jobs,
+    def _wait(self, jobs: list[dict[str, Any]], known: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Wait for the jobs: deferred to the triggerer (this returns only in the worker), or here.
+
+        Both run the one wait loop, :class:`JobWaiter`, with the same deadline. In the worker it
+        runs on the transport's loop (the hook's settings were read in this thread already), and
+        ``known`` keeps the results its polls bring, so that they are not fetched again.
+        """
+        deadline = time.time() + self.timeout
+        if self.deferrable and not all(is_finished(job) for job in jobs):
+            self.defer(
+                trigger=Doc2XImageParseTrigger(
+                    doc2x_conn_id=self.doc2x_conn_id,
+                    jobs=jobs,
+                    poll_interval=self.poll_interval,
+                    deadline=deadline,
+                    max_concurrent_polls=self.max_concurrent_polls,
+                ),
+                method_name="execute_complete",
+                # Airflow's own guard, after the trigger's deadline, in case the triggerer is lost.
+                timeout=timedelta(seconds=self.timeout + 60),
+            )
+        waiter = JobWaiter(
+            self.hook,
+            jobs,
             poll_interval=self.poll_interval,
-            deadline=time.time() + self.timeout,
+            deadline=deadline,
             max_concurrent_polls=self.max_concurrent_polls,
+            log=self.log,
         )
-
-    def _defer(self, trigger: Doc2XImageParseTrigger) -> None:
-        self.defer(
-            trigger=trigger,
-            method_name="execute_complete",
-            # Airflow's own guard, after the trigger's deadline, in case the triggerer is lost.
-            timeout=timedelta(seconds=self.timeout + 60),
-        )
+        return transport.run_sync(waiter.wait(on_result=self._keeper(known)))
 
     def _keeper(self, known: dict[str, dict[str, Any]]) -> Any:
         """What the worker's own wait does with each result its polls bring: make the records at once."""
@@ -245,10 +258,8 @@ class Doc2XImageParseOperator(BaseOperator):
         return PdfLane(
             self.hook,
             images=uploads,
-            store=uploads.store,
+            journal=uploads.journal,
             results=self.results,
-            overwrite=self.overwrite,
-            may_hold_uids=uploads.may_hold_uids,
             log=self.log,
             model=self.pdf_model,
             pdf_max_pages=self.pdf_max_pages,
@@ -264,19 +275,14 @@ class Doc2XImageParseOperator(BaseOperator):
         """
         known = {} if known is None else known
         while any(is_pending(entry) for entry in jobs):
-            trigger = self._trigger(jobs)
-            if self.deferrable:
-                self._defer(trigger)
-            event = validate_event(transport.run_sync(trigger.wait(self.hook, on_result=self._keeper(known))))
+            event = validate_event(self._wait(jobs, known))
             if event["status"] != EVENT_PROGRESS:
                 break
             jobs = lane.advance(event["jobs"])
         else:
             failed = any(entry["status"] != protocol.STATUS_SUCCESS for entry in jobs)
             event = make_event(EVENT_FAILED if failed else EVENT_SUCCESS, jobs, "nothing left to wait for")
-        return self._finish(
-            records_from_event(self.hook, event, results=self.results, overwrite=self.overwrite, known=known)
-        )
+        return self._finish(records_from_event(self.hook, event, results=self.results, known=known))
 
     def _uploads(self, context: Context) -> ImageUploads:
         store = context.get("task_state_store")
@@ -287,11 +293,9 @@ class Doc2XImageParseOperator(BaseOperator):
         ti = context.get("ti")
         return ImageUploads(
             self.hook,
-            store=store,
-            results=self.results,
-            overwrite=self.overwrite,
             # A first try finds nothing recorded: one state-store read per image is saved.
-            may_hold_uids=getattr(ti, "try_number", None) != 1,
+            journal=TaskJournal(store, may_hold=getattr(ti, "try_number", None) != 1),
+            results=self.results,
             log=self.log,
             max_concurrent=self.max_concurrent_uploads,
         )
@@ -326,12 +330,10 @@ class Doc2XImageParseOperator(BaseOperator):
             if event["status"] == EVENT_PROGRESS or (
                 event["status"] in (EVENT_SUCCESS, EVENT_FAILED) and any(retry_plan(entry) for entry in jobs)
             ):
-                jobs = store_finished(self.hook, jobs, results=self.results, overwrite=self.overwrite)
+                jobs = store_finished(self.hook, jobs, results=self.results)
                 with self._pdf_lane(context, self._uploads(context)) as lane:
                     return self._pdf_wait(lane, lane.advance(jobs))
-        return self._finish(
-            records_from_event(self.hook, event, results=self.results, overwrite=self.overwrite)
-        )
+        return self._finish(records_from_event(self.hook, event, results=self.results))
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
         """Each input image and each written Markdown file as datasets (OpenLineage is optional)."""

@@ -24,6 +24,9 @@ may take, the connection's ``timeout`` plus a margin (:func:`lease_seconds`), so
 uploads in flight holds the key for that long plus one window at most. A slot whose lease ran out
 before its upload was sent (its holder stopped or starved) is never used: the transport confirms
 the slot right before the send and books again if it was lost (:class:`PacedUpload`).
+
+The PDF lane's per-key limit, PDFs and pages in flight, is here too (:class:`PdfBudget`,
+:func:`pdf_budget_for`); the package re-exports the public names of its modules.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import os
 import threading
 from pathlib import Path
 
+from airflow_provider_doc2x.pacing.budget import PdfBudget, pdf_budget_for
 from airflow_provider_doc2x.pacing.private import is_private_dir
 from airflow_provider_doc2x.pacing.redis_window import RedisRateLimiter
 from airflow_provider_doc2x.pacing.window import (
@@ -53,6 +57,7 @@ __all__ = [
     "LEGACY_IN_FLIGHT_SECONDS",
     "MAX_LEASE_SECONDS",
     "PacedUpload",
+    "PdfBudget",
     "RateLimiter",
     "RedisRateLimiter",
     "key_digest",
@@ -60,6 +65,7 @@ __all__ = [
     "limiter_for",
     "paced_upload",
     "pacing_dir",
+    "pdf_budget_for",
     "reset_limiters",
 ]
 

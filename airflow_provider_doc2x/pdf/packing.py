@@ -46,11 +46,9 @@ import struct
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
-
-import img2pdf
-from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +71,25 @@ MAX_SIDE_PIXELS = 14400
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _HASH_CHUNK = 1024 * 1024
-#: 1 px = 1 pt: img2pdf's layout at a fixed 72 DPI, whatever the file claims.
-_LAYOUT = img2pdf.get_fixed_dpi_layout_fun((72, 72))
+
+
+@cache
+def _img2pdf() -> Any:
+    """img2pdf, imported when the first image is packed, not when a DAG file imports the operator.
+
+    Why: img2pdf loads pikepdf, whose import logs a line ("C++ to Python logger bridge
+    initialized") and costs tens of milliseconds; a DAG file is parsed again and again, and most
+    tasks never pack a PDF.
+    """
+    import img2pdf
+
+    return img2pdf
+
+
+@cache
+def _layout() -> Any:
+    """1 px = 1 pt: img2pdf's layout at a fixed 72 DPI, whatever the file claims."""
+    return _img2pdf().get_fixed_dpi_layout_fun((72, 72))
 
 
 @dataclass(frozen=True)
@@ -248,6 +263,8 @@ def read_header(path: str | os.PathLike) -> ImageHeader:
     a JPEG's markers before its scan) and the PNG's ``IHDR`` is read directly. A file that is not a
     JPEG or PNG, or whose header cannot be read, comes back with a ``refusal`` and a zero size.
     """
+    from PIL import Image  # imported on first use, as img2pdf is (see _img2pdf)
+
     try:
         with open(path, "rb") as handle:
             head = handle.read(64)
@@ -266,6 +283,8 @@ def _png_header(head: bytes, handle: Any) -> ImageHeader:
     if head[12:16] != b"IHDR" or len(head) < 29:
         return ImageHeader("PNG", 0, 0, "its PNG header (IHDR) is missing")
     width, height, depth, color_type, _, _, interlace = struct.unpack(">IIBBBBB", head[16:29])
+    from PIL import Image
+
     handle.seek(0)
     with Image.open(handle) as image:
         info = image.info
@@ -292,6 +311,8 @@ def _png_header(head: bytes, handle: Any) -> ImageHeader:
 
 
 def _jpeg_header(handle: Any) -> ImageHeader:
+    from PIL import Image
+
     handle.seek(0)
     with Image.open(handle) as image:
         kind, mode, (width, height) = image.format, image.mode, image.size
@@ -500,12 +521,13 @@ def _write_pdf(chunk: Sequence[_Content], result: PackResult) -> PackedPdf | Non
         return None
     descriptor, name = tempfile.mkstemp(prefix="pack-", suffix=".pdf", dir=result.directory)
     path = Path(name)
+    img2pdf = _img2pdf()
     with os.fdopen(descriptor, "wb") as output:
         img2pdf.convert(
             *streams,
             outputstream=output,
             engine=img2pdf.Engine.internal,
-            layout_fun=_LAYOUT,
+            layout_fun=_layout(),
             rotation=img2pdf.Rotation.none,
             first_frame_only=True,
             nodate=True,
@@ -536,6 +558,7 @@ def _embedding_refusal(data: bytes, content: _Content) -> str | None:
     if hashlib.sha256(data).hexdigest() != content.sha256:
         return "its content changed while it was being packed (its sha256 no longer matches)"
     try:
+        img2pdf = _img2pdf()
         readings = img2pdf.read_images(data, None, first_frame_only=True, rot=img2pdf.Rotation.none)
     except Exception as error:  # img2pdf raises bare Exception for a broken PNG, among others
         return f"img2pdf cannot read it ({type(error).__name__}: {error})"

@@ -189,6 +189,48 @@ def markdown_text(markdown: str) -> bytes:
     return (markdown.rstrip("\n") + "\n").encode()
 
 
+def read_sidecar(folder: Any) -> dict[str, Any] | None:
+    """The sidecar as read: a later release's whatever its keys look like (it is taken, not ours)."""
+    sidecar = folder / f"{folder.name.rsplit('-', 1)[0]}.json"
+    fs, path = sidecar.fs, sidecar.path
+    try:
+        # One GET: an ``open`` (or s3fs's whole-object ``cat_file``) first asks for the object's
+        # size, on S3 a HEAD, and a LIST when it is missing, to tell a folder from nothing; a read
+        # from byte 0 on is one GET, or one 404.
+        data = storage_call(lambda: fs.cat_file(path, start=0), what="reading the sidecar", uri=str(sidecar))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None  # no sidecar: an interrupted write, not a result
+    try:
+        meta = json.loads(data)
+    except ValueError:
+        return None  # read, and not a sidecar
+    if not isinstance(meta, dict) or meta.get("format", SIDECAR_FORMAT) != SIDECAR_FORMAT:
+        return None
+    if _newer_format(meta):
+        return meta  # never overwritten; a hit only if what this release reads is usable
+    if not _readable(meta):
+        return None
+    return meta
+
+
+def folder_record(folder: Any, meta: dict[str, Any], *, cached: bool) -> dict[str, Any]:
+    """The record of a result folder, from its sidecar's (validated) metadata."""
+    stem = meta["markdown"][: -len(".md")]
+    record = {
+        "source": meta.get("source"),
+        "uid": meta.get("uid"),
+        "sha256": meta.get("sha256"),
+        "markdown_path": str(folder / meta["markdown"]),
+        "figure_paths": [str(folder / path) for path in meta.get("figures", [])],
+        "sidecar_path": str(folder / f"{stem}.json"),
+        "cached": cached,
+    }
+    page_idx = meta.get("page_idx")
+    if isinstance(page_idx, int) and not isinstance(page_idx, bool):
+        record["page_idx"] = page_idx  # the PDF lane's: the image's page in the PDF ``uid``
+    return record
+
+
 class ResultStore:
     """Writes and finds results under ``output_path``; every read and write goes through ObjectStoragePath."""
 
@@ -197,15 +239,18 @@ class ResultStore:
         output_path: str,
         *,
         model: str = protocol.DEFAULT_MODEL,
+        overwrite: bool = False,
         max_zip_entries: int = MAX_ZIP_ENTRIES,
         max_zip_bytes: int = MAX_ZIP_BYTES,
     ) -> None:
         """Point at ``output_path`` (nothing is read until asked); zips are unpacked within the caps.
 
         ``model`` is the Doc2X model that makes this store's new results: a stored result of
-        another model is not reused.
+        another model is not reused; with ``overwrite``, none is (the task parses everything again
+        and writes over what it finds), which every lane and the records read from here.
         """
         self.model = model
+        self.overwrite = overwrite
         self.max_zip_entries = max_zip_entries
         self.max_zip_bytes = max_zip_bytes
         self.root = storage_path(output_path)
@@ -234,18 +279,18 @@ class ResultStore:
         own = self.root / folder_name(source, sha256)
         meta = self.sidecar(own)
         if meta is not None and self.holds(meta, sha256):
-            return self._record(own, meta, cached=True)
+            return folder_record(own, meta, cached=True)
         probed = {own.name}
         if meta is not None:
             by_model = self.root / folder_name(source, sha256, model=self.model)
             probed.add(by_model.name)
             meta = self.sidecar(by_model)
             if meta is not None and self.holds(meta, sha256):
-                return self._record(by_model, meta, cached=True)
+                return folder_record(by_model, meta, cached=True)
         for candidate in self._folders_of(sha256):
             meta = self.sidecar(candidate) if candidate.name not in probed else None
             if meta is not None and self.holds(meta, sha256):
-                return self._record(candidate, meta, cached=True)
+                return folder_record(candidate, meta, cached=True)
         return None
 
     def holds(self, meta: Mapping[str, Any], sha256: str) -> bool:
@@ -309,34 +354,8 @@ class ResultStore:
         Raises :class:`Doc2XStorageError` naming the sidecar when it cannot be read.
         """
         if folder.name not in self._sidecars:
-            self._sidecars[folder.name] = self._sidecar(folder)
+            self._sidecars[folder.name] = read_sidecar(folder)
         return self._sidecars[folder.name]
-
-    @staticmethod
-    def _sidecar(folder: Any) -> dict[str, Any] | None:
-        """The sidecar as read: a later release's whatever its keys look like (it is taken, not ours)."""
-        sidecar = folder / f"{folder.name.rsplit('-', 1)[0]}.json"
-        fs, path = sidecar.fs, sidecar.path
-        try:
-            # One GET: an ``open`` (or s3fs's whole-object ``cat_file``) first asks for the object's
-            # size, on S3 a HEAD, and a LIST when it is missing, to tell a folder from nothing; a read
-            # from byte 0 on is one GET, or one 404.
-            data = storage_call(
-                lambda: fs.cat_file(path, start=0), what="reading the sidecar", uri=str(sidecar)
-            )
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            return None  # no sidecar: an interrupted write, not a result
-        try:
-            meta = json.loads(data)
-        except ValueError:
-            return None  # read, and not a sidecar
-        if not isinstance(meta, dict) or meta.get("format", SIDECAR_FORMAT) != SIDECAR_FORMAT:
-            return None
-        if _newer_format(meta):
-            return meta  # never overwritten; a hit only if what this release reads is usable
-        if not _readable(meta):
-            return None
-        return meta
 
     def _folder_for(self, source: str, sha256: str) -> tuple[Any, dict[str, Any] | None]:
         """Where this content's new result goes, with the sidecar there now (None: none, or not a result).
@@ -466,27 +485,10 @@ class ResultStore:
         # The sidecar goes last: a folder without it is an interrupted write, not a cache hit.
         write(folder / f"{stem}.json", json.dumps(meta, indent=2).encode())
         self._sidecars[folder.name] = meta
-        record = self._record(folder, meta, cached=False)
+        record = folder_record(folder, meta, cached=False)
         self._written[sha256] = {**record, "cached": True}
         return record
 
     def record_of(self, folder_name: str, meta: dict[str, Any]) -> dict[str, Any]:
         """The record of an earlier result in ``folder_name`` under the root, from its (validated) metadata."""
-        return self._record(self.root / folder_name, meta, cached=True)
-
-    @staticmethod
-    def _record(folder: Any, meta: dict[str, Any], *, cached: bool) -> dict[str, Any]:
-        stem = meta["markdown"][: -len(".md")]
-        record = {
-            "source": meta.get("source"),
-            "uid": meta.get("uid"),
-            "sha256": meta.get("sha256"),
-            "markdown_path": str(folder / meta["markdown"]),
-            "figure_paths": [str(folder / path) for path in meta.get("figures", [])],
-            "sidecar_path": str(folder / f"{stem}.json"),
-            "cached": cached,
-        }
-        page_idx = meta.get("page_idx")
-        if isinstance(page_idx, int) and not isinstance(page_idx, bool):
-            record["page_idx"] = page_idx  # the PDF lane's: the image's page in the PDF ``uid``
-        return record
+        return folder_record(self.root / folder_name, meta, cached=True)

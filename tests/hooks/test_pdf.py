@@ -21,10 +21,11 @@ from airflow_provider_doc2x.exceptions import (
     Doc2XSubmitUncertainError,
     Doc2XTransientError,
 )
-from airflow_provider_doc2x.hooks import doc2x as hook_module
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
 from airflow_provider_doc2x.local.samples import Page, render
+from airflow_provider_doc2x.pdf import submission as pdf_submission
 from airflow_provider_doc2x.pdf.packing import pack_images
+from airflow_provider_doc2x.protocol import pdf as protocol_pdf
 from tests.helpers import async_wait_until, wait_until
 
 
@@ -32,7 +33,7 @@ from tests.helpers import async_wait_until, wait_until
 def lane(doc2x, monkeypatch):
     """The local server with PDF tasks picked up and parsed at once; no url remembered from another test."""
     doc2x.configure(pickup_delay=0, pdf_page_seconds=0, export_seconds=0)
-    monkeypatch.setattr(hook_module, "_used_urls", hook_module._UsedUrls())
+    monkeypatch.setattr(pdf_submission, "_used_urls", pdf_submission._UsedUrls())
     return doc2x
 
 
@@ -175,7 +176,7 @@ async def test_a_url_that_took_a_pdf_is_not_used_again(lane, packed, monkeypatch
     assert caught.value.code == "presigned_url_used"
     assert lane.stats()["puts"] == 1  # refused here, before a byte was sent
     # Another process does not know it: the store refuses it, and that is not retried on the url.
-    monkeypatch.setattr(hook_module, "_used_urls", hook_module._UsedUrls())
+    monkeypatch.setattr(pdf_submission, "_used_urls", pdf_submission._UsedUrls())
     with pytest.raises(Doc2XTransientError) as caught:
         await hook.aput_pdf(upload.url, pdf.path, uid=upload.uid)
     assert caught.value.code == "presigned_url_refused" and caught.value.http_status == 403
@@ -222,7 +223,7 @@ async def test_an_expired_url_needs_a_new_preupload(lane, packed):
 
 async def test_a_url_too_old_to_retry_is_replaced_by_a_new_preupload(lane, packed, monkeypatch):
     """A PUT that failed on a url near the end of its life is not sent on it again: preupload, then PUT."""
-    monkeypatch.setattr(protocol, "PRESIGNED_URL_LIFETIME", 0.0)
+    monkeypatch.setattr(protocol_pdf, "PRESIGNED_URL_LIFETIME", 0.0)  # read by Doc2XPreupload.is_young
     lane.configure(put_fail_next=1)
     pdf = packed("Old Url Page")
     await Doc2XHook().asubmit_pdf(pdf.path, pages=1)

@@ -312,7 +312,7 @@ async def test_the_images_of_a_pdf_are_updated_from_one_status_call(doc2x, tmp_p
         kept.append(([entry["page_idx"] for entry in unit], len(status.result.pages)))
 
     requests = doc2x.stats()["requests"]["pdf_status"]
-    event = await rebuild(trigger).wait(Doc2XHook(), on_result=keep)
+    event = await rebuild(trigger).waiter(Doc2XHook()).wait(on_result=keep)
     assert event["status"] == "success"
     assert [(job["lane"], job["page_idx"], job["status"]) for job in event["jobs"]] == [
         ("pdf", 0, "success"),

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -46,15 +45,12 @@ from airflow_provider_doc2x.exceptions import (
     Doc2XSubmitUncertainError,
 )
 from airflow_provider_doc2x.image.records import FETCH_ATTEMPTS, recorded_status, store_or_record
+from airflow_provider_doc2x.journal import TaskJournal
 from airflow_provider_doc2x.storage.sources import ImageSource, sha256_of
 
 if TYPE_CHECKING:
     from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
     from airflow_provider_doc2x.storage.results import ResultStore
-
-
-#: Key prefix of what the task state store records per image content.
-STATE_KEY_PREFIX = "doc2x/"
 
 
 class BatchStopped(Exception):
@@ -83,11 +79,9 @@ class ImageUploads:
     """One task's images through Doc2X's image API, as jobs (asynchronous endpoint) or records (synchronous).
 
     :param hook: the hook, its connection already read (``hook.settings``) in the worker's thread.
-    :param store: the task state store, or None (Airflow < 3.3: nothing survives the try).
-    :param results: where results go (``output_path``), or None (XCom).
-    :param overwrite: parse again even what has a complete result under ``output_path``.
-    :param may_hold_uids: whether the store can hold uids of an earlier try (False on a first try:
-        one read per image is saved).
+    :param journal: the task's journal in the task state store (what earlier tries uploaded).
+    :param results: where results go (``output_path``), or None (XCom); with its ``overwrite``,
+        nothing stored is reused.
     :param log: the task's logger.
     :param max_concurrent: uploads in flight at once; None takes the connection's
         ``max_concurrent_uploads``.
@@ -97,35 +91,21 @@ class ImageUploads:
         self,
         hook: Doc2XHook,
         *,
-        store: Any,
+        journal: TaskJournal,
         results: ResultStore | None,
-        overwrite: bool,
-        may_hold_uids: bool,
         log: Any,
         max_concurrent: int | None = None,
     ) -> None:
         self.hook = hook
         self.settings = hook.settings
-        self.store = store
+        self.journal = journal
         self.results = results
-        self.overwrite = overwrite
-        self.may_hold_uids = may_hold_uids and store is not None
         self.log = log
         self.max_concurrent = max(1, max_concurrent or self.settings.max_concurrent_uploads)
-        self._store_thread: ThreadPoolExecutor | None = None
-
-    async def store_call(self, method: str, *args: Any) -> Any:
-        """Call the task state store, one call at a time, off the event loop.
-
-        The store talks to Airflow's supervisor; its in-process stand-in (``airflow dags test``) is
-        not safe to call from two threads at once, so every call goes through one thread.
-        """
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._store_thread, getattr(self.store, method), *args)
 
     def submit(self, sources: Sequence[ImageSource]) -> list[dict[str, Any]]:
         """Each image as a job of the asynchronous endpoint: reused, reconnected or submitted."""
-        with ThreadPoolExecutor(1, thread_name_prefix="doc2x-state") as self._store_thread:
+        with self.journal.open():
             return transport.run_sync(self._run(sources, self._submitted, "submitted"))
 
     def parse(self, sources: Sequence[ImageSource]) -> list[dict[str, Any]]:
@@ -133,7 +113,7 @@ class ImageUploads:
 
         Returns one item per image, in input order: its record, or its failed job.
         """
-        with ThreadPoolExecutor(1, thread_name_prefix="doc2x-state") as self._store_thread:
+        with self.journal.open():
             return transport.run_sync(self._run(sources, self._parsed, "parsed"))
 
     async def _run(
@@ -203,7 +183,7 @@ class ImageUploads:
 
     async def _stored(self, source: ImageSource, digest: str) -> dict[str, Any] | None:
         """A complete earlier result of this content under ``output_path``, if it may be reused."""
-        if self.results is None or self.overwrite:
+        if self.results is None or self.results.overwrite:
             return None
         record = await asyncio.to_thread(self.results.cached, digest, source.uri)
         if record is not None:
@@ -220,10 +200,8 @@ class ImageUploads:
         answered (a killed worker), may have been billed, so sending it again is said in the log as
         "possibly billed twice", never done silently.
         """
-        if not self.may_hold_uids:
-            return None
-        recorded = await self.store_call("get", STATE_KEY_PREFIX + digest)
-        if not isinstance(recorded, dict):
+        recorded = await self.journal.image(digest)
+        if recorded is None:
             return None
         uid = recorded.get("uid")
         if (not isinstance(uid, str) or not uid) and (recorded.get("uncertain") or recorded.get("started")):
@@ -316,9 +294,8 @@ class _Upload:
             await self.record({"started": True, "source": self.source.uri, "at": time.time()})
 
     async def record(self, value: dict[str, Any]) -> None:
-        """Write this content's entry in the task state store (nothing without a store)."""
-        if self.batch.store is not None:
-            await self.batch.store_call("set", STATE_KEY_PREFIX + self.digest, value)
+        """Write this content's entry in the task's journal (nothing without a store)."""
+        await self.batch.journal.record_image(self.digest, value)
 
     async def failed(self, error: Doc2XError) -> dict[str, Any]:
         """The job of an upload that failed; a refused key or an empty quota stops the batch."""

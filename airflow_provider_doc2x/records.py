@@ -79,7 +79,6 @@ def records_from_event(
     event: Any,
     *,
     results: ResultStore | None = None,
-    overwrite: bool = False,
     known: dict[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """The records of a trigger event, in input order; raise naming every job that did not succeed.
@@ -99,9 +98,9 @@ def records_from_event(
         error_class = Doc2XAuthError if code == "unauthorized" else Doc2XError
         error = error_class(f"Waiting for Doc2X failed: {event['message']}", code=code)
         if results is not None and error_class is not Doc2XAuthError:
-            _keep_finished(hook, event["jobs"], results, overwrite, known or {})
+            _keep_finished(hook, event["jobs"], results, known or {})
         raise error
-    outcomes = transport.run_sync(_collect(hook, event["jobs"], results, overwrite, known or {}))
+    outcomes = transport.run_sync(_collect(hook, event["jobs"], results, known or {}))
     failures = [outcome for outcome in outcomes if outcome.get("status") is not None]
     if failures:
         raise batch_failure(failures, len(outcomes))
@@ -109,7 +108,7 @@ def records_from_event(
 
 
 def store_finished(
-    hook: Doc2XHook, jobs: list[dict[str, Any]], *, results: ResultStore | None, overwrite: bool
+    hook: Doc2XHook, jobs: list[dict[str, Any]], *, results: ResultStore | None
 ) -> list[dict[str, Any]]:
     """Write the results of the jobs that finished well and are not written yet; return the jobs.
 
@@ -128,7 +127,7 @@ def store_finished(
     if results is None or not todo:
         return jobs
     register_key(hook)
-    outcomes = transport.run_sync(_collect(hook, [jobs[index] for index in todo], results, overwrite, {}))
+    outcomes = transport.run_sync(_collect(hook, [jobs[index] for index in todo], results, {}))
     kept = list(jobs)
     for index, outcome in zip(todo, outcomes, strict=True):
         if outcome.get("status") is None:
@@ -145,7 +144,6 @@ def _keep_finished(
     hook: Doc2XHook,
     jobs: list[dict[str, Any]],
     results: ResultStore,
-    overwrite: bool,
     known: dict[str, dict[str, Any]],
 ) -> None:
     """Write what finished well before a wait gave up; a failure here is logged, the wait's error raised."""
@@ -153,7 +151,7 @@ def _keep_finished(
     if not done:
         return
     try:
-        transport.run_sync(_collect(hook, done, results, overwrite, known))
+        transport.run_sync(_collect(hook, done, results, known))
     except Doc2XError as problem:
         log.warning("The results that finished before the wait gave up could not all be stored: %s", problem)
 
@@ -239,7 +237,6 @@ async def _collect(
     hook: Doc2XHook,
     jobs: list[dict[str, Any]],
     results: ResultStore | None,
-    overwrite: bool,
     known: dict[str, dict[str, Any]],
 ) -> list[dict[str, Any]]:
     """Each job's record, or the job itself (with its ``status``) when it did not succeed.
@@ -261,7 +258,7 @@ async def _collect(
             return {**known[key], "source": source}
         # A result this task stored at an earlier resume is read back even with ``overwrite``; it
         # was parsed by this task, not reused (``cached`` false).
-        if results is not None and (not overwrite or job.get(STORED)) and digest:
+        if results is not None and (not results.overwrite or job.get(STORED)) and digest:
             stored = await asyncio.to_thread(results.cached, digest, source)
             if stored is not None:
                 return {**stored, "source": source, **({"cached": False} if job.get(STORED) else {})}

@@ -39,14 +39,9 @@ On Airflow before 3.3 there is no task state store: a new try of the task submit
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
+from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_doc2x import protocol, transport
@@ -56,7 +51,6 @@ from airflow_provider_doc2x.events import (
     is_pdf,
     is_pending,
     is_queued,
-    job,
     pdf_job,
     queued_job,
     retry_plan,
@@ -64,21 +58,24 @@ from airflow_provider_doc2x.events import (
 from airflow_provider_doc2x.exceptions import (
     Doc2XAuthError,
     Doc2XError,
-    Doc2XJobNotFoundError,
-    Doc2XProtocolError,
     Doc2XQuotaError,
     Doc2XSubmitUncertainError,
 )
-from airflow_provider_doc2x.image.records import FETCH_ATTEMPTS, recorded_status
-from airflow_provider_doc2x.image.uploads import STATE_KEY_PREFIX
+from airflow_provider_doc2x.journal import TaskJournal
 from airflow_provider_doc2x.pdf.packing import (
     DEFAULT_ASPECT_TOLERANCE,
     DEFAULT_PDF_MAX_PAGES,
     PackImage,
-    file_sha256,
-    pack_images,
     plan_pdfs,
 )
+from airflow_provider_doc2x.pdf.reconnect import (
+    PUT_STARTED,
+    UNCERTAIN,
+    UPLOADED,
+    PdfReconnection,
+    RecordedPdf,
+)
+from airflow_provider_doc2x.pdf.staging import PdfStaging
 from airflow_provider_doc2x.storage.sources import ImageSource
 
 if TYPE_CHECKING:
@@ -86,80 +83,11 @@ if TYPE_CHECKING:
     from airflow_provider_doc2x.image.uploads import ImageUploads
     from airflow_provider_doc2x.storage.results import ResultStore
 
-#: The task state store's list of the task's PDF uids, in the order they were preuploaded.
-STATE_INDEX_KEY = f"{STATE_KEY_PREFIX}pdf/index"
-#: Key prefix of each PDF's record: its page map (the sha256 of each page) and its upload's state.
-STATE_PDF_PREFIX = f"{STATE_KEY_PREFIX}pdf/"
 #: A failed PDF's images are packed again into PDFs of this many times fewer pages.
 SPLIT_BY = 4
 #: A failed PDF whose images would go into PDFs of fewer pages than this sends them through the
 #: image lane instead (200 pages: 50, then 12, then the image lane).
 IMAGE_LANE_BELOW = 4
-#: Relative aspect tolerance given to the packer for a planned PDF: its images were grouped when
-#: it was planned, so they stay together (a PDF of one plan is never cut in two by the packer).
-_PLANNED_TOLERANCE = 0.99
-#: No byte bound for a planned PDF (its images were bounded by ``pdf_max_bytes`` when planned).
-_PLANNED_MAX_BYTES = 1 << 40
-#: Threads that hash images (and copy remote ones) when a task starts.
-HASH_THREADS = 4
-
-#: Upload states recorded for a PDF: its PUT started, the store answered 200, or the answer was lost.
-PUT_STARTED = "put"
-UPLOADED = "uploaded"
-UNCERTAIN = "uncertain"
-
-
-@dataclass
-class _Recorded:
-    """What the task state store holds of one PDF of an earlier try (or of this one)."""
-
-    uid: str
-    pages: list[str]
-    state: str
-    uploaded_at: float | None = None
-    round: int = 0
-    fallback: str | None = None
-    #: When its PUT started (a PUT that was never answered may have landed from then on): set when
-    #: the PUT starts, kept by every later write of the record.
-    at: float | None = None
-
-    @classmethod
-    def of(cls, uid: str, value: Any) -> _Recorded | None:
-        """A record read back, or None when it is not one this provider wrote."""
-        if not isinstance(value, dict):
-            return None
-        pages, state = value.get("pages"), value.get("state")
-        if (
-            not isinstance(pages, list)
-            or not all(isinstance(page, str) for page in pages)
-            or not isinstance(state, str)
-        ):
-            return None
-        round_ = value.get("round")
-        return cls(
-            uid,
-            pages,
-            state,
-            _seconds(value.get("uploaded_at")),
-            round_ if isinstance(round_, int) and not isinstance(round_, bool) else 0,
-            value.get("fallback") if isinstance(value.get("fallback"), str) else None,
-            _seconds(value.get("at")),
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        """The record as the store keeps it; ``at`` as it was (a rewrite, a fallback say, keeps when the PUT started)."""
-        value: dict[str, Any] = {
-            "pages": self.pages,
-            "state": self.state,
-            "at": self.at if self.at is not None else time.time(),
-        }
-        if self.uploaded_at is not None:
-            value["uploaded_at"] = self.uploaded_at
-        if self.round:
-            value["round"] = self.round
-        if self.fallback:
-            value["fallback"] = self.fallback
-        return value
 
 
 class PdfLane:
@@ -171,10 +99,9 @@ class PdfLane:
     :param hook: the hook, its connection already read (``hook.settings``) in the worker's thread.
     :param images: the image lane of the same task, for images a PDF cannot hold or that failed in
         small PDFs.
-    :param store: the task state store, or None (Airflow < 3.3: nothing survives the try).
-    :param results: where results go (``output_path``), or None (XCom).
-    :param overwrite: parse again even what has a complete result under ``output_path``.
-    :param may_hold_uids: whether the store can hold PDFs of an earlier try (False on a first try).
+    :param journal: the task's journal in the task state store (the PDFs of this task's tries).
+    :param results: where results go (``output_path``), or None (XCom); with its ``overwrite``,
+        nothing stored is reused.
     :param log: the task's logger.
     :param model: the PDF API's model (``"v2"``, ``"v3-2026"``), or None for the service's default (v2).
     :param pdf_max_pages: most pages per PDF (also bounded by the connection's
@@ -188,10 +115,8 @@ class PdfLane:
         hook: Doc2XHook,
         *,
         images: ImageUploads,
-        store: Any,
+        journal: TaskJournal,
         results: ResultStore | None,
-        overwrite: bool,
-        may_hold_uids: bool,
         log: Any,
         model: str | None = None,
         pdf_max_pages: int = DEFAULT_PDF_MAX_PAGES,
@@ -202,10 +127,8 @@ class PdfLane:
         self.hook = hook
         self.settings = hook.settings
         self.images = images
-        self.store = store
+        self.journal = journal
         self.results = results
-        self.overwrite = overwrite
-        self.may_hold_uids = may_hold_uids and store is not None
         self.log = log
         self.model = model
         self.max_pages = max(1, min(pdf_max_pages, self.settings.pdf_max_pages_in_flight))
@@ -213,40 +136,25 @@ class PdfLane:
         self.allow_schemes = tuple(allow_schemes)
         self.max_files = max(1, self.settings.pdf_max_in_flight)
         self.max_pages_in_flight = max(1, self.settings.pdf_max_pages_in_flight)
-        self._folder: Path | None = None
-        self._local: dict[str, Path] = {}
-        self._index: list[str] | None = None
-        self._store_thread: ThreadPoolExecutor | None = None
+        self.staging = PdfStaging()
+        self.recorded = PdfReconnection(hook, journal, results, log)
+        self._journal_open: ExitStack | None = None
 
     # -- the lane's life -------------------------------------------------------------------------
 
     def __enter__(self) -> PdfLane:
-        """Make the private folder; open the store's thread."""
-        self._folder = Path(tempfile.mkdtemp(prefix="doc2x-pdf-lane-"))
-        self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="doc2x-state")
+        """Make the private folder; open the journal's thread."""
+        with ExitStack() as stack:
+            stack.enter_context(self.staging)
+            stack.enter_context(self.journal.open())
+            self._journal_open = stack.pop_all()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        """Remove the temporary folder; close the store's thread."""
-        if self._folder is not None:
-            shutil.rmtree(self._folder, ignore_errors=True)
-            self._folder = None
-        self._local.clear()
-        if self._store_thread is not None:
-            self._store_thread.shutdown(wait=True)
-            self._store_thread = None
-
-    @property
-    def folder(self) -> Path:
-        """The lane's private temporary folder (mode 0700), made on entering the lane."""
-        if self._folder is None:
-            raise RuntimeError("use the PDF lane as a context manager: its temporary folder is made then")
-        return self._folder
-
-    async def store_call(self, method: str, *args: Any) -> Any:
-        """Call the task state store through one thread, off the loop (its ``dags test`` stand-in is not thread-safe)."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._store_thread, getattr(self.store, method), *args)
+        """Remove the temporary folder; close the journal's thread."""
+        if self._journal_open is not None:
+            self._journal_open.close()
+            self._journal_open = None
 
     # -- the first half: every image's job ---------------------------------------------------------
 
@@ -256,12 +164,12 @@ class PdfLane:
         Each is reused from ``output_path``, reconnected to a PDF an earlier try recorded, queued in
         a planned PDF, or (what no PDF can hold) submitted through the image lane.
         """
-        digests = self._hash_all(sources)
+        digests = self.staging.hash_all(sources)
         jobs: list[dict[str, Any] | None] = [None] * len(sources)
         by_content: dict[str, list[int]] = {}
         for index, digest in enumerate(digests):
             by_content.setdefault(digest, []).append(index)
-        image_lane = transport.run_sync(self._reuse_and_reconnect(sources, by_content, jobs))
+        image_lane = transport.run_sync(self.recorded.reuse_and_reconnect(sources, by_content, jobs))
         known = sum(entry is not None for entry in jobs)
         firsts = [
             indices[0]
@@ -270,7 +178,7 @@ class PdfLane:
         ]
         plans, unpackable = plan_pdfs(
             [
-                PackImage(self._local[sources[index].uri], sources[index].uri, digests[index])
+                PackImage(self.staging.local_path(sources[index]), sources[index].uri, digests[index])
                 for index in firsts
             ],
             pdf_max_pages=self.max_pages,
@@ -296,165 +204,6 @@ class PdfLane:
         if image_lane:
             self._through_image_lane(sorted(image_lane), sources, jobs)
         return [entry for entry in jobs if entry is not None]
-
-    def _hash_all(self, sources: Sequence[ImageSource]) -> list[str]:
-        """Each image's sha256 (remote images copied to the private folder first), a few at a time."""
-        with ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="doc2x-hash") as pool:
-            return list(pool.map(self._hash_one, sources))
-
-    def _hash_one(self, source: ImageSource) -> str:
-        path = self._local_path(source)
-        return file_sha256(path)
-
-    def _local_path(self, source: ImageSource) -> Path:
-        """A local file holding the image: the file itself, or a private copy of a remote one."""
-        known = self._local.get(source.uri)
-        if known is not None and known.exists():
-            return known
-        if source.path.protocol in ("file", "local"):
-            path = Path(source.path.path)
-        else:
-            data = source.read()  # checked: a JPEG or PNG of at most 7 MB
-            descriptor, name = tempfile.mkstemp(prefix="image-", dir=self.folder)
-            with os.fdopen(descriptor, "wb") as handle:
-                handle.write(data)
-            path = Path(name)
-        self._local[source.uri] = path
-        return path
-
-    async def _reuse_and_reconnect(
-        self,
-        sources: Sequence[ImageSource],
-        by_content: dict[str, list[int]],
-        jobs: list[dict[str, Any] | None],
-    ) -> set[int]:
-        """Fill the jobs of contents already parsed or in a recorded PDF; return those for the image lane."""
-        if self.results is not None and not self.overwrite:
-            for digest, indices in by_content.items():
-                record = await asyncio.to_thread(self.results.cached, digest, sources[indices[0]].uri)
-                if record is not None:
-                    self.log.info(
-                        "Cache hit: %s is already parsed in %s; not submitted",
-                        sources[indices[0]].uri,
-                        record["markdown_path"],
-                    )
-                    for index in indices:
-                        jobs[index] = job(record["uid"], sources[index].uri, digest, protocol.STATUS_SUCCESS)
-        if not self.may_hold_uids:
-            self._index = []
-            return set()
-        latest: dict[str, tuple[_Recorded, int]] = {}  # a content's newest PDF, and its page there
-        for pdf in await self._recorded():
-            for page_idx, digest in enumerate(pdf.pages):
-                latest[digest] = (pdf, page_idx)
-        by_pdf: dict[str, list[tuple[str, int]]] = {}
-        recorded: dict[str, _Recorded] = {}
-        for digest, indices in by_content.items():
-            if jobs[indices[0]] is None and digest in latest:
-                pdf, page_idx = latest[digest]
-                recorded[pdf.uid] = pdf
-                by_pdf.setdefault(pdf.uid, []).append((digest, page_idx))
-        image_lane: set[int] = set()
-        for uid, contents in by_pdf.items():
-            pdf = recorded[uid]
-            if pdf.fallback == "image":  # its images went through the image lane: it reconnects them
-                image_lane.update(index for digest, _ in contents for index in by_content[digest])
-                continue
-            found = await self._reconnect(pdf)
-            if found is None:
-                continue  # planned again with the others
-            status, extra = found
-            for digest, page_idx in contents:
-                for index in by_content[digest]:
-                    entry = pdf_job(
-                        uid,
-                        sources[index].uri,
-                        digest,
-                        page_idx=page_idx,
-                        pages=len(pdf.pages),
-                        uploaded_at=pdf.uploaded_at or pdf.at or time.time(),
-                        status=status,
-                        round_=pdf.round,
-                    )
-                    jobs[index] = {**entry, **extra}
-        return image_lane
-
-    async def _recorded(self) -> list[_Recorded]:
-        """The PDFs the store holds for this task, oldest first."""
-        index = await self.store_call("get", STATE_INDEX_KEY)
-        uids = (
-            [uid for uid in index.get("uids", []) if isinstance(uid, str)] if isinstance(index, dict) else []
-        )
-        self._index = list(uids)
-        found = []
-        for uid in uids:
-            pdf = _Recorded.of(uid, await self.store_call("get", STATE_PDF_PREFIX + uid))
-            if pdf is not None:
-                found.append(pdf)
-        return found
-
-    async def _reconnect(self, pdf: _Recorded) -> tuple[str, dict[str, Any]] | None:
-        """The status of a PDF an earlier try recorded, and its images' extra keys; None to submit them again.
-
-        None when Doc2X does not know the uid (expired, or its upload never landed). A failed PDF
-        comes back failed: :meth:`advance` tries its images again. A status answer that is malformed
-        (cut off, or a page_idx twice or missing, say) is asked again, as the result fetch does; a PDF
-        whose answer stays malformed comes back failed with ``protocol_error``: its images are named,
-        not paid for again, and the other PDFs go on.
-        """
-        # A PUT that was never answered may have landed moments ago: the pickup delay counts from it.
-        since = pdf.uploaded_at if pdf.state == UPLOADED else (pdf.uploaded_at or pdf.at)
-        try:
-            status = await recorded_status(
-                self.hook,
-                lambda: self.hook.aget_pdf_status(pdf.uid, uploaded_at=since),
-                self.log,
-                f"Recorded Doc2X PDF {pdf.uid} ({len(pdf.pages)} pages)",
-            )
-        except Doc2XJobNotFoundError:
-            if pdf.state == UPLOADED:
-                self.log.warning(
-                    "Recorded Doc2X PDF %s (%d pages) is no longer known (its result expired or was lost); "
-                    "its images are submitted again and billed again",
-                    pdf.uid,
-                    len(pdf.pages),
-                )
-            else:
-                self.log.warning(
-                    "An earlier try's upload of Doc2X PDF %s (%d pages) %s, and Doc2X does not know the uid: "
-                    "its images are submitted again and are possibly billed twice",
-                    pdf.uid,
-                    len(pdf.pages),
-                    "lost its answer" if pdf.state == UNCERTAIN else "started and was never answered",
-                )
-            return None
-        except Doc2XProtocolError as malformed:
-            self.log.error(
-                "Recorded Doc2X PDF %s (%d pages) answered its status malformed %d times; its images fail "
-                "with protocol_error: %s",
-                pdf.uid,
-                len(pdf.pages),
-                FETCH_ATTEMPTS,
-                malformed,
-            )
-            return protocol.STATUS_FAILED, {"code": malformed.failure_code, "message": malformed.summary}
-        if status.status == protocol.STATUS_FAILED:
-            error = status.failure()
-            self.log.warning("Recorded Doc2X PDF %s failed (%s); its images are tried again", pdf.uid, error)
-            return protocol.STATUS_FAILED, {"code": error.failure_code, "message": error.summary}
-        self.log.info(
-            "Reconnected %d images to Doc2X PDF %s (%r), recorded by an earlier try",
-            len(pdf.pages),
-            pdf.uid,
-            status.status,
-        )
-        if status.status == protocol.STATUS_AWAITING_PICKUP:
-            # Not known yet: polled as a lost answer is (if Doc2X never shows it, the images are named).
-            return protocol.STATUS_PROCESSING, ({} if pdf.state == UPLOADED else {"uncertain": 1})
-        if pdf.state != UPLOADED:
-            pdf.state, pdf.uploaded_at = UPLOADED, since or time.time()
-            await self._write(pdf)
-        return status.status, {}
 
     # -- the second half: submit within the bounds, try failed PDFs again ------------------------
 
@@ -507,8 +256,8 @@ class PdfLane:
                 count,
                 where,
             )
-            if head.get("uid") and self.store is not None:
-                await self._mark_fallback(head["uid"], "image" if to_image_lane else "pdf")
+            if head.get("uid") and self.journal.keeps:
+                await self.recorded.mark_fallback(head["uid"], "image" if to_image_lane else "pdf")
             if to_image_lane:
                 image_lane.extend(indices)
                 continue
@@ -527,13 +276,6 @@ class PdfLane:
         return 1 + max(
             (int(entry.get("chunk", -1)) for entry in jobs if entry.get("chunk") is not None), default=-1
         )
-
-    async def _mark_fallback(self, uid: str, fallback: str) -> None:
-        value = await self.store_call("get", STATE_PDF_PREFIX + uid)
-        pdf = _Recorded.of(uid, value)
-        if pdf is not None:
-            pdf.fallback = fallback
-            await self._write(pdf)
 
     async def _submit_within_bounds(self, jobs: list[dict[str, Any]]) -> list[int]:
         """Pack and submit the next queued PDFs while the PDFs and pages in flight allow; return indices for the image lane."""
@@ -556,8 +298,6 @@ class PdfLane:
             files, pages = files + 1, pages + size
         if not chosen:
             return []
-        if self._index is None:
-            self._index = await self._read_index()
         image_lane: list[int] = []
         submissions: list[asyncio.Task[None]] = []
         stop: BaseException | None = None
@@ -586,22 +326,16 @@ class PdfLane:
         return image_lane
 
     def _pack(self, jobs: list[dict[str, Any]], indices: list[int]) -> Any:
-        """Pack one planned PDF's images (blocking: run it in a thread)."""
+        """Pack one planned PDF's images, each content once (blocking: run it in a thread)."""
         images: dict[str, PackImage] = {}
         for index in indices:
             entry = jobs[index]
             if entry["sha256"] not in images:
                 source = self.images_source(entry["source"])
                 images[entry["sha256"]] = PackImage(
-                    self._local_path(source), entry["source"], entry["sha256"]
+                    self.staging.local_path(source), entry["source"], entry["sha256"]
                 )
-        return pack_images(
-            list(images.values()),
-            pdf_max_pages=len(images),
-            pdf_max_bytes=_PLANNED_MAX_BYTES,
-            aspect_tolerance=_PLANNED_TOLERANCE,
-            temp_dir=self.folder,
-        )
+        return self.staging.pack(list(images.values()))
 
     def images_source(self, uri: str) -> ImageSource:
         """The image a job names, as the image lane reads it (the operator's schemes allowed)."""
@@ -612,12 +346,12 @@ class PdfLane:
         round_ = int(jobs[indices[0]].get("round") or 0)
         page_of = {page.sha256: page.page_idx for page in pdf.pages}
         mine = [index for index in indices if jobs[index]["sha256"] in page_of]
-        record = _Recorded("", [page.sha256 for page in pdf.pages], PUT_STARTED, round=round_)
+        record = RecordedPdf("", [page.sha256 for page in pdf.pages], PUT_STARTED, round=round_)
 
         async def before_put(upload: protocol.Doc2XPreupload) -> None:
             record.uid, record.state, record.at = upload.uid, PUT_STARTED, time.time()
-            await self._add_to_index(upload.uid)
-            await self._write(record)
+            await self.journal.add_pdf(upload.uid)
+            await self.recorded.write(record)
 
         def image_job(index: int, uid: str, uploaded_at: float) -> dict[str, Any]:
             entry = jobs[index]
@@ -640,7 +374,7 @@ class PdfLane:
             uid = error.uid or record.uid
             record.state, record.uploaded_at = UNCERTAIN, time.time()
             if record.uid:
-                await self._write(record)
+                await self.recorded.write(record)
             self.log.warning("%s; PDF %s is polled by its uid to learn whether Doc2X took it", error, uid)
             for index in mine:
                 jobs[index] = {**image_job(index, uid, record.uploaded_at), "uncertain": 1}
@@ -669,31 +403,9 @@ class PdfLane:
             UPLOADED,
             round(submission.uploaded_at, 1),
         )
-        await self._write(record)
+        await self.recorded.write(record)
         for index in mine:
             jobs[index] = image_job(index, submission.uid, submission.uploaded_at)
-
-    # -- the task state store ------------------------------------------------------------------------
-
-    async def _read_index(self) -> list[str]:
-        if self.store is None:
-            return []
-        index = await self.store_call("get", STATE_INDEX_KEY)
-        return (
-            [uid for uid in index.get("uids", []) if isinstance(uid, str)] if isinstance(index, dict) else []
-        )
-
-    async def _add_to_index(self, uid: str) -> None:
-        if self.store is None:
-            return
-        if self._index is None:
-            self._index = await self._read_index()
-        self._index.append(uid)
-        await self.store_call("set", STATE_INDEX_KEY, {"uids": self._index})
-
-    async def _write(self, pdf: _Recorded) -> None:
-        if self.store is not None and pdf.uid:
-            await self.store_call("set", STATE_PDF_PREFIX + pdf.uid, pdf.to_json())
 
     # -- the image lane ------------------------------------------------------------------------------
 
@@ -712,10 +424,3 @@ class PdfLane:
 
 def _more_to_do(jobs: list[dict[str, Any]]) -> bool:
     return any(is_queued(entry) or retry_plan(entry) is not None for entry in jobs)
-
-
-def _seconds(value: Any) -> float | None:
-    """A time read back from the store: a finite number, or None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        return None
-    return float(value)

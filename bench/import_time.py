@@ -1,0 +1,52 @@
+"""
+What importing the operator costs a DAG file, beyond Airflow itself, and which libraries it loads.
+
+    python bench/import_time.py [--runs 7]
+
+Each run is a fresh interpreter that imports Airflow's SDK first (a DAG file has it already),
+then times ``import airflow_provider_doc2x.operators.doc2x`` alone, and lists which of the PDF
+packer's libraries (img2pdf, pikepdf, Pillow) that import loaded. Printed: the median, minimum and
+maximum over the runs. Point ``PYTHONPATH`` at another checkout to measure it the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+
+PROBE = """
+import json, sys, time
+import airflow.sdk  # what a DAG file imports anyway
+before = set(sys.modules)
+start = time.perf_counter()
+import airflow_provider_doc2x.operators.doc2x
+took = time.perf_counter() - start
+heavy = [name for name in ("img2pdf", "pikepdf", "PIL.Image") if name in sys.modules and name not in before]
+print(json.dumps({"seconds": took, "loaded": heavy}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--runs", type=int, default=7, help="fresh interpreters (default 7)")
+    args = parser.parse_args()
+    figures, loaded = [], set()
+    for _ in range(args.runs):
+        out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True).stdout
+        probe = json.loads(out.strip().splitlines()[-1])
+        figures.append(probe["seconds"] * 1000)
+        loaded.update(probe["loaded"])
+    print(
+        f"# import_time: import airflow_provider_doc2x.operators.doc2x after airflow.sdk, {args.runs} fresh interpreters"
+    )
+    print(
+        f"ms: median {statistics.median(figures):.0f}, min {min(figures):.0f}, max {max(figures):.0f}; "
+        f"PDF packer libraries loaded: {', '.join(sorted(loaded)) or 'none'}"
+    )
+
+
+if __name__ == "__main__":
+    main()

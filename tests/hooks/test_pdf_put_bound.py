@@ -1,0 +1,67 @@
+"""One PDF is PUT at most ``max_retries + 1`` times, whichever way its PUTs fail, counted at the local server."""
+
+from __future__ import annotations
+
+import pytest
+
+from airflow_provider_doc2x.exceptions import Doc2XRateLimitError, Doc2XTransientError
+from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
+from airflow_provider_doc2x.local.samples import Page, render
+from airflow_provider_doc2x.pdf import submission as pdf_submission
+from airflow_provider_doc2x.pdf.packing import pack_images
+
+MAX_RETRIES = 2
+
+
+@pytest.fixture
+def lane(doc2x, monkeypatch):
+    """The local server with PDF tasks picked up at once, a connection of ``MAX_RETRIES`` retries, no url remembered."""
+    doc2x.configure(pickup_delay=0, pdf_page_seconds=0, export_seconds=0)
+    monkeypatch.setenv("AIRFLOW_CONN_DOC2X_DEFAULT", doc2x.connection_json(max_retries=MAX_RETRIES))
+    monkeypatch.setattr(pdf_submission, "_used_urls", pdf_submission._UsedUrls())
+    return doc2x
+
+
+@pytest.fixture
+def two_page_pdf(tmp_path):
+    """A PDF of two pages packed from rendered images."""
+    paths = []
+    for title in ("Bounded One", "Bounded Two"):
+        path = tmp_path / f"{title.replace(' ', '-')}.jpg"
+        path.write_bytes(render(Page(title=title), fmt="JPEG", size=(400, 300)))
+        paths.append(path)
+    with pack_images(paths) as result:
+        (pdf,) = result.pdfs
+        yield pdf
+
+
+async def submit(hook, pdf):
+    return await hook.asubmit_pdf(pdf.path, pages=pdf.page_count, sources=pdf.sources)
+
+
+async def parse(hook, pdf):
+    return await hook.aparse_pdf(pdf.path, pages=pdf.page_count, sources=pdf.sources, poll_interval=0.02)
+
+
+@pytest.mark.parametrize("call", [submit, parse], ids=["asubmit_pdf", "aparse_pdf"])
+async def test_a_put_that_always_fails_is_sent_max_retries_plus_one_times_then_names_the_pdf(
+    lane, two_page_pdf, call
+):
+    lane.configure(put_fail_next=1000)  # the store answers 503 to every PUT
+    with pytest.raises(Doc2XTransientError) as caught:
+        await call(Doc2XHook(), two_page_pdf)
+    assert caught.value.code == "upload_failed"
+    assert caught.value.source == str(two_page_pdf.path) and str(two_page_pdf.path) in str(caught.value)
+    stats = lane.stats()
+    assert (stats["puts"], stats["puts_failed"], stats["pdf_tasks"]) == (MAX_RETRIES + 1, MAX_RETRIES + 1, 0)
+    assert stats["preuploads"] == 1  # the url stayed young: every PUT went to it
+
+
+async def test_a_failed_put_and_refusals_for_the_limits_share_one_bound(lane, two_page_pdf):
+    """A PUT that failed, then tasks refused for the key's limits: together, ``max_retries + 1`` PUTs."""
+    lane.configure(put_fail_next=1, max_pages_in_progress=1)  # a PDF of two pages is never taken
+    with pytest.raises(Doc2XRateLimitError) as caught:
+        await parse(Doc2XHook(), two_page_pdf)
+    assert caught.value.code == "parse_concurrency_limit"
+    stats = lane.stats()
+    assert (stats["puts"], stats["puts_failed"], stats["pdf_tasks"]) == (MAX_RETRIES + 1, 1, MAX_RETRIES)
