@@ -251,9 +251,6 @@ class Job:
             not isinstance(entry, dict)
             or not isinstance(entry.get("status", protocol.STATUS_PROCESSING), str)
             or not isinstance(entry.get("source"), str)
-            or not all(
-                isinstance(entry.get(key), (str, type(None))) for key in ("uid", "sha256", "code", "message")
-            )
             or not _pdf_keys_valid(entry)
             or entry.get(STORED) not in (None, 1)
             or not _count_valid(entry.get(MALFORMED))

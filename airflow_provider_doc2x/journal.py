@@ -113,7 +113,11 @@ class TaskJournal:
         uids = (
             [uid for uid in index.get("uids", []) if isinstance(uid, str)] if isinstance(index, dict) else []
         )
-        self._pdf_index = list(uids)
+        if self._pdf_index is None:
+            # Only the first read is kept: PDFs are added side by side, and a read that ends after
+            # another PDF was added must not put back the list from before it (that PDF would drop
+            # out of the list, and a new try would pay for its pages again).
+            self._pdf_index = list(uids)
         return uids
 
     async def add_pdf(self, uid: str) -> None:

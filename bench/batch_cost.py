@@ -29,11 +29,11 @@ BATCH = r"""
 import importlib, json, resource, sys, time
 from airflow_provider_doc2x import transport
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
-from airflow_provider_doc2x.image.records import records_from_event
+from airflow_provider_doc2x.records import records_from_event
 from airflow_provider_doc2x.journal import TaskJournal
 from airflow_provider_doc2x.storage.sources import check_all, resolve_images
 from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
-from airflow_provider_doc2x.image.uploads import ImageUploads
+from airflow_provider_doc2x.image_lane.uploads import ImageUploads
 import logging
 
 images = json.loads(open(sys.argv[1]).read())

@@ -1,6 +1,6 @@
 """The package keeps the floors of the architecture map in CONTRIBUTING.md: no module imports from its own floor or above.
 
-Every module is on the map by its dotted name inside the package (``pdf.lane``, ``storage.manifest``,
+Every module is on the map by its dotted name inside the package (``pdf_lane.lane``, ``storage.manifest``,
 ``pacing`` for ``pacing/__init__.py``), so an upward import between two modules of one subpackage
 fails as surely as one between subpackages.
 """
@@ -50,7 +50,7 @@ def modules() -> dict[str, Path]:
 
 
 def imported(node: ast.ImportFrom | ast.Import, importer: str, known: set[str]) -> set[str]:
-    """The package's modules one import statement names (``from pkg.pdf import lane`` names ``pdf.lane``)."""
+    """The package's modules one import statement names (``from pkg.pdf_lane import lane`` names ``pdf_lane.lane``)."""
     if isinstance(node, ast.Import):
         targets = [alias.name for alias in node.names]
         return {
@@ -108,8 +108,8 @@ def test_no_module_imports_from_its_own_floor_or_above():
 def test_an_upward_import_inside_a_subpackage_is_caught():
     """Positive control: the reader sees an import between two modules of one subpackage, by either spelling."""
     known = set(modules())
-    absolute = ast.parse("from airflow_provider_doc2x.pdf.lane import PdfLane").body[0]
+    absolute = ast.parse("from airflow_provider_doc2x.pdf_lane.lane import PdfLane").body[0]
     relative = ast.parse("from . import lane").body[0]
     assert isinstance(absolute, ast.ImportFrom) and isinstance(relative, ast.ImportFrom)
-    assert imported(absolute, "pdf.packing", known) == {"pdf.lane"}
-    assert imported(relative, "pdf.packing", known) == {"pdf.lane"}
+    assert imported(absolute, "pdf_lane.staging", known) == {"pdf_lane.lane"}
+    assert imported(relative, "pdf_lane.staging", known) == {"pdf_lane.lane"}

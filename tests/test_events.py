@@ -52,14 +52,13 @@ def test_what_the_wait_adds_to_a_job_does_not_cross_the_boundary():
     "entry",
     [
         {"uid": "u-1", "status": "processing"},  # no source
-        {**job("u-1", "/scans/a.png", SHA), "uid": 7},
         {**job("u-1", "/scans/a.png", SHA), "status": ["success"]},
         {**pdf_job("p-1", "/scans/e.png", SHA, page_idx=3, pages=4, uploaded_at=0.0), "page_idx": "3"},
         {**job("u-1", "/scans/a.png", SHA), "lane": "fax"},
         {**job("u-1", "/scans/a.png", SHA), STORED: "yes"},
         "u-1",
     ],
-    ids=["no-source", "uid-number", "status-list", "page-text", "lane-unknown", "stored-text", "not-a-dict"],
+    ids=["no-source", "status-list", "page-text", "lane-unknown", "stored-text", "not-a-dict"],
 )
 def test_a_malformed_job_is_refused_at_the_boundary_and_named(entry):
     with pytest.raises(Doc2XError, match="malformed job") as refused:

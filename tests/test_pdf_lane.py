@@ -23,13 +23,13 @@ from airflow_provider_doc2x import protocol
 from airflow_provider_doc2x.events import LANE_PDF, STATUS_QUEUED, make_event, pdf_job, queued_job
 from airflow_provider_doc2x.exceptions import Doc2XError, Doc2XQuotaError
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
-from airflow_provider_doc2x.image.records import FETCH_ATTEMPTS, records_from_event
 from airflow_provider_doc2x.journal import STATE_INDEX_KEY, STATE_PDF_PREFIX
 from airflow_provider_doc2x.local.samples import Page, render
 from airflow_provider_doc2x.pdf import submission as pdf_submission
 from airflow_provider_doc2x.pdf.packing import pack_images
 from airflow_provider_doc2x.pdf.results import PAGE_MAP_MISMATCH, PdfFigures
 from airflow_provider_doc2x.protocol import pdf as protocol_pdf
+from airflow_provider_doc2x.records import FETCH_ATTEMPTS, records_from_event
 from airflow_provider_doc2x.storage.objects import storage_path
 from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
 from tests.helpers import API_KEY, StateStore, first_event, parse_operator, wait_until

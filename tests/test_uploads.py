@@ -18,10 +18,10 @@ from PIL import Image
 
 from airflow_provider_doc2x.exceptions import Doc2XAuthError, Doc2XError, Doc2XQuotaError
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
-from airflow_provider_doc2x.image.records import FETCH_ATTEMPTS
-from airflow_provider_doc2x.image.uploads import ImageUploads
+from airflow_provider_doc2x.image_lane.uploads import ImageUploads
 from airflow_provider_doc2x.journal import STATE_KEY_PREFIX, TaskJournal
 from airflow_provider_doc2x.protocol import STATUS_PATH
+from airflow_provider_doc2x.records import FETCH_ATTEMPTS
 from airflow_provider_doc2x.storage.sources import ImageSource, sha256_of
 from tests.helpers import StateStore, parse_operator, run_deferred, wait_until
 from tests.helpers.s3 import proxied_doc2x

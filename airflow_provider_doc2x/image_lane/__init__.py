@@ -1,1 +1,1 @@
-"""The image lane, worker side: one upload per image through the image API, and its records."""
+"""The image lane, worker side: one upload per image through the image API, side by side, paced."""

@@ -44,8 +44,8 @@ from airflow_provider_doc2x.exceptions import (
     Doc2XQuotaError,
     Doc2XSubmitUncertainError,
 )
-from airflow_provider_doc2x.image.records import FETCH_ATTEMPTS, recorded_status, store_or_record
 from airflow_provider_doc2x.journal import TaskJournal
+from airflow_provider_doc2x.records import FETCH_ATTEMPTS, recorded_status, store_or_record
 from airflow_provider_doc2x.storage.sources import ImageSource, sha256_of
 
 if TYPE_CHECKING:

@@ -6,7 +6,7 @@ trigger reports, the task resumes, fetches the results and returns one record pe
 order. A new try of the task (crash, lost triggerer, a clear within the 24 h result lifetime)
 reconnects to the recorded uids instead of uploading again.
 
-``method="pdf"`` (the bulk lane, :mod:`airflow_provider_doc2x.pdf.lane`) packs the images into
+``method="pdf"`` (the bulk lane, :mod:`airflow_provider_doc2x.pdf_lane.lane`) packs the images into
 multi-page PDFs for Doc2X's PDF API: a few PDFs in flight at once, the task deferring until half of
 them are done, then submitting the next ones (and trying again the images of a PDF that failed),
 until every image is parsed or named in the error.
@@ -37,18 +37,18 @@ from airflow_provider_doc2x.events import (
     validate_event,
 )
 from airflow_provider_doc2x.hooks.doc2x import DEFAULT_PDF_WAIT, Doc2XHook
-from airflow_provider_doc2x.image.records import (
+from airflow_provider_doc2x.image_lane.uploads import ImageUploads
+from airflow_provider_doc2x.journal import STATE_KEY_PREFIX, TaskJournal
+from airflow_provider_doc2x.pdf.packing import DEFAULT_PDF_MAX_PAGES, MAX_PDF_PAGES
+from airflow_provider_doc2x.pdf.results import pdf_records
+from airflow_provider_doc2x.pdf_lane.lane import PdfLane
+from airflow_provider_doc2x.protocol import Doc2XJobStatus
+from airflow_provider_doc2x.records import (
     batch_failure,
     records_from_event,
     store_finished,
     store_or_record,
 )
-from airflow_provider_doc2x.image.uploads import ImageUploads
-from airflow_provider_doc2x.journal import STATE_KEY_PREFIX, TaskJournal
-from airflow_provider_doc2x.pdf.lane import PdfLane
-from airflow_provider_doc2x.pdf.packing import DEFAULT_PDF_MAX_PAGES, MAX_PDF_PAGES
-from airflow_provider_doc2x.pdf.results import pdf_records
-from airflow_provider_doc2x.protocol import Doc2XJobStatus
 from airflow_provider_doc2x.storage.manifest import Manifest
 from airflow_provider_doc2x.storage.objects import storage_path
 from airflow_provider_doc2x.storage.results import ResultStore
@@ -85,7 +85,7 @@ class Doc2XImageParseOperator(BaseOperator):
         (Doc2X's synchronous endpoint, one image at a time, in the worker), or ``"pdf"`` (the bulk
         lane: images of one aspect ratio packed losslessly into multi-page PDFs for Doc2X's PDF
         API, which is not bound by the image API's 30 images per 30 s; see
-        :mod:`airflow_provider_doc2x.pdf.lane`). The records are the same; the PDF lane's also
+        :mod:`airflow_provider_doc2x.pdf_lane.lane`). The records are the same; the PDF lane's also
         carry the image's ``page_idx`` in its PDF (whose uid is the record's ``uid``).
     :param deferrable: wait in the triggerer instead of the worker.
     :param poll_interval: seconds between status rounds.

@@ -32,7 +32,7 @@ import html
 import logging
 import posixpath
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from airflow_provider_doc2x import protocol
@@ -41,10 +41,25 @@ from airflow_provider_doc2x.exceptions import Doc2XError
 from airflow_provider_doc2x.storage.archives import MAX_ZIP_BYTES, MAX_ZIP_ENTRIES, Figures, unpack_figures
 
 if TYPE_CHECKING:
-    from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
     from airflow_provider_doc2x.storage.results import ResultStore
 
 log = logging.getLogger(__name__)
+
+
+class ExportCalls(Protocol):
+    """The two calls a PDF's figures need: the hook's (or :class:`~airflow_provider_doc2x.pdf.submission.PdfCalls`').
+
+    Named by what is used, so that this module, below the hook, never imports it.
+    """
+
+    async def aexport_markdown(self, uid: str) -> str:
+        """Ask for the PDF's Markdown export and return its download url."""
+        ...
+
+    async def adownload(self, url: str, cap: int | None = None) -> bytes:
+        """Download a file the PDF API points to, within a size cap."""
+        ...
+
 
 #: The fixed text of an image whose PDF's result does not map back to the packed pages.
 PAGE_MAP_MISMATCH = (
@@ -132,7 +147,12 @@ class PdfFigures:
     """
 
     def __init__(
-        self, hook: Doc2XHook, uid: str, *, max_entries: int = MAX_ZIP_ENTRIES, max_bytes: int = MAX_ZIP_BYTES
+        self,
+        hook: ExportCalls,
+        uid: str,
+        *,
+        max_entries: int = MAX_ZIP_ENTRIES,
+        max_bytes: int = MAX_ZIP_BYTES,
     ) -> None:
         """Nothing is asked until a page with figures comes."""
         self.hook = hook
@@ -238,7 +258,7 @@ def page_record(
 
 
 async def pdf_records(
-    hook: Doc2XHook,
+    hook: ExportCalls,
     results: ResultStore | None,
     status: protocol.Doc2XJobStatus,
     entries: list[dict[str, Any]],

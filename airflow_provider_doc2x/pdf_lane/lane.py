@@ -68,19 +68,19 @@ from airflow_provider_doc2x.pdf.packing import (
     PackImage,
     plan_pdfs,
 )
-from airflow_provider_doc2x.pdf.reconnect import (
+from airflow_provider_doc2x.pdf_lane.reconnect import (
     PUT_STARTED,
     UNCERTAIN,
     UPLOADED,
     PdfReconnection,
     RecordedPdf,
 )
-from airflow_provider_doc2x.pdf.staging import PdfStaging
+from airflow_provider_doc2x.pdf_lane.staging import PdfStaging
 from airflow_provider_doc2x.storage.sources import ImageSource
 
 if TYPE_CHECKING:
     from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
-    from airflow_provider_doc2x.image.uploads import ImageUploads
+    from airflow_provider_doc2x.image_lane.uploads import ImageUploads
     from airflow_provider_doc2x.storage.results import ResultStore
 
 #: A failed PDF's images are packed again into PDFs of this many times fewer pages.
@@ -214,7 +214,11 @@ class PdfLane:
         """
         jobs = [dict(entry) for entry in jobs]
         for _ in range(self.settings.max_retries + 10):  # each pass submits, or moves images on
-            image_lane = transport.run_sync(self._retry_failed(jobs))
+            image_lane = transport.run_sync(
+                retry_failed(
+                    jobs, max_retries=self.settings.max_retries, recorded=self.recorded, log=self.log
+                )
+            )
             if image_lane:
                 self._through_image_lane(image_lane, None, jobs)
             image_lane = transport.run_sync(self._submit_within_bounds(jobs))
@@ -223,59 +227,6 @@ class PdfLane:
             if any(is_pending(entry) for entry in jobs) or not _more_to_do(jobs):
                 break
         return jobs
-
-    async def _retry_failed(self, jobs: list[dict[str, Any]]) -> list[int]:
-        """Queue again the images of failed PDFs (or send them to the image lane); return the latter's indices."""
-        failed: dict[tuple[str, str], list[int]] = {}
-        for index, entry in enumerate(jobs):
-            if retry_plan(entry) is not None:
-                # One PDF: its uid, or (its upload failed before Doc2X named it) its planned chunk.
-                failed.setdefault((str(entry.get("uid") or ""), str(entry.get("chunk", ""))), []).append(
-                    index
-                )
-        next_chunk = self._chunk_floor(jobs)
-        image_lane: list[int] = []
-        for indices in failed.values():
-            head = jobs[indices[0]]
-            plan = retry_plan(head)
-            round_ = int(head.get("round") or 0) + 1
-            pages = int(head.get("pages") or len(indices))
-            if plan == RETRY_SAME:
-                size = pages
-                to_image_lane = round_ > self.settings.max_retries
-            else:
-                size = pages // SPLIT_BY
-                to_image_lane = size < IMAGE_LANE_BELOW
-            count = len({jobs[index]["sha256"] for index in indices})
-            where = "through the image lane" if to_image_lane else f"in PDFs of at most {size} pages"
-            self.log.warning(
-                "Doc2X PDF %s failed (code %s): its %d images are tried again %s; they may be billed again "
-                "(whether Doc2X bills a failed PDF is not documented)",
-                head.get("uid") or "(not uploaded)",
-                head.get("code"),
-                count,
-                where,
-            )
-            if head.get("uid") and self.journal.keeps:
-                await self.recorded.mark_fallback(head["uid"], "image" if to_image_lane else "pdf")
-            if to_image_lane:
-                image_lane.extend(indices)
-                continue
-            order: dict[str, int] = {}
-            for index in sorted(indices, key=lambda i: (jobs[i].get("page_idx") or 0, i)):
-                order.setdefault(jobs[index]["sha256"], len(order))
-            for index in indices:
-                entry = jobs[index]
-                chunk = next_chunk + order[entry["sha256"]] // max(1, size)
-                jobs[index] = queued_job(entry["source"], entry["sha256"], chunk=chunk, round_=round_)
-            next_chunk += (len(order) + max(1, size) - 1) // max(1, size)
-        return image_lane
-
-    @staticmethod
-    def _chunk_floor(jobs: list[dict[str, Any]]) -> int:
-        return 1 + max(
-            (int(entry.get("chunk", -1)) for entry in jobs if entry.get("chunk") is not None), default=-1
-        )
 
     async def _submit_within_bounds(self, jobs: list[dict[str, Any]]) -> list[int]:
         """Pack and submit the next queued PDFs while the PDFs and pages in flight allow; return indices for the image lane."""
@@ -424,3 +375,62 @@ class PdfLane:
 
 def _more_to_do(jobs: list[dict[str, Any]]) -> bool:
     return any(is_queued(entry) or retry_plan(entry) is not None for entry in jobs)
+
+
+async def retry_failed(
+    jobs: list[dict[str, Any]], *, max_retries: int, recorded: PdfReconnection, log: Any
+) -> list[int]:
+    """Queue again the images of failed PDFs (or send them to the image lane); return the latter's indices.
+
+    The retry policy of the lane, apart from its bookkeeping: a PDF failed for a reason that is not
+    its own is submitted again as it was, at most ``max_retries`` times; any other failure packs
+    its images into PDFs of a quarter of the pages, down to the image lane.
+    """
+    failed: dict[tuple[str, str], list[int]] = {}
+    for index, entry in enumerate(jobs):
+        if retry_plan(entry) is not None:
+            # One PDF: its uid, or (its upload failed before Doc2X named it) its planned chunk.
+            failed.setdefault((str(entry.get("uid") or ""), str(entry.get("chunk", ""))), []).append(index)
+    next_chunk = _chunk_floor(jobs)
+    image_lane: list[int] = []
+    for indices in failed.values():
+        head = jobs[indices[0]]
+        plan = retry_plan(head)
+        round_ = int(head.get("round") or 0) + 1
+        pages = int(head.get("pages") or len(indices))
+        if plan == RETRY_SAME:
+            size = pages
+            to_image_lane = round_ > max_retries
+        else:
+            size = pages // SPLIT_BY
+            to_image_lane = size < IMAGE_LANE_BELOW
+        count = len({jobs[index]["sha256"] for index in indices})
+        where = "through the image lane" if to_image_lane else f"in PDFs of at most {size} pages"
+        log.warning(
+            "Doc2X PDF %s failed (code %s): its %d images are tried again %s; they may be billed again "
+            "(whether Doc2X bills a failed PDF is not documented)",
+            head.get("uid") or "(not uploaded)",
+            head.get("code"),
+            count,
+            where,
+        )
+        if head.get("uid") and recorded.journal.keeps:
+            await recorded.mark_fallback(head["uid"], "image" if to_image_lane else "pdf")
+        if to_image_lane:
+            image_lane.extend(indices)
+            continue
+        order: dict[str, int] = {}
+        for index in sorted(indices, key=lambda i: (jobs[i].get("page_idx") or 0, i)):
+            order.setdefault(jobs[index]["sha256"], len(order))
+        for index in indices:
+            entry = jobs[index]
+            chunk = next_chunk + order[entry["sha256"]] // max(1, size)
+            jobs[index] = queued_job(entry["source"], entry["sha256"], chunk=chunk, round_=round_)
+        next_chunk += (len(order) + max(1, size) - 1) // max(1, size)
+    return image_lane
+
+
+def _chunk_floor(jobs: list[dict[str, Any]]) -> int:
+    return 1 + max(
+        (int(entry.get("chunk", -1)) for entry in jobs if entry.get("chunk") is not None), default=-1
+    )

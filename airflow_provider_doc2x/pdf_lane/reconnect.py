@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 from airflow_provider_doc2x import protocol
 from airflow_provider_doc2x.events import job, pdf_job
 from airflow_provider_doc2x.exceptions import Doc2XJobNotFoundError, Doc2XProtocolError
-from airflow_provider_doc2x.image.records import FETCH_ATTEMPTS, recorded_status
 from airflow_provider_doc2x.journal import TaskJournal
+from airflow_provider_doc2x.records import FETCH_ATTEMPTS, recorded_status
 from airflow_provider_doc2x.storage.sources import ImageSource
 
 if TYPE_CHECKING:

@@ -12,8 +12,8 @@ from airflow.providers.common.compat.sdk import BaseSensorOperator, PokeReturnVa
 
 from airflow_provider_doc2x import events, protocol
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
-from airflow_provider_doc2x.image.records import records_from_event, result_record
 from airflow_provider_doc2x.pdf.results import page_record
+from airflow_provider_doc2x.records import records_from_event, result_record
 from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
 
 if TYPE_CHECKING:

@@ -10,7 +10,7 @@ statuses only; the task fetches the results itself when it resumes.
 
 The PDF lane's jobs are one per image too: the trigger asks Doc2X's PDF status once per PDF and
 updates each of its images, and hands the task back (a ``progress`` event) when PDFs remain to be
-submitted (see :mod:`airflow_provider_doc2x.pdf.lane`).
+submitted (see :mod:`airflow_provider_doc2x.pdf_lane.lane`).
 """
 
 from __future__ import annotations
