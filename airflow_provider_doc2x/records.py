@@ -293,7 +293,7 @@ async def _collect(
         """The records of a PDF's images (by ``id`` of their job), from one status call."""
         async with pdf_turns:
             try:
-                status = await _status_of(hook, hook.aget_pdf_status, uid, entries[0])
+                status = await _status_of(hook, hook.pdf.aget_pdf_status, uid, entries[0])
             except Doc2XProtocolError:
                 return {id(entry): _malformed(entry) for entry in entries}
             except Doc2XAuthError:
@@ -317,7 +317,7 @@ async def _collect(
                     "message": PAGE_MAP_MISMATCH,
                 }
                 return {id(entry): {**entry, **failed} for entry in entries}
-            records = await pdf_records(hook, results, status, entries)
+            records = await pdf_records(hook.pdf, results, status, entries)
             return {id(entry): record for entry, record in zip(entries, records, strict=True)}
 
     successes = [index for index, job in enumerate(jobs) if job["status"] == protocol.STATUS_SUCCESS]

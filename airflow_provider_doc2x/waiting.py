@@ -276,7 +276,7 @@ class JobWaiter:
                     try:
                         answer: protocol.Doc2XJobStatus | Doc2XError
                         if is_pdf(head):
-                            answer = await self.hook.aget_pdf_status(
+                            answer = await self.hook.pdf.aget_pdf_status(
                                 head["uid"], uploaded_at=head.get("uploaded_at")
                             )
                         else:

@@ -17,6 +17,8 @@ import statistics
 import subprocess
 import sys
 
+from _support import report
+
 PROBE = """
 import json, sys, time
 import airflow.sdk  # what a DAG file imports anyway
@@ -39,12 +41,14 @@ def main() -> None:
         probe = json.loads(out.strip().splitlines()[-1])
         figures.append(probe["seconds"] * 1000)
         loaded.update(probe["loaded"])
-    print(
-        f"# import_time: import airflow_provider_doc2x.operators.doc2x after airflow.sdk, {args.runs} fresh interpreters"
-    )
-    print(
-        f"ms: median {statistics.median(figures):.0f}, min {min(figures):.0f}, max {max(figures):.0f}; "
-        f"PDF packer libraries loaded: {', '.join(sorted(loaded)) or 'none'}"
+    print(f"# import_time: the operator's module after airflow.sdk, {args.runs} fresh interpreters")
+    report(
+        "import airflow_provider_doc2x.operators.doc2x",
+        [
+            ("ms, median", f"{statistics.median(figures):.0f}"),
+            ("ms, min / max", f"{min(figures):.0f} / {max(figures):.0f}"),
+            ("PDF packer libraries loaded", ", ".join(sorted(loaded)) or "none"),
+        ],
     )
 
 

@@ -113,3 +113,23 @@ def test_an_upward_import_inside_a_subpackage_is_caught():
     assert isinstance(absolute, ast.ImportFrom) and isinstance(relative, ast.ImportFrom)
     assert imported(absolute, "pdf_lane.staging", known) == {"pdf_lane.lane"}
     assert imported(relative, "pdf_lane.staging", known) == {"pdf_lane.lane"}
+
+
+#: A module or a class past these has more than one job: give each its own (CONTRIBUTING.md).
+MOST_MODULE_LINES = 600
+MOST_CLASS_LINES = 300
+
+
+def test_no_module_or_class_outgrows_one_job():
+    too_long = []
+    for name, path in modules().items():
+        text = path.read_text()
+        if len(text.splitlines()) > MOST_MODULE_LINES:
+            too_long.append(f"{name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if (
+                isinstance(node, ast.ClassDef)
+                and (size := node.end_lineno - node.lineno + 1) > MOST_CLASS_LINES
+            ):
+                too_long.append(f"{name}.{node.name}: {size} lines")
+    assert too_long == []

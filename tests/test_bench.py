@@ -57,6 +57,7 @@ RUNS = {
     "worker_occupancy.py": ["--processing", "0.3", "--tasks", "1", "--poll-interval", "0.1"],
     "triggerer.py": ["--triggers", "20", "--processing", "0.3", "--poll-interval", "0.1", "--alone", "1"],
     "upload.py": [],
+    "import_time.py": ["--runs", "2"],
     "packing_memory.py": ["--images", "6", "--pdfs", "3", "--side", "200"],
     "slow_link.py": [
         "--images",

@@ -5,7 +5,6 @@ the task's list of PDFs, so that a new try reconnects to all of them instead of 
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from types import SimpleNamespace
@@ -16,7 +15,7 @@ from airflow.providers.common.compat.sdk import TaskDeferred
 from airflow_provider_doc2x.journal import STATE_INDEX_KEY
 from airflow_provider_doc2x.local.samples import Page, render
 from airflow_provider_doc2x.pdf import submission as pdf_submission
-from tests.helpers import StateStore, first_event, parse_operator
+from tests.helpers import StateStore, parse_operator, run_to_the_end
 
 
 @pytest.fixture
@@ -57,21 +56,6 @@ def two_sizes(tmp_path):
     return paths
 
 
-def run_to_the_end(op, context):
-    def call():
-        return op.execute(context)
-
-    while True:
-        try:
-            return call()
-        except TaskDeferred as deferred:
-            event = asyncio.run(first_event(deferred.trigger))
-            method = getattr(op, deferred.method_name)
-
-            def call(method=method, event=event):
-                return method(context, event)
-
-
 def test_pdfs_submitted_side_by_side_on_a_first_try_are_all_in_the_task_s_list(lane, tmp_path):
     """A first try submits two PDFs at once; its worker is lost; the retry must reconnect to both, not pay again."""
     images = two_sizes(tmp_path)
@@ -82,7 +66,7 @@ def test_pdfs_submitted_side_by_side_on_a_first_try_are_all_in_the_task_s_list(l
     assert lane.stats()["pdf_tasks"] == 2
     # The worker is lost here; the retry reads the journal.
     retry = parse_operator(images, method="pdf", deferrable=True)
-    records = run_to_the_end(retry, {"task_state_store": store, "ti": SimpleNamespace(try_number=2)})
+    records = run_to_the_end(retry, {"task_state_store": store, "ti": SimpleNamespace(try_number=2)})[0]
     assert [record["markdown"].splitlines()[0] for record in records] == [f"# Side {n}" for n in range(4)]
     assert len(store.values[STATE_INDEX_KEY]["uids"]) == 2
     stats = lane.stats()
@@ -100,7 +84,7 @@ def test_pdfs_submitted_side_by_side_at_a_resume_are_all_in_the_task_s_list(lane
     store = SlowStore()
     context = {"task_state_store": store, "ti": SimpleNamespace(try_number=1)}
     op = parse_operator(images, method="pdf", deferrable=True, pdf_max_pages=1)
-    records = run_to_the_end(op, context)
+    records = run_to_the_end(op, context)[0]
     assert len(records) == 6
     stats = lane.stats()
     assert sorted(store.values[STATE_INDEX_KEY]["uids"]) == sorted({r["uid"] for r in records})

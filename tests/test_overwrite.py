@@ -5,13 +5,10 @@ task waits; without it the stored result is reused and nothing is paid.
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
-from airflow.providers.common.compat.sdk import TaskDeferred
 
 from airflow_provider_doc2x.local.samples import Page, render
-from tests.helpers import StateStore, first_event, parse_operator
+from tests.helpers import StateStore, parse_operator, run_to_the_end
 
 LANES = [
     pytest.param({"method": "async", "deferrable": True}, id="async-deferred"),
@@ -28,21 +25,6 @@ def server(doc2x):
     return doc2x
 
 
-def run_to_the_end(op, context):
-    def call():
-        return op.execute(context)
-
-    while True:
-        try:
-            return call()
-        except TaskDeferred as deferred:
-            event = asyncio.run(first_event(deferred.trigger))
-            method = getattr(op, deferred.method_name)
-
-            def call(method=method, event=event):
-                return method(context, event)
-
-
 def paid(stats) -> int:
     return stats["billed_total"] + stats.get("pdf_pages_billed", 0)
 
@@ -56,19 +38,19 @@ def test_overwrite_parses_again_what_output_path_holds(server, tmp_path, lane):
         images.append(path)
     out = str(tmp_path / "out")
     store = StateStore()
-    first = run_to_the_end(parse_operator(images, output_path=out, **lane), {"task_state_store": store})
+    first = run_to_the_end(parse_operator(images, output_path=out, **lane), {"task_state_store": store})[0]
     assert [record["cached"] for record in first] == [False, False]
     assert paid(server.stats()) == 2
 
     reused = run_to_the_end(
         parse_operator(images, output_path=out, **lane), {"task_state_store": StateStore()}
-    )
+    )[0]
     assert [record["cached"] for record in reused] == [True, True]
     assert paid(server.stats()) == 2
 
     again = run_to_the_end(
         parse_operator(images, output_path=out, overwrite=True, **lane), {"task_state_store": StateStore()}
-    )
+    )[0]
     assert [record["cached"] for record in again] == [False, False]
     assert paid(server.stats()) == 4
     assert [record["markdown_path"] for record in again] == [record["markdown_path"] for record in first]

@@ -32,7 +32,7 @@ from airflow_provider_doc2x.protocol import pdf as protocol_pdf
 from airflow_provider_doc2x.records import FETCH_ATTEMPTS, records_from_event
 from airflow_provider_doc2x.storage.objects import storage_path
 from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
-from tests.helpers import API_KEY, StateStore, first_event, parse_operator, wait_until
+from tests.helpers import StateStore, first_event, parse_operator, run_to_the_end, wait_until
 from tests.helpers.s3 import proxied_doc2x
 from tests.helpers.storage import CountingFS, use_for_memory
 
@@ -67,28 +67,6 @@ def use_connection(monkeypatch, doc2x, **extra):
 def pdf_operator(images, **kwargs):
     kwargs.setdefault("method", "pdf")
     return parse_operator(images, **kwargs)
-
-
-def run_to_the_end(op, context):
-    """Every try's half of a deferrable task, as the triggerer and the scheduler run them; returns (result, deferrals)."""
-    deferrals = 0
-
-    def call():
-        return op.execute(context)
-
-    while True:
-        try:
-            return call(), deferrals
-        except TaskDeferred as deferred:
-            deferrals += 1
-            kwargs = json.dumps(deferred.trigger.serialize()[1])
-            event = asyncio.run(first_event(deferred.trigger))
-            method = getattr(op, deferred.method_name)
-
-            def call(method=method, event=event):
-                return method(context, event)
-
-        assert API_KEY not in kwargs  # the trigger's kwargs are stored in Airflow's database
 
 
 def titles(records):
@@ -260,7 +238,7 @@ def test_a_result_with_another_page_count_is_a_protocol_error_naming_the_pdf_and
     images = pages("Mapped One", "Mapped Two")
     with pack_images(images) as packed:
         (pdf,) = packed.pdfs
-        submission = asyncio.run(Doc2XHook().asubmit_pdf(pdf.path, pages=2))
+        submission = asyncio.run(Doc2XHook().pdf.asubmit_pdf(pdf.path, pages=2))
     # The jobs say the PDF had 3 pages: Doc2X's 2 pages do not map back to them.
     jobs = [
         pdf_job(
@@ -433,7 +411,7 @@ def test_xcom_records_keep_doc2x_s_figure_links(lane, tmp_path):
 async def parsed_page(tmp_path):
     path = figure_page(tmp_path)
     with pack_images([path]) as packed:
-        status = await Doc2XHook().aparse_pdf(packed.pdfs[0].path, pages=1, poll_interval=0.02)
+        status = await Doc2XHook().pdf.aparse_pdf(packed.pdfs[0].path, pages=1, poll_interval=0.02)
     return status.result.pages[0], status.uid
 
 
@@ -441,7 +419,7 @@ async def test_without_an_export_each_linked_figure_is_downloaded(lane, tmp_path
     use_connection(monkeypatch, lane, max_retries=0)
     page, uid = await parsed_page(tmp_path)
     lane.configure(fail_next=1)  # the export's request fails; the CDN is not the API
-    markdown, figures = await PdfFigures(Doc2XHook(), uid).page(page)
+    markdown, figures = await PdfFigures(Doc2XHook().pdf, uid).page(page)
     (path,) = figures.files
     assert re.fullmatch(rf"images/{uid}_0_80_\d+_360_240_0\.jpg", path) and f'src="{path}"' in markdown
     assert any("export" in warning and "failed" in warning for warning in figures.warnings)
@@ -452,7 +430,7 @@ async def test_a_figure_neither_exported_nor_downloadable_keeps_its_link(lane, t
     use_connection(monkeypatch, lane, max_retries=0)
     page, uid = await parsed_page(tmp_path)
     lane.configure(fail_next=1, cdn_ttl=0)
-    markdown, figures = await PdfFigures(Doc2XHook(), uid).page(page)
+    markdown, figures = await PdfFigures(Doc2XHook().pdf, uid).page(page)
     assert figures.files == {} and markdown == page.md
     assert any("could not be downloaded" in warning for warning in figures.warnings)
 
@@ -462,7 +440,7 @@ async def test_figures_are_downloaded_only_from_the_vendor_s_hosts_and_the_conne
     foreign = protocol.Doc2XPage(
         0, 600, 600, '<img src="https://evil.example/x.jpg?x=1&amp;y=2&amp;w=3&amp;h=4&amp;r=0"/>'
     )
-    markdown, figures = await PdfFigures(Doc2XHook(), uid).page(foreign)
+    markdown, figures = await PdfFigures(Doc2XHook().pdf, uid).page(foreign)
     assert markdown == foreign.md and figures.files == {}
     assert any("evil.example" in warning and "download_refused" in warning for warning in figures.warnings)
 

@@ -13,12 +13,10 @@ as the ``Authorization`` header.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import os
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
 from functools import cached_property
 from typing import Any
 
@@ -33,12 +31,9 @@ from airflow_provider_doc2x.exceptions import (
     Doc2XJobNotFoundError,
     Doc2XTransientError,
 )
-from airflow_provider_doc2x.pacing import PdfBudget, limiter_for
+from airflow_provider_doc2x.pacing import limiter_for
 from airflow_provider_doc2x.pdf.submission import (
-    DEFAULT_EXPORT_WAIT,
-    DEFAULT_PDF_WAIT,
     PdfCalls,
-    PdfSubmission,
 )
 from airflow_provider_doc2x.settings import Doc2XSettings
 from airflow_provider_doc2x.storage.sources import ImageSource
@@ -268,94 +263,19 @@ class Doc2XHook(BaseHook):
             return False, f"Doc2X at {settings.base_url} answered unexpectedly{status}: {error.message}"
         return True, f"Doc2X at {settings.base_url} accepted the API key"
 
-    # -- the PDF API (the bulk lane): the calls live in pdf.submission, offered here by name -------
+    # -- the PDF API (the bulk lane): its calls live in pdf.submission ----------------------------
 
     @property
-    def pdf_calls(self) -> PdfCalls:
-        """The PDF API's calls on this hook's connection; made per call, so that no cycle holds the hook."""
+    def pdf(self) -> PdfCalls:
+        """The PDF API's calls on this hook's connection: ``hook.pdf.asubmit_pdf(...)``, ``hook.pdf.aparse_pdf(...)``.
+
+        Made at each use, so that no reference cycle keeps a hook alive on the triggerer. One PDF is
+        PUT at most the connection's ``max_retries + 1`` times, whatever path it takes (see
+        :mod:`airflow_provider_doc2x.pdf.submission`).
+        """
         return PdfCalls(self.aget_settings, self.log)
 
-    def pdf_budget(self, settings: Doc2XSettings) -> PdfBudget:
-        """The key's PDFs and pages in flight in this process, on this event loop (see :class:`PdfBudget`)."""
-        return self.pdf_calls.pdf_budget(settings)
-
-    def apdf_slot(self, pages: int) -> contextlib.AbstractAsyncContextManager[None]:
-        """Hold one of the key's PDF slots and ``pages`` pages in flight (:meth:`PdfCalls.apdf_slot`)."""
-        return self.pdf_calls.apdf_slot(pages)
-
-    async def apreupload(self, model: str | None = None) -> protocol.Doc2XPreupload:
-        """A uid and a presigned url to PUT one PDF to (:meth:`PdfCalls.apreupload`)."""
-        return await self.pdf_calls.apreupload(model)
-
-    async def aput_pdf(
-        self,
-        url: str,
-        path: str | os.PathLike,
-        *,
-        uid: str,
-        sources: Sequence[str] = (),
-        issued_at: float | None = None,
-    ) -> None:
-        """PUT a PDF to its presigned url, at most ``max_retries + 1`` times (:meth:`PdfCalls.aput_pdf`)."""
-        await self.pdf_calls.aput_pdf(url, path, uid=uid, sources=sources, issued_at=issued_at)
-
-    async def asubmit_pdf(
-        self,
-        path: str | os.PathLike,
-        *,
-        pages: int,
-        sources: Sequence[str] = (),
-        model: str | None = None,
-        before_put: Callable[[protocol.Doc2XPreupload], Awaitable[None]] | None = None,
-    ) -> PdfSubmission:
-        """Preupload and PUT one PDF, at most ``max_retries + 1`` PUTs in all (:meth:`PdfCalls.asubmit_pdf`)."""
-        return await self.pdf_calls.asubmit_pdf(
-            path, pages=pages, sources=sources, model=model, before_put=before_put
-        )
-
-    async def aget_pdf_status(self, uid: str, *, uploaded_at: float | None = None) -> protocol.Doc2XJobStatus:
-        """A PDF job's status, and its pages once it succeeded (:meth:`PdfCalls.aget_pdf_status`)."""
-        return await self.pdf_calls.aget_pdf_status(uid, uploaded_at=uploaded_at)
-
     def get_pdf_status(self, uid: str, *, uploaded_at: float | None = None) -> protocol.Doc2XJobStatus:
-        """:meth:`aget_pdf_status` for a worker's synchronous code."""
+        """A PDF job's status, for a worker's synchronous code (the connection is read in its thread)."""
         self.settings  # noqa: B018 - the connection is looked up here, in the caller's thread
-        return transport.run_sync(self.aget_pdf_status(uid, uploaded_at=uploaded_at))
-
-    async def await_pdf(
-        self, submission: PdfSubmission, *, poll_interval: float = 2.0, timeout: float = DEFAULT_PDF_WAIT
-    ) -> protocol.Doc2XJobStatus:
-        """Poll a submitted PDF until its status is final (:meth:`PdfCalls.await_pdf`)."""
-        return await self.pdf_calls.await_pdf(submission, poll_interval=poll_interval, timeout=timeout)
-
-    async def aparse_pdf(
-        self,
-        path: str | os.PathLike,
-        *,
-        pages: int,
-        sources: Sequence[str] = (),
-        model: str | None = None,
-        poll_interval: float = 2.0,
-        timeout: float = DEFAULT_PDF_WAIT,
-    ) -> protocol.Doc2XJobStatus:
-        """Submit one PDF and wait for its pages, at most ``max_retries + 1`` PUTs (:meth:`PdfCalls.aparse_pdf`)."""
-        return await self.pdf_calls.aparse_pdf(
-            path, pages=pages, sources=sources, model=model, poll_interval=poll_interval, timeout=timeout
-        )
-
-    async def aexport_markdown(
-        self,
-        uid: str,
-        filename: str | None = None,
-        *,
-        poll_interval: float = 1.0,
-        timeout: float = DEFAULT_EXPORT_WAIT,
-    ) -> str:
-        """Export a finished PDF parse as Markdown; the zip's url (:meth:`PdfCalls.aexport_markdown`)."""
-        return await self.pdf_calls.aexport_markdown(
-            uid, filename, poll_interval=poll_interval, timeout=timeout
-        )
-
-    async def adownload(self, url: str, cap: int | None = None) -> bytes:
-        """Download a file the PDF API points to, at most ``cap`` bytes (:meth:`PdfCalls.adownload`)."""
-        return await self.pdf_calls.adownload(url, cap)
+        return transport.run_sync(self.pdf.aget_pdf_status(uid, uploaded_at=uploaded_at))

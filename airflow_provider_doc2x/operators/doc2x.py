@@ -36,11 +36,12 @@ from airflow_provider_doc2x.events import (
     retry_plan,
     validate_event,
 )
-from airflow_provider_doc2x.hooks.doc2x import DEFAULT_PDF_WAIT, Doc2XHook
+from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
 from airflow_provider_doc2x.image_lane.uploads import ImageUploads
 from airflow_provider_doc2x.journal import STATE_KEY_PREFIX, TaskJournal
 from airflow_provider_doc2x.pdf.packing import DEFAULT_PDF_MAX_PAGES, MAX_PDF_PAGES
 from airflow_provider_doc2x.pdf.results import pdf_records
+from airflow_provider_doc2x.pdf.submission import DEFAULT_PDF_WAIT
 from airflow_provider_doc2x.pdf_lane.lane import PdfLane
 from airflow_provider_doc2x.protocol import Doc2XJobStatus
 from airflow_provider_doc2x.records import (
@@ -242,7 +243,7 @@ class Doc2XImageParseOperator(BaseOperator):
             assert status.result is not None
             if is_pdf(unit[0]):
                 for entry, record in zip(
-                    unit, await pdf_records(self.hook, self.results, status, unit), strict=True
+                    unit, await pdf_records(self.hook.pdf, self.results, status, unit), strict=True
                 ):
                     if record.get("status") is None:
                         known[result_key(entry)] = record

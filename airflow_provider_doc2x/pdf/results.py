@@ -32,7 +32,7 @@ import html
 import logging
 import posixpath
 import re
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from airflow_provider_doc2x import protocol
@@ -41,24 +41,10 @@ from airflow_provider_doc2x.exceptions import Doc2XError
 from airflow_provider_doc2x.storage.archives import MAX_ZIP_BYTES, MAX_ZIP_ENTRIES, Figures, unpack_figures
 
 if TYPE_CHECKING:
+    from airflow_provider_doc2x.pdf.submission import PdfCalls
     from airflow_provider_doc2x.storage.results import ResultStore
 
 log = logging.getLogger(__name__)
-
-
-class ExportCalls(Protocol):
-    """The two calls a PDF's figures need: the hook's (or :class:`~airflow_provider_doc2x.pdf.submission.PdfCalls`').
-
-    Named by what is used, so that this module, below the hook, never imports it.
-    """
-
-    async def aexport_markdown(self, uid: str) -> str:
-        """Ask for the PDF's Markdown export and return its download url."""
-        ...
-
-    async def adownload(self, url: str, cap: int | None = None) -> bytes:
-        """Download a file the PDF API points to, within a size cap."""
-        ...
 
 
 #: The fixed text of an image whose PDF's result does not map back to the packed pages.
@@ -140,7 +126,7 @@ class PdfFigures:
 
     The export is asked for once, when a page first needs it.
 
-    :param hook: the hook (its calls check hosts and cap sizes).
+    :param calls: the PDF API's calls on the task's connection (``hook.pdf``: they check hosts and cap sizes).
     :param uid: the PDF's uid.
     :param max_entries: most entries of the export zip.
     :param max_bytes: most bytes unpacked from it.
@@ -148,14 +134,14 @@ class PdfFigures:
 
     def __init__(
         self,
-        hook: ExportCalls,
+        calls: PdfCalls,
         uid: str,
         *,
         max_entries: int = MAX_ZIP_ENTRIES,
         max_bytes: int = MAX_ZIP_BYTES,
     ) -> None:
         """Nothing is asked until a page with figures comes."""
-        self.hook = hook
+        self.calls = calls
         self.uid = uid
         self.max_entries = max_entries
         self.max_bytes = max_bytes
@@ -170,8 +156,8 @@ class PdfFigures:
 
     async def _fetch_export(self) -> dict[str, bytes]:
         try:
-            url = await self.hook.aexport_markdown(self.uid)
-            data = await self.hook.adownload(url)
+            url = await self.calls.aexport_markdown(self.uid)
+            data = await self.calls.adownload(url)
         except Doc2XError as error:
             self.export_warnings.append(
                 f"the Markdown export of PDF {self.uid} failed ({error.summary}, code {error.failure_code}); "
@@ -209,7 +195,7 @@ class PdfFigures:
             data = exported.get(name) or _by_box(exported, name, page.page_idx)
             if data is None:
                 try:
-                    data = await self.hook.adownload(url)
+                    data = await self.calls.adownload(url)
                 except Doc2XError as error:
                     figures.warnings.append(
                         f"figure {protocol.redact_url(url)} of PDF {self.uid} page {page.page_idx} could not be "
@@ -258,7 +244,7 @@ def page_record(
 
 
 async def pdf_records(
-    hook: ExportCalls,
+    calls: PdfCalls,
     results: ResultStore | None,
     status: protocol.Doc2XJobStatus,
     entries: list[dict[str, Any]],
@@ -273,7 +259,7 @@ async def pdf_records(
     whole = status.result
     assert whole is not None
     pages = {page.page_idx: page for page in whole.pages}
-    figures = PdfFigures(hook, status.uid) if results is not None else None
+    figures = PdfFigures(calls, status.uid) if results is not None else None
     turns = asyncio.Semaphore(WRITES_IN_FLIGHT)
     written: dict[str, asyncio.Future[dict[str, Any]]] = {}
 

@@ -317,7 +317,7 @@ class PdfLane:
             )
 
         try:
-            submission = await self.hook.asubmit_pdf(
+            submission = await self.hook.pdf.asubmit_pdf(
                 pdf.path, pages=pdf.page_count, sources=pdf.sources, model=self.model, before_put=before_put
             )
         except Doc2XSubmitUncertainError as error:

@@ -185,7 +185,7 @@ class PdfReconnection:
         try:
             status = await recorded_status(
                 self.hook,
-                lambda: self.hook.aget_pdf_status(pdf.uid, uploaded_at=since),
+                lambda: self.hook.pdf.aget_pdf_status(pdf.uid, uploaded_at=since),
                 self.log,
                 f"Recorded Doc2X PDF {pdf.uid} ({len(pdf.pages)} pages)",
             )

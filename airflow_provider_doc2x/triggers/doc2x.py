@@ -31,13 +31,11 @@ class Doc2XImageParseTrigger(BaseTrigger):
     """Poll Doc2X until every job is done, then fire one event with each job's status.
 
     :param doc2x_conn_id: the ``doc2x`` connection; fetched the async way, inside the triggerer.
-    :param jobs: one dict per image: ``uid`` and ``source`` (the image's name, for messages).
-    :param poll_interval: seconds between two rounds of status calls.
-    :param deadline: absolute Unix time after which the event reports a timeout, so that a
-        restarted triggerer keeps the original budget instead of starting a new one.
-    :param max_concurrent_polls: status calls in flight at once for this trigger.
-    :param max_consecutive_errors: rounds in a row with transient failures tolerated before giving
-        up; also the malformed answers in a row tolerated for one uid before its jobs fail alone.
+
+    The other kwargs are the wait's, as :class:`~airflow_provider_doc2x.waiting.JobWaiter` takes
+    them: ``jobs`` (typed on the way in, :class:`~airflow_provider_doc2x.events.Job`),
+    ``poll_interval``, ``deadline`` (absolute, so that a restarted triggerer keeps the original
+    budget instead of starting a new one), ``max_concurrent_polls`` and ``max_consecutive_errors``.
     """
 
     def __init__(

@@ -36,11 +36,11 @@ def two_page_pdf(tmp_path):
 
 
 async def submit(hook, pdf):
-    return await hook.asubmit_pdf(pdf.path, pages=pdf.page_count, sources=pdf.sources)
+    return await hook.pdf.asubmit_pdf(pdf.path, pages=pdf.page_count, sources=pdf.sources)
 
 
 async def parse(hook, pdf):
-    return await hook.aparse_pdf(pdf.path, pages=pdf.page_count, sources=pdf.sources, poll_interval=0.02)
+    return await hook.pdf.aparse_pdf(pdf.path, pages=pdf.page_count, sources=pdf.sources, poll_interval=0.02)
 
 
 @pytest.mark.parametrize("call", [submit, parse], ids=["asubmit_pdf", "aparse_pdf"])

@@ -71,7 +71,7 @@ def test_the_sensor_waits_for_a_pdf_through_its_pickup(doc2x, tmp_path, pickup_s
         paths.append(tmp_path / f"{title}.jpg")
         paths[-1].write_bytes(render(Page(title=title), fmt="JPEG", size=(400, 300)))
     with pack_images(paths) as packed:
-        submission = asyncio.run(Doc2XHook().asubmit_pdf(packed.pdfs[0].path, pages=2))
+        submission = asyncio.run(Doc2XHook().pdf.asubmit_pdf(packed.pdfs[0].path, pages=2))
     sensor = Doc2XImageParseSensor(
         task_id="wait", uid=submission.uid, lane="pdf", poke_interval=0.05, timeout=30, deferrable=True
     )

@@ -273,13 +273,13 @@ async def submitted_pdf(doc2x, tmp_path, *titles):
         paths.append(path)
     with pack_images(paths) as packed:
         (pdf,) = packed.pdfs
-        submission = await Doc2XHook().asubmit_pdf(pdf.path, pages=pdf.page_count)
+        submission = await Doc2XHook().pdf.asubmit_pdf(pdf.path, pages=pdf.page_count)
     hook = Doc2XHook()
 
     async def finished():
         try:
             return (
-                await hook.aget_pdf_status(submission.uid, uploaded_at=submission.uploaded_at)
+                await hook.pdf.aget_pdf_status(submission.uid, uploaded_at=submission.uploaded_at)
             ).is_terminal
         except Doc2XJobFailedError:  # a failure in the envelope's shape
             return True
