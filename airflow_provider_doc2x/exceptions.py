@@ -95,7 +95,14 @@ class Doc2XTransientError(Doc2XError):
 
     summary = "a transient failure (a server error, a timeout or a reset connection)"
     default_code = "transient_error"
-    retry_after: float | None = None
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs) -> None:
+        """``retry_after``: the seconds the server asked for (``Retry-After``), a floor of the back-off."""
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+
+    def _attributes(self) -> dict:
+        return {**super()._attributes(), "retry_after": self.retry_after}
 
 
 class Doc2XStorageError(Doc2XTransientError):
@@ -115,13 +122,6 @@ class Doc2XRateLimitError(Doc2XTransientError):
 
     summary = "the key's rate or task limit was reached"
     default_code = "request_limit_exceeded"
-
-    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs) -> None:
-        super().__init__(message, **kwargs)
-        self.retry_after = retry_after
-
-    def _attributes(self) -> dict:
-        return {**super()._attributes(), "retry_after": self.retry_after}
 
 
 class Doc2XJobFailedError(Doc2XError):

@@ -367,3 +367,12 @@ def test_download_hosts_refused(url):
     with pytest.raises(Doc2XInputError) as caught:
         protocol.check_download_url(url, own_base_url="http://127.0.0.1:8765")
     assert caught.value.code == "download_refused"
+
+
+@pytest.mark.parametrize("status", [408, 429, 503])
+def test_a_put_the_store_asks_to_retry_later_carries_its_retry_after(status):
+    """The store's ``Retry-After`` on a failed PUT reaches the back-off as its floor."""
+    answer = protocol.Doc2XAnswer(status, b"", headers={"retry-after": "7"})
+    with pytest.raises(Doc2XTransientError) as caught:
+        protocol.read_put_answer(answer, url="https://store.example/put?sig=x", uid="u-1", source="a.pdf")
+    assert caught.value.code == "upload_failed" and caught.value.retry_after == 7.0

@@ -16,10 +16,12 @@ import asyncio
 import dataclasses
 import os
 import time
+import warnings
 import weakref
 from functools import cached_property
 from typing import Any
 
+from airflow.exceptions import AirflowProviderDeprecationWarning
 from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
 from airflow.providers.common.compat.sdk import BaseHook, mask_secret
 
@@ -275,7 +277,35 @@ class Doc2XHook(BaseHook):
         """
         return PdfCalls(self.aget_settings, self.log)
 
+    def __getattr__(self, name: str) -> Any:
+        """``hook.asubmit_pdf`` and the other PDF calls of earlier releases: ``hook.pdf.asubmit_pdf`` now, with a warning."""
+        if name in _PDF_CALLS:
+            warnings.warn(
+                f"Doc2XHook.{name} is Doc2XHook.pdf.{name} now; the hook's own name goes in a later release",
+                AirflowProviderDeprecationWarning,
+                stacklevel=2,
+            )
+            return getattr(self.pdf, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def get_pdf_status(self, uid: str, *, uploaded_at: float | None = None) -> protocol.Doc2XJobStatus:
         """A PDF job's status, for a worker's synchronous code (the connection is read in its thread)."""
         self.settings  # noqa: B018 - the connection is looked up here, in the caller's thread
         return transport.run_sync(self.pdf.aget_pdf_status(uid, uploaded_at=uploaded_at))
+
+
+#: The PDF calls earlier releases offered on the hook itself (now on :attr:`Doc2XHook.pdf`).
+_PDF_CALLS = frozenset(
+    {
+        "pdf_budget",
+        "apdf_slot",
+        "apreupload",
+        "aput_pdf",
+        "asubmit_pdf",
+        "aget_pdf_status",
+        "await_pdf",
+        "aparse_pdf",
+        "aexport_markdown",
+        "adownload",
+    }
+)

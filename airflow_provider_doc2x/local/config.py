@@ -34,6 +34,9 @@ class ServerConfig:
     error_rate: float = 0.0
     #: The next N requests answer an HTML 503 page, whatever they are.
     fail_next: int = 0
+    #: The next N status calls (image or PDF API) answer HTTP 429 ``request_limit_exceeded``, as a
+    #: gateway that throttles polling does; nothing else is refused by it.
+    throttle_status_next: int = 0
     #: The next N uploads are accepted and billed, then their answer stalls for ``stall_seconds``.
     stall_next: int = 0
     stall_seconds: float = 30.0

@@ -47,6 +47,7 @@ from airflow_provider_doc2x.local.config import ServerConfig
 from airflow_provider_doc2x.local.connection import declared_length, reset_connection
 from airflow_provider_doc2x.local.engines import Engine
 from airflow_provider_doc2x.local.image_service import ImageService, image_routes
+from airflow_provider_doc2x.local.limits import rate_limited
 from airflow_provider_doc2x.local.pdf_service import PdfService, pdf_routes
 from airflow_provider_doc2x.local.registry import load_engine
 
@@ -186,6 +187,9 @@ class LocalServer:
             return html_failure(503, "Service Unavailable", trace_id, quote)
         if settings.error_rate and self.random.random() < settings.error_rate:
             return html_failure(502, "Bad Gateway", trace_id, quote)
+        if settings.throttle_status_next > 0 and request.url.path.endswith("/status"):
+            self.config = replace(settings, throttle_status_next=settings.throttle_status_next - 1)
+            return rate_limited(0.0).response
         return None
 
     def authorize(self, request: Request) -> None:

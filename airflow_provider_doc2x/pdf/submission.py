@@ -285,7 +285,11 @@ class PdfCalls:
                         return status
                     raise status.failure()
                 except Doc2XRateLimitError as error:
-                    puts.refused(error, submission)
+                    if error.http_status != 429:
+                        # Doc2X refused the task for its limits. A 429 is a status call's own
+                        # throttling that outlasted its retries: the PDF may still be parsing, so
+                        # it is never submitted again for that.
+                        puts.refused(error, submission)
                     raise
 
             return await puts.run(submit_and_wait)

@@ -22,6 +22,22 @@ on the package reaches only code that reads it through the package.
 
 from __future__ import annotations
 
+# The errors an answer is read into, offered here as the single-module protocol of earlier
+# releases offered them (``protocol.Doc2XProtocolError``); their home is exceptions.
+from airflow_provider_doc2x.exceptions import (  # noqa: F401
+    Doc2XAuthError,
+    Doc2XError,
+    Doc2XInputError,
+    Doc2XJobFailedError,
+    Doc2XJobNotFoundError,
+    Doc2XPermanentError,
+    Doc2XProtocolError,
+    Doc2XQuotaError,
+    Doc2XRateLimitError,
+    Doc2XSubmitUncertainError,
+    Doc2XTransientError,
+    is_permanent,
+)
 from airflow_provider_doc2x.protocol.envelope import (
     ERROR_CODES,
     MAX_UID_CHARS,

@@ -227,7 +227,10 @@ def read_put_answer(answer: Doc2XAnswer, *, url: str, uid: str | None, source: s
         )
     if status in (408, 429) or status >= 500:
         raise Doc2XTransientError(
-            f"The object store failed {where} (HTTP {status}{said})", code="upload_failed", **context
+            f"The object store failed {where} (HTTP {status}{said})",
+            code="upload_failed",
+            retry_after=answer.retry_after,  # a floor of the back-off before the same PUT again
+            **context,
         )
     raise Doc2XProtocolError(f"The object store answered {where} with HTTP {status}{said}", **context)
 

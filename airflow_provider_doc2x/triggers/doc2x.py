@@ -16,9 +16,11 @@ submitted (see :mod:`airflow_provider_doc2x.pdf_lane.lane`).
 from __future__ import annotations
 
 import gc
+import warnings
 from collections.abc import AsyncIterator
 from typing import Any
 
+from airflow.exceptions import AirflowProviderDeprecationWarning
 from airflow.providers.common.compat.sdk import conf
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
@@ -85,6 +87,15 @@ class Doc2XImageParseTrigger(BaseTrigger):
             yield TriggerEvent(await self.waiter(hook).wait())
         finally:
             await hook.aclose()
+
+    async def wait(self, hook: Doc2XHook, *, on_result: Any = None) -> dict[str, Any]:
+        """The wait of earlier releases' trigger: :meth:`waiter` ``(hook).wait()`` now, with a warning."""
+        warnings.warn(
+            "Doc2XImageParseTrigger.wait(hook) is Doc2XImageParseTrigger.waiter(hook).wait() now",
+            AirflowProviderDeprecationWarning,
+            stacklevel=2,
+        )
+        return await self.waiter(hook).wait(on_result=on_result)
 
     def waiter(self, hook: Doc2XHook) -> JobWaiter:
         """The wait this trigger stands for, on ``hook``'s connection, logging to the trigger's log."""

@@ -65,3 +65,13 @@ async def test_a_failed_put_and_refusals_for_the_limits_share_one_bound(lane, tw
     assert caught.value.code == "parse_concurrency_limit"
     stats = lane.stats()
     assert (stats["puts"], stats["puts_failed"], stats["pdf_tasks"]) == (MAX_RETRIES + 1, 1, MAX_RETRIES)
+
+
+async def test_a_status_call_throttled_past_its_retries_never_submits_the_pdf_again(lane, two_page_pdf):
+    """A 429 on the status call is the gateway's, not a refusal of the task: the PDF, maybe parsing, is PUT once."""
+    lane.configure(throttle_status_next=1000, processing_time=0)
+    with pytest.raises(Doc2XRateLimitError) as caught:
+        await parse(Doc2XHook(), two_page_pdf)
+    assert caught.value.http_status == 429
+    stats = lane.stats()
+    assert (stats["preuploads"], stats["puts"], stats["pdf_tasks"]) == (1, 1, 1)
