@@ -39,6 +39,7 @@ import airflow.models.baseoperator  # noqa: E402,F401
 
 from airflow_provider_doc2x.local.process import LocalServerProcess  # noqa: E402
 from airflow_provider_doc2x.local.samples import Page, render  # noqa: E402
+from airflow_provider_doc2x.pdf import submission as pdf_submission  # noqa: E402
 
 
 class LocalDoc2X(LocalServerProcess):
@@ -100,3 +101,11 @@ def airflow_db():
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return AIRFLOW_HOME
+
+
+@pytest.fixture
+def lane(doc2x, monkeypatch):
+    """The local server with PDF tasks picked up and parsed at once; no url remembered from another test."""
+    doc2x.configure(pickup_delay=0, pdf_page_seconds=0, export_seconds=0)
+    monkeypatch.setattr(pdf_submission, "_used_urls", pdf_submission._UsedUrls())
+    return doc2x

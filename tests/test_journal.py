@@ -14,15 +14,7 @@ from airflow.providers.common.compat.sdk import TaskDeferred
 
 from airflow_provider_doc2x.journal import STATE_INDEX_KEY
 from airflow_provider_doc2x.local.samples import Page, render
-from airflow_provider_doc2x.pdf import submission as pdf_submission
 from tests.helpers import StateStore, parse_operator, run_to_the_end
-
-
-@pytest.fixture
-def lane(doc2x, monkeypatch):
-    doc2x.configure(pickup_delay=0, pdf_page_seconds=0, export_seconds=0)
-    monkeypatch.setattr(pdf_submission, "_used_urls", pdf_submission._UsedUrls())
-    return doc2x
 
 
 class SlowStore(StateStore):

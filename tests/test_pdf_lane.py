@@ -25,24 +25,15 @@ from airflow_provider_doc2x.exceptions import Doc2XError, Doc2XQuotaError
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
 from airflow_provider_doc2x.journal import STATE_INDEX_KEY, STATE_PDF_PREFIX
 from airflow_provider_doc2x.local.samples import Page, render
-from airflow_provider_doc2x.pdf import submission as pdf_submission
 from airflow_provider_doc2x.pdf.packing import pack_images
 from airflow_provider_doc2x.pdf.results import PAGE_MAP_MISMATCH, PdfFigures
 from airflow_provider_doc2x.protocol import pdf as protocol_pdf
 from airflow_provider_doc2x.records import FETCH_ATTEMPTS, records_from_event
 from airflow_provider_doc2x.storage.objects import storage_path
 from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
-from tests.helpers import StateStore, first_event, parse_operator, run_to_the_end, wait_until
+from tests.helpers import StateStore, first_event, parse_operator, run_to_the_end, use_connection, wait_until
 from tests.helpers.s3 import proxied_doc2x
 from tests.helpers.storage import CountingFS, use_for_memory
-
-
-@pytest.fixture
-def lane(doc2x, monkeypatch):
-    """The local server with PDF tasks picked up and parsed at once; no url remembered from another test."""
-    doc2x.configure(pickup_delay=0, pdf_page_seconds=0, export_seconds=0)
-    monkeypatch.setattr(pdf_submission, "_used_urls", pdf_submission._UsedUrls())
-    return doc2x
 
 
 @pytest.fixture
@@ -58,10 +49,6 @@ def pages(tmp_path):
         return paths
 
     return write
-
-
-def use_connection(monkeypatch, doc2x, **extra):
-    monkeypatch.setenv("AIRFLOW_CONN_DOC2X_DEFAULT", doc2x.connection_json(**extra))
 
 
 def pdf_operator(images, **kwargs):

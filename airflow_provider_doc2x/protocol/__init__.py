@@ -22,22 +22,11 @@ on the package reaches only code that reads it through the package.
 
 from __future__ import annotations
 
-# The errors an answer is read into, offered here as the single-module protocol of earlier
-# releases offered them (``protocol.Doc2XProtocolError``); their home is exceptions.
-from airflow_provider_doc2x.exceptions import (  # noqa: F401
-    Doc2XAuthError,
-    Doc2XError,
-    Doc2XInputError,
-    Doc2XJobFailedError,
-    Doc2XJobNotFoundError,
-    Doc2XPermanentError,
-    Doc2XProtocolError,
-    Doc2XQuotaError,
-    Doc2XRateLimitError,
-    Doc2XSubmitUncertainError,
-    Doc2XTransientError,
-    is_permanent,
-)
+import warnings
+from typing import Any
+
+from airflow.exceptions import AirflowProviderDeprecationWarning
+
 from airflow_provider_doc2x.protocol.envelope import (
     ERROR_CODES,
     MAX_UID_CHARS,
@@ -200,3 +189,19 @@ __all__ = (
     "status_request",
     "submit_request",
 )
+
+
+def __getattr__(name: str) -> Any:
+    """The error classes earlier releases offered here (``protocol.Doc2XProtocolError``): from exceptions, with a warning."""
+    from airflow_provider_doc2x import exceptions
+
+    if name == "is_permanent" or (
+        name.startswith("Doc2X") and name.endswith("Error") and hasattr(exceptions, name)
+    ):
+        warnings.warn(
+            f"airflow_provider_doc2x.protocol.{name} is airflow_provider_doc2x.exceptions.{name}; import it from there",
+            AirflowProviderDeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(exceptions, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,20 +13,9 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import airflow_provider_doc2x.protocol.envelope as envelope
 from airflow_provider_doc2x.exceptions import Doc2XInputError, Doc2XProtocolError
-from airflow_provider_doc2x.protocol.envelope import (
-    CODE_SHAPE,
-    QUOTE_CHARS,
-    STATUS_SUCCESS,
-    Doc2XJobStatus,
-    Doc2XRequest,
-    Doc2XResult,
-    check_uid,
-    quote,
-    read_page,
-    read_progress,
-    redact,
-)
+from airflow_provider_doc2x.protocol.envelope import STATUS_SUCCESS, Doc2XJobStatus, Doc2XRequest, Doc2XResult
 
 PARSE_PATH = "/api/v2/parse/img/layout"
 SUBMIT_PATH = "/api/v2/async/parse/img/layout"
@@ -64,7 +53,7 @@ def submit_request(image: bytes, *, source: str | None = None) -> Doc2XRequest:
 
 def status_request(uid: str) -> Doc2XRequest:
     """The status (and, once done, the result) of one job."""
-    check_uid(uid)
+    envelope.check_uid(uid)
     return Doc2XRequest("GET", STATUS_PATH, params={"uid": uid}, uid=uid)
 
 
@@ -128,7 +117,7 @@ def check_image_head(head: bytes, *, source: str) -> None:
 
 def read_result(data: Mapping[str, Any], *, uid: str | None = None) -> Doc2XResult:
     """Read the ``data`` of a synchronous parse or of a successful status into a result."""
-    result_uid = check_uid(data["uid"]) if data.get("uid") is not None else uid
+    result_uid = envelope.check_uid(data["uid"]) if data.get("uid") is not None else uid
     if uid is not None and result_uid != uid:
         # Another job's result (a cache that ignores the query string, say): never stored as this one's.
         raise Doc2XProtocolError(f"Doc2X answered the result of uid {result_uid!r} for another uid", uid=uid)
@@ -138,7 +127,7 @@ def read_result(data: Mapping[str, Any], *, uid: str | None = None) -> Doc2XResu
     raw_pages = result.get("pages") if isinstance(result, dict) else None
     if not isinstance(raw_pages, list):
         raise Doc2XProtocolError("Doc2X answered a result without a list of pages", uid=result_uid)
-    pages = tuple(read_page(page, index, result_uid) for index, page in enumerate(raw_pages))
+    pages = tuple(envelope.read_page(page, index, result_uid) for index, page in enumerate(raw_pages))
     return Doc2XResult(uid=result_uid, pages=pages, convert_zip=_convert_zip_text(data.get("convert_zip")))
 
 
@@ -156,15 +145,15 @@ def read_uid(request: Doc2XRequest, data: Mapping[str, Any]) -> str:
     uid = data.get("uid")
     if uid is None or uid == "":
         raise Doc2XProtocolError("Doc2X accepted the image but answered no uid", source=request.source)
-    return check_uid(uid, source=request.source)
+    return envelope.check_uid(uid, source=request.source)
 
 
 def read_status(uid: str, data: Mapping[str, Any], *, secrets: Iterable[str] = ()) -> Doc2XJobStatus:
     """A job's status. Statuses this provider does not know are kept as they are (not terminal)."""
     status = data.get("status")
-    if not isinstance(status, str) or not CODE_SHAPE.fullmatch(status.lower()):
+    if not isinstance(status, str) or not envelope.CODE_SHAPE.fullmatch(status.lower()):
         raise Doc2XProtocolError(
-            f"Doc2X answered a job status that is not one: {quote(status, secrets)}", uid=uid
+            f"Doc2X answered a job status that is not one: {envelope.quote(status, secrets)}", uid=uid
         )
     progress = data.get("progress")
     detail = data.get("detail")
@@ -172,7 +161,9 @@ def read_status(uid: str, data: Mapping[str, Any], *, secrets: Iterable[str] = (
     return Doc2XJobStatus(
         uid=uid,
         status=status,
-        progress=read_progress(progress),
-        detail=redact(detail[:QUOTE_CHARS], secrets) if isinstance(detail, str) and detail else None,
+        progress=envelope.read_progress(progress),
+        detail=envelope.redact(detail[: envelope.QUOTE_CHARS], secrets)
+        if isinstance(detail, str) and detail
+        else None,
         result=read_result(data, uid=uid) if status == STATUS_SUCCESS else None,
     )

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+import airflow_provider_doc2x.protocol.envelope as envelope
 from airflow_provider_doc2x.exceptions import (
     Doc2XError,
     Doc2XInputError,
@@ -33,8 +34,6 @@ from airflow_provider_doc2x.exceptions import (
     Doc2XTransientError,
 )
 from airflow_provider_doc2x.protocol.envelope import (
-    CODE_SHAPE,
-    QUOTE_CHARS,
     STATUS_FAILED,
     STATUS_SUCCESS,
     Doc2XAnswer,
@@ -42,12 +41,6 @@ from airflow_provider_doc2x.protocol.envelope import (
     Doc2XPage,
     Doc2XRequest,
     Doc2XResult,
-    check_uid,
-    quote,
-    read_page,
-    read_progress,
-    redact,
-    whole_number,
 )
 
 PREUPLOAD_PATH = "/api/v2/parse/preupload"
@@ -105,7 +98,7 @@ def redact_url(url: Any) -> str:
     if not parts.scheme or not host:
         return "<a url that is not absolute>"
     path = parts.path if parts.path.isprintable() else repr(parts.path)[1:-1]
-    return f"{parts.scheme}://{host}{port}{path[:QUOTE_CHARS]}"
+    return f"{parts.scheme}://{host}{port}{path[: envelope.QUOTE_CHARS]}"
 
 
 def check_presigned_url(url: Any, *, uid: str | None = None) -> str:
@@ -148,7 +141,7 @@ def preupload_request(model: str | None = None) -> Doc2XRequest:
         return Doc2XRequest("POST", PREUPLOAD_PATH)
     if model not in PDF_MODELS:
         raise Doc2XInputError(
-            f"Doc2X's PDF API takes the models {', '.join(sorted(PDF_MODELS))}, not {quote(model)}",
+            f"Doc2X's PDF API takes the models {', '.join(sorted(PDF_MODELS))}, not {envelope.quote(model)}",
             code="invalid_model",
         )
     return _json_request(PREUPLOAD_PATH, {"model": model})
@@ -185,7 +178,7 @@ def read_preupload(data: Mapping[str, Any], *, issued_at: float = 0.0) -> Doc2XP
     uid = data.get("uid")
     if uid is None or uid == "":
         raise Doc2XProtocolError("Doc2X answered a preupload without a uid")
-    uid = check_uid(uid)
+    uid = envelope.check_uid(uid)
     return Doc2XPreupload(uid, check_presigned_url(data.get("url"), uid=uid), issued_at)
 
 
@@ -237,7 +230,7 @@ def read_put_answer(answer: Doc2XAnswer, *, url: str, uid: str | None, source: s
 
 def pdf_status_request(uid: str) -> Doc2XRequest:
     """The status of one PDF's parse (and its pages, once it succeeded)."""
-    check_uid(uid)
+    envelope.check_uid(uid)
     return Doc2XRequest("GET", PDF_STATUS_PATH, params={"uid": uid}, uid=uid)
 
 
@@ -250,17 +243,19 @@ def read_pdf_status(uid: str, data: Mapping[str, Any], *, secrets: Iterable[str]
     ``page_idx`` (the map back to the images hangs on it), once.
     """
     status = data.get("status")
-    if not isinstance(status, str) or not CODE_SHAPE.fullmatch(status.lower()):
+    if not isinstance(status, str) or not envelope.CODE_SHAPE.fullmatch(status.lower()):
         raise Doc2XProtocolError(
-            f"Doc2X answered a PDF status that is not one: {quote(status, secrets)}", uid=uid
+            f"Doc2X answered a PDF status that is not one: {envelope.quote(status, secrets)}", uid=uid
         )
     status = status.lower()
     detail = data.get("detail")
     return Doc2XJobStatus(
         uid=uid,
         status=status,
-        progress=read_progress(data.get("progress")),
-        detail=redact(detail[:QUOTE_CHARS], secrets) if isinstance(detail, str) and detail else None,
+        progress=envelope.read_progress(data.get("progress")),
+        detail=envelope.redact(detail[: envelope.QUOTE_CHARS], secrets)
+        if isinstance(detail, str) and detail
+        else None,
         result=_read_pdf_result(uid, data) if status == STATUS_SUCCESS else None,
     )
 
@@ -297,9 +292,11 @@ def _read_pdf_page(page: Any, index: int, uid: str) -> Doc2XPage:
         )
     score = page.get("score")
     return dataclasses.replace(
-        read_page(page, index, uid),
+        envelope.read_page(page, index, uid),
         url=url or None,
-        score=None if score is None else min(100, whole_number(page, "score", index, uid, default=0)),
+        score=None
+        if score is None
+        else min(100, envelope.whole_number(page, "score", index, uid, default=0)),
     )
 
 
@@ -307,11 +304,11 @@ def export_request(
     uid: str, *, filename: str | None = None, to: str = "md", formula_mode: str = "dollar"
 ) -> Doc2XRequest:
     """Start the export of a finished PDF parse (Markdown with ``$`` formulas by default); poll its result."""
-    check_uid(uid)
+    envelope.check_uid(uid)
     if to not in EXPORT_FORMATS or formula_mode not in FORMULA_MODES:
         raise Doc2XInputError(
             f"Doc2X exports to {', '.join(sorted(EXPORT_FORMATS))} with formula_mode "
-            f"{' or '.join(sorted(FORMULA_MODES))}, not {quote(to)} / {quote(formula_mode)}",
+            f"{' or '.join(sorted(FORMULA_MODES))}, not {envelope.quote(to)} / {envelope.quote(formula_mode)}",
             uid=uid,
         )
     body: dict[str, Any] = {"uid": uid, "to": to, "formula_mode": formula_mode}
@@ -332,7 +329,7 @@ def check_export_filename(filename: Any, *, uid: str | None = None) -> str:
     ):
         raise Doc2XInputError(
             f"An export's file name must be 1-{MAX_FILENAME_CHARS} printable characters with no "
-            f"folder or wildcard, got {quote(filename) if isinstance(filename, str) else type(filename).__name__}",
+            f"folder or wildcard, got {envelope.quote(filename) if isinstance(filename, str) else type(filename).__name__}",
             uid=uid,
         )
     return filename
@@ -340,7 +337,7 @@ def check_export_filename(filename: Any, *, uid: str | None = None) -> str:
 
 def export_result_request(uid: str) -> Doc2XRequest:
     """The state of the uid's latest export, and its url once done."""
-    check_uid(uid)
+    envelope.check_uid(uid)
     return Doc2XRequest("GET", EXPORT_RESULT_PATH, params={"uid": uid}, uid=uid)
 
 
@@ -376,8 +373,10 @@ def read_export(uid: str, data: Mapping[str, Any]) -> Doc2XExport:
     are kept, not finished.
     """
     status = data.get("status")
-    if not isinstance(status, str) or not CODE_SHAPE.fullmatch(status.lower()):
-        raise Doc2XProtocolError(f"Doc2X answered an export status that is not one: {quote(status)}", uid=uid)
+    if not isinstance(status, str) or not envelope.CODE_SHAPE.fullmatch(status.lower()):
+        raise Doc2XProtocolError(
+            f"Doc2X answered an export status that is not one: {envelope.quote(status)}", uid=uid
+        )
     url = data.get("url")
     if url is None or url == "":
         return Doc2XExport(uid, status.lower())

@@ -100,6 +100,11 @@ def run_deferred(op, context: dict[str, Any]):
     return getattr(op, deferred.value.method_name)(context, event)
 
 
+def use_connection(monkeypatch, doc2x, **extra) -> None:
+    """Point the default ``doc2x`` connection at the local server, with these extras."""
+    monkeypatch.setenv("AIRFLOW_CONN_DOC2X_DEFAULT", doc2x.connection_json(**extra))
+
+
 def run_to_the_end(op, context: dict[str, Any]) -> tuple[Any, int]:
     """Every half of a deferrable task, as the triggerer and the scheduler run them; returns (result, deferrals).
 

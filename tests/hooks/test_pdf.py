@@ -22,50 +22,10 @@ from airflow_provider_doc2x.exceptions import (
     Doc2XTransientError,
 )
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
-from airflow_provider_doc2x.local.samples import Page, render
 from airflow_provider_doc2x.pdf import submission as pdf_submission
 from airflow_provider_doc2x.pdf.packing import pack_images
 from airflow_provider_doc2x.protocol import pdf as protocol_pdf
-from tests.helpers import async_wait_until, wait_until
-
-
-@pytest.fixture
-def lane(doc2x, monkeypatch):
-    """The local server with PDF tasks picked up and parsed at once; no url remembered from another test."""
-    doc2x.configure(pickup_delay=0, pdf_page_seconds=0, export_seconds=0)
-    monkeypatch.setattr(pdf_submission, "_used_urls", pdf_submission._UsedUrls())
-    return doc2x
-
-
-@pytest.fixture
-def pages(tmp_path):
-    """Write JPEG pages with known titles (the local engine answers their Markdown); return their paths."""
-
-    def write(*titles: str, size=(400, 300)):
-        paths = []
-        for title in titles:
-            path = tmp_path / f"{title.replace(' ', '-')}.jpg"
-            path.write_bytes(render(Page(title=title), fmt="JPEG", size=size))
-            paths.append(path)
-        return paths
-
-    return write
-
-
-@pytest.fixture
-def packed(pages):
-    """Pack pages with these titles into one PDF; return it (cleaned up after the test)."""
-    results = []
-
-    def pack(*titles: str):
-        result = pack_images(pages(*titles))
-        results.append(result)
-        (pdf,) = result.pdfs
-        return pdf
-
-    yield pack
-    for result in results:
-        result.cleanup()
+from tests.helpers import async_wait_until, use_connection, wait_until
 
 
 def big_pdf(tmp_path, megabytes: int = 24):
@@ -84,10 +44,6 @@ def big_pdf(tmp_path, megabytes: int = 24):
 def logged(caplog, capfd) -> list[str]:
     """What was logged: records, and the captured streams (Airflow 3 logs through structlog)."""
     return [record.getMessage() for record in caplog.records] + list(capfd.readouterr())
-
-
-def use_connection(monkeypatch, doc2x, **extra):
-    monkeypatch.setenv("AIRFLOW_CONN_DOC2X_DEFAULT", doc2x.connection_json(**extra))
 
 
 # -- the way through ---------------------------------------------------------------------------------

@@ -6,33 +6,15 @@ import pytest
 
 from airflow_provider_doc2x.exceptions import Doc2XRateLimitError, Doc2XTransientError
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
-from airflow_provider_doc2x.local.samples import Page, render
-from airflow_provider_doc2x.pdf import submission as pdf_submission
-from airflow_provider_doc2x.pdf.packing import pack_images
+from tests.helpers import use_connection
 
 MAX_RETRIES = 2
 
 
-@pytest.fixture
-def lane(doc2x, monkeypatch):
-    """The local server with PDF tasks picked up at once, a connection of ``MAX_RETRIES`` retries, no url remembered."""
-    doc2x.configure(pickup_delay=0, pdf_page_seconds=0, export_seconds=0)
-    monkeypatch.setenv("AIRFLOW_CONN_DOC2X_DEFAULT", doc2x.connection_json(max_retries=MAX_RETRIES))
-    monkeypatch.setattr(pdf_submission, "_used_urls", pdf_submission._UsedUrls())
-    return doc2x
-
-
-@pytest.fixture
-def two_page_pdf(tmp_path):
-    """A PDF of two pages packed from rendered images."""
-    paths = []
-    for title in ("Bounded One", "Bounded Two"):
-        path = tmp_path / f"{title.replace(' ', '-')}.jpg"
-        path.write_bytes(render(Page(title=title), fmt="JPEG", size=(400, 300)))
-        paths.append(path)
-    with pack_images(paths) as result:
-        (pdf,) = result.pdfs
-        yield pdf
+@pytest.fixture(autouse=True)
+def bounded(lane, monkeypatch):
+    """A connection of ``MAX_RETRIES`` retries to the local server."""
+    use_connection(monkeypatch, lane, max_retries=MAX_RETRIES)
 
 
 async def submit(hook, pdf):

@@ -12,33 +12,9 @@ from airflow_provider_doc2x.exceptions import (
     Doc2XTransientError,
 )
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
-from airflow_provider_doc2x.local.samples import Page, render
 from airflow_provider_doc2x.pdf import submission as pdf_submission
-from airflow_provider_doc2x.pdf.packing import pack_images
 from airflow_provider_doc2x.protocol import pdf as protocol_pdf
-
-
-@pytest.fixture
-def lane(doc2x, monkeypatch):
-    doc2x.configure(pickup_delay=0, pdf_page_seconds=0, export_seconds=0)
-    monkeypatch.setattr(pdf_submission, "_used_urls", pdf_submission._UsedUrls())
-    return doc2x
-
-
-def use_connection(monkeypatch, doc2x, **extra):
-    monkeypatch.setenv("AIRFLOW_CONN_DOC2X_DEFAULT", doc2x.connection_json(**extra))
-
-
-@pytest.fixture
-def two_page_pdf(tmp_path):
-    paths = []
-    for title in ("Attack One", "Attack Two"):
-        path = tmp_path / f"{title.replace(' ', '-')}.jpg"
-        path.write_bytes(render(Page(title=title), fmt="JPEG", size=(400, 300)))
-        paths.append(path)
-    with pack_images(paths) as result:
-        (pdf,) = result.pdfs
-        yield pdf
+from tests.helpers import use_connection
 
 
 async def test_503_expired_url_503_then_a_lost_answer_stops_at_the_lost_put(lane, two_page_pdf, monkeypatch):
