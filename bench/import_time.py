@@ -3,7 +3,8 @@ What importing the operator costs a DAG file, beyond Airflow itself, and which l
 
     python bench/import_time.py [--runs 7]
 
-Each run is a fresh interpreter that imports Airflow's SDK first (a DAG file has it already),
+Each run is a fresh interpreter that imports Airflow's SDK first (Airflow 2: its BaseOperator; a
+DAG file has it already),
 then times ``import airflow_provider_doc2x.operators.doc2x`` alone, and lists which of the PDF
 packer's libraries (img2pdf, pikepdf, Pillow) that import loaded. Printed: the median, minimum and
 maximum over the runs. Point ``PYTHONPATH`` at another checkout to measure it the same way.
@@ -21,7 +22,10 @@ from _support import report
 
 PROBE = """
 import json, sys, time
-import airflow.sdk  # what a DAG file imports anyway
+try:
+    import airflow.sdk  # what a DAG file imports anyway (Airflow 3)
+except ImportError:
+    import airflow.models.baseoperator  # Airflow 2
 before = set(sys.modules)
 start = time.perf_counter()
 import airflow_provider_doc2x.operators.doc2x
@@ -41,7 +45,7 @@ def main() -> None:
         probe = json.loads(out.strip().splitlines()[-1])
         figures.append(probe["seconds"] * 1000)
         loaded.update(probe["loaded"])
-    print(f"# import_time: the operator's module after airflow.sdk, {args.runs} fresh interpreters")
+    print(f"# import_time: the operator's module after Airflow's SDK, {args.runs} fresh interpreters")
     report(
         "import airflow_provider_doc2x.operators.doc2x",
         [
