@@ -5,8 +5,8 @@ Requests are built and answers read by :mod:`airflow_provider_doc2x.protocol`; b
 :mod:`airflow_provider_doc2x.pacing`, and what the connection holds is declared in
 :mod:`airflow_provider_doc2x.settings`. This module reads the connection and ties them together
 for the image API's calls; the PDF API's calls are made by
-:mod:`airflow_provider_doc2x.pdf.submission` and offered by the hook under their names, so that
-callers know one object. The API key lives in the connection's password and leaves the hook only
+:mod:`airflow_provider_doc2x.pdf.submission` and offered as ``hook.pdf``, on the hook's own
+connection, so that callers know one object. The API key lives in the connection's password and leaves the hook only
 as the ``Authorization`` header.
 """
 

@@ -4,7 +4,7 @@ The PDF API takes a file in steps: a preupload hands out a uid and a presigned u
 to that url (streamed from disk, no key), and the service picks the file up, parses it and bills
 its pages; its status is polled, and a finished parse is exported and downloaded.
 :class:`PdfCalls` makes these calls for one connection; the hook
-(:class:`~airflow_provider_doc2x.hooks.doc2x.Doc2XHook`) offers them under the same names.
+(:class:`~airflow_provider_doc2x.hooks.doc2x.Doc2XHook`) offers them as ``hook.pdf``.
 
 **One PDF is PUT at most ``max_retries + 1`` times in all** (the connection's ``max_retries``),
 whatever the path: a PUT that failed before its body was sent whole (or that the store answered
