@@ -75,3 +75,17 @@ def test_the_hook_s_pdf_calls_of_the_release_before_are_its_pdf_calls_with_a_war
     assert call.__func__ is getattr(PdfCalls, name)
     with pytest.raises(AttributeError):
         hook.not_a_call
+
+
+async def test_the_trigger_s_wait_of_the_release_before_runs_its_waiter_with_a_warning():
+    from airflow.exceptions import AirflowProviderDeprecationWarning
+
+    from airflow_provider_doc2x.events import job
+    from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
+    from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
+
+    done = job("u-1", "/scans/a.png", "ab" * 32, "success")  # finished: nothing to ask Doc2X
+    trigger = Doc2XImageParseTrigger(doc2x_conn_id="doc2x_default", jobs=[done], poll_interval=1, deadline=0)
+    with pytest.warns(AirflowProviderDeprecationWarning, match=r"waiter\(hook\)\.wait\(\)"):
+        event = await trigger.wait(Doc2XHook())
+    assert event["status"] == "success" and event["jobs"] == [done]
