@@ -1,17 +1,38 @@
 """The task's journal: what its tries keep in Airflow's task state store, for both lanes.
 
-A try records each upload before it waits (the image lane: one entry per image content; the PDF
-lane: one entry per PDF and the list of the task's PDFs), so that the next try (a retry, a lost
-triggerer, a manual clear) reconnects to the uids instead of paying again. Both lanes go through
-this one object, so the keys, the one-call-at-a-time rule and what "no store" means are written
-once.
+A try records each upload before it waits (the image lane: the start and then the uid of each image
+content; the PDF lane: one entry per PDF and the list of the task's PDFs), so that the next try (a
+retry, a lost triggerer, a manual clear) reconnects to the uids instead of paying again. Both lanes
+go through this one object, so the keys, the one-call-at-a-time rule and what "no store" means are
+written once.
 
 The keys, under Airflow's own per-task-instance scope::
 
-    doc2x/<sha256>          the image lane: {"uid": ..., "source": ..., "at": ...}, or "started",
-                            "uncertain" (the answer was lost) or "failed" (a code)
+    doc2x/log/<n>           the image lane, n = 0, 1, 2, ...: {"version": 1, "entries":
+                            [[<sha256>, <value>], ...]}, applied in order; a value is {"uid": ...,
+                            "source": ..., "at": ...}, or "started", "uncertain" (the answer was
+                            lost) or "failed" (a code)
+    doc2x/<sha256>          the image lane of earlier releases: one such value per content (read,
+                            never written)
     doc2x/pdf/index         the PDF lane: {"uids": [...]}, oldest first
     doc2x/pdf/<uid>         the PDF lane: one PDF's record (its pages, its state)
+
+**Why a log of batches.** Each write to the store is a database commit (through the supervisor and
+the API server): one per upload start and one per uid would cost more than the upload itself with a
+generous key. So the image lane writes batches: the starts of the uploads that are about to be sent
+are written together, in one write, and each of those uploads waits for that write before a byte
+leaves (a group commit: the starts that arrive while one write runs go in the next). The uids,
+losses and failures that come back are gathered and written every :data:`FLUSH_SECONDS` (or
+:data:`FLUSH_ENTRIES` at once), and all of them before the uploads' call returns (before the task
+defers or fails). So an upload's uid reaches the store at most about :data:`FLUSH_SECONDS` plus one
+write after its answer: a worker killed in that window leaves a start without a uid, and the next
+try names the image "possibly billed twice" before it submits it again. Nothing is ever resent
+silently.
+
+The store has only get, set, delete and clear, so a try finds the batches by reading
+``doc2x/log/0``, ``/1``, ... up to the first key that is missing; each batch is written after the
+one before it (one writer), so the log has no gap. A new try reads the whole log once; for a content
+the log does not name, or names without a uid, it also reads the content's key of earlier releases.
 
 On Airflow before 3.3 there is no task state store: the journal is empty and keeps nothing.
 """
@@ -20,17 +41,61 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
-#: Key prefix of what the task state store records per image content.
+#: Key prefix of what the task state store records per image content (the image lane's log, and
+#: the per-content keys of earlier releases, are under it too).
 STATE_KEY_PREFIX = "doc2x/"
+#: Key prefix of the image lane's log of batches: ``doc2x/log/0``, ``doc2x/log/1``, ...
+STATE_LOG_PREFIX = f"{STATE_KEY_PREFIX}log/"
 #: The task state store's list of the task's PDF uids, in the order they were preuploaded.
 STATE_INDEX_KEY = f"{STATE_KEY_PREFIX}pdf/index"
 #: Key prefix of each PDF's record.
 STATE_PDF_PREFIX = f"{STATE_KEY_PREFIX}pdf/"
+#: The format of a batch of the image lane's log.
+LOG_FORMAT_VERSION = 1
+#: Seconds the uids that came back wait to be written together (the window of "possibly billed twice").
+FLUSH_SECONDS = 0.1
+#: Entries that make one write at most (and that are written at once, without waiting the interval).
+FLUSH_ENTRIES = 64
+#: Seconds the first start of a group waits for the others before they are written (uploads go side
+#: by side: their starts come a few milliseconds apart, and each write costs a database commit).
+GATHER_SECONDS = 0.05
+
+
+def log_entries(batch: Any) -> list[tuple[str, dict[str, Any]]]:
+    """The ``(sha256, value)`` entries of one batch of the image lane's log; none if it is not one.
+
+    A batch of a later format is read as long as its entries are what this release knows.
+    """
+    if not isinstance(batch, dict) or not isinstance(batch.get("entries"), list):
+        return []
+    return [
+        (entry[0], entry[1])
+        for entry in batch["entries"]
+        if isinstance(entry, list)
+        and len(entry) == 2
+        and isinstance(entry[0], str)
+        and isinstance(entry[1], dict)
+    ]
+
+
+def recorded_images(get: Callable[[str], Any]) -> dict[str, dict[str, Any]]:
+    """Each image content's latest entry in a task state store's log, read with ``get(key)``.
+
+    For tools and tests that look into a task's store (a store object's ``get``, or a mapping of
+    what Airflow's REST API lists); the per-content keys of earlier releases are not included.
+    """
+    images: dict[str, dict[str, Any]] = {}
+    number = 0
+    while (batch := get(f"{STATE_LOG_PREFIX}{number}")) is not None:
+        images.update(log_entries(batch))
+        number += 1
+    return images
 
 
 class TaskJournal:
@@ -38,12 +103,13 @@ class TaskJournal:
 
     :param store: Airflow's task state store, or None (Airflow < 3.3: nothing survives the try).
     :param may_hold: whether the store can hold records of an earlier try (False on a first try:
-        one read per image is saved).
+        the per-content keys of earlier releases are not read).
 
     Why one thread: the store talks to Airflow's supervisor, and its in-process stand-in
     (``airflow dags test``) is not safe to call from two threads at once. The thread lives while
     the journal is :meth:`open` (re-entrant: the PDF lane and the image lane it falls back to
-    share it).
+    share it). The image lane's batches are written from the event loop of the uploads' call,
+    which ends with :meth:`flush`.
     """
 
     def __init__(self, store: Any, *, may_hold: bool) -> None:
@@ -54,6 +120,21 @@ class TaskJournal:
         self._opened = 0
         self._lock = threading.Lock()
         self._pdf_index: list[str] | None = None
+        #: Writes made, and the seconds they took (the task's log says them).
+        self.writes = 0
+        self.write_seconds = 0.0
+        self._log: asyncio.Future[dict[str, dict[str, Any]]] | None = None
+        self._next_batch = 0
+        self._queue: list[tuple[str, dict[str, Any], asyncio.Future[None] | None]] = []
+        self._waiting = 0  # entries in the queue whose upload waits for the write
+        self._queued_at = 0.0
+        self._waiting_since = 0.0
+        #: Starts that make a group written at once (the uploads that go side by side).
+        self.start_group = 1
+        self._flushing = False
+        self._wake: asyncio.Event | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
 
     @property
     def keeps(self) -> bool:
@@ -87,18 +168,149 @@ class TaskJournal:
 
     async def _set(self, key: str, value: Any) -> None:
         if self.store is not None:
+            began = time.monotonic()
             await self._call("set", key, value)
+            self.writes += 1
+            self.write_seconds += time.monotonic() - began
 
-    # -- the image lane: one entry per image content ---------------------------------------------
+    # -- the image lane: a log of batches ----------------------------------------------------------
 
     async def image(self, digest: str) -> dict[str, Any] | None:
-        """What an earlier try recorded for this content (None on a first try, or nothing usable)."""
-        recorded = await self._get(STATE_KEY_PREFIX + digest)
-        return recorded if isinstance(recorded, dict) else None
+        """What this task recorded for this content (None if nothing usable).
 
-    async def record_image(self, digest: str, value: dict[str, Any]) -> None:
-        """Write this content's entry (nothing without a store)."""
-        await self._set(STATE_KEY_PREFIX + digest, value)
+        The log is read once, even on a first try (a try that resumed wrote it); the key of an
+        earlier release only on a later try, and only when the log has no uid for the content.
+        """
+        if self.store is None:
+            return None
+        if self._log is None:
+            self._log = asyncio.ensure_future(self._read_log())
+        recorded = (await asyncio.shield(self._log)).get(digest)
+        if self.may_hold and not (recorded and recorded.get("uid")):
+            earlier = await self._get(STATE_KEY_PREFIX + digest)
+            if isinstance(earlier, dict) and (recorded is None or earlier.get("uid")):
+                recorded = earlier
+        return recorded
+
+    async def _read_log(self) -> dict[str, dict[str, Any]]:
+        images: dict[str, dict[str, Any]] = {}
+        number = 0
+        while (batch := await self._call("get", f"{STATE_LOG_PREFIX}{number}")) is not None:
+            images.update(log_entries(batch))
+            number += 1
+        self._next_batch = number
+        return images
+
+    async def started(self, digest: str, source: str) -> None:
+        """Record that this content's upload is about to be sent; return once that is in the store.
+
+        Starts that arrive together are written in one write.
+        """
+        if self.store is None:
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._enqueue(digest, {"started": True, "source": source, "at": time.time()}, done)
+        await done
+
+    def answered(self, digest: str, value: dict[str, Any]) -> None:
+        """Record what came back for this content (its uid, a lost answer, a failure); written soon.
+
+        Written with the others that came back within :data:`FLUSH_SECONDS`; :meth:`flush` writes
+        what is left.
+        """
+        if self.store is not None:
+            self._enqueue(digest, value, None)
+
+    async def flush(self) -> None:
+        """Write every entry still queued; raise the error of a write that failed, if any."""
+        self._flushing = True
+        try:
+            while self._writer is not None:
+                if self._wake is not None:
+                    self._wake.set()
+                await asyncio.shield(self._writer)
+        finally:
+            self._flushing = False
+        if self._failure is not None:
+            raise self._failure
+
+    def _enqueue(self, digest: str, value: dict[str, Any], done: asyncio.Future[None] | None) -> None:
+        if self._failure is not None:
+            if done is not None:
+                done.set_exception(self._failure)
+            return
+        if not self._queue:
+            self._queued_at = time.monotonic()
+        self._queue.append((digest, value, done))
+        if done is not None:
+            if not self._waiting:
+                self._waiting_since = time.monotonic()
+            self._waiting += 1
+        if self._writer is None:
+            self._wake = asyncio.Event()
+            self._writer = asyncio.ensure_future(self._write_queue())
+        elif self._waiting >= self.start_group or len(self._queue) >= FLUSH_ENTRIES or done is not None:
+            assert self._wake is not None
+            self._wake.set()
+
+    def _due(self) -> float:
+        """Seconds before the queue is to be written (0: now)."""
+        if self._flushing or self._waiting >= self.start_group or len(self._queue) >= FLUSH_ENTRIES:
+            return 0.0
+        if self._waiting:
+            return self._waiting_since + GATHER_SECONDS - time.monotonic()
+        return self._queued_at + FLUSH_SECONDS - time.monotonic()
+
+    async def _write_queue(self) -> None:
+        """Write the queue in batches, one after another, until it is empty."""
+        assert self._wake is not None
+        try:
+            if self._log is None:
+                self._log = asyncio.ensure_future(self._read_log())
+            await asyncio.shield(self._log)  # the next free batch number
+            while self._queue:
+                wait = self._due()
+                if wait > 0:
+                    self._wake.clear()
+                    with suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), wait)
+                    continue
+                batch = self._queue[:FLUSH_ENTRIES]
+                del self._queue[:FLUSH_ENTRIES]
+                self._queued_at = self._waiting_since = time.monotonic()
+                waiters = [done for _, _, done in batch if done is not None]
+                self._waiting -= len(waiters)
+                try:
+                    await self._set(
+                        f"{STATE_LOG_PREFIX}{self._next_batch}",
+                        {
+                            "version": LOG_FORMAT_VERSION,
+                            "entries": [[digest, value] for digest, value, _ in batch],
+                        },
+                    )
+                except BaseException as error:
+                    self._fail_all(error, waiters)
+                    raise
+                self._next_batch += 1
+                for done in waiters:
+                    if not done.done():
+                        done.set_result(None)
+        except BaseException as error:
+            self._fail_all(error, [])
+        finally:
+            self._writer = None
+
+    def _fail_all(self, error: BaseException, waiters: list[asyncio.Future[None]]) -> None:
+        """A write failed: every upload that waits for it, or queues after it, gets the error."""
+        if self._failure is None:
+            self._failure = error
+        waiters = waiters + [done for _, _, done in self._queue if done is not None]
+        self._queue.clear()
+        self._waiting = 0
+        for done in waiters:
+            if not done.done():
+                done.set_exception(error)
+                done.exception()  # retrieved: flush raises it for the batch
 
     # -- the PDF lane: the list of the task's PDFs, and one record per PDF ---------------------
 

@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from airflow_provider_doc2x.journal import STATE_KEY_PREFIX
+from airflow_provider_doc2x.journal import STATE_KEY_PREFIX, recorded_images
 from tests.helpers import HAS_TASK_STATE_STORE, wait_until
 from tests.helpers.deployment import Deployment
 
@@ -41,11 +41,11 @@ def recorded_uids(deployment: Deployment, run_id: str) -> dict[str, str]:
         f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/parse/state-store", params={"limit": 100}
     )
     answer.raise_for_status()
+    stored = {entry["key"]: entry["value"] for entry in answer.json()["task_state_store"]}
     return {
-        entry["key"]: entry["value"]["uid"]
-        for entry in answer.json()["task_state_store"]
-        if entry["key"].startswith(STATE_KEY_PREFIX) and isinstance(entry["value"], dict)
-        if entry["value"].get("uid")
+        STATE_KEY_PREFIX + digest: value["uid"]
+        for digest, value in recorded_images(stored.get).items()
+        if value.get("uid")
     }
 
 

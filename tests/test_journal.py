@@ -1,6 +1,9 @@
 """
-The task's journal under a slow task state store: PDFs submitted side by side must each be found in
-the task's list of PDFs, so that a new try reconnects to all of them instead of paying again.
+The task's journal in the task state store: PDFs submitted side by side must each be found in the
+task's list of PDFs, and the image lane's batches of starts and uids must keep every guarantee of one
+write per upload (a new try reconnects to each recorded uid; an upload whose uid may not have been
+recorded is named "possibly billed twice", never silently resent), so that a new try reconnects
+instead of paying again.
 """
 
 from __future__ import annotations
@@ -12,8 +15,17 @@ from types import SimpleNamespace
 import pytest
 from airflow.providers.common.compat.sdk import TaskDeferred
 
-from airflow_provider_doc2x.journal import STATE_INDEX_KEY
+from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
+from airflow_provider_doc2x.image_lane.uploads import ImageUploads
+from airflow_provider_doc2x.journal import (
+    STATE_INDEX_KEY,
+    STATE_KEY_PREFIX,
+    STATE_LOG_PREFIX,
+    TaskJournal,
+    recorded_images,
+)
 from airflow_provider_doc2x.local.samples import Page, render
+from airflow_provider_doc2x.storage.sources import ImageSource, sha256_of
 from tests.helpers import StateStore, parse_operator, run_to_the_end
 
 
@@ -82,3 +94,139 @@ def test_pdfs_submitted_side_by_side_at_a_resume_are_all_in_the_task_s_list(lane
     assert sorted(store.values[STATE_INDEX_KEY]["uids"]) == sorted({r["uid"] for r in records})
     assert stats["pdf_tasks"] == 6
     assert store.most_at_once == 1  # one store call at a time
+
+
+# -- the image lane's log of batches ------------------------------------------------------------------
+
+
+class Log:
+    """The task's logger as the uploads see it: what it said, for assertions."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def info(self, message: str, *args) -> None:
+        self.lines.append(message % args)
+
+    warning = error = info
+
+
+class SlowWrites(StateStore):
+    """A task state store whose writes each take a database commit's while (a busy API server)."""
+
+    def __init__(self, seconds: float = 0.1) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.writes = 0
+
+    def set(self, key, value, **kwargs):
+        time.sleep(self.seconds)
+        self.writes += 1
+        super().set(key, value, **kwargs)
+
+
+class LostAfterAnswers(StateStore):
+    """What a worker killed right after its uploads were answered leaves: starts, no uids.
+
+    A batch holding no start (the uids that came back, gathered) never reaches the store.
+    """
+
+    def set(self, key, value, **kwargs):
+        if key.startswith(STATE_LOG_PREFIX) and not any(
+            entry[1].get("started") for entry in value["entries"]
+        ):
+            return
+        super().set(key, value, **kwargs)
+
+
+class RefusingWrites(StateStore):
+    """A task state store that cannot write (its API server is down)."""
+
+    def set(self, key, value, **kwargs):
+        raise OSError("the task state store cannot be reached")
+
+
+def uploads(store, log=None, *, may_hold=True, max_concurrent=None):
+    return ImageUploads(
+        Doc2XHook(),
+        journal=TaskJournal(store, may_hold=may_hold),
+        results=None,
+        log=log or Log(),
+        max_concurrent=max_concurrent,
+    )
+
+
+def sources_of(images):
+    return [ImageSource.of(str(image)) for image in images]
+
+
+def test_starts_and_uids_are_written_in_batches_and_a_new_try_reconnects_to_every_uid(doc2x, make_image):
+    """Twenty-four uploads side by side make far fewer writes than two per image; every uid is kept."""
+    images = [make_image(title=f"Batched {n}") for n in range(24)]
+    store = SlowWrites()
+    log = Log()
+    jobs = uploads(store, log, may_hold=False, max_concurrent=8).submit(sources_of(images))
+    assert store.writes <= 12  # two per image would be 48
+    (said,) = [line for line in log.lines if "24 images submitted" in line]
+    assert f"task state store: {store.writes} writes" in said
+    recorded = recorded_images(store.get)
+    assert {value["uid"] for value in recorded.values()} == {job["uid"] for job in jobs}
+    assert all(key.startswith(STATE_LOG_PREFIX) for key in store.values)
+
+    again = uploads(store, Log()).submit(sources_of(images))  # a new try
+    assert [job["uid"] for job in again] == [job["uid"] for job in jobs]
+    assert (doc2x.stats()["billed_total"], doc2x.stats()["max_billed_per_image"]) == (24, 1)
+
+
+def test_a_worker_killed_before_its_uids_were_written_leaves_each_image_named_possibly_billed_twice(
+    doc2x, make_image
+):
+    images = [make_image(title=f"Killed {n}") for n in range(5)]
+    store = LostAfterAnswers()
+    uploads(store, may_hold=False).submit(sources_of(images))
+    assert all(value.get("started") for value in recorded_images(store.get).values())
+    log = Log()
+    uploads(store, log).submit(sources_of(images))  # the next try
+    warned = [line for line in log.lines if "possibly billed twice" in line]
+    assert sorted(warned) == sorted(
+        f"{image} is submitted again and is possibly billed twice: an earlier try's upload of it "
+        "started and was never answered"
+        for image in images
+    )
+    assert doc2x.stats()["max_billed_per_image"] == 2  # sent again, and said so
+
+
+def test_a_store_that_cannot_write_stops_the_batch_before_any_image_is_sent(doc2x, make_image):
+    """An upload whose start cannot be recorded is not sent: a next try could not know of it."""
+    images = [make_image(title=f"Unrecorded {n}") for n in range(6)]
+    with pytest.raises(OSError, match="cannot be reached"):
+        uploads(RefusingWrites(), may_hold=False).submit(sources_of(images))
+    assert doc2x.stats()["billed_total"] == 0
+
+
+def test_batches_written_after_a_resume_in_the_same_try_follow_the_first_ones(doc2x, make_image):
+    """Two calls of one try (a resume that uploads more) never write over each other's batches."""
+    first = [make_image(title=f"First {n}") for n in range(3)]
+    second = [make_image(title=f"Second {n}") for n in range(3)]
+    store = StateStore()
+    jobs = uploads(store, may_hold=False).submit(sources_of(first))
+    jobs += uploads(store, may_hold=False).submit(sources_of(second))
+    assert {value["uid"] for value in recorded_images(store.get).values()} == {job["uid"] for job in jobs}
+    again = uploads(store).submit(sources_of(first + second))  # a new try
+    assert [job["uid"] for job in again] == [job["uid"] for job in jobs]
+    assert doc2x.stats()["billed_total"] == 6
+
+
+def test_a_new_try_reconnects_to_a_uid_an_earlier_release_recorded_per_image(doc2x, make_image):
+    """Earlier releases wrote one key per content (``doc2x/<sha256>``): a new try still reads it."""
+    image = make_image(title="Recorded Per Image")
+    (job,) = uploads(None, may_hold=False).submit(sources_of([image]))
+    store = StateStore()
+    store.set(
+        STATE_KEY_PREFIX + sha256_of(image.read_bytes()), {"uid": job["uid"], "source": str(image), "at": 0}
+    )
+    log = Log()
+    (again,) = uploads(store, log).submit(sources_of([image]))
+    assert again["uid"] == job["uid"]
+    assert doc2x.stats()["billed_total"] == 1
+    assert any("Reconnected" in line and job["uid"] in line for line in log.lines)

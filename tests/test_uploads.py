@@ -19,7 +19,7 @@ from PIL import Image
 from airflow_provider_doc2x.exceptions import Doc2XAuthError, Doc2XError, Doc2XQuotaError
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
 from airflow_provider_doc2x.image_lane.uploads import ImageUploads
-from airflow_provider_doc2x.journal import STATE_KEY_PREFIX, TaskJournal
+from airflow_provider_doc2x.journal import STATE_KEY_PREFIX, STATE_LOG_PREFIX, TaskJournal, recorded_images
 from airflow_provider_doc2x.protocol import STATUS_PATH
 from airflow_provider_doc2x.records import FETCH_ATTEMPTS
 from airflow_provider_doc2x.storage.sources import ImageSource, sha256_of
@@ -145,7 +145,7 @@ def test_uids_are_recorded_as_uploads_finish_in_any_order_and_records_keep_input
     log = Log()
 
     def uid_of(image):
-        value = store.values.get(STATE_KEY_PREFIX + sha256_of(image.read_bytes()))
+        value = recorded_images(store.get).get(sha256_of(image.read_bytes()))
         return value.get("uid") if isinstance(value, dict) else None
 
     with ThreadPoolExecutor(1) as pool:
@@ -159,16 +159,16 @@ def test_uids_are_recorded_as_uploads_finish_in_any_order_and_records_keep_input
             # The batch is still running: the big upload has not arrived, and only its start is recorded.
             assert not running.done()
             assert doc2x.stats()["uploads_in_flight"] == 1
-            assert store.values[STATE_KEY_PREFIX + sha256_of(big.read_bytes())]["started"] is True
+            assert recorded_images(store.get)[sha256_of(big.read_bytes())]["started"] is True
             assert uid_of(big) is None
         finally:
             doc2x.configure(upload_bandwidth=0)  # the big upload's body arrives at once
         jobs = running.result(timeout=60)
     assert [job["source"] for job in jobs] == [str(image) for image in images]
     assert [job["uid"] for job in jobs[1:]] == recorded_early
-    recorded = {value["source"]: value["uid"] for value in store.values.values()}
+    recorded = {value["source"]: value["uid"] for value in recorded_images(store.get).values()}
     assert recorded == {job["source"]: job["uid"] for job in jobs}
-    assert all(key.startswith(STATE_KEY_PREFIX) for key in store.values)
+    assert all(key.startswith(STATE_LOG_PREFIX) for key in store.values)
     finished = [line for line in log.lines if re.match(r"Doc2X: \d+/4 submitted", line)]
     assert finished[-1] == "Doc2X: 4/4 submitted"
 
@@ -195,7 +195,7 @@ def test_an_empty_quota_stops_the_queued_uploads_and_the_ones_in_flight_end_clea
     stats = doc2x.stats()
     assert stats["billed_total"] == 4
     assert stats["requests"]["submit"] <= 4 + 3  # the last in flight when the quota ran out, no more
-    uids = [value["uid"] for value in store.values.values() if "uid" in value]
+    uids = [value["uid"] for value in recorded_images(store.get).values() if "uid" in value]
     assert len(uids) == 4  # every billed upload's uid was recorded before the error was raised
 
 
@@ -217,7 +217,7 @@ def test_a_lost_answer_among_many_is_not_resent_and_is_marked(doc2x, make_image,
     lost = [job for job in jobs if job["status"] == "failed"]
     assert [job["code"] for job in lost] == ["upload_answer_lost"]
     assert doc2x.stats()["requests"]["submit"] == 5  # the lost one was not sent again
-    assert sum(bool(value.get("uncertain")) for value in store.values.values()) == 1
+    assert sum(bool(value.get("uncertain")) for value in recorded_images(store.get).values()) == 1
 
 
 def test_an_upload_started_by_a_killed_worker_is_named_possibly_billed_twice(doc2x, make_image):
@@ -225,8 +225,10 @@ def test_an_upload_started_by_a_killed_worker_is_named_possibly_billed_twice(doc
     image = make_image("interrupted.png", "Interrupted")
     store = StateStore()
     first = batch(store).submit([ImageSource.of(str(image))])
-    key = next(iter(store.values))
-    store.values[key] = {"started": True, "source": str(image), "at": 0}  # what a killed worker leaves
+    killed = {"started": True, "source": str(image), "at": 0}  # what a worker killed mid-upload leaves
+    store.values = {
+        f"{STATE_LOG_PREFIX}0": {"version": 1, "entries": [[sha256_of(image.read_bytes()), killed]]}
+    }
     log = Log()
     again = batch(store, log=log).submit([ImageSource.of(str(image))])
     assert again[0]["uid"] != first[0]["uid"]
@@ -301,7 +303,7 @@ def test_one_garbled_status_on_reconnect_is_asked_again_and_the_image_is_parsed(
     records = parse_operator(images, output_path=str(output)).execute({"task_state_store": store})
     assert garbled.hits == 1
     assert [record["source"] for record in records] == [str(image) for image in images]
-    recorded = [store.get(STATE_KEY_PREFIX + sha256_of(image.read_bytes()))["uid"] for image in images]
+    recorded = [recorded_images(store.get)[sha256_of(image.read_bytes())]["uid"] for image in images]
     assert [record["uid"] for record in records] == recorded  # the earlier try's jobs, reconnected
     assert sorted(path.read_text().splitlines()[0] for path in output.rglob("*.md")) == [
         "# Asked Again One",
@@ -317,7 +319,7 @@ def test_a_status_that_stays_malformed_on_reconnect_is_asked_a_few_times_then_fa
     images = [make_image(title="Kept On Reconnect"), make_image(title="Garbled Each Time")]
     output = tmp_path / "out"
     first_try_deferred(images, store, output)
-    uid = store.get(STATE_KEY_PREFIX + sha256_of(images[1].read_bytes()))["uid"]
+    uid = recorded_images(store.get)[sha256_of(images[1].read_bytes())]["uid"]
     doc2x_proxy.malformed("GET", f"^{STATUS_PATH}$", "not_json", times=None, query=f"uid={uid}")
     with pytest.raises(Doc2XError) as caught:
         parse_operator(images, output_path=str(output)).execute({"task_state_store": store})

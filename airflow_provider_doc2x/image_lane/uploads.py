@@ -11,10 +11,13 @@ Everything else stays as safe as one upload at a time:
   complete result under ``output_path`` is not uploaded; a uid recorded by an earlier try of the
   task (task state store) is reconnected to instead.
 - **Recorded before the task waits.** Each upload is marked as started in the task state store
-  before a byte leaves, and its uid recorded as soon as it is answered, in whatever order uploads
-  finish. A next try that finds a start without a uid (the worker was killed mid-upload) or an
-  upload whose answer was lost submits the image again and says in the log that it is possibly
-  billed twice; nothing is ever resent silently.
+  before a byte leaves (the starts of uploads sent together in one write), and its uid recorded
+  soon after it is answered (the uids that came back within 0.1 s in one write), in whatever
+  order uploads finish; all are written before the task defers
+  (:class:`~airflow_provider_doc2x.journal.TaskJournal`). A next try that finds a start without a
+  uid (the worker was killed mid-upload, or within 0.1 s of the answer) or an upload whose answer
+  was lost submits the image again and says in the log that it is possibly billed twice; nothing
+  is ever resent silently.
 - **Memory bounded by the concurrency.** An image is read (and hashed) when its turn comes, so at
   most ``max_concurrent_uploads`` image bodies are in memory at once. (Every image was checked
   from its first bytes before the first upload.)
@@ -27,6 +30,7 @@ Everything else stays as safe as one upload at a time:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -102,19 +106,55 @@ class ImageUploads:
         self.results = results
         self.log = log
         self.max_concurrent = max(1, max_concurrent or self.settings.max_concurrent_uploads)
+        # The starts of the uploads that go side by side are written together.
+        journal.start_group = max(journal.start_group, self.max_concurrent // 2)
 
     def submit(self, sources: Sequence[ImageSource]) -> list[dict[str, Any]]:
         """Each image as a job of the asynchronous endpoint: reused, reconnected or submitted."""
-        with self.journal.open():
-            return transport.run_sync(self._run(sources, self._submitted, "submitted"))
+        return self._timed(sources, self._submitted, "submitted")
 
     def parse(self, sources: Sequence[ImageSource]) -> list[dict[str, Any]]:
         """Each image through the synchronous endpoint (each request also waits for the parse).
 
         Returns one item per image, in input order: its record, or its failed job.
         """
+        return self._timed(sources, self._parsed, "parsed")
+
+    def _timed(
+        self,
+        sources: Sequence[ImageSource],
+        outcome: Callable[[ImageSource, bytes, str, asyncio.Event], Awaitable[dict[str, Any]]],
+        verb: str,
+    ) -> list[dict[str, Any]]:
+        """Run the batch in the journal's thread, and say in the log how long it and its writes took."""
+        began, writes, write_seconds = time.monotonic(), self.journal.writes, self.journal.write_seconds
         with self.journal.open():
-            return transport.run_sync(self._run(sources, self._parsed, "parsed"))
+            outcomes = transport.run_sync(self._journaled(sources, outcome, verb))
+        self.log.info(
+            "Doc2X: %d images %s in %.3f s (task state store: %d writes, %.3f s)",
+            len(sources),
+            verb,
+            time.monotonic() - began,
+            self.journal.writes - writes,
+            self.journal.write_seconds - write_seconds,
+        )
+        return outcomes
+
+    async def _journaled(
+        self,
+        sources: Sequence[ImageSource],
+        outcome: Callable[[ImageSource, bytes, str, asyncio.Event], Awaitable[dict[str, Any]]],
+        verb: str,
+    ) -> list[dict[str, Any]]:
+        """The batch, then every entry of the journal written, whatever the batch's outcome."""
+        try:
+            outcomes = await self._run(sources, outcome, verb)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the batch's own error is the one to raise
+                await self.journal.flush()
+            raise
+        await self.journal.flush()
+        return outcomes
 
     async def _run(
         self,
@@ -178,7 +218,7 @@ class ImageUploads:
             uid = await self.hook.asubmit_image(data, source=source.uri, pacer=upload.window())
         except Doc2XError as error:
             return await upload.failed(error)
-        await upload.record({"uid": uid, "source": source.uri, "at": time.time()})
+        upload.record({"uid": uid, "source": source.uri, "at": time.time()})
         return job(uid, source.uri, digest)
 
     async def _stored(self, source: ImageSource, digest: str) -> dict[str, Any] | None:
@@ -270,7 +310,7 @@ class ImageUploads:
             result = await self.hook.aparse_image(data, source=source.uri, pacer=upload.window())
         except Doc2XError as error:
             return await upload.failed(error)
-        await upload.record({"uid": result.uid, "source": source.uri, "at": time.time()})
+        upload.record({"uid": result.uid, "source": source.uri, "at": time.time()})
         return await asyncio.to_thread(store_or_record, self.results, source.uri, digest, result)
 
 
@@ -291,11 +331,11 @@ class _Upload:
     async def _mark_started(self) -> None:
         if not self.started:
             self.started = True
-            await self.record({"started": True, "source": self.source.uri, "at": time.time()})
+            await self.batch.journal.started(self.digest, self.source.uri)
 
-    async def record(self, value: dict[str, Any]) -> None:
-        """Write this content's entry in the task's journal (nothing without a store)."""
-        await self.batch.journal.record_image(self.digest, value)
+    def record(self, value: dict[str, Any]) -> None:
+        """Queue what came back for this content in the task's journal (nothing without a store)."""
+        self.batch.journal.answered(self.digest, value)
 
     async def failed(self, error: Doc2XError) -> dict[str, Any]:
         """The job of an upload that failed; a refused key or an empty quota stops the batch."""
@@ -303,10 +343,10 @@ class _Upload:
             self.stop.set()
             raise error
         if isinstance(error, Doc2XSubmitUncertainError):
-            await self.record({"uncertain": True, "source": self.source.uri, "at": time.time()})
+            self.record({"uncertain": True, "source": self.source.uri, "at": time.time()})
         elif self.started:
             # Doc2X answered (a refusal, a 5xx after every retry): it did not take the image.
-            await self.record({"failed": error.failure_code, "source": self.source.uri, "at": time.time()})
+            self.record({"failed": error.failure_code, "source": self.source.uri, "at": time.time()})
         return failed_job(self.source.uri, self.digest, error)
 
 

@@ -191,7 +191,9 @@ class Doc2XImageParseOperator(BaseOperator):
         sources = resolve_images(self.image_path, allow_schemes=self.allow_schemes)
         split = self.manifest.partition(sources) if self.manifest else None  # unchanged: never opened
         to_read = split.to_read if split else sources
+        began = time.monotonic()
         check_all(to_read)
+        self.log.info("Doc2X: checked %d images in %.3f s", len(to_read), time.monotonic() - began)
         uploads = self._uploads(context)
         if self.method == "sync":
             outcomes = uploads.parse(to_read)
@@ -203,7 +205,7 @@ class Doc2XImageParseOperator(BaseOperator):
         jobs = split.jobs(uploads.submit(to_read)) if split else uploads.submit(to_read)
         known: dict[str, dict[str, Any]] = {}
         event = self._wait(jobs, known)
-        return self._finish(records_from_event(self.hook, event, results=self.results, known=known))
+        return self._finish(self._records_of(event, known))
 
     def _wait(self, jobs: list[dict[str, Any]], known: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """Wait for the jobs: deferred to the triggerer (this returns only in the worker), or here.
@@ -283,7 +285,14 @@ class Doc2XImageParseOperator(BaseOperator):
         else:
             failed = any(entry["status"] != protocol.STATUS_SUCCESS for entry in jobs)
             event = make_event(EVENT_FAILED if failed else EVENT_SUCCESS, jobs, "nothing left to wait for")
-        return self._finish(records_from_event(self.hook, event, results=self.results, known=known))
+        return self._finish(self._records_of(event, known))
+
+    def _records_of(self, event: Any, known: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """The records of a wait's event (results fetched and stored), and how long making them took."""
+        began = time.monotonic()
+        records = records_from_event(self.hook, event, results=self.results, known=known)
+        self.log.info("Doc2X: records of %d images made in %.3f s", len(records), time.monotonic() - began)
+        return records
 
     def _uploads(self, context: Context) -> ImageUploads:
         store = context.get("task_state_store")
@@ -334,7 +343,7 @@ class Doc2XImageParseOperator(BaseOperator):
                 jobs = store_finished(self.hook, jobs, results=self.results)
                 with self._pdf_lane(context, self._uploads(context)) as lane:
                     return self._pdf_wait(lane, lane.advance(jobs))
-        return self._finish(records_from_event(self.hook, event, results=self.results))
+        return self._finish(self._records_of(event))
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
         """Each input image and each written Markdown file as datasets (OpenLineage is optional)."""

@@ -17,6 +17,7 @@ from airflow_provider_doc2x.exceptions import (
     Doc2XPermanentError,
     Doc2XTransientError,
 )
+from airflow_provider_doc2x.journal import recorded_images
 from airflow_provider_doc2x.operators.doc2x import STATE_KEY_PREFIX, Doc2XImageParseOperator
 from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
 from tests.helpers import API_KEY, REPO, StateStore, dags_test, parse_operator, run_deferred
@@ -34,7 +35,7 @@ def test_deferrable_submits_records_and_defers_with_the_right_trigger(doc2x, mak
     assert kwargs["doc2x_conn_id"] == "doc2x_default"
     assert [job["source"] for job in kwargs["jobs"]] == [str(image) for image in images]
     assert API_KEY not in json.dumps(kwargs)
-    recorded = {value["uid"] for value in store.values.values()}
+    recorded = {value["uid"] for value in recorded_images(store.get).values()}
     assert recorded == {job["uid"] for job in kwargs["jobs"]}
     assert all(key.startswith(STATE_KEY_PREFIX) for key in store.values)
 
@@ -170,7 +171,7 @@ def test_a_lost_upload_answer_fails_the_image_and_the_next_try_resubmits_it(
     with pytest.raises(Doc2XError) as caught:
         run_deferred(parse_operator([image], deferrable=True), {"task_state_store": store})
     assert str(image) in str(caught.value) and "may have billed" in str(caught.value)
-    assert store.values[next(iter(store.values))]["uncertain"] is True
+    assert next(iter(recorded_images(store.get).values()))["uncertain"] is True
     first_try = logged(caplog, capfd)
     assert any("Doc2X: 1/1 submitted" in line for line in first_try)  # the task's log is seen here
     assert not any("possibly billed twice" in line for line in first_try)  # nothing was resubmitted yet
