@@ -308,3 +308,42 @@ def log_times(output: str, pattern: str, *, keep: bool = False) -> list[Any]:
                 at = _when(stamp[1])
                 found.append((line, at) if keep else at)
     return found
+
+
+#: What the operator logs of its own time in a task (``Doc2X: checked ...``, ``... submitted in ...``,
+#: ``records of ... made in ...``); a line a release does not log is left out.
+OPERATOR_LINES = {
+    "checked": r"Doc2X: checked (?P<images>\d+) images in (?P<seconds>[\d.]+) s",
+    "uploaded": r"Doc2X: (?P<images>\d+) images (?P<verb>submitted|parsed) in (?P<seconds>[\d.]+) s"
+    r" \(task state store: (?P<writes>\d+) writes, (?P<store_seconds>[\d.]+) s\)",
+    "records": r"Doc2X: records of (?P<images>\d+) images made in (?P<seconds>[\d.]+) s",
+}
+
+
+def operator_times(output: str) -> dict[str, dict[str, Any]]:
+    """
+    The operator's own timings in a task's log, by :data:`OPERATOR_LINES` name: each line's fields
+    (numbers as floats) and ``at``, the line's time; the last line of each kind counts.
+    """
+    found: dict[str, dict[str, Any]] = {}
+    for name, pattern in OPERATOR_LINES.items():
+        for line, at in log_times(output, pattern, keep=True):
+            match = re.search(pattern, line)
+            assert match is not None
+            fields: dict[str, Any] = {
+                key: value if key == "verb" else float(value) for key, value in match.groupdict().items()
+            }
+            found[name] = {**fields, "at": at}
+    return found
+
+
+def spans_of(events: list[tuple[str, datetime]]) -> list[tuple[datetime, datetime]]:
+    """The spans a task held its worker, from its audit log's events: each ``running`` to the next event."""
+    spans, start = [], None
+    for event, at in events:
+        if event == "running":
+            start = at
+        elif start is not None:
+            spans.append((start, at))
+            start = None
+    return spans

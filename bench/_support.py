@@ -150,3 +150,55 @@ class CountingRelay:
                 sink.close()
 
         await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
+
+
+class FirstBilling:
+    """
+    When the local server billed its first upload, as a UTC time, and from it when it billed its
+    last: ``/local/stats`` gives each billing in seconds after the first, not the time of day.
+
+    A thread polls ``/local/stats`` every ``interval`` seconds from now (after ``server.reset()``)
+    until an upload is billed, then stops: :attr:`at` is when the poll that first saw a billing was
+    sent, so it is late by at most one interval and one request. The stats are tiny until then.
+    """
+
+    def __init__(self, server: LocalServer, interval: float = 0.02) -> None:
+        import threading
+
+        self.server = server
+        self.interval = interval
+        self.at = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="first-billing", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        from datetime import datetime, timezone
+
+        import httpx
+
+        with httpx.Client(base_url=self.server.url, timeout=30) as client:
+            while not self._stop.is_set():
+                sent = datetime.now(timezone.utc)
+                try:
+                    billed = client.get("/local/stats").json()["billed_total"]
+                except httpx.TransportError:
+                    billed = 0
+                if billed:
+                    self.at = sent
+                    return
+                self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def last(self, stats: dict | None = None):
+        """When the server billed its last upload (UTC), or None if it billed none."""
+        from datetime import timedelta
+
+        self.stop()
+        times = (stats or self.server.stats())["billed_seconds"]
+        if self.at is None or not times:
+            return None
+        return self.at + timedelta(seconds=times[-1])

@@ -107,7 +107,7 @@ class ImageUploads:
         self.log = log
         self.max_concurrent = max(1, max_concurrent or self.settings.max_concurrent_uploads)
         # The starts of the uploads that go side by side are written together.
-        journal.start_group = max(journal.start_group, self.max_concurrent // 2)
+        journal.start_group = max(journal.start_group, self.max_concurrent)
 
     def submit(self, sources: Sequence[ImageSource]) -> list[dict[str, Any]]:
         """Each image as a job of the asynchronous endpoint: reused, reconnected or submitted."""
