@@ -117,6 +117,18 @@ class Doc2XStorageError(Doc2XTransientError):
     default_code = "storage_error"
 
 
+class Doc2XTaskStateError(Doc2XError):
+    """Airflow's task state store could not be read or written (its API server or database failed).
+
+    It stops the batch: an upload whose start cannot be recorded is not sent (a next try could not
+    know of it). Not a :class:`Doc2XTransientError`, so the hook never retries an upload around it;
+    Airflow's own task retries apply.
+    """
+
+    summary = "the task state store could not be read or written"
+    default_code = "task_state_error"
+
+
 class Doc2XRateLimitError(Doc2XTransientError):
     """Too many requests or tasks for the key (HTTP 429 and the limit codes); retried after a pause."""
 

@@ -47,6 +47,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from typing import Any
 
+from airflow_provider_doc2x.exceptions import Doc2XTaskStateError
+
 #: Key prefix of what the task state store records per image content (the image lane's log, and
 #: the per-content keys of earlier releases, are under it too).
 STATE_KEY_PREFIX = "doc2x/"
@@ -125,9 +127,9 @@ class TaskJournal:
         self.write_seconds = 0.0
         self._log: asyncio.Future[dict[str, dict[str, Any]]] | None = None
         self._next_batch = 0
-        self._queue: list[tuple[str, dict[str, Any], asyncio.Future[None] | None]] = []
+        #: What waits to be written: (sha256, value, the start's future or None, when it was queued).
+        self._queue: list[tuple[str, dict[str, Any], asyncio.Future[None] | None, float]] = []
         self._waiting = 0  # entries in the queue whose upload waits for the write
-        self._queued_at = 0.0
         self._waiting_since = 0.0
         #: Starts that make a group written at once (the uploads that go side by side).
         self.start_group = 1
@@ -161,7 +163,15 @@ class TaskJournal:
 
     async def _call(self, method: str, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, getattr(self.store, method), *args)
+        try:
+            return await loop.run_in_executor(self._thread, getattr(self.store, method), *args)
+        except Exception as error:
+            what = "read" if method == "get" else "written"
+            raise Doc2XTaskStateError(
+                f"Airflow's task state store could not be {what} ({args[0]}): "
+                f"{type(error).__name__}: {error}. Nothing more is uploaded; the task's next try "
+                "reads what was recorded. Check the API server and the metadata database."
+            ) from error
 
     async def _get(self, key: str) -> Any:
         return await self._call("get", key) if self.may_hold else None
@@ -178,17 +188,20 @@ class TaskJournal:
     async def image(self, digest: str) -> dict[str, Any] | None:
         """What this task recorded for this content (None if nothing usable).
 
-        The log is read once, even on a first try (a try that resumed wrote it); the key of an
-        earlier release only on a later try, and only when the log has no uid for the content.
+        The log is read once, even on a first try (a try that resumed wrote it), and kept up to
+        date with what this journal writes; the key of an earlier release only on a later try, and
+        only when the log does not name the content.
         """
         if self.store is None:
             return None
         if self._log is None:
             self._log = asyncio.ensure_future(self._read_log())
         recorded = (await asyncio.shield(self._log)).get(digest)
-        if self.may_hold and not (recorded and recorded.get("uid")):
+        if recorded is None and self.may_hold:
+            # The log is newer than any key of an earlier release: once it names the content, a uid
+            # there was already found unusable.
             earlier = await self._get(STATE_KEY_PREFIX + digest)
-            if isinstance(earlier, dict) and (recorded is None or earlier.get("uid")):
+            if isinstance(earlier, dict):
                 recorded = earlier
         return recorded
 
@@ -235,13 +248,10 @@ class TaskJournal:
             raise self._failure
 
     def _enqueue(self, digest: str, value: dict[str, Any], done: asyncio.Future[None] | None) -> None:
-        if self._failure is not None:
-            if done is not None:
-                done.set_exception(self._failure)
+        if self._failure is not None and done is not None:
+            done.set_exception(self._failure)  # the store failed: no more uploads are started
             return
-        if not self._queue:
-            self._queued_at = time.monotonic()
-        self._queue.append((digest, value, done))
+        self._queue.append((digest, value, done, time.monotonic()))
         if done is not None:
             if not self._waiting:
                 self._waiting_since = time.monotonic()
@@ -259,7 +269,7 @@ class TaskJournal:
             return 0.0
         if self._waiting:
             return self._waiting_since + GATHER_SECONDS - time.monotonic()
-        return self._queued_at + FLUSH_SECONDS - time.monotonic()
+        return self._queue[0][3] + FLUSH_SECONDS - time.monotonic()  # from the oldest entry's arrival
 
     async def _write_queue(self) -> None:
         """Write the queue in batches, one after another, until it is empty."""
@@ -277,35 +287,43 @@ class TaskJournal:
                     continue
                 batch = self._queue[:FLUSH_ENTRIES]
                 del self._queue[:FLUSH_ENTRIES]
-                self._queued_at = self._waiting_since = time.monotonic()
-                waiters = [done for _, _, done in batch if done is not None]
+                # The starts left in the queue gather from their own arrival.
+                self._waiting_since = next((at for _, _, done, at in self._queue if done), time.monotonic())
+                waiters = [done for _, _, done, _ in batch if done is not None]
                 self._waiting -= len(waiters)
                 try:
                     await self._set(
                         f"{STATE_LOG_PREFIX}{self._next_batch}",
                         {
                             "version": LOG_FORMAT_VERSION,
-                            "entries": [[digest, value] for digest, value, _ in batch],
+                            "entries": [[digest, value] for digest, value, _, _ in batch],
                         },
                     )
-                except BaseException as error:
-                    self._fail_all(error, waiters)
-                    raise
+                except Exception as error:
+                    self._fail_starts(error, waiters)
+                    continue  # the uids that come back later are still written, if the store recovers
                 self._next_batch += 1
+                assert self._log is not None
+                self._log.result().update((digest, value) for digest, value, _, _ in batch)
                 for done in waiters:
                     if not done.done():
                         done.set_result(None)
         except BaseException as error:
-            self._fail_all(error, [])
+            self._fail_starts(error, [])
+            raise
         finally:
             self._writer = None
 
-    def _fail_all(self, error: BaseException, waiters: list[asyncio.Future[None]]) -> None:
-        """A write failed: every upload that waits for it, or queues after it, gets the error."""
+    def _fail_starts(self, error: BaseException, waiters: list[asyncio.Future[None]]) -> None:
+        """A write failed: the uploads that wait for it, or to start, get the error (none is sent).
+
+        What came back for the others stays queued: their uids are written if the store recovers,
+        and :meth:`flush` raises the first error.
+        """
         if self._failure is None:
             self._failure = error
-        waiters = waiters + [done for _, _, done in self._queue if done is not None]
-        self._queue.clear()
+        waiters = waiters + [done for _, _, done, _ in self._queue if done is not None]
+        self._queue = [item for item in self._queue if item[2] is None]
         self._waiting = 0
         for done in waiters:
             if not done.done():

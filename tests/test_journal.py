@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 from airflow.providers.common.compat.sdk import TaskDeferred
 
+from airflow_provider_doc2x.exceptions import Doc2XTaskStateError
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
 from airflow_provider_doc2x.image_lane.uploads import ImageUploads
 from airflow_provider_doc2x.journal import (
@@ -199,7 +200,9 @@ def test_a_worker_killed_before_its_uids_were_written_leaves_each_image_named_po
 def test_a_store_that_cannot_write_stops_the_batch_before_any_image_is_sent(doc2x, make_image):
     """An upload whose start cannot be recorded is not sent: a next try could not know of it."""
     images = [make_image(title=f"Unrecorded {n}") for n in range(6)]
-    with pytest.raises(OSError, match="cannot be reached"):
+    with pytest.raises(
+        Doc2XTaskStateError, match="task state store could not be written .*cannot be reached"
+    ):
         uploads(RefusingWrites(), may_hold=False).submit(sources_of(images))
     assert doc2x.stats()["billed_total"] == 0
 

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,7 @@ from airflow_provider_doc2x.exceptions import (
     Doc2XProtocolError,
     Doc2XQuotaError,
     Doc2XSubmitUncertainError,
+    Doc2XTaskStateError,
 )
 from airflow_provider_doc2x.journal import TaskJournal
 from airflow_provider_doc2x.records import FETCH_ATTEMPTS, recorded_status, store_or_record
@@ -55,6 +57,10 @@ from airflow_provider_doc2x.storage.sources import ImageSource, sha256_of
 if TYPE_CHECKING:
     from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
     from airflow_provider_doc2x.storage.results import ResultStore
+
+
+#: The longest an interrupted batch is given to write what came back, before the error goes on.
+JOURNAL_FLUSH_SECONDS = 30.0
 
 
 class BatchStopped(Exception):
@@ -128,8 +134,22 @@ class ImageUploads:
     ) -> list[dict[str, Any]]:
         """Run the batch in the journal's thread, and say in the log how long it and its writes took."""
         began, writes, write_seconds = time.monotonic(), self.journal.writes, self.journal.write_seconds
+        ended = threading.Event()
+
+        async def batch() -> list[dict[str, Any]]:
+            try:
+                return await self._journaled(sources, outcome, verb)
+            finally:
+                ended.set()
+
         with self.journal.open():
-            outcomes = transport.run_sync(self._journaled(sources, outcome, verb))
+            try:
+                outcomes = transport.run_sync(batch())
+            except BaseException:
+                # Interrupted (Airflow's execution_timeout, a signal): the batch is cancelled and
+                # writes what came back before the journal's thread stops and the error goes on.
+                ended.wait(JOURNAL_FLUSH_SECONDS)
+                raise
         self.log.info(
             "Doc2X: %d images %s in %.3f s (task state store: %d writes, %.3f s)",
             len(sources),
@@ -240,7 +260,8 @@ class ImageUploads:
         answered (a killed worker), may have been billed, so sending it again is said in the log as
         "possibly billed twice", never done silently.
         """
-        recorded = await self.journal.image(digest)
+        with _naming(source.uri):
+            recorded = await self.journal.image(digest)
         if recorded is None:
             return None
         uid = recorded.get("uid")
@@ -330,16 +351,20 @@ class _Upload:
 
     async def _mark_started(self) -> None:
         if not self.started:
-            self.started = True
-            await self.batch.journal.started(self.digest, self.source.uri)
+            with _naming(self.source.uri):
+                await self.batch.journal.started(self.digest, self.source.uri)
+            self.started = True  # only once it is recorded: a retry of the upload never goes unrecorded
 
     def record(self, value: dict[str, Any]) -> None:
         """Queue what came back for this content in the task's journal (nothing without a store)."""
         self.batch.journal.answered(self.digest, value)
 
     async def failed(self, error: Doc2XError) -> dict[str, Any]:
-        """The job of an upload that failed; a refused key or an empty quota stops the batch."""
-        if isinstance(error, (Doc2XAuthError, Doc2XQuotaError)):
+        """The job of an upload that failed; a refused key, an empty quota or a failed store stops the batch."""
+        if isinstance(error, (Doc2XAuthError, Doc2XQuotaError, Doc2XTaskStateError)):
+            if self.started and not isinstance(error, Doc2XTaskStateError):
+                # Refused: Doc2X did not take the image, so a next try sends it without a warning.
+                self.record({"failed": error.failure_code, "source": self.source.uri, "at": time.time()})
             self.stop.set()
             raise error
         if isinstance(error, Doc2XSubmitUncertainError):
@@ -348,6 +373,17 @@ class _Upload:
             # Doc2X answered (a refusal, a 5xx after every retry): it did not take the image.
             self.record({"failed": error.failure_code, "source": self.source.uri, "at": time.time()})
         return failed_job(self.source.uri, self.digest, error)
+
+
+@contextlib.contextmanager
+def _naming(uri: str) -> Iterator[None]:
+    """A failure of the task state store, named with the image it stopped."""
+    try:
+        yield
+    except Doc2XTaskStateError as error:
+        if error.source is not None:
+            raise
+        raise Doc2XTaskStateError(error.args[0], code=error.code, source=uri) from error.__cause__
 
 
 def _read_and_hash(source: ImageSource) -> tuple[bytes, str]:
