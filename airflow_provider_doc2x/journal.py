@@ -64,8 +64,10 @@ LOG_FORMAT_VERSION = 1
 FLUSH_SECONDS = 0.1
 #: Entries that make one write at most (and that are written at once, without waiting the interval).
 FLUSH_ENTRIES = 64
-#: Seconds the first start of a group waits for the others before they are written (uploads go side
-#: by side: their starts come a few milliseconds apart, and each write costs a database commit).
+#: Seconds the first start of a group waits for the others before they are written, when starts come
+#: close together (uploads side by side with a generous key: a few milliseconds apart, and each write
+#: costs a database commit). A start that comes after a pause (uploads paced by the key's window) is
+#: written at once: waiting would only delay its send.
 GATHER_SECONDS = 0.05
 
 
@@ -131,6 +133,8 @@ class TaskJournal:
         self._queue: list[tuple[str, dict[str, Any], asyncio.Future[None] | None, float]] = []
         self._waiting = 0  # entries in the queue whose upload waits for the write
         self._waiting_since = 0.0
+        self._last_start = float("-inf")
+        self._gather = False
         #: Starts that make a group written at once (the uploads that go side by side).
         self.start_group = 1
         self._flushing = False
@@ -251,10 +255,13 @@ class TaskJournal:
         if self._failure is not None and done is not None:
             done.set_exception(self._failure)  # the store failed: no more uploads are started
             return
-        self._queue.append((digest, value, done, time.monotonic()))
+        now = time.monotonic()
+        self._queue.append((digest, value, done, now))
         if done is not None:
             if not self._waiting:
-                self._waiting_since = time.monotonic()
+                self._waiting_since = now
+                self._gather = now - self._last_start < GATHER_SECONDS
+            self._last_start = now
             self._waiting += 1
         if self._writer is None:
             self._wake = asyncio.Event()
@@ -268,7 +275,7 @@ class TaskJournal:
         if self._flushing or self._waiting >= self.start_group or len(self._queue) >= FLUSH_ENTRIES:
             return 0.0
         if self._waiting:
-            return self._waiting_since + GATHER_SECONDS - time.monotonic()
+            return self._waiting_since + GATHER_SECONDS - time.monotonic() if self._gather else 0.0
         return self._queue[0][3] + FLUSH_SECONDS - time.monotonic()  # from the oldest entry's arrival
 
     async def _write_queue(self) -> None:

@@ -208,9 +208,12 @@ async def call(
                     async with shared.gate:
                         # The wait for the gate is unbounded: the slot may have expired meanwhile.
                         if slot is None or await slot.confirm():
-                            answer = await exchange(shared.client, settings, request)
+                            sent = slot.body_sent if slot is not None else None
+                            answer = await exchange(shared.client, settings, request, on_body_sent=sent)
                             break
                     await slot.book_again()  # outside the gate: polls are not held behind the window
+                if slot is not None:
+                    await slot.answered(answer.http_status)  # a 429 may teach the window the server's rule
             try:
                 return read(protocol.read_answer(request, answer, secrets=settings.secrets))
             except Doc2XProtocolError as error:
@@ -221,9 +224,17 @@ async def call(
 
 
 async def exchange(
-    client: httpx.AsyncClient, settings: Doc2XSettings, request: protocol.Doc2XRequest
+    client: httpx.AsyncClient,
+    settings: Doc2XSettings,
+    request: protocol.Doc2XRequest,
+    *,
+    on_body_sent: Callable[[], None] | None = None,
 ) -> protocol.Doc2XAnswer:
-    """One HTTP exchange under the request's overall deadline, its answer read up to the size cap."""
+    """One HTTP exchange under the request's overall deadline, its answer read up to the size cap.
+
+    ``on_body_sent`` is called when an upload's body was sent whole: the pacing slot dates itself
+    from it (:meth:`~airflow_provider_doc2x.pacing.PacedUpload.body_sent`).
+    """
     body_sent = request.content is None
     trace = None
     if not body_sent:  # only an upload needs to know when its body was sent whole
@@ -232,6 +243,8 @@ async def exchange(
             nonlocal body_sent
             if event.endswith("send_request_body.complete"):
                 body_sent = True
+                if on_body_sent is not None:
+                    on_body_sent()
 
     try:
         return await within(settings.timeout, _exchange(client, settings, request, trace))

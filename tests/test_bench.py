@@ -72,6 +72,19 @@ RUNS = {
         "2",
     ],
     "batch_cost.py": ["--images", "30,60", "--processing", "0.2"],
+    "task_cost.py": ["--images", "12", "--processing", "0.3"],
+    "window_rule.py": [
+        "--images",
+        "24",
+        "--limit",
+        "6",
+        "--window",
+        "0.6",
+        "--processing",
+        "0.1",
+        "--multiples",
+        "1",
+    ],
     "incremental.py": ["--existing", "200", "--new", "10", "--changed", "3", "--image-kb", "2"],
     "ocr_engine.py": ["--rounds", "1", "--threads", "1"],
     "pdf_lane.py": [
@@ -90,9 +103,17 @@ RUNS = {
 
 
 #: The benches that deploy Airflow run with the deployment tests, alone.
-DEPLOYING = ("mapped_pool.py", "celery_pacing.py", "triggerer.py")
+DEPLOYING = ("mapped_pool.py", "celery_pacing.py", "triggerer.py", "task_cost.py")
 #: The benches whose tasks run through ``airflow dags test``.
-THROUGH_DAGS_TEST = ("worker_occupancy.py", "throughput.py", "slow_link.py", "pdf_lane.py", "incremental.py")
+THROUGH_DAGS_TEST = (
+    "worker_occupancy.py",
+    "throughput.py",
+    "slow_link.py",
+    "pdf_lane.py",
+    "incremental.py",
+    "window_rule.py",
+    "task_cost.py",
+)
 
 
 @pytest.mark.parametrize(
@@ -111,7 +132,7 @@ def test_bench_script_runs_and_prints_its_figures(script, request):
             pytest.importorskip(module, reason=f"the S3 bench needs {module} (the test extra)")
     if script == "ocr_engine.py":
         pytest.importorskip("rapidocr", reason="the ocr extra is not installed")
-    if script in DEPLOYING and AIRFLOW_VERSION < (3, 3):
+    if script in DEPLOYING and AIRFLOW_VERSION < (3, 3) and script not in THROUGH_DAGS_TEST:
         pytest.skip("this bench runs Airflow 3.3's own components")
     if script == "celery_pacing.py" and (missing := CeleryDeployment.missing()):
         pytest.skip(f"cannot deploy with Celery here: {missing}")

@@ -127,10 +127,10 @@ async def test_a_cancelled_upload_frees_the_slot_its_thread_booked():
     entered = threading.Event()
 
     class SlowLimiter(RateLimiter):
-        def reserve(self):
+        def book(self):
             entered.set()
             booking.wait(5)  # the window file is slow to lock
-            return super().reserve()
+            return super().book()
 
     clock = FakeClock()
     limiter = SlowLimiter(1, 10.0, clock=clock)
@@ -339,7 +339,7 @@ def test_todays_unversioned_window_file_is_still_read(tmp_path, caplog):
 
 
 NEWER_FIELDS = {
-    "rule": {"count_from": "arrival", "learned_at": 990.0, "days": 1},
+    "learned": {"count_from": "arrival", "learned_at": 990.0, "days": 1},
     "pages": {"day": "2026-05-01", "used": 412, "budget": 2000},
     "empty": [],
     "precise": 0.1234567890123456789,

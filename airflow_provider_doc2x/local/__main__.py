@@ -122,6 +122,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="rate at which each upload's body is read; 0 is unlimited (default: %(default)s)",
     )
     parser.add_argument(
+        "--rate-counted-at",
+        default=defaults.rate_counted_at,
+        choices=["arrival", "answer"],
+        help="when an upload enters the rate window: once its body arrived, or when it is answered, "
+        "after the answer wait (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--answer-seconds",
+        type=float,
+        default=defaults.answer_seconds,
+        metavar="SECONDS",
+        help="how long an upload's answer takes after its body arrived (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--answer-jitter",
+        type=float,
+        default=defaults.answer_jitter,
+        metavar="SECONDS",
+        help="up to this many seconds more per answer, drawn at random (seeded) (default: %(default)s)",
+    )
+    parser.add_argument(
         "--echo-key",
         action="store_true",
         default=defaults.echo_key,
@@ -162,6 +183,9 @@ def main(argv: list[str] | None = None) -> None:
         result_ttl=args.result_ttl,
         upload_seconds=args.upload_seconds,
         upload_bandwidth=args.upload_bandwidth,
+        rate_counted_at=args.rate_counted_at,
+        answer_seconds=args.answer_seconds,
+        answer_jitter=args.answer_jitter,
         echo_key=args.echo_key,
     )
     app = create_app(config)

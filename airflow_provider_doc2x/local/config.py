@@ -17,6 +17,8 @@ from airflow_provider_doc2x import protocol
 PICKUP_STATUSES = ("processing", "not_found")
 #: How a failed PDF task shows in status (``ServerConfig.pdf_failure_shape``).
 FAILURE_SHAPES = ("status", "envelope")
+#: When an upload enters its key's rate window (``ServerConfig.rate_counted_at``).
+RATE_COUNTED_AT = ("arrival", "answer")
 
 
 @dataclass
@@ -40,9 +42,19 @@ class ServerConfig:
     #: The next N uploads are accepted and billed, then their answer stalls for ``stall_seconds``.
     stall_next: int = 0
     stall_seconds: float = 30.0
-    #: Images a key may upload per ``rate_window`` seconds; an upload counts once its body has arrived.
+    #: Images a key may upload per ``rate_window`` seconds; an upload counts once its body has
+    #: arrived, or at its answer (``rate_counted_at``).
     rate_limit: int = protocol.DEFAULT_RATE_LIMIT_IMAGES
     rate_window: float = protocol.DEFAULT_RATE_LIMIT_WINDOW
+    #: When an upload enters the rate window: ``"arrival"``, once its body has arrived (refused at
+    #: once when the window is full), or ``"answer"``, when its answer is given, after the answer
+    #: wait (``answer_seconds``; refused then), as a server that counts late would. Doc2X does not
+    #: say which it does.
+    rate_counted_at: str = "arrival"
+    #: Seconds an upload's answer takes after its body arrived (the server's own work on it), plus up
+    #: to ``answer_jitter`` seconds more, drawn at random (seeded), so that answer times vary.
+    answer_seconds: float = 0.0
+    answer_jitter: float = 0.0
     #: Seconds a job's result is kept (Doc2X: 24 h).
     result_ttl: float = protocol.RESULT_LIFETIME_SECONDS
     #: Pages the account may still bill, images and PDF pages together; None is unlimited.
@@ -141,8 +153,12 @@ class ServerConfig:
         """Check the knobs that take one of a few values.
 
         Raises:
-            ValueError: ``pickup_status`` or ``pdf_failure_shape`` is none of its values.
+            ValueError: ``rate_counted_at``, ``pickup_status`` or ``pdf_failure_shape`` is none of its values.
         """
+        if self.rate_counted_at not in RATE_COUNTED_AT:
+            raise ValueError(
+                f"rate_counted_at must be one of {RATE_COUNTED_AT}, not {self.rate_counted_at!r}"
+            )
         if self.pickup_status not in PICKUP_STATUSES:
             raise ValueError(f"pickup_status must be one of {PICKUP_STATUSES}, not {self.pickup_status!r}")
         if self.pdf_failure_shape not in FAILURE_SHAPES:

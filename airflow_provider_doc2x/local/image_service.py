@@ -18,6 +18,7 @@ import asyncio
 import base64
 import hashlib
 import io
+import random
 import time
 import uuid
 import zipfile
@@ -91,6 +92,10 @@ class ImageService:
         self.upload_times = [0.0, 0.0]
         #: When each billed upload was billed, in seconds after the first (the last 100,000).
         self.billed_seconds: deque[float] = deque(maxlen=100_000)
+        #: Draws the answer waits' jitter (seeded, so repeatable).
+        self.random = random.Random(host.config.seed)
+        #: Uploads whose body arrived whole; the seconds their bodies took to arrive, and their answer waits.
+        self.timed = [0, 0.0, 0.0]
 
     def reset(self) -> None:
         """Stop every job's work, forget the jobs, and zero the counters."""
@@ -103,6 +108,8 @@ class ImageService:
         self.rate_limited = 0
         self.upload_times = [0.0, 0.0]
         self.billed_seconds.clear()
+        self.random = random.Random(self.host.config.seed)
+        self.timed = [0, 0.0, 0.0]
 
     def pages_billed(self) -> int:
         """Pages billed for images (one per image)."""
@@ -118,6 +125,10 @@ class ImageService:
             "upload_span_seconds": self.upload_times[1] - self.upload_times[0],
             "billed_seconds": [round(seconds, 4) for seconds in self.billed_seconds],
             "jobs": len(self.jobs),
+            # What an upload's time was made of at the server: its body's arrival, then the answer wait.
+            "uploads_timed": self.timed[0],
+            "body_seconds_mean": self.timed[1] / self.timed[0] if self.timed[0] else 0.0,
+            "answer_wait_seconds_mean": self.timed[2] / self.timed[0] if self.timed[0] else 0.0,
         }
 
     # Uploads
@@ -128,7 +139,8 @@ class ImageService:
 
         Counts the request and the upload in flight until the endpoint is done with it, checks the
         key, receives the body at the link's pace (or resets it), admits it into the key's rate
-        window, then checks size and type.
+        window and waits ``answer_seconds`` (plus jitter), or the other way round when the server
+        counts at the answer (``rate_counted_at``), then checks size and type.
 
         Raises:
             Refused: 401, 429, or an image refused for its size or type.
@@ -141,10 +153,31 @@ class ImageService:
             if declared is not None and declared > protocol.MAX_IMAGE_BYTES:
                 self.admit_upload(request)  # refused without reading it; a Doc2X attempt all the same
                 raise api_error("parse_file_too_large", "File too large, at most 7M")
+            started = time.monotonic()
             image, _ = await self.host.receive_body(request, declared)
-            self.admit_upload(request)
+            arrived = time.monotonic()
+            counted_at_answer = self.host.config.rate_counted_at == "answer"
+            if not counted_at_answer:
+                self.admit_upload(request)
+            await self.answer_wait()
+            self.timed = [
+                self.timed[0] + 1,
+                self.timed[1] + arrived - started,
+                self.timed[2] + time.monotonic() - arrived,
+            ]
+            if counted_at_answer:
+                self.admit_upload(request)
             self.check_image(image)
             yield image
+
+    async def answer_wait(self) -> None:
+        """Wait ``answer_seconds`` plus up to ``answer_jitter`` more: the server's own time on an upload."""
+        settings = self.host.config
+        wait = settings.answer_seconds + (
+            settings.answer_jitter and self.random.uniform(0, settings.answer_jitter)
+        )
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     def admit_upload(self, request: Request) -> None:
         """Count the upload in its key's rolling window: at most ``rate_limit`` per ``rate_window``.

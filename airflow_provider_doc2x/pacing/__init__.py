@@ -41,14 +41,16 @@ from airflow_provider_doc2x.pacing.budget import PdfBudget, pdf_budget_for
 from airflow_provider_doc2x.pacing.private import is_private_dir
 from airflow_provider_doc2x.pacing.redis_window import RedisRateLimiter
 from airflow_provider_doc2x.pacing.window import (
-    FORMAT_VERSION,
     IN_FLIGHT_MARGIN_SECONDS,
-    LEGACY_IN_FLIGHT_SECONDS,
-    MAX_LEASE_SECONDS,
     PacedUpload,
     RateLimiter,
     lease_seconds,
     paced_upload,
+)
+from airflow_provider_doc2x.pacing.window_file import (
+    FORMAT_VERSION,
+    LEGACY_IN_FLIGHT_SECONDS,
+    MAX_LEASE_SECONDS,
 )
 
 __all__ = [
@@ -132,9 +134,12 @@ def limiter_for(
                     redis_key=f"doc2x:pacing:{digest}",
                     state_file=state_file,
                     upload_timeout=upload_timeout,
+                    digest=digest,
                 )
             else:
-                limiter = RateLimiter(limit, window, state_file=state_file, upload_timeout=upload_timeout)
+                limiter = RateLimiter(
+                    limit, window, state_file=state_file, upload_timeout=upload_timeout, digest=digest
+                )
             _limiters[registry_key] = limiter
         return limiter
 

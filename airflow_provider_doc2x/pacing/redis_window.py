@@ -11,16 +11,23 @@ a moving time. Short Lua scripts do it atomically on one sorted set.
 The set ``doc2x:pacing:<digest>`` holds one member per slot, scored by the Redis server's clock (so
 hosts whose clocks differ still agree): ``lease:<id>`` while the upload is in flight, scored by its
 expiry (the booking host's :func:`~airflow_provider_doc2x.pacing.window.lease_seconds`, renewed while
-its holder runs), and ``done:<id>`` once it was answered, scored by the answer's time. A slot past
-its expiry (its holder died) counts from its expiry. The rules are exactly those of the host-local
-window; the key expires by itself once no slot can count any more.
+its holder runs), and ``done:<id>`` once it was answered, scored by the answer's time, beside
+``sent:<id>``, scored by when its body was sent in full (handed over as an age, seconds before the
+release, so that Redis's clock dates it too). A slot past its expiry (its holder died) counts from
+its expiry. The rules are exactly those of the host-local window, the learned rule included
+(:mod:`~airflow_provider_doc2x.pacing.rule`): an answered slot counts from its ``sent:`` score (one
+without, from its answer) unless the key ``doc2x:pacing:<digest>:rule`` exists, which a switch sets
+for a day (it expires by itself) and every host reads at each booking. The window's key expires by
+itself once no slot can count any more.
 
 **Versions.** The member ``version`` is scored by the set's format (that of the window file:
-:data:`~airflow_provider_doc2x.pacing.window.FORMAT_VERSION`). The format of earlier releases, with
+:data:`~airflow_provider_doc2x.pacing.window_file.FORMAT_VERSION`). The format of earlier releases, with
 no ``version``, is version 1: its slots in flight are ``open:<id>`` scored by their booking time, and
-expire :data:`~airflow_provider_doc2x.pacing.window.LEGACY_IN_FLIGHT_SECONDS` after it; they are
+expire :data:`~airflow_provider_doc2x.pacing.window_file.LEGACY_IN_FLIGHT_SECONDS` after it; they are
 still counted. As in the file, a reader keeps every member it does not know and never lowers the
-version; ``lease:``, ``open:`` and ``done:`` keep their meaning in later versions. When a set of a
+version; ``lease:``, ``open:`` and ``done:`` keep their meaning in later versions. Version 3 added
+``sent:`` members, which a version 2 reader keeps and does not count (it dates every slot from its
+answer, its own rule). When a set of a
 later version holds a slot this release cannot read, it is left untouched and the host-local
 window stands in for a while, with one warning to upgrade. What later releases keep for a key
 beside its window (a learned rule, a daily page budget) goes into keys of its own,
@@ -41,6 +48,7 @@ holds all of it again. Uploads never fail or stall because the pacing store is d
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -48,11 +56,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from airflow_provider_doc2x.pacing.window import (
+from airflow_provider_doc2x.pacing import rule
+from airflow_provider_doc2x.pacing.rule import Booking
+from airflow_provider_doc2x.pacing.window import RateLimiter
+from airflow_provider_doc2x.pacing.window_file import (
     FORMAT_VERSION,
     LEGACY_IN_FLIGHT_SECONDS,
     MAX_LEASE_SECONDS,
-    RateLimiter,
 )
 
 log = logging.getLogger(__name__)
@@ -81,16 +91,20 @@ end
 """
 
 #: Book a slot if the window has room. KEYS[1]: the window. ARGV: limit, window, the slot's lease,
-#: the new slot's id, now ('' for the Redis server's clock). Returns {state, value, distrusted}:
-#: {1, now, _} when booked, {0, wait, _} when full (a slot dated ahead of the clock, by one window at
-#: most, is waited out), {2, version, 0} for a set of a later version that this release cannot read
-#: (nothing was changed); distrusted is 1 when the window held something that is not a window (a
+#: the new slot's id, now ('' for the Redis server's clock), '1' when the key dates its slots from
+#: their answers (its learned rule), else ''. Returns {state, value, distrusted, answer_room}: {1, now,
+#: _, _} when booked, {0, wait, _, _} when full (a slot dated ahead of the clock, by one window at
+#: most, is waited out), {2, version, 0, 1} for a set of a later version that this release cannot
+#: read (nothing was changed); distrusted is 1 when the window held something that is not a window (a
 #: slot dated more than one window ahead among it) and was started anew (its slots dropped, the
-#: members it does not know kept).
+#: members it does not know kept); answer_room is 1 when dating answered slots from their answers
+#: would have had room too. An answered slot ``done:<id>`` with a ``sent:<id>`` counts from the
+#: earlier of its answer and its sending plus the arrival margin, unless the rule says answers.
 BOOK_SCRIPT = (
     _PRELUDE
     + f"""
 local version_here, legacy, max_lease, max_members = {FORMAT_VERSION}, {LEGACY_IN_FLIGHT_SECONDS!r}, {MAX_LEASE_SECONDS!r}, {MAX_MEMBERS}
+local margin = {rule.ARRIVAL_MARGIN_SECONDS!r}
 """
     + """
 local limit = tonumber(ARGV[1])
@@ -106,7 +120,8 @@ local version = tonumber(redis.call('ZSCORE', key, 'version') or '1')
 local valid = version and version >= 1 and version == math.floor(version)
 local newer = valid and version > version_here
 if valid and redis.call('ZCARD', key) > max_members then valid = false end
-local times, gone = {}, {}
+local answer_rule = ARGV[6] == '1'
+local others, dones, sents, gone = {}, {}, {}, {}
 local horizon = window
 if valid then
     local members = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
@@ -114,13 +129,19 @@ if valid then
         local member, at = members[i], tonumber(members[i + 1])
         local kind = string.match(member, '^(%l+):')
         local expires = nil
-        if member == 'version' or (kind ~= 'done' and kind ~= 'open' and kind ~= 'lease') then
+        if member == 'version' or (kind ~= 'done' and kind ~= 'open' and kind ~= 'lease' and kind ~= 'sent') then
             -- not a slot, or a member of a later release: kept as it is, not counted
         elseif not at then
             valid = false
-        elseif kind == 'done' then
+        elseif kind == 'done' or kind == 'sent' then
             if not (at <= now + window) then valid = false end
-            if at > now - window then times[#times + 1] = at else gone[#gone + 1] = member end
+            if at <= now - window then
+                gone[#gone + 1] = member
+            elseif kind == 'done' then
+                dones[#dones + 1] = {string.sub(member, 6), at}
+            else
+                sents[string.sub(member, 6)] = at
+            end
         else
             if kind == 'open' then
                 if not (at <= now + window) then valid = false end
@@ -130,9 +151,9 @@ if valid then
                 expires = at
             end
             if expires > now then
-                if kind == 'open' then times[#times + 1] = math.max(at, now) else times[#times + 1] = now end
+                if kind == 'open' then others[#others + 1] = math.max(at, now) else others[#others + 1] = now end
             elseif expires > now - window then
-                times[#times + 1] = expires
+                others[#others + 1] = expires
             else
                 gone[#gone + 1] = member
             end
@@ -142,7 +163,7 @@ if valid then
     end
 end
 if not valid then
-    if newer then return {2, tostring(version), 0} end
+    if newer then return {2, tostring(version), 0, 1} end
     if redis.call('ZCARD', key) > max_members then
         redis.call('DEL', key)
     else
@@ -150,23 +171,39 @@ if not valid then
         local members, slots = redis.call('ZRANGE', key, 0, -1), {}
         for i = 1, #members do
             local kind = string.match(members[i], '^(%l+):')
-            if kind == 'done' or kind == 'open' or kind == 'lease' then slots[#slots + 1] = members[i] end
+            if kind == 'done' or kind == 'open' or kind == 'lease' or kind == 'sent' then slots[#slots + 1] = members[i] end
         end
         for i = 1, #slots, 1000 do redis.call('ZREM', key, unpack(slots, i, math.min(i + 999, #slots))) end
     end
-    times, gone, horizon, version, distrusted = {}, {}, window, 1, 1
+    others, dones, sents, gone, horizon, version, distrusted = {}, {}, {}, {}, window, 1, 1
 elseif #gone > 0 then
-    redis.call('ZREM', key, unpack(gone))
+    for i = 1, #gone, 1000 do redis.call('ZREM', key, unpack(gone, i, math.min(i + 999, #gone))) end
 end
+local by_answer, by_arrival = {}, {}
+for i = 1, #others do
+    by_answer[i] = others[i]
+    by_arrival[i] = others[i]
+end
+for i = 1, #dones do
+    local at = dones[i][2]
+    by_answer[#by_answer + 1] = at
+    local sent = sents[dones[i][1]]
+    if sent and sent + margin < at then at = sent + margin end
+    if at > now - window then by_arrival[#by_arrival + 1] = at end
+end
+local answer_room = 0
+if #by_answer < limit then answer_room = 1 end
+local times = by_arrival
+if answer_rule then times = by_answer end
 table.sort(times)
 if #times >= limit then
     local ahead = times[#times - limit + 1] - now
-    return {0, tostring(math.min(ahead, 0) + window), distrusted}
+    return {0, tostring(math.min(ahead, 0) + window), distrusted, answer_room}
 end
 redis.call('ZADD', key, now + lease, 'lease:' .. ARGV[4])
 if version < version_here then redis.call('ZADD', key, version_here, 'version') end
 keep_for(math.max(horizon, lease + window))
-return {1, tostring(now), distrusted}
+return {1, tostring(now), distrusted, answer_room}
 """
 )
 
@@ -195,9 +232,10 @@ return 1
 )
 
 #: The upload of a slot ended: the slot counts from now, no longer as in flight. KEYS[1]: the window.
-#: ARGV: the slot's id, window, now ('' for the Redis server's clock). A slot the window no longer
-#: holds (it expired while its holder stalled, or the window started anew) counts from now all the
-#: same: the upload was sent. Returns 1, or 0 when the key is not a window.
+#: ARGV: the slot's id, window, now ('' for the Redis server's clock), and how many seconds before
+#: now its body was sent in full ('' when unknown: then no ``sent:<id>``). A slot the window no
+#: longer holds (it expired while its holder stalled, or the window started anew) counts from now
+#: all the same: the upload was sent. Returns 1, or 0 when the key is not a window.
 RELEASE_SCRIPT = (
     _PRELUDE
     + """
@@ -206,6 +244,8 @@ local window = tonumber(ARGV[2])
 local now = clock(ARGV[3])
 redis.call('ZREM', key, 'lease:' .. ARGV[1], 'open:' .. ARGV[1])
 redis.call('ZADD', key, now, 'done:' .. ARGV[1])
+local sent_age = tonumber(ARGV[4])
+if sent_age then redis.call('ZADD', key, now - math.max(sent_age, 0), 'sent:' .. ARGV[1]) end
 keep_for(window)
 return 1
 """
@@ -248,12 +288,20 @@ class RedisRateLimiter(RateLimiter):
         state_file: Path | Callable[[], Path] | None = None,
         clock: Callable[[], float] | None = None,
         upload_timeout: float | None = None,
+        digest: str | None = None,
     ) -> None:
         super().__init__(
-            limit, window, state_file=state_file, clock=clock or time.time, upload_timeout=upload_timeout
+            limit,
+            window,
+            state_file=state_file,
+            clock=clock or time.time,
+            upload_timeout=upload_timeout,
+            digest=digest,
         )
         self.redis_conn_id = redis_conn_id
         self.redis_key = redis_key
+        #: The key's learned rule (:mod:`~airflow_provider_doc2x.pacing.rule`), present while it holds.
+        self.rule_key = f"{redis_key}:rule"
         self._redis_clock = clock
         self._connect_lock = threading.Lock()
         self._state_lock = threading.Lock()
@@ -291,21 +339,30 @@ class RedisRateLimiter(RateLimiter):
                 self._client = client
             return self._scripts_of_client
 
-    def reserve(self) -> tuple[float, str | None]:
+    def _redis(self) -> Any:
+        """The Redis client, built from the connection at first use."""
+        self._scripts()
+        client = self._client
+        if client is None:
+            raise RuntimeError(f"the Redis client of {self.redis_conn_id!r} was closed meanwhile")
+        return client
+
+    def book(self) -> Booking:
         """Book a slot on this host's window and in Redis, or on the host alone while Redis is down.
 
         Every slot this host books in Redis is booked, renewed and released in the host-local window
         too, by the same rules: so while Redis is down the host's window already holds what this
         host sent in the last window, and this host alone never goes over the limit, not even when
         Redis fails or comes back. A booking that Redis refuses (the key is full across hosts) is
-        taken back from the host's window: it was never used.
+        taken back from the host's window: it was never used. The rule learned in Redis (by any
+        host) is copied into the host's window, which then keeps it while Redis is down.
         """
-        delay, slot_id = super().reserve()
-        if slot_id is None:
-            return delay, None
+        here = super().book()
+        if here.slot_id is None:
+            return here
         if time.monotonic() >= self._down_until:
             try:
-                delay, booked = self._reserve_in_redis(slot_id)
+                booked, rule_seconds = self._book_in_redis(here.slot_id)
             except NewerRedisWindow as newer:  # Redis answers: it is the window that cannot be used
                 with self._state_lock:
                     self._down_until = time.monotonic() + self.fallback_seconds
@@ -313,40 +370,72 @@ class RedisRateLimiter(RateLimiter):
             except Exception as error:  # whatever fails in the pacing store, the upload goes on
                 self._redis_failed(error)
             else:
-                if not booked:
-                    self._take_back(slot_id)
-                    return delay, None
-                return 0.0, slot_id
+                if rule_seconds is not None and not here.answer_rule:
+                    self._adopt_rule(rule_seconds)
+                if booked.slot_id is None:
+                    self._take_back(here.slot_id)
+                return booked
         with self._state_lock:
-            self._local_slots.add(slot_id)
-        return 0.0, slot_id
+            self._local_slots.add(here.slot_id)
+        return here
+
+    def _adopt_rule(self, seconds: float) -> None:
+        """Keep the rule another host learned in this host's window too, for as long as it holds in Redis."""
+        with self._slots() as (slots, now):
+            if slots.rule_until is None or slots.rule_until <= now:
+                slots.rule_until = now + min(seconds, rule.RULE_SECONDS)
 
     def _take_back(self, slot_id: str) -> None:
         """Remove a slot booked on the host's window but never used (Redis refused it)."""
         with self._slots() as (slots, _):
             slots.open.pop(slot_id, None)
 
-    def _reserve_in_redis(self, slot_id: str) -> tuple[float, bool]:
+    def _book_in_redis(self, slot_id: str) -> tuple[Booking, float | None]:
+        """The booking in Redis, and the seconds left of the key's learned rule there (None: no rule)."""
         book, release, _ = self._scripts()
         with self._state_lock:
             unreleased, self._unreleased = self._unreleased, []
         try:
             for unreleased_id in unreleased:
-                self._call(release, unreleased_id, self.window, self._now_arg())
+                self._call(release, unreleased_id, self.window, self._now_arg(), "")
         except Exception:
             with self._state_lock:
                 self._unreleased[:0] = unreleased
             raise
-        answer = self._call(book, self.limit, self.window, self.lease, slot_id, self._now_arg())
+        left = int(self._redis().pttl(self.rule_key))  # -2: no rule; -1: a rule without expiry
+        rule_seconds = None if left == -2 else rule.RULE_SECONDS if left < 0 else left / 1000
+        flag = "1" if rule_seconds is not None else ""
+        answer = self._call(book, self.limit, self.window, self.lease, slot_id, self._now_arg(), flag)
         self._redis_answered()
-        state, value, distrusted = int(answer[0]), float(answer[1]), int(answer[2])
+        state, value, distrusted, room = int(answer[0]), float(answer[1]), int(answer[2]), bool(answer[3])
         if state == 2:
             raise NewerRedisWindow(self.redis_key, int(value))
         if distrusted:
             self._distrust(f"the upload window in Redis ({self.redis_key}) did not hold a valid window")
+        answer_rule = rule_seconds is not None
         if state == 1:
-            return 0.0, True
-        return min(value, self.window), False
+            return Booking(0.0, slot_id, room, answer_rule), rule_seconds
+        return Booking(min(value, self.window), None, room, answer_rule), rule_seconds
+
+    def _switch(self) -> bool:
+        """Switch the key in Redis for every host, and on this host; whether this call made the switch.
+
+        While Redis cannot be reached, the switch is made on this host alone.
+        """
+        here = super()._switch()
+        if time.monotonic() < self._down_until:
+            return here
+        try:
+            made = self._redis().set(
+                self.rule_key,
+                json.dumps({"count_from": rule.ANSWER}),
+                nx=True,
+                px=int(rule.RULE_SECONDS * 1000),
+            )
+        except Exception as error:  # the host's window keeps the switch
+            self._redis_failed(error)
+            return here
+        return bool(made)
 
     def renew(self, slot_id: str) -> bool:
         """Hold ``slot_id`` for another lease, in Redis and on the host; whether it was still held.
@@ -366,17 +455,22 @@ class RedisRateLimiter(RateLimiter):
             self._redis_failed(error)
             return held_here
 
-    def release(self, slot_id: str, *, ended: float | None = None) -> None:
-        """The upload ended: on the host, and in Redis dated by Redis's own clock, shared by every host."""
+    def release(self, slot_id: str, *, ended: float | None = None, sent: float | None = None) -> None:
+        """The upload ended: on the host, and in Redis dated by Redis's own clock, shared by every host.
+
+        Redis dates the body's sending by its own clock too: it is handed over as an age, seconds
+        before now, taken on this host's clock, so hosts whose clocks differ still agree.
+        """
         with self._state_lock:
             local = slot_id in self._local_slots
             self._local_slots.discard(slot_id)
-        super().release(slot_id, ended=ended)
+        super().release(slot_id, ended=ended, sent=sent)
         if local:
             return
         try:
             _, release, _ = self._scripts()
-            self._call(release, slot_id, self.window, self._now_arg())
+            sent_age = "" if sent is None else repr(max(0.0, self._clock() - sent))
+            self._call(release, slot_id, self.window, self._now_arg(), sent_age)
         except Exception as error:  # the slot is released at the next booking that reaches Redis
             with self._state_lock:
                 self._unreleased.append(slot_id)

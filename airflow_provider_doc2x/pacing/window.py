@@ -2,10 +2,17 @@
 
 A window file holds one JSON object::
 
-    {"version": 2, "open": {"<slot id>": [booked at, expires at], ...}, "done": [answered at, ...]}
+    {"version": 3, "open": {"<slot id>": [booked at, expires at], ...}, "done": [answered at, ...],
+     "sent": [[answered at, body sent at], ...], "rule": {"count_from": "answer", "until": <time>}}
 
 one slot per upload, booked at the send (``open``: in flight) and moved to the answer's time at
-release (``done``, kept sorted). A slot in flight carries its own expiry, the longest its upload may
+release (``done``, kept sorted); ``sent`` pairs an answered slot with when its body was sent in full
+(the transport's trace), pruned with ``done``; ``rule``, present while it holds, is the key's learned
+switch to dating slots from their answers. What a slot counts from is the key's rule
+(:mod:`~airflow_provider_doc2x.pacing.rule`): by default from its body's sending (a ``done`` entry
+without a pair, such as an older release's slot, from its answer); after a 429 that dating from
+answers would have avoided, from its answer, for a day, for every process that reads the file. A
+slot in flight counts as now under either rule. A slot in flight carries its own expiry, the longest its upload may
 take (:func:`lease_seconds`: the connection's ``timeout`` plus a margin), renewed while its holder
 still runs; hosts and tasks with different connections share one window. A slot whose holder died
 (killed, its host lost) is not renewed: at its expiry it counts as answered then, so the key is
@@ -15,8 +22,10 @@ while a process reads and rewrites it.
 **Versions, and what a reader keeps.** ``version`` is the format the file was last written in. The
 unversioned file of earlier releases is version 1: ``open`` maps a slot to its booking time alone,
 and such a slot expires :data:`LEGACY_IN_FLIGHT_SECONDS` after it. ``open`` and ``done`` keep their
-meaning in every later version; what a later release adds for a key (a learned rule, a daily page
-budget) goes into fields of its own beside them. So a reader of this release:
+meaning in every later version (``done`` stays the answers' times); what a later release adds for a
+key goes into fields of its own beside them, as version 3 added ``sent`` and ``rule``: a version 2
+reader keeps them as they are and counts every slot from its answer, its own rule. So a reader of
+this release:
 
 - keeps every field it does not know, as it found it, when it rewrites the file, and never writes
   a version lower than the one it read;
@@ -25,7 +34,8 @@ budget) goes into fields of its own beside them. So a reader of this release:
   memory, with one warning to upgrade: an older release never resets or downgrades a newer one's
   window;
 - starts a window anew (with one warning per limiter, keeping the fields it does not know) only
-  for contents of its own version or lower that are not a window: not JSON, wrong types, a time
+  for contents of its own version or lower that are not a window: not JSON, wrong types (in
+  ``sent`` and ``rule`` too), a body sent after its answer, a rule that ends more than a day ahead, a time
   that is not a finite number, an answered slot or a booking dated more than one window ahead of
   this host's clock, an expiry more than one window plus :data:`MAX_LEASE_SECONDS` ahead. So no file content can crash an upload, and
   none holds uploads back for longer than :data:`MAX_LEASE_SECONDS` plus two windows (a slot in
@@ -51,9 +61,9 @@ read and rewritten twice per upload, and lists of plain numbers are what JSON re
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextvars
 import fcntl
+import functools
 import json
 import logging
 import math
@@ -63,27 +73,26 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from airflow_provider_doc2x.pacing import rule
 from airflow_provider_doc2x.pacing.private import NotPrivateError, open_private_file
+from airflow_provider_doc2x.pacing.rule import Booking
+from airflow_provider_doc2x.pacing.window_file import (
+    FORMAT_VERSION,
+    MAX_LEASE_SECONDS,
+    NewerWindow,
+    Window,
+    anew,
+    valid_window,
+)
 
 log = logging.getLogger(__name__)
 
-#: The format this release writes (see the module's doc).
-FORMAT_VERSION = 2
-#: The unversioned format's slots in flight carry no expiry; their writers forgot them after this long.
-LEGACY_IN_FLIGHT_SECONDS = 600.0
 #: Added to the connection's timeout: a slot is booked a moment before its exchange starts.
 IN_FLIGHT_MARGIN_SECONDS = 5.0
-#: The longest lease a slot gets; an upload that takes longer renews its slot meanwhile. Without a
-#: connection timeout (a limiter built without one), slots get this lease.
-MAX_LEASE_SECONDS = 600.0
 #: A window file longer than this is not a window (a slot takes about 70 bytes).
 MAX_STATE_BYTES = 1 << 20
-#: The fields of a window file that this release reads; any other is kept as it is.
-_WINDOW_FIELDS = ("version", "open", "done")
 
 
 def lease_seconds(upload_timeout: float | None) -> float:
@@ -99,106 +108,16 @@ def lease_seconds(upload_timeout: float | None) -> float:
     return min(float(upload_timeout) + IN_FLIGHT_MARGIN_SECONDS, MAX_LEASE_SECONDS)
 
 
-@dataclass
-class Window:
-    """The slots of a window, and what its file holds beside them.
-
-    ``open``: the slots in flight by id, as ``(booked at, expires at)``; ``done``: the answered
-    slots' times, sorted; ``version``: the format the file was read in; ``extra``: the fields this
-    release does not know, written back as they were read.
-    """
-
-    open: dict[str, tuple[float, float]] = field(default_factory=dict)
-    done: list[float] = field(default_factory=list)
-    version: int = FORMAT_VERSION
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> bytes:
-        """The window as the file holds it: never in a version lower than it was read in."""
-        data = {"version": max(self.version, FORMAT_VERSION), "open": self.open, "done": self.done}
-        return json.dumps({**data, **self.extra}, separators=(",", ":")).encode()
-
-
-@dataclass(frozen=True)
-class NewerWindow:
-    """A window of a later format whose slots this release cannot read: left as it is."""
-
-    version: int
-
-
-def _is_time(value: object, latest: float) -> bool:
-    # JSON gives float for 1.0, 1e400 (inf) and NaN, int for 1 and for a 400-digit number: only finite
-    # floats and ints in range are times.
-    return (type(value) is float or type(value) is int) and -latest <= value <= latest
-
-
-def _slots_of(booked: object, answered: object, version: int, *, now: float, window: float) -> Window | None:
-    """The slots of a file's ``open`` and ``done`` as this release reads them; None if they are not."""
-    if not isinstance(booked, dict) or not isinstance(answered, list):
-        return None
-    latest = now + window
-    if not all(_is_time(at, latest) for at in answered):
-        return None
-    slots: dict[str, tuple[float, float]] = {}
-    if version == 1:  # booking times alone: the slot expired LEGACY_IN_FLIGHT_SECONDS later
-        for slot_id, at in booked.items():
-            if not _is_time(at, latest):
-                return None
-            slots[slot_id] = (float(at), float(at) + LEGACY_IN_FLIGHT_SECONDS)
-    else:
-        furthest = latest + MAX_LEASE_SECONDS
-        for slot_id, entry in booked.items():
-            if not (type(entry) is list and len(entry) == 2):
-                return None
-            at, expires = entry
-            if not (_is_time(at, latest) and _is_time(expires, furthest) and at <= expires):
-                return None
-            slots[slot_id] = (float(at), float(expires))
-    return Window(open=slots, done=sorted(float(at) for at in answered), version=version)
-
-
-def valid_window(data: object, *, now: float, window: float) -> Window | NewerWindow | None:
-    """``data`` as a window, with no slot dated more than ``window`` ahead (expiries: a lease more).
-
-    A :class:`NewerWindow` when it is of a later format whose ``open`` or ``done`` this release cannot
-    read (to be left alone); None when it is not a window (to be started anew). Fields this release
-    does not know are kept in :attr:`Window.extra`.
-    """
-    if not isinstance(data, dict):
-        return None
-    version = data.get("version", 1)
-    if type(version) is not int or version < 1:
-        return None
-    slots = _slots_of(data.get("open"), data.get("done"), version, now=now, window=window)
-    if slots is None:
-        return NewerWindow(version) if version > FORMAT_VERSION else None
-    slots.extra = {name: value for name, value in data.items() if name not in _WINDOW_FIELDS}
-    return slots
-
-
-def anew(data: object) -> Window:
-    """An empty window that keeps what the file held beside its slots (a later release's fields).
-
-    Why: slots this release cannot trust are dropped, but a budget or a learned rule that a later
-    release keeps in the same file is not this release's to wipe.
-    """
-    if not isinstance(data, dict):
-        return Window()
-    version = data.get("version")
-    kept = {name: value for name, value in data.items() if name not in _WINDOW_FIELDS}
-    if type(version) is int and version > FORMAT_VERSION:
-        return Window(version=version, extra=kept)
-    return Window(extra=kept)
-
-
 class RateLimiter:
     """A rolling-window limiter: at most ``limit`` uploads whose slots fall in any ``window`` seconds.
 
-    The server counts an upload when it arrives, somewhere between our send and its answer. So a
-    slot is booked at the send (to space the sends) and moved to the answer's time when the upload
-    ends (so the next window is measured from a time that is never earlier than the server's).
-    While an upload is in flight, its slot counts as taken now; a slot whose holder died counts from
-    its expiry (``upload_timeout``, the connection's timeout, sets it: :func:`lease_seconds`).
+    The server counts an upload somewhere between its body's arrival and its answer. So a slot is
+    booked at the send (to space the sends) and, when the upload ends, dated by the key's rule
+    (:mod:`~airflow_provider_doc2x.pacing.rule`): from when its body was sent in full, until a 429
+    shows that the server counts later; then from its answer (never earlier than the server's
+    count) for a day. While an upload is in flight, its slot counts as taken now; a slot whose
+    holder died counts from its expiry (``upload_timeout``, the connection's timeout, sets it:
+    :func:`lease_seconds`).
 
     ``state_file`` (a path, or a function that gives it at first use) shares the window with the
     other processes of the host; its folder must be private to this user. Without it, or when the
@@ -213,12 +132,15 @@ class RateLimiter:
         state_file: Path | Callable[[], Path] | None = None,
         clock: Callable[[], float] = time.time,
         upload_timeout: float | None = None,
+        digest: str | None = None,
     ) -> None:
         if limit < 1 or not window > 0 or not math.isfinite(window):
             raise ValueError(f"A rate limit needs limit >= 1 and window > 0, got {limit} per {window}s")
         self.limit = limit
         self.window = float(window)
         self.state_file = state_file
+        #: The key's digest (:func:`~airflow_provider_doc2x.pacing.key_digest`): its name in messages.
+        self.digest = digest
         #: Seconds a slot in flight is held past its booking or last renewal (see :func:`lease_seconds`).
         self.lease = lease_seconds(upload_timeout)
         self._clock = clock
@@ -337,27 +259,27 @@ class RateLimiter:
                 os.close(fd)  # and with it the lock
 
     def reserve(self) -> tuple[float, str | None]:
-        """Book a slot now if the window has room: return ``(0, slot_id)``; else ``(wait, None)``.
+        """Book a slot now if the window has room: return ``(0, slot_id)``; else ``(wait, None)``."""
+        delay, slot_id, _, _ = self.book()
+        return delay, slot_id
 
-        An upload still in flight counts as happening now: when it ends is not known yet, so the
-        window cannot be measured from its start. A slot past its expiry (its holder died) counts
-        from its expiry. The caller waits and asks again. The wait is never longer than the window.
+    def book(self) -> Booking:
+        """Book a slot now if the window has room, by the key's rule (:mod:`~airflow_provider_doc2x.pacing.rule`).
+
+        An upload still in flight counts as happening now: when its body arrives and when it ends are
+        not known yet. A slot past its expiry (its holder died) counts from its expiry. Answered
+        slots count from when their bodies were sent (those of unknown sending, from their answers),
+        or from their answers while the key's learned switch holds; the booking also says whether
+        dating them from their answers would have had room. The caller waits ``delay`` and asks
+        again; the wait is never longer than the window.
         """
         with self._slots() as (slots, now):
-            expired = [(slot_id, expires) for slot_id, (_, expires) in slots.open.items() if expires <= now]
-            for slot_id, expires in expired:
-                del slots.open[slot_id]
-                bisect.insort(slots.done, expires)
-            del slots.done[: bisect.bisect_right(slots.done, now - self.window)]
-            in_flight = [max(at, now) for at, _ in slots.open.values()]
-            if len(slots.done) + len(in_flight) >= self.limit:
-                # The limit-th newest slot decides when a new one fits: in-flight slots count as now, a
-                # slot dated ahead of the clock (stepped back) at its own time, waited out a window at a time.
-                times = sorted([*slots.done[-self.limit :], *in_flight])
-                return min(times[-self.limit] - now, 0.0) + self.window, None
+            booking = slots.room(now=now, limit=self.limit, window=self.window)
+            if booking.delay > 0:
+                return booking
             slot_id = uuid.uuid4().hex
             slots.open[slot_id] = (now, now + self.lease)
-            return 0.0, slot_id
+            return booking._replace(slot_id=slot_id)
 
     def renew(self, slot_id: str) -> bool:
         """Hold ``slot_id`` for another lease from now; whether the window still held it unexpired.
@@ -368,29 +290,40 @@ class RateLimiter:
         upload that has not been sent yet must book a slot again (:meth:`PacedUpload.confirm`).
         """
         with self._slots() as (slots, now):
-            held = slots.open.get(slot_id)
-            if held is None:
-                return False
-            if held[1] <= now:
-                del slots.open[slot_id]
-                bisect.insort(slots.done, held[1])
-                return False
-            slots.open[slot_id] = (held[0], max(held[1], now + self.lease))
-            return True
+            return slots.renew(slot_id, now=now, lease=self.lease)
 
-    def release(self, slot_id: str, *, ended: float | None = None) -> None:
+    def release(self, slot_id: str, *, ended: float | None = None, sent: float | None = None) -> None:
         """The upload ended: its slot now counts from its end, no longer as in flight.
 
         ``ended`` is when the answer came (this host's clock), if the caller took it before handing
         the release to a thread: the slot is not dated later than it ended, by however long the
-        thread took to run. Never earlier than the answer, so the window keeps its rule. A slot the
-        window no longer holds (it expired while its holder was stalled, or the window started
-        anew) is counted from the answer all the same: the upload was sent.
+        thread took to run. Never earlier than the answer, so the window keeps its rule. ``sent``,
+        when its body was sent in full (None: unknown), is kept beside it, for the "arrival" rule.
+        A slot the window no longer holds (it expired while its holder was stalled, or the window
+        started anew) is counted from the answer all the same: the upload was sent.
         """
         with self._slots() as (slots, now):
-            held = slots.open.pop(slot_id, None)
-            answered = min(now, ended) if ended is not None else now
-            bisect.insort(slots.done, answered if held is None else max(held[0], answered))
+            slots.answer(slot_id, min(now, ended) if ended is not None else now, sent)
+
+    def learn_answer_rule(self) -> None:
+        """An upload booked where answer-dating had no room drew a 429: date this key's slots from answers.
+
+        For :data:`~airflow_provider_doc2x.pacing.rule.RULE_SECONDS`, in the pacing store; logged once
+        per switch (by whichever process makes it).
+        """
+        if self._switch():
+            rule.log_switch(log, self._digest(), limit=self.limit, window=self.window)
+
+    def _switch(self) -> bool:
+        """Switch the key in this host's window; whether this call made the switch."""
+        with self._slots() as (slots, now):
+            return slots.switch(now=now, seconds=rule.RULE_SECONDS)
+
+    def _digest(self) -> str:
+        """What names the key in messages: its digest (the window file's name), never the key."""
+        if self.digest is not None:
+            return self.digest
+        return "(paced in memory)" if self.state_file is None else self._state_path().stem
 
     def close(self) -> None:
         """Let go of what the limiter holds open (nothing for a host-local window)."""
@@ -445,20 +378,21 @@ class RateLimiter:
             ended = self._clock()
             if upload.slot_id is not None:
                 # Shielded: a cancelled caller still frees its slot (the thread runs to its end anyway).
-                await asyncio.shield(asyncio.to_thread(self.release, upload.slot_id, ended=ended))
+                release = functools.partial(self.release, upload.slot_id, ended=ended, sent=upload.sent_at)
+                await asyncio.shield(asyncio.to_thread(release))
 
-    async def _abook(self) -> str:
+    async def _abook(self) -> Booking:
         """Wait for room in the window without blocking the loop, and book a slot."""
         while True:
-            booking = asyncio.ensure_future(asyncio.to_thread(self.reserve))
+            booking = asyncio.ensure_future(asyncio.to_thread(self.book))
             try:
-                delay, slot_id = await asyncio.shield(booking)
+                booked = await asyncio.shield(booking)
             except asyncio.CancelledError:
                 booking.add_done_callback(self._release_abandoned)
                 raise
-            if slot_id is not None:
-                return slot_id
-            await asyncio.sleep(min(delay, self.window))
+            if booked.slot_id is not None:
+                return booked
+            await asyncio.sleep(min(booked.delay, self.window))
 
     async def _keep(self, upload: PacedUpload) -> None:
         """Renew the upload's slot every half lease until cancelled (the upload ended)."""
@@ -467,7 +401,7 @@ class RateLimiter:
             if upload.slot_id is not None:
                 await asyncio.to_thread(self._renew_quietly, upload.slot_id)
 
-    def _release_abandoned(self, booking: asyncio.Future[tuple[float, str | None]]) -> None:
+    def _release_abandoned(self, booking: asyncio.Future[Booking]) -> None:
         if booking.cancelled() or booking.exception() is not None:
             return
         slot_id = booking.result()[1]
@@ -484,12 +418,33 @@ class PacedUpload:
     counts it and may give its place to another upload. So right before the send the transport calls
     :meth:`confirm`, and on False books again (:meth:`book_again`, waiting its turn): an upload is
     never sent on a slot the window no longer counts.
+
+    It also carries what the key's rule learns from (:mod:`~airflow_provider_doc2x.pacing.rule`):
+    when the upload's body was sent in full (:meth:`body_sent`, from the transport's trace), handed
+    to the release, and whether answer-dating would have had room at the booking, which decides
+    whether a 429 answer (:meth:`answered`) switches the key.
     """
 
-    def __init__(self, limiter: RateLimiter, slot_id: str) -> None:
+    def __init__(self, limiter: RateLimiter, booking: Booking) -> None:
         self.limiter = limiter
         #: The slot held now; None between a lost slot and the next booking.
-        self.slot_id: str | None = slot_id
+        self.slot_id: str | None = booking.slot_id
+        #: Whether dating slots from their answers would have had room for this booking too.
+        self.answer_room = booking.answer_room
+        #: When the body was sent in full on the limiter's clock (this host's); None until then.
+        self.sent_at: float | None = None
+
+    def body_sent(self) -> None:
+        """The upload's body was sent in full now (the transport's trace says so)."""
+        self.sent_at = self.limiter._clock()
+
+    async def answered(self, status: int) -> None:
+        """The upload was answered HTTP ``status``: a 429 that answer-dating would have avoided switches the key."""
+        if status == 429 and not self.answer_room:
+            try:
+                await asyncio.to_thread(self.limiter.learn_answer_rule)
+            except Exception:  # the upload is retried all the same; the next 429 teaches again
+                log.debug("Doc2X pacing: recording the key's rule failed", exc_info=True)
 
     async def confirm(self) -> bool:
         """Whether the slot is still held, renewed for a whole lease from about now.
@@ -509,7 +464,8 @@ class PacedUpload:
 
     async def book_again(self) -> None:
         """Book a new slot for this upload, waiting for room in the window as the first booking did."""
-        self.slot_id = await self.limiter._abook()
+        booking = await self.limiter._abook()
+        self.slot_id, self.answer_room, self.sent_at = booking.slot_id, booking.answer_room, None
 
 
 _paced: contextvars.ContextVar[PacedUpload | None] = contextvars.ContextVar(
