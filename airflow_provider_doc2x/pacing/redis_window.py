@@ -67,8 +67,9 @@ from airflow_provider_doc2x.pacing.window_file import (
 
 log = logging.getLogger(__name__)
 
-#: A window set with more members than this is not a window (the host-local file's size bound).
-MAX_MEMBERS = 20_000
+#: A window set with more members than this is not a window (the host-local file's size bound: an
+#: answered slot is two members, ``done:`` and ``sent:``).
+MAX_MEMBERS = 40_000
 
 #: What every script starts with: the key, and the time (ARGV[n]; '' for the Redis server's clock).
 _PRELUDE = """
@@ -135,12 +136,12 @@ if valid then
             valid = false
         elseif kind == 'done' or kind == 'sent' then
             if not (at <= now + window) then valid = false end
-            if at <= now - window then
+            if kind == 'sent' then
+                sents[string.sub(member, 6)] = at  -- kept as long as its slot's done: (below)
+            elseif at <= now - window then
                 gone[#gone + 1] = member
-            elseif kind == 'done' then
-                dones[#dones + 1] = {string.sub(member, 6), at}
             else
-                sents[string.sub(member, 6)] = at
+                dones[#dones + 1] = {string.sub(member, 6), at}
             end
         else
             if kind == 'open' then
@@ -160,6 +161,13 @@ if valid then
             horizon = math.max(horizon, expires - now + window)
         end
         if not valid then break end
+    end
+end
+if valid then
+    local answered = {}
+    for i = 1, #dones do answered[dones[i][1]] = true end
+    for id, _ in pairs(sents) do
+        if not answered[id] then gone[#gone + 1] = 'sent:' .. id end
     end
 end
 if not valid then
@@ -403,7 +411,11 @@ class RedisRateLimiter(RateLimiter):
                 self._unreleased[:0] = unreleased
             raise
         left = int(self._redis().pttl(self.rule_key))  # -2: no rule; -1: a rule without expiry
-        rule_seconds = None if left == -2 else rule.RULE_SECONDS if left < 0 else left / 1000
+        if left == -1 or left > rule.RULE_SECONDS * 1000:
+            # Set by hand, or by something else: a rule never holds longer than a day from now.
+            self._redis().pexpire(self.rule_key, int(rule.RULE_SECONDS * 1000))
+            left = int(rule.RULE_SECONDS * 1000)
+        rule_seconds = None if left < 0 else left / 1000
         flag = "1" if rule_seconds is not None else ""
         answer = self._call(book, self.limit, self.window, self.lease, slot_id, self._now_arg(), flag)
         self._redis_answered()
@@ -416,6 +428,10 @@ class RedisRateLimiter(RateLimiter):
         if state == 1:
             return Booking(0.0, slot_id, room, answer_rule), rule_seconds
         return Booking(min(value, self.window), None, room, answer_rule), rule_seconds
+
+    def answer_room_without(self, slot_id: str) -> bool:
+        """The booking's view stands: this host's window alone does not see the other hosts' slots."""
+        return False
 
     def _switch(self) -> bool:
         """Switch the key in Redis for every host, and on this host; whether this call made the switch.

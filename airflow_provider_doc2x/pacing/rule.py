@@ -5,11 +5,15 @@ answer. Dating each slot from its answer is safe whatever the server does, but e
 costs the uploads' answer time: ``limit / (window + answer time)``. A 429 is not billed, so the
 window can afford to find out:
 
-- **"arrival"** (the default): a slot counts from when its upload's body was sent in full (the
-  transport's trace event, on this host's clock), plus a moment for the server to read it
-  (:data:`ARRIVAL_MARGIN_SECONDS`, never past its answer). A slot whose body-sent time is unknown (a slot of
-  an older release sharing the window, an upload whose body never went out whole) counts from its
-  answer, as before.
+- **"arrival"** (the default): a slot counts from when its upload's body most likely arrived,
+  plus a moment for the server to read it (:data:`ARRIVAL_MARGIN_SECONDS`, never past its answer).
+  The transport's trace says when the body was sent in full (its last bytes went into the
+  socket's buffers, on this host's clock); on a slow link a large body is still on its way then.
+  So the slot counts from the later of that and its answer less the quickest wait from "sent" to
+  answer among the limiter's recent uploads (the server's and the way back's share of any
+  answer): :meth:`~airflow_provider_doc2x.pacing.window.RateLimiter._arrived`. The first upload
+  of a limiter, and a slot whose body-sent time is unknown (a slot of an older release sharing
+  the window, an upload whose body never went out whole), count from their answers, as before.
 - **"answer"**: every slot counts from its answer; the rule of earlier releases, exactly.
 
 At each booking under "arrival" the window also tells whether "answer" would have had room then.

@@ -61,6 +61,7 @@ read and rewritten twice per upload, and lists of plain numbers are what JSON re
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import fcntl
 import functools
@@ -91,8 +92,11 @@ log = logging.getLogger(__name__)
 
 #: Added to the connection's timeout: a slot is booked a moment before its exchange starts.
 IN_FLIGHT_MARGIN_SECONDS = 5.0
-#: A window file longer than this is not a window (a slot takes about 70 bytes).
-MAX_STATE_BYTES = 1 << 20
+#: Recent uploads whose wait from "body sent" to the answer gives the quickest (:meth:`RateLimiter._arrived`).
+ANSWER_GAPS_KEPT = 64
+#: A window file longer than this is not a window (an answered slot takes about 110 bytes, its
+#: answer and its sending: some 19,000 slots).
+MAX_STATE_BYTES = 2 << 20
 
 
 def lease_seconds(upload_timeout: float | None) -> float:
@@ -149,6 +153,9 @@ class RateLimiter:
         #: The file could not be trusted: this limiter paces in memory from then on.
         self._in_memory = state_file is None
         self._warned: set[str] = set()
+        #: The waits from "body sent" to the answer of the recent uploads (:meth:`_arrived`).
+        self._answer_gaps: collections.deque[float] = collections.deque(maxlen=ANSWER_GAPS_KEPT)
+        self._gaps_lock = threading.Lock()
         self._warned_lock = threading.Lock()
 
     def _first_warning(self, kind: str) -> bool:
@@ -305,6 +312,11 @@ class RateLimiter:
         with self._slots() as (slots, now):
             slots.answer(slot_id, min(now, ended) if ended is not None else now, sent)
 
+    def answer_room_without(self, slot_id: str) -> bool:
+        """Whether dating slots from their answers has room now for the upload holding ``slot_id``."""
+        with self._slots() as (slots, now):
+            return slots.answer_room_without(slot_id, now=now, limit=self.limit, window=self.window)
+
     def learn_answer_rule(self) -> None:
         """An upload booked where answer-dating had no room drew a 429: date this key's slots from answers.
 
@@ -378,8 +390,25 @@ class RateLimiter:
             ended = self._clock()
             if upload.slot_id is not None:
                 # Shielded: a cancelled caller still frees its slot (the thread runs to its end anyway).
-                release = functools.partial(self.release, upload.slot_id, ended=ended, sent=upload.sent_at)
+                arrived = self._arrived(upload.sent_at, ended)
+                release = functools.partial(self.release, upload.slot_id, ended=ended, sent=arrived)
                 await asyncio.shield(asyncio.to_thread(release))
+
+    def _arrived(self, sent: float | None, ended: float) -> float | None:
+        """When the upload's body most likely reached the server: never before it was sent in full.
+
+        "Sent in full" is when its last bytes went into the socket's buffers; on a slow link a
+        large body is still on its way then, a small one hardly. The quickest wait from "sent" to
+        the answer among this limiter's recent uploads is about the server's and the way back's
+        share of it, so an answer that took longer says how late the body really arrived. Without
+        an earlier upload to compare, the slot counts from its answer.
+        """
+        if sent is None:
+            return None
+        with self._gaps_lock:
+            quickest = min(self._answer_gaps, default=None)
+            self._answer_gaps.append(max(0.0, ended - sent))
+        return ended if quickest is None else max(sent, ended - quickest)
 
     async def _abook(self) -> Booking:
         """Wait for room in the window without blocking the loop, and book a slot."""
@@ -442,6 +471,12 @@ class PacedUpload:
         """The upload was answered HTTP ``status``: a 429 that answer-dating would have avoided switches the key."""
         if status == 429 and not self.answer_room:
             try:
+                # Booked where the answer rule had no room; sent perhaps much later (it waited for a
+                # connection): the answer rule must have had no room at the send either.
+                if self.slot_id is not None and await asyncio.to_thread(
+                    self.limiter.answer_room_without, self.slot_id
+                ):
+                    return
                 await asyncio.to_thread(self.limiter.learn_answer_rule)
             except Exception:  # the upload is retried all the same; the next 429 teaches again
                 log.debug("Doc2X pacing: recording the key's rule failed", exc_info=True)

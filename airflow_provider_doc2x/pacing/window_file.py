@@ -79,6 +79,23 @@ class Window:
         delay = by_answer if answer_rule else room(rule.arrival_times(self.done, self.sent), in_flight)
         return rule.Booking(delay, None, by_answer == 0, answer_rule)
 
+    def answer_room_without(self, slot_id: str, *, now: float, limit: int, window: float) -> bool:
+        """Whether dating slots from their answers has room now for the upload holding ``slot_id``.
+
+        Its own slot is left out, and nothing is changed: the 429 that asks is answered moments
+        after the send, so this is what the answer rule said when the upload went.
+        """
+        done = [at for at in self.done if at > now - window]
+        done += [
+            expires
+            for held, (_, expires) in self.open.items()
+            if held != slot_id and now - window < expires <= now
+        ]
+        in_flight = [
+            max(at, now) for held, (at, expires) in self.open.items() if held != slot_id and expires > now
+        ]
+        return rule.wait_for_room(sorted(done), in_flight, limit=limit, window=window, now=now) == 0
+
     def renew(self, slot_id: str, *, now: float, lease: float) -> bool:
         """Hold ``slot_id`` for ``lease`` seconds from now; False if not held (an expired one is answered then)."""
         held = self.open.get(slot_id)
@@ -163,7 +180,8 @@ def valid_window(data: object, *, now: float, window: float) -> Window | NewerWi
     sent = rule.read_sent(data.get("sent"), latest=now + window)
     until: float | None = None
     try:
-        until = rule.read_rule(data.get("rule"), now=now)
+        # A day ahead of a clock stepped back by up to a window is still a rule, as slots allow.
+        until = rule.read_rule(data.get("rule"), now=now + window)
     except ValueError:
         sent = None  # a rule that is not one: the window is not one either
     if slots is None or sent is None:
