@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from airflow_provider_doc2x.journal import recorded_images
 from tests.helpers import AIRFLOW_VERSION, REPO, wait_until
 from tests.helpers.deployment import CeleryDeployment
 
@@ -208,7 +209,9 @@ def test_state_store_trigger_kwargs_and_xcoms_live_in_postgres(
     where = "dag_id = %s AND run_id = %s AND task_id = 'parse'"
     has_store = deployment.sql("SELECT to_regclass('task_state_store') IS NOT NULL")[0][0]
     state_rows = (
-        deployment.sql(f"SELECT key, octet_length(value) FROM task_state_store WHERE {where}", DAG_ID, run_id)
+        deployment.sql(
+            f"SELECT key, octet_length(value), value FROM task_state_store WHERE {where}", DAG_ID, run_id
+        )
         if has_store
         else []
     )
@@ -231,8 +234,10 @@ def test_state_store_trigger_kwargs_and_xcoms_live_in_postgres(
     assert len(xcom_rows) == 1
     assert len(deployment.xcom(run_id, "parse")) == count
     if has_store:
-        assert len(state_rows) >= count  # what each image's upload recorded
-    state_bytes = sum(size for _, size in state_rows)
+        stored = {key: json.loads(value) for key, _, value in state_rows}
+        recorded = recorded_images(stored.get)  # the batches of starts and uids
+        assert len([value for value in recorded.values() if value.get("uid")]) == count
+    state_bytes = sum(size for _, size, _ in state_rows)
     print(
         f"\n[PostgreSQL, {count} images] per image: task state store {state_bytes / count:.0f} B "
         f"({len(state_rows)} rows{'' if has_store else '; no task_state_store table'}), "
