@@ -64,10 +64,9 @@ LOG_FORMAT_VERSION = 1
 FLUSH_SECONDS = 0.1
 #: Entries that make one write at most (and that are written at once, without waiting the interval).
 FLUSH_ENTRIES = 64
-#: Seconds the first start of a group waits for the others before they are written, when starts come
-#: close together (uploads side by side with a generous key: a few milliseconds apart, and each write
-#: costs a database commit). A start that comes after a pause (uploads paced by the key's window) is
-#: written at once: waiting would only delay its send.
+#: Seconds the first start of a group waits for the others before they are written (uploads side by
+#: side with a generous key come a few milliseconds apart, and each write costs a database commit).
+#: The start of an upload paced by the key's window is written at once: waiting would only delay it.
 GATHER_SECONDS = 0.05
 
 
@@ -133,8 +132,7 @@ class TaskJournal:
         self._queue: list[tuple[str, dict[str, Any], asyncio.Future[None] | None, float]] = []
         self._waiting = 0  # entries in the queue whose upload waits for the write
         self._waiting_since = 0.0
-        self._last_start = float("-inf")
-        self._gather = False
+        self._hurry = False  # a start waits that is not to be gathered
         #: Starts that make a group written at once (the uploads that go side by side).
         self.start_group = 1
         self._flushing = False
@@ -218,14 +216,16 @@ class TaskJournal:
         self._next_batch = number
         return images
 
-    async def started(self, digest: str, source: str) -> None:
+    async def started(self, digest: str, source: str, *, gather: bool = True) -> None:
         """Record that this content's upload is about to be sent; return once that is in the store.
 
-        Starts that arrive together are written in one write.
+        Starts that arrive together are written in one write; with ``gather``, a start waits up to
+        :data:`GATHER_SECONDS` for others (without, it goes in the next write at once).
         """
         if self.store is None:
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._hurry = self._hurry or not gather
         self._enqueue(digest, {"started": True, "source": source, "at": time.time()}, done)
         await done
 
@@ -260,8 +260,6 @@ class TaskJournal:
         if done is not None:
             if not self._waiting:
                 self._waiting_since = now
-                self._gather = now - self._last_start < GATHER_SECONDS
-            self._last_start = now
             self._waiting += 1
         if self._writer is None:
             self._wake = asyncio.Event()
@@ -275,7 +273,7 @@ class TaskJournal:
         if self._flushing or self._waiting >= self.start_group or len(self._queue) >= FLUSH_ENTRIES:
             return 0.0
         if self._waiting:
-            return self._waiting_since + GATHER_SECONDS - time.monotonic() if self._gather else 0.0
+            return 0.0 if self._hurry else self._waiting_since + GATHER_SECONDS - time.monotonic()
         return self._queue[0][3] + FLUSH_SECONDS - time.monotonic()  # from the oldest entry's arrival
 
     async def _write_queue(self) -> None:
@@ -296,6 +294,7 @@ class TaskJournal:
                 del self._queue[:FLUSH_ENTRIES]
                 # The starts left in the queue gather from their own arrival.
                 self._waiting_since = next((at for _, _, done, at in self._queue if done), time.monotonic())
+                self._hurry = False
                 waiters = [done for _, _, done, _ in batch if done is not None]
                 self._waiting -= len(waiters)
                 try:

@@ -73,15 +73,19 @@ class _GuardedWindow:
 
     window: Any
     stop: asyncio.Event
-    before_send: Callable[[], Awaitable[None]]
+    before_send: Callable[[bool], Awaitable[None]]
 
     @asynccontextmanager
     async def aupload(self):
-        """Hold one of the key's slots, then record the start, then let the upload go."""
-        async with self.window.aupload():
+        """Hold one of the key's slots, then record the start, then let the upload go.
+
+        A start is gathered with others unless its upload waited for room in the window: uploads
+        paced by the key leave one by one, and waiting for others would only delay the send.
+        """
+        async with self.window.aupload() as slot:
             if self.stop.is_set():
                 raise BatchStopped
-            await self.before_send()
+            await self.before_send(not getattr(slot, "waited", False))
             yield
 
 
@@ -349,10 +353,10 @@ class _Upload:
         """The key's window for this upload, stopping with the batch and recording the start."""
         return _GuardedWindow(self.batch.hook.pacer(self.batch.settings), self.stop, self._mark_started)
 
-    async def _mark_started(self) -> None:
+    async def _mark_started(self, gather: bool) -> None:
         if not self.started:
             with _naming(self.source.uri):
-                await self.batch.journal.started(self.digest, self.source.uri)
+                await self.batch.journal.started(self.digest, self.source.uri, gather=gather)
             self.started = True  # only once it is recorded: a retry of the upload never goes unrecorded
 
     def record(self, value: dict[str, Any]) -> None:

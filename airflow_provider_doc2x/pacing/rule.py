@@ -144,13 +144,15 @@ class Booking(NamedTuple):
     """What a booking gives: the wait (0 when booked), the slot, and what the rules said of it.
 
     ``answer_room``: whether dating slots from their answers would have had room for it too;
-    ``answer_rule``: whether the key dates its slots from their answers now (a learned switch).
+    ``answer_rule``: whether the key dates its slots from their answers now (a learned switch);
+    ``waited``: whether the upload waited for room before it was booked (the key is paced now).
     """
 
     delay: float
     slot_id: str | None
     answer_room: bool = True
     answer_rule: bool = False
+    waited: bool = False
 
 
 def log_switch(log: logging.Logger, digest: str, *, limit: int, window: float) -> None:

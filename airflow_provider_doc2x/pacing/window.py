@@ -267,8 +267,8 @@ class RateLimiter:
 
     def reserve(self) -> tuple[float, str | None]:
         """Book a slot now if the window has room: return ``(0, slot_id)``; else ``(wait, None)``."""
-        delay, slot_id, _, _ = self.book()
-        return delay, slot_id
+        booking = self.book()
+        return booking.delay, booking.slot_id
 
     def book(self) -> Booking:
         """Book a slot now if the window has room, by the key's rule (:mod:`~airflow_provider_doc2x.pacing.rule`).
@@ -412,6 +412,7 @@ class RateLimiter:
 
     async def _abook(self) -> Booking:
         """Wait for room in the window without blocking the loop, and book a slot."""
+        waited = False
         while True:
             booking = asyncio.ensure_future(asyncio.to_thread(self.book))
             try:
@@ -420,7 +421,8 @@ class RateLimiter:
                 booking.add_done_callback(self._release_abandoned)
                 raise
             if booked.slot_id is not None:
-                return booked
+                return booked._replace(waited=waited)
+            waited = True
             await asyncio.sleep(min(booked.delay, self.window))
 
     async def _keep(self, upload: PacedUpload) -> None:
@@ -460,6 +462,8 @@ class PacedUpload:
         self.slot_id: str | None = booking.slot_id
         #: Whether dating slots from their answers would have had room for this booking too.
         self.answer_room = booking.answer_room
+        #: Whether it waited for room in the window before it was booked (the key is paced now).
+        self.waited = booking.waited
         #: When the body was sent in full on the limiter's clock (this host's); None until then.
         self.sent_at: float | None = None
 
