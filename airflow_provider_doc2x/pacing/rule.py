@@ -11,7 +11,7 @@ window can afford to find out:
   socket's buffers, on this host's clock); on a slow link a large body is still on its way then.
   So the slot counts from the later of that and its answer less the quickest wait from "sent" to
   answer among the limiter's recent uploads (the server's and the way back's share of any
-  answer): :meth:`~airflow_provider_doc2x.pacing.window.RateLimiter._arrived`. The first upload
+  answer): :class:`Arrivals`. The first upload
   of a limiter, and a slot whose body-sent time is unknown (a slot of an older release sharing
   the window, an upload whose body never went out whole), count from their answers, as before.
 - **"answer"**: every slot counts from its answer; the rule of earlier releases, exactly.
@@ -29,7 +29,9 @@ the reading of its stored fields, the times slots count at, and the warning the 
 
 from __future__ import annotations
 
+import collections
 import logging
+import threading
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
@@ -138,6 +140,35 @@ def wait_for_room(
         return 0.0
     times = sorted([*counted[-limit:], *in_flight])
     return min(times[-limit] - now, 0.0) + window
+
+
+#: Recent uploads whose wait from "body sent" to the answer gives the quickest (:class:`Arrivals`).
+ANSWER_GAPS_KEPT = 64
+
+
+class Arrivals:
+    """When the bodies of a limiter's uploads most likely reached the server: never before sent in full.
+
+    "Sent in full" is when an upload's last bytes went into the socket's buffers; on a slow link a
+    large body is still on its way then, a small one hardly. The quickest wait from "sent" to the
+    answer among the recent uploads is about the server's and the way back's share of any answer,
+    so an answer that took longer says how late its body really arrived. Without an earlier upload
+    to compare, a slot counts from its answer. Shared by the threads of a process.
+    """
+
+    def __init__(self) -> None:
+        """Start with no upload seen."""
+        self._gaps: collections.deque[float] = collections.deque(maxlen=ANSWER_GAPS_KEPT)
+        self._lock = threading.Lock()
+
+    def arrived(self, sent: float | None, answered: float) -> float | None:
+        """When the body sent (in full) at ``sent`` and answered at ``answered`` most likely arrived."""
+        if sent is None:
+            return None
+        with self._lock:
+            quickest = min(self._gaps, default=None)
+            self._gaps.append(max(0.0, answered - sent))
+        return answered if quickest is None else max(sent, answered - quickest)
 
 
 class Booking(NamedTuple):

@@ -61,7 +61,6 @@ read and rewritten twice per upload, and lists of plain numbers are what JSON re
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextvars
 import fcntl
 import functools
@@ -92,8 +91,6 @@ log = logging.getLogger(__name__)
 
 #: Added to the connection's timeout: a slot is booked a moment before its exchange starts.
 IN_FLIGHT_MARGIN_SECONDS = 5.0
-#: Recent uploads whose wait from "body sent" to the answer gives the quickest (:meth:`RateLimiter._arrived`).
-ANSWER_GAPS_KEPT = 64
 #: A window file longer than this is not a window (an answered slot takes about 110 bytes, its
 #: answer and its sending: some 19,000 slots).
 MAX_STATE_BYTES = 2 << 20
@@ -110,6 +107,17 @@ def lease_seconds(upload_timeout: float | None) -> float:
     if upload_timeout is None or not upload_timeout > 0 or not math.isfinite(upload_timeout):
         return MAX_LEASE_SECONDS
     return min(float(upload_timeout) + IN_FLIGHT_MARGIN_SECONDS, MAX_LEASE_SECONDS)
+
+
+_DISTRUSTED = (
+    "Doc2X pacing: %s (it was changed by hand or by another program, or this host's clock was "
+    "set back); it starts anew. Uploads go on; a few may be answered 429 and retried."
+)
+_NEWER = (
+    "Doc2X pacing: %s was written by a later release of airflow-provider-doc2x (format %d; this "
+    "release reads up to %d) in a form this release cannot use. It is left as it is, and this "
+    "process paces the key on its own meanwhile. Upgrade the provider on every host that shares it."
+)
 
 
 class RateLimiter:
@@ -153,9 +161,8 @@ class RateLimiter:
         #: The file could not be trusted: this limiter paces in memory from then on.
         self._in_memory = state_file is None
         self._warned: set[str] = set()
-        #: The waits from "body sent" to the answer of the recent uploads (:meth:`_arrived`).
-        self._answer_gaps: collections.deque[float] = collections.deque(maxlen=ANSWER_GAPS_KEPT)
-        self._gaps_lock = threading.Lock()
+        #: When the bodies of its uploads most likely arrived (from their recent answer waits).
+        self._arrivals = rule.Arrivals()
         self._warned_lock = threading.Lock()
 
     def _first_warning(self, kind: str) -> bool:
@@ -224,25 +231,12 @@ class RateLimiter:
         return slots
 
     def _distrust(self, what: str) -> None:
-        if not self._first_warning("distrust"):
-            return
-        log.warning(
-            "Doc2X pacing: %s (it was changed by hand or by another program, or this host's clock was "
-            "set back); it starts anew. Uploads go on; a few may be answered 429 and retried.",
-            what,
-        )
+        if self._first_warning("distrust"):
+            log.warning(_DISTRUSTED, what)
 
     def _newer(self, what: str, version: int) -> None:
-        if not self._first_warning("newer"):
-            return
-        log.warning(
-            "Doc2X pacing: %s was written by a later release of airflow-provider-doc2x (format %d; this "
-            "release reads up to %d) in a form this release cannot use. It is left as it is, and this "
-            "process paces the key on its own meanwhile. Upgrade the provider on every host that shares it.",
-            what,
-            version,
-            FORMAT_VERSION,
-        )
+        if self._first_warning("newer"):
+            log.warning(_NEWER, what, version, FORMAT_VERSION)
 
     @contextmanager
     def _slots(self) -> Iterator[tuple[Window, float]]:
@@ -390,25 +384,9 @@ class RateLimiter:
             ended = self._clock()
             if upload.slot_id is not None:
                 # Shielded: a cancelled caller still frees its slot (the thread runs to its end anyway).
-                arrived = self._arrived(upload.sent_at, ended)
+                arrived = self._arrivals.arrived(upload.sent_at, ended)
                 release = functools.partial(self.release, upload.slot_id, ended=ended, sent=arrived)
                 await asyncio.shield(asyncio.to_thread(release))
-
-    def _arrived(self, sent: float | None, ended: float) -> float | None:
-        """When the upload's body most likely reached the server: never before it was sent in full.
-
-        "Sent in full" is when its last bytes went into the socket's buffers; on a slow link a
-        large body is still on its way then, a small one hardly. The quickest wait from "sent" to
-        the answer among this limiter's recent uploads is about the server's and the way back's
-        share of it, so an answer that took longer says how late the body really arrived. Without
-        an earlier upload to compare, the slot counts from its answer.
-        """
-        if sent is None:
-            return None
-        with self._gaps_lock:
-            quickest = min(self._answer_gaps, default=None)
-            self._answer_gaps.append(max(0.0, ended - sent))
-        return ended if quickest is None else max(sent, ended - quickest)
 
     async def _abook(self) -> Booking:
         """Wait for room in the window without blocking the loop, and book a slot."""
