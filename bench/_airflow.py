@@ -192,14 +192,7 @@ class TaskRun:
         """
         events = self.events(task_id)
         if any(event == "running" for event, _ in events):
-            spans, start = [], None
-            for event, at in events:
-                if event == "running":
-                    start = at
-                elif start is not None:
-                    spans.append((start, at))
-                    start = None
-            return spans, "the metadata database's audit log"
+            return spans_of(events), "the metadata database's audit log"
         marks = log_times(
             self.output, r"\[DAG TEST\] (running task|running trigger in line|end task)", keep=True
         )

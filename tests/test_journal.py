@@ -16,18 +16,15 @@ import pytest
 from airflow.providers.common.compat.sdk import TaskDeferred
 
 from airflow_provider_doc2x.exceptions import Doc2XTaskStateError
-from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
-from airflow_provider_doc2x.image_lane.uploads import ImageUploads
 from airflow_provider_doc2x.journal import (
     STATE_INDEX_KEY,
     STATE_KEY_PREFIX,
     STATE_LOG_PREFIX,
-    TaskJournal,
     recorded_images,
 )
 from airflow_provider_doc2x.local.samples import Page, render
 from airflow_provider_doc2x.storage.sources import ImageSource, sha256_of
-from tests.helpers import StateStore, parse_operator, run_to_the_end
+from tests.helpers import StateStore, image_uploads, parse_operator, run_to_the_end
 
 
 class SlowStore(StateStore):
@@ -146,13 +143,7 @@ class RefusingWrites(StateStore):
 
 
 def uploads(store, log=None, *, may_hold=True, max_concurrent=None):
-    return ImageUploads(
-        Doc2XHook(),
-        journal=TaskJournal(store, may_hold=may_hold),
-        results=None,
-        log=log or Log(),
-        max_concurrent=max_concurrent,
-    )
+    return image_uploads(store, log or Log(), may_hold=may_hold, max_concurrent=max_concurrent)
 
 
 def sources_of(images):

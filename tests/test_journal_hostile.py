@@ -14,11 +14,10 @@ from typing import Any
 import pytest
 
 from airflow_provider_doc2x.exceptions import Doc2XQuotaError, Doc2XTaskStateError
-from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
 from airflow_provider_doc2x.image_lane.uploads import ImageUploads
-from airflow_provider_doc2x.journal import STATE_KEY_PREFIX, TaskJournal
+from airflow_provider_doc2x.journal import STATE_KEY_PREFIX
 from airflow_provider_doc2x.storage.sources import ImageSource, sha256_of
-from tests.helpers import StateStore, wait_until
+from tests.helpers import StateStore, image_uploads, wait_until
 
 BILLED_TWICE = "possibly billed twice"
 
@@ -39,13 +38,7 @@ class Log:
 
 
 def uploads(store, log=None, *, may_hold=True, max_concurrent=None) -> ImageUploads:
-    return ImageUploads(
-        Doc2XHook(),
-        journal=TaskJournal(store, may_hold=may_hold),
-        results=None,
-        log=log or Log(),
-        max_concurrent=max_concurrent,
-    )
+    return image_uploads(store, log or Log(), may_hold=may_hold, max_concurrent=max_concurrent)
 
 
 def sources_of(images) -> list[ImageSource]:

@@ -187,3 +187,18 @@ def pacing_logs(caplog, level: int = logging.WARNING) -> list[str]:
         for record in caplog.records
         if record.name.startswith("airflow_provider_doc2x.pacing") and record.levelno == level
     ]
+
+
+def image_uploads(store, log, *, may_hold=True, max_concurrent=None):
+    """The image lane of a task whose journal is ``store`` (a task state store, or None), on ``doc2x_default``."""
+    from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
+    from airflow_provider_doc2x.image_lane.uploads import ImageUploads
+    from airflow_provider_doc2x.journal import TaskJournal
+
+    return ImageUploads(
+        Doc2XHook(),
+        journal=TaskJournal(store, may_hold=may_hold),
+        results=None,
+        log=log,
+        max_concurrent=max_concurrent,
+    )
