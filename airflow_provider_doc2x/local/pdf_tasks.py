@@ -10,15 +10,18 @@ progress (``max_tasks_in_progress``, ``parse_task_limit_exceeded``; ``max_pages_
 ``parse_concurrency_limit``) and the quota (``parse_quota_limit``): limit errors only show in
 status, since page counts are unknown before the upload. Its pages are parsed by the server's
 engine, ``pdf_page_workers`` at once over all tasks, each taking at least ``pdf_page_seconds``;
-progress is the share of pages done. A page whose embedded text says ``<!-- doc2x-fail: CODE -->``
-fails the whole task with CODE (Doc2X has no per-page error field); ``pdf_fail_next`` fails the
-next task picked up with ``pdf_fail_reason``.
+progress is the share of pages done. A page is read as its image or its text layer (the rule is
+in :mod:`~airflow_provider_doc2x.local.pdfdoc`): an image is parsed by the engine, a text layer is
+the page's Markdown as it is. A page whose embedded text (or text layer) says
+``<!-- doc2x-fail: CODE -->`` fails the whole task with CODE (Doc2X has no per-page error field); a
+page that does not decode fails it with ``parse_file_invalid``; ``pdf_fail_next`` fails the next
+task picked up with ``pdf_fail_reason``.
 
 A successful task's ``result`` is ``{"version": "", "pages": [{"url", "page_idx", "page_width",
 "page_height", "md", "score"}]}``, one page per PDF page in order (a blank page too), sizes in the
-page image's pixels. Figures in ``md`` link the page image on the local CDN (see
-:mod:`~airflow_provider_doc2x.local.exports`); a page's ``url`` is its CDN image when it has
-figures, else ``""``; ``score`` is 100, 0 for a blank page.
+page image's pixels (a text or blank page's: its media box, in points). Figures in ``md`` link the
+page image on the local CDN (see :mod:`~airflow_provider_doc2x.local.exports`); a page's ``url``
+is its CDN image when it has figures, else ``""``; ``score`` is 100, 0 for a blank page.
 
 Billing: a task that succeeds bills one page per PDF page, counted per page content hash (see
 :mod:`~airflow_provider_doc2x.local.pdfdoc`) in ``pdf_billed``, and per model in
@@ -40,7 +43,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from airflow_provider_doc2x.local.config import ServerConfig
-from airflow_provider_doc2x.local.engines import ImageUnreadable
+from airflow_provider_doc2x.local.engines import FAIL_DIRECTIVE, ImageUnreadable
 from airflow_provider_doc2x.local.exports import Box, cdn_link, cdn_path, figure_box, image_name, link_figures
 from airflow_provider_doc2x.local.host import Host
 from airflow_provider_doc2x.local.limits import Slots
@@ -310,7 +313,7 @@ class PdfTasks:
             raise TaskFailed(page.fail_code)
 
     def read_page(self, task: PdfTask, index: int) -> ParsedPage:
-        """Read a page's image and run the engine on it. Blocking: run it in a thread.
+        """Read a page and run the engine on its image, or take its text layer. Blocking: run it in a thread.
 
         Raises:
             PdfUnreadable: the page cannot be read.
@@ -319,17 +322,24 @@ class PdfTasks:
         assert task.document is not None
         image = task.document.page(index)
         page = ParsedPage(index, image.width, image.height, image.digest)
-        if image.blank:
+        if image.text:  # a born-digital page: its text layer is its Markdown
+            failure = FAIL_DIRECTIVE.search(image.text)
+            if failure:
+                page.fail_code = failure.group(1)
+                return page
+            md, figures = image.text, {}
+        elif image.blank:
             page.score = 0
             return page
-        result = self.host.engine.parse(image.data, task.uid)
-        if result.fail_code:
-            page.fail_code = result.fail_code
-            return page
-        md = "\n\n".join(engine_page.md for engine_page in result.pages)
+        else:
+            result = self.host.engine.parse(image.data, task.uid)
+            if result.fail_code:
+                page.fail_code = result.fail_code
+                return page
+            md, figures = "\n\n".join(engine_page.md for engine_page in result.pages), result.figures
         if task.model != DEFAULT_MODEL:
             md = f"{md}\n\n{MODEL_MARK.format(model=task.model)}"
-        boxes = {name: figure_box(name, (image.width, image.height)) for name in result.figures}
+        boxes = {name: figure_box(name, (image.width, image.height)) for name in figures}
         page.md = link_figures(md, boxes, lambda box: cdn_link(task.base_url, task.uid, index, box))
         page.export_md = link_figures(md, boxes, lambda box: f"images/{image_name(task.uid, index, box)}")
         page.figures = {image_name(task.uid, index, box): box for box in boxes.values()}
