@@ -25,6 +25,15 @@ image tried again after its PDF failed carries its ``round``; a PDF whose PUT lo
 polled by its uid with ``uncertain`` set. A PDF-lane job without ``page_idx`` stands for a whole
 PDF (the sensor's).
 
+A source that is not a JPEG or PNG sent as it is carries its ``source_format`` (``"pdf"``,
+``"tiff"``, ``"webp"``, ...) and, when it was converted, into what (``converted``: ``"png"`` for
+the image API, ``"pdf"`` for the PDF API). A *document* is a PDF-lane job with a
+``source_format`` and no ``page_idx``: one source sent as one PDF (a PDF as it is, a multi-page
+TIFF, a scan over the image API's 7 MB), whose ``pages`` are all its own::
+
+    {"uid": "<the PDF's uid>", "source": "/scans/contract.pdf", "sha256": ..., "status": "processing",
+     "lane": "pdf", "pages": 20, "uploaded_at": 1764000000.0, "source_format": "pdf"}
+
 A job whose status answers came malformed carries how many in a row (``malformed``). A finished
 job whose result the task already wrote under ``output_path`` (the PDF lane stores what
 finished at each resume, so that no result outlives Doc2X's 24 hours unstored) carries
@@ -63,6 +72,11 @@ LANE_PDF = "pdf"
 STATUS_QUEUED = "not-submitted"
 #: Keys a job may carry beyond its ids, status and failure (the PDF lane's), each left out when unset.
 _PDF_KEYS = ("lane", "page_idx", "pages", "uploaded_at", "chunk", "round", "uncertain")
+#: What a source was, and what it was converted into, when it is not a JPEG or PNG sent as it is.
+_SOURCE_KEYS = ("source_format", "converted")
+#: The formats a job may name (the readers' names), and what a source may be converted into.
+SOURCE_FORMATS = frozenset({"jpeg", "png", "pdf", "tiff", "webp", "bmp", "gif", "heif"})
+CONVERTED_INTO = frozenset({"png", "pdf"})
 #: A finished job's mark that its result is written under ``output_path`` already.
 STORED = "stored"
 #: An unfinished job's count of malformed status answers in a row, carried from one wait to the next
@@ -124,6 +138,62 @@ def queued_job(source: str, sha256: str, *, chunk: int, round_: int = 0) -> dict
     return entry
 
 
+def queued_document(
+    source: str,
+    sha256: str,
+    *,
+    chunk: int,
+    pages: int,
+    source_format: str,
+    converted: str | None,
+    round_: int = 0,
+) -> dict[str, Any]:
+    """A document not submitted yet: one source of ``pages`` pages, sent as one PDF when its turn comes."""
+    entry = {**queued_job(source, sha256, chunk=chunk, round_=round_), "pages": pages}
+    return {**entry, **source_keys(source_format, converted)}
+
+
+def source_keys(source_format: str | None, converted: str | None) -> dict[str, Any]:
+    """A job's (and a record's) keys saying what its source was and what it became, each left out when unset."""
+    keys: dict[str, Any] = {}
+    if source_format:
+        keys["source_format"] = source_format
+    if converted:
+        keys["converted"] = converted
+    return keys
+
+
+def source_keys_of(entry: dict[str, Any]) -> dict[str, Any]:
+    """What a job says of how its source travelled, for its record and sidecar."""
+    return source_keys(entry.get("source_format"), entry.get("converted"))
+
+
+def document_job(
+    uid: str,
+    source: str,
+    sha256: str,
+    *,
+    pages: int,
+    uploaded_at: float,
+    source_format: str,
+    converted: str | None,
+    status: str = protocol.STATUS_PROCESSING,
+) -> dict[str, Any]:
+    """A document submitted as the PDF ``uid`` of ``pages`` pages (all its own: no ``page_idx``)."""
+    entry = {
+        **job(uid, source, sha256, status),
+        "lane": LANE_PDF,
+        "pages": pages,
+        "uploaded_at": round(uploaded_at, 1),
+    }
+    return {**entry, **source_keys(source_format, converted)}
+
+
+def is_document(entry: dict[str, Any]) -> bool:
+    """Whether a job stands for a whole document (a PDF-lane job of a source sent as one PDF)."""
+    return is_pdf(entry) and entry.get("page_idx") is None and entry.get("source_format") is not None
+
+
 def is_pdf(entry: dict[str, Any]) -> bool:
     """Whether a job is the PDF lane's."""
     return entry.get("lane") == LANE_PDF
@@ -154,7 +224,8 @@ def retry_plan(entry: dict[str, Any]) -> str | None:
     a protocol error (a result that does not map back to the pages) is reported. A limit, a
     transient failure or a task the service lost is tried again as it was packed; any other
     failure of the PDF (``parse_error``, ``parse_timeout``, a file the service refused) in
-    smaller PDFs.
+    smaller PDFs. A document (the user's own file, never cut) is not tried again within the task,
+    as an image of the image lane is not: it is named, and a new try of the task submits it again.
     """
     if not is_pdf(entry) or entry.get("status") != protocol.STATUS_FAILED or entry.get("page_idx") is None:
         return None
@@ -226,6 +297,8 @@ class Job:
     chunk: int | None = None
     round: int | None = None
     uncertain: bool | None = None
+    source_format: str | None = None
+    converted: str | None = None
     stored: int | None = None
     malformed: int | None = None
 
@@ -254,6 +327,8 @@ class Job:
             or not _pdf_keys_valid(entry)
             or entry.get(STORED) not in (None, 1)
             or not _count_valid(entry.get(MALFORMED))
+            or entry.get("source_format") not in (None, *SOURCE_FORMATS)
+            or entry.get("converted") not in (None, *CONVERTED_INTO)
         ):
             raise Doc2XError(f"The Doc2X trigger was handed a malformed job: {protocol.quote(entry)}")
         return cls.of(entry)
@@ -274,7 +349,7 @@ class Job:
 
 
 #: What a job carries across the boundary beyond its source and status, in the order it is written.
-_CARRIED = ("uid", "sha256", "code", "message", *_PDF_KEYS, STORED, MALFORMED)
+_CARRIED = ("uid", "sha256", "code", "message", *_PDF_KEYS, *_SOURCE_KEYS, STORED, MALFORMED)
 
 
 def validate_event(event: Any) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from airflow_provider_doc2x import protocol, transport
@@ -25,6 +25,7 @@ from airflow_provider_doc2x.events import (
     STORED,
     is_pdf,
     result_key,
+    source_keys_of,
     validate_event,
 )
 from airflow_provider_doc2x.exceptions import (
@@ -53,25 +54,71 @@ FETCH_ATTEMPTS = 3
 _Status = TypeVar("_Status")
 
 
-def result_record(source: str, result: protocol.Doc2XResult, sha256: str | None = None) -> dict[str, Any]:
-    """What XCom holds for one image kept whole: JSON, small enough for the metadata database (no figures)."""
+def result_record(
+    source: str,
+    result: protocol.Doc2XResult,
+    sha256: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What XCom holds for one image kept whole: JSON, small enough for the metadata database (no figures).
+
+    Each page has its number in the source (an image is page 1 of itself); ``extra`` says how the
+    source travelled (``source_format``, ``converted``), as the sidecar does.
+    """
     return {
         "source": source,
         "uid": result.uid,
         "sha256": sha256,
-        "pages": [page.to_dict() for page in result.pages],
+        "pages": [{"page": 1, **page.to_dict()} for page in result.pages],
         "markdown": result.markdown,
         "has_figures": result.convert_zip is not None,
+        **(extra or {}),
     }
 
 
 def store_or_record(
-    results: ResultStore | None, source: str, digest: str | None, result: protocol.Doc2XResult
+    results: ResultStore | None,
+    source: str,
+    digest: str | None,
+    result: protocol.Doc2XResult,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the result to storage and return its paths, or return it whole for XCom."""
     if results is not None and digest:
-        return results.write(source, digest, result)
-    return result_record(source, result, digest)
+        return results.write(source, digest, result, extra=extra)
+    return result_record(source, result, digest, extra)
+
+
+def result_keeper(
+    hook: Doc2XHook, results: ResultStore | None, known: dict[str, dict[str, Any]]
+) -> Callable[[list[dict[str, Any]], protocol.Doc2XJobStatus], Awaitable[None]]:
+    """What a worker's own wait does with each result its polls bring: its records made at once, into ``known``.
+
+    ``known`` is keyed by :func:`~airflow_provider_doc2x.events.result_key`; :func:`records_from_event`
+    then fetches none of them again.
+    """
+
+    async def keep(unit: list[dict[str, Any]], status: protocol.Doc2XJobStatus) -> None:
+        assert status.result is not None
+        if is_pdf(unit[0]):
+            for entry, record in zip(unit, await pdf_records(hook.pdf, results, status, unit), strict=True):
+                if record.get("status") is None:
+                    known[result_key(entry)] = record
+            return
+        head = unit[0]
+        known[head["uid"]] = await asyncio.to_thread(
+            store_or_record, results, head["source"], head.get("sha256"), status.result, source_keys_of(head)
+        )
+
+    return keep
+
+
+def records_or_failure(outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The outcomes, all records; or one error naming every image that failed (the synchronous endpoint's)."""
+    failures = [item for item in outcomes if item.get("status") == "failed"]
+    if failures:
+        raise batch_failure(failures, len(outcomes))
+    return outcomes
 
 
 def records_from_event(
@@ -285,7 +332,7 @@ async def _collect(
                     "message": "the job had no result when it was fetched",
                 }
             record = await asyncio.to_thread(
-                store_or_record, results, job["source"], job.get("sha256"), status.result
+                store_or_record, results, job["source"], job.get("sha256"), status.result, source_keys_of(job)
             )
             return {key: value for key, value in record.items() if key != "status"}
 

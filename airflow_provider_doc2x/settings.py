@@ -33,6 +33,13 @@ DEFAULT_MAX_ANSWER_BYTES = 64 * 1024 * 1024
 #: The service caps tasks and pages in progress per key without publishing the numbers.
 DEFAULT_PDF_MAX_IN_FLIGHT = 5
 DEFAULT_PDF_MAX_PAGES_IN_FLIGHT = 1000
+#: A document's limits where the vendor's own pages disagree, the stricter: 1000 pages (pdfdeal's
+#: local check; the service says 2000) and 300 MB (the error table; the preupload page says 1 GB).
+DEFAULT_DOCUMENT_MAX_PAGES = 1000
+DEFAULT_DOCUMENT_MAX_BYTES = 300 * 1024 * 1024
+#: Pixels a page may have before it is decoded: Pillow's own decompression-bomb threshold
+#: (``Image.MAX_IMAGE_PIXELS``), which an A3 page scanned at 600 dpi (about 70 million) stays under.
+DEFAULT_PAGE_MAX_PIXELS = 89_478_485
 
 
 def extra_field(default: Any, label: str, description: str = "") -> Any:
@@ -93,6 +100,21 @@ class Doc2XSettings:
         DEFAULT_PDF_MAX_PAGES_IN_FLIGHT,
         "PDF pages in flight",
         "PDF lane: pages a task keeps in progress at once (pdfdeal's default: 1000).",
+    )
+    document_max_pages: int = extra_field(
+        DEFAULT_DOCUMENT_MAX_PAGES,
+        "Pages per document",
+        "Most pages of one PDF or multi-page TIFF (Doc2X: 1000 or 2000; a longer one is refused, named).",
+    )
+    document_max_bytes: int = extra_field(
+        DEFAULT_DOCUMENT_MAX_BYTES,
+        "Bytes per document",
+        "Largest PDF sent (Doc2X: 300 MB or 1 GB; a larger one is refused, named).",
+    )
+    page_max_pixels: int = extra_field(
+        DEFAULT_PAGE_MAX_PIXELS,
+        "Pixels per page",
+        "Most pixels of a page the worker decodes (a decompression bomb is refused before decoding).",
     )
 
     @classmethod

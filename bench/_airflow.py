@@ -306,7 +306,7 @@ def log_times(output: str, pattern: str, *, keep: bool = False) -> list[Any]:
 #: What the operator logs of its own time in a task (``Doc2X: checked ...``, ``... submitted in ...``,
 #: ``records of ... made in ...``); a line a release does not log is left out.
 OPERATOR_LINES = {
-    "checked": r"Doc2X: checked (?P<images>\d+) images in (?P<seconds>[\d.]+) s",
+    "checked": r"Doc2X: checked (?P<images>\d+) (?:images|files) in (?P<seconds>[\d.]+) s",
     "uploaded": r"Doc2X: (?P<images>\d+) images (?P<verb>submitted|parsed) in (?P<seconds>[\d.]+) s"
     r" \(task state store: (?P<writes>\d+) writes, (?P<store_seconds>[\d.]+) s\)",
     "records": r"Doc2X: records of (?P<images>\d+) images made in (?P<seconds>[\d.]+) s",

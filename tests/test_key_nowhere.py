@@ -144,7 +144,11 @@ def test_the_key_is_nowhere_after_a_success_a_failure_and_the_pdf_lane(
     (inbox / "doomed.png").write_bytes(
         render(Page(title="Doomed", paragraphs=["<!-- doc2x-fail: parse_error -->"]), size=(400, 300))
     )
-    (inbox / "broken.png").write_bytes(render(Page(title="Broken"), size=(400, 300))[:400])
+    # Whole by its structure (the task's own check passes it), but its pixel data is garbage: only
+    # Doc2X, decoding it, refuses it.
+    broken = bytearray(render(Page(title="Broken"), size=(400, 300)))
+    broken[len(broken) // 2 : len(broken) // 2 + 64] = bytes(64)
+    (inbox / "broken.png").write_bytes(bytes(broken))
     server.reset()
     server.configure(processing_time=0.2)
     code, outputs["the failed run"] = dags_test(

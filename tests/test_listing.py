@@ -11,6 +11,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from airflow_provider_doc2x.storage.listing import (
     DEFAULT_LOOKBACK,
+    DOCUMENT_SUFFIXES,
     list_images,
     list_new_images,
     run_window,
@@ -36,6 +37,16 @@ def test_images_only_sorted_and_recursive(tmp_path):
     assert list_images(tmp_path) == sorted(expected)
     assert list_images(tmp_path, recursive=False) == sorted(expected[:3])
     assert list_images(f"file://{tmp_path}/") == sorted(expected)
+
+
+def test_documents_are_listed_only_when_asked_for(tmp_path):
+    """A bucket's PDFs never start being sent on their own: documents come with ``DOCUMENT_SUFFIXES``."""
+    images = [put(tmp_path, name) for name in ("a.png", "b.jpg")]
+    documents = [put(tmp_path, name) for name in ("c.PDF", "d.tiff", "e.webp", "f.heic")]
+    put(tmp_path, "notes.txt")
+    assert list_images(tmp_path) == sorted(images)
+    assert list_images(tmp_path, suffixes=DOCUMENT_SUFFIXES) == sorted(images + documents)
+    assert list_new_images(tmp_path, {}, suffixes=DOCUMENT_SUFFIXES) == sorted(images + documents)
 
 
 def test_a_window_is_half_open_like_a_data_interval(tmp_path):

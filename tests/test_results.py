@@ -74,7 +74,7 @@ def test_local_directory_output(doc2x, make_image, tmp_path, deferrable):
     sidecar = json.loads((folder / "report.json").read_text())
     assert sidecar["source"] == str(image)
     assert sidecar["uid"] == record["uid"]
-    assert sidecar["pages"] == [{"page_idx": 0, "page_width": 400, "page_height": 300}]
+    assert sidecar["pages"] == [{"page": 1, "page_idx": 0, "page_width": 400, "page_height": 300}]
     assert len(sidecar["sha256"]) == 64
     assert sidecar["parsed_at"]
     assert sidecar["figures"] == [links[0]]

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from airflow_provider_doc2x.documents.formats import HEAD_BYTES
 from airflow_provider_doc2x.exceptions import Doc2XInputError, Doc2XStorageError, is_permanent
 from airflow_provider_doc2x.local.samples import Page, render
 from airflow_provider_doc2x.storage import objects as storage
@@ -290,11 +291,11 @@ def test_the_pdf_lane_parses_s3_images_into_s3_once_through_503s_and_stages_only
             images, method="pdf", deferrable=deferrable, output_path=output, incremental=True
         )
 
-    def copying_the_last_image():  # its check reads 16 bytes; the copy reads it whole
+    def copying_the_last_image():  # its check reads its first bytes (HEAD_BYTES); the copy reads it whole
         return [
             request
             for request in s3.proxy.requests("GET", r"/scans/f005\.jpg$")
-            if (bounds := request.range_bounds()) is None or bounds[1] is None or bounds[1] >= 16
+            if (bounds := request.range_bounds()) is None or bounds[1] is None or bounds[1] >= HEAD_BYTES
         ]
 
     def staged_while_copying() -> dict:

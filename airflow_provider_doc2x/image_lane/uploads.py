@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -52,7 +52,7 @@ from airflow_provider_doc2x.exceptions import (
 )
 from airflow_provider_doc2x.journal import TaskJournal
 from airflow_provider_doc2x.records import FETCH_ATTEMPTS, recorded_status, store_or_record
-from airflow_provider_doc2x.storage.sources import ImageSource, sha256_of
+from airflow_provider_doc2x.storage.sources import ImageSource
 
 if TYPE_CHECKING:
     from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
@@ -118,6 +118,30 @@ class ImageUploads:
         self.max_concurrent = max(1, max_concurrent or self.settings.max_concurrent_uploads)
         # The starts of the uploads that go side by side are written together.
         journal.start_group = max(journal.start_group, self.max_concurrent)
+
+    @classmethod
+    def for_task(
+        cls,
+        hook: Doc2XHook,
+        context: Mapping[str, Any],
+        *,
+        results: ResultStore | None,
+        log: Any,
+        max_concurrent: int | None,
+    ) -> ImageUploads:
+        """The image lane of a running task: its journal in the task's state store (none before Airflow 3.3)."""
+        store = context.get("task_state_store")
+        if store is None:
+            log.info("No task state store (Airflow < 3.3): a new try of this task submits its images again")
+        ti = context.get("ti")
+        return cls(
+            hook,
+            # A first try finds nothing recorded: one state-store read per image is saved.
+            journal=TaskJournal(store, may_hold=getattr(ti, "try_number", None) != 1),
+            results=results,
+            log=log,
+            max_concurrent=max_concurrent,
+        )
 
     def submit(self, sources: Sequence[ImageSource]) -> list[dict[str, Any]]:
         """Each image as a job of the asynchronous endpoint: reused, reconnected or submitted."""
@@ -233,17 +257,17 @@ class ImageUploads:
     ) -> dict[str, Any]:
         stored = await self._stored(source, digest)
         if stored is not None:
-            return job(stored["uid"], source.uri, digest, protocol.STATUS_SUCCESS)
+            return {**job(stored["uid"], source.uri, digest, protocol.STATUS_SUCCESS), **source.job_keys}
         reconnected = await self._reconnect(source, digest)
         if reconnected is not None:
-            return reconnected
+            return {**reconnected, **source.job_keys}
         upload = _Upload(self, source, digest, stop)
         try:
             uid = await self.hook.asubmit_image(data, source=source.uri, pacer=upload.window())
         except Doc2XError as error:
-            return await upload.failed(error)
+            return {**await upload.failed(error), **source.job_keys}
         upload.record({"uid": uid, "source": source.uri, "at": time.time()})
-        return job(uid, source.uri, digest)
+        return {**job(uid, source.uri, digest), **source.job_keys}
 
     async def _stored(self, source: ImageSource, digest: str) -> dict[str, Any] | None:
         """A complete earlier result of this content under ``output_path``, if it may be reused."""
@@ -336,7 +360,9 @@ class ImageUploads:
         except Doc2XError as error:
             return await upload.failed(error)
         upload.record({"uid": result.uid, "source": source.uri, "at": time.time()})
-        return await asyncio.to_thread(store_or_record, self.results, source.uri, digest, result)
+        return await asyncio.to_thread(
+            store_or_record, self.results, source.uri, digest, result, extra=source.job_keys
+        )
 
 
 class _Upload:
@@ -391,8 +417,7 @@ def _naming(uri: str) -> Iterator[None]:
 
 
 def _read_and_hash(source: ImageSource) -> tuple[bytes, str]:
-    data = source.read()
-    return data, sha256_of(data)
+    return source.read_with_digest()
 
 
 class _Progress:

@@ -10,11 +10,16 @@ reconnects to the recorded uids instead of uploading again.
 multi-page PDFs for Doc2X's PDF API: a few PDFs in flight at once, the task deferring until half of
 them are done, then submitting the next ones (and trying again the images of a PDF that failed),
 until every image is parsed or named in the error.
+
+What ``image_path`` may name, known by content, never by name
+(:mod:`airflow_provider_doc2x.documents.intake`): JPEG and PNG pages; WebP, BMP, GIF, one-page TIFF
+and HEIC (converted losslessly to PNG); and documents, which go through Doc2X's PDF API whatever the
+``method`` and give one record each, their pages numbered as in the source: PDFs (as they are),
+multi-page TIFFs and scans over 7 MB (packed losslessly into a PDF).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Sequence
 from datetime import timedelta
@@ -24,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from airflow.providers.common.compat.sdk import BaseOperator, conf
 
 from airflow_provider_doc2x import protocol, transport
+from airflow_provider_doc2x.documents.intake import Document, Intake
 from airflow_provider_doc2x.events import (
     EVENT_FAILED,
     EVENT_PROGRESS,
@@ -32,28 +38,25 @@ from airflow_provider_doc2x.events import (
     is_pdf,
     is_pending,
     make_event,
-    result_key,
     retry_plan,
     validate_event,
 )
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
 from airflow_provider_doc2x.image_lane.uploads import ImageUploads
-from airflow_provider_doc2x.journal import STATE_KEY_PREFIX, TaskJournal
+from airflow_provider_doc2x.journal import STATE_KEY_PREFIX
 from airflow_provider_doc2x.pdf.packing import DEFAULT_PDF_MAX_PAGES, MAX_PDF_PAGES
-from airflow_provider_doc2x.pdf.results import pdf_records
 from airflow_provider_doc2x.pdf.submission import DEFAULT_PDF_WAIT
 from airflow_provider_doc2x.pdf_lane.lane import PdfLane
-from airflow_provider_doc2x.protocol import Doc2XJobStatus
 from airflow_provider_doc2x.records import (
-    batch_failure,
     records_from_event,
+    records_or_failure,
+    result_keeper,
     store_finished,
-    store_or_record,
 )
 from airflow_provider_doc2x.storage.manifest import Manifest
 from airflow_provider_doc2x.storage.objects import storage_path
 from airflow_provider_doc2x.storage.results import ResultStore
-from airflow_provider_doc2x.storage.sources import check_all, resolve_images
+from airflow_provider_doc2x.storage.sources import resolve_images
 from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
 from airflow_provider_doc2x.waiting import JobWaiter
 
@@ -104,6 +107,9 @@ class Doc2XImageParseOperator(BaseOperator):
     :param pdf_max_pages: the PDF lane's most pages per PDF (1-1000; also bounded by the
         connection's ``pdf_max_pages_in_flight``). A PDF that fails as a whole costs at most this
         many pages of work again.
+    :param large_images: send a JPEG or PNG over Doc2X's 7 MB image limit (or a raster whose PNG
+        is) through the PDF API as a one-page PDF, losslessly; False refuses it, named, before
+        anything is sent.
     """
 
     template_fields: Sequence[str] = ("image_path", "output_path", "doc2x_conn_id")
@@ -126,6 +132,7 @@ class Doc2XImageParseOperator(BaseOperator):
         incremental: bool = False,
         pdf_model: str | None = None,
         pdf_max_pages: int = DEFAULT_PDF_MAX_PAGES,
+        large_images: bool = True,
         **kwargs: Any,
     ) -> None:
         """Check the arguments (nothing is read or called at parse time)."""
@@ -158,6 +165,7 @@ class Doc2XImageParseOperator(BaseOperator):
         self.incremental = incremental
         self.pdf_model = pdf_model
         self.pdf_max_pages = pdf_max_pages
+        self.large_images = large_images
         self._records: list[dict[str, Any]] = []
 
     @cached_property
@@ -187,27 +195,58 @@ class Doc2XImageParseOperator(BaseOperator):
         return Manifest(self.results, deferrable=self.deferrable)
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
-        """Check every image, submit (or reuse) each once, then wait: deferred, or in the worker."""
+        """Check every source, submit (or reuse) each once, then wait: deferred, or in the worker.
+
+        Documents (PDFs, multi-page TIFFs, scans over 7 MB) go through the PDF API whatever the
+        ``method``; so the task then runs the PDF lane's loop, with images through the image lane
+        unless ``method="pdf"`` packs them.
+        """
         sources = resolve_images(self.image_path, allow_schemes=self.allow_schemes)
         split = self.manifest.partition(sources) if self.manifest else None  # unchanged: never opened
         to_read = split.to_read if split else sources
-        began = time.monotonic()
-        check_all(to_read)
-        self.log.info("Doc2X: checked %d images in %.3f s", len(to_read), time.monotonic() - began)
-        uploads = self._uploads(context)
-        if self.method == "sync":
-            outcomes = uploads.parse(to_read)
-            return self._finish(self._records_or_failure(split.records(outcomes) if split else outcomes))
-        if self.method == "pdf":
-            with self._pdf_lane(context, uploads) as lane:
-                jobs = lane.prepare(to_read)
-                return self._pdf_wait(lane, lane.advance(split.jobs(jobs) if split else jobs))
-        jobs = split.jobs(uploads.submit(to_read)) if split else uploads.submit(to_read)
+        with self._intake() as intake:
+            items = intake.check_all(to_read, log=self.log)
+            uploads = self._uploads(context)
+            if self.method == "sync":
+                outcomes = self._parse_in_worker(context, uploads, intake, items)
+                return self._finish(records_or_failure(split.records(outcomes) if split else outcomes))
+            if self.method == "pdf" or any(isinstance(item, Document) for item in items):
+                with self._pdf_lane(context, uploads, intake) as lane:
+                    jobs = lane.prepare(items)
+                    return self._finish(
+                        self._pdf_records(lane, lane.advance(split.jobs(jobs) if split else jobs))
+                    )
+            images = [item for item in items if not isinstance(item, Document)]
+            jobs = split.jobs(uploads.submit(images)) if split else uploads.submit(images)
         known: dict[str, dict[str, Any]] = {}
         event = self._wait(jobs, known)
         return self._finish(self._records_of(event, known))
 
-    def _wait(self, jobs: list[dict[str, Any]], known: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    def _parse_in_worker(
+        self, context: Context, uploads: ImageUploads, intake: Intake, items: list[Any]
+    ) -> list[dict[str, Any]]:
+        """``method="sync"``: images by the synchronous endpoint, then documents by the PDF API, waited for here.
+
+        One record (or failed job) per source, in input order; a document's failure is raised.
+        """
+        documents = [index for index, item in enumerate(items) if isinstance(item, Document)]
+        images = [index for index in range(len(items)) if index not in documents]
+        outcomes = dict(zip(images, uploads.parse([items[index] for index in images]), strict=True))
+        if documents:
+            with self._pdf_lane(context, uploads, intake) as lane:
+                jobs = lane.advance(lane.prepare([items[index] for index in documents]))
+                outcomes.update(zip(documents, self._pdf_records(lane, jobs, defer=False), strict=True))
+        return [outcomes[index] for index in range(len(items))]
+
+    def _intake(self) -> Intake:
+        """The check of every source, within the connection's limits of a document."""
+        return Intake.for_settings(
+            self.hook.settings, large_images=self.large_images, allow_schemes=self.allow_schemes
+        )
+
+    def _wait(
+        self, jobs: list[dict[str, Any]], known: dict[str, dict[str, Any]], *, defer: bool = True
+    ) -> dict[str, Any]:
         """Wait for the jobs: deferred to the triggerer (this returns only in the worker), or here.
 
         Both run the one wait loop, :class:`JobWaiter`, with the same deadline. In the worker it
@@ -215,7 +254,7 @@ class Doc2XImageParseOperator(BaseOperator):
         ``known`` keeps the results its polls bring, so that they are not fetched again.
         """
         deadline = time.time() + self.timeout
-        if self.deferrable and not all(is_finished(job) for job in jobs):
+        if defer and self.deferrable and not all(is_finished(job) for job in jobs):
             self.defer(
                 trigger=Doc2XImageParseTrigger(
                     doc2x_conn_id=self.doc2x_conn_id,
@@ -236,28 +275,9 @@ class Doc2XImageParseOperator(BaseOperator):
             max_concurrent_polls=self.max_concurrent_polls,
             log=self.log,
         )
-        return transport.run_sync(waiter.wait(on_result=self._keeper(known)))
+        return transport.run_sync(waiter.wait(on_result=result_keeper(self.hook, self.results, known)))
 
-    def _keeper(self, known: dict[str, dict[str, Any]]) -> Any:
-        """What the worker's own wait does with each result its polls bring: make the records at once."""
-
-        async def keep(unit: list[dict[str, Any]], status: Doc2XJobStatus) -> None:
-            assert status.result is not None
-            if is_pdf(unit[0]):
-                for entry, record in zip(
-                    unit, await pdf_records(self.hook.pdf, self.results, status, unit), strict=True
-                ):
-                    if record.get("status") is None:
-                        known[result_key(entry)] = record
-                return
-            head = unit[0]
-            known[head["uid"]] = await asyncio.to_thread(
-                store_or_record, self.results, head["source"], head.get("sha256"), status.result
-            )
-
-        return keep
-
-    def _pdf_lane(self, context: Context, uploads: ImageUploads) -> PdfLane:
+    def _pdf_lane(self, context: Context, uploads: ImageUploads, intake: Intake) -> PdfLane:
         return PdfLane(
             self.hook,
             images=uploads,
@@ -267,25 +287,27 @@ class Doc2XImageParseOperator(BaseOperator):
             model=self.pdf_model,
             pdf_max_pages=self.pdf_max_pages,
             allow_schemes=self.allow_schemes,
+            intake=intake,
+            pack_images=self.method == "pdf",
         )
 
-    def _pdf_wait(
-        self, lane: PdfLane, jobs: list[dict[str, Any]], known: dict[str, dict[str, Any]] | None = None
+    def _pdf_records(
+        self, lane: PdfLane, jobs: list[dict[str, Any]], *, defer: bool = True
     ) -> list[dict[str, Any]]:
         """Wait for the PDFs in flight and submit the next ones until none is left; then the records.
 
         Deferred (the task resumes in :meth:`execute_complete` after each wait), or in the worker.
         """
-        known = {} if known is None else known
+        known: dict[str, dict[str, Any]] = {}
         while any(is_pending(entry) for entry in jobs):
-            event = validate_event(self._wait(jobs, known))
+            event = validate_event(self._wait(jobs, known, defer=defer))
             if event["status"] != EVENT_PROGRESS:
                 break
             jobs = lane.advance(event["jobs"])
         else:
             failed = any(entry["status"] != protocol.STATUS_SUCCESS for entry in jobs)
             event = make_event(EVENT_FAILED if failed else EVENT_SUCCESS, jobs, "nothing left to wait for")
-        return self._finish(self._records_of(event, known))
+        return self._records_of(event, known)
 
     def _records_of(self, event: Any, known: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         """The records of a wait's event (results fetched and stored), and how long making them took."""
@@ -295,27 +317,9 @@ class Doc2XImageParseOperator(BaseOperator):
         return records
 
     def _uploads(self, context: Context) -> ImageUploads:
-        store = context.get("task_state_store")
-        if store is None:
-            self.log.info(
-                "No task state store (Airflow < 3.3): a new try of this task submits its images again"
-            )
-        ti = context.get("ti")
-        return ImageUploads(
-            self.hook,
-            # A first try finds nothing recorded: one state-store read per image is saved.
-            journal=TaskJournal(store, may_hold=getattr(ti, "try_number", None) != 1),
-            results=self.results,
-            log=self.log,
-            max_concurrent=self.max_concurrent_uploads,
+        return ImageUploads.for_task(
+            self.hook, context, results=self.results, log=self.log, max_concurrent=self.max_concurrent_uploads
         )
-
-    @staticmethod
-    def _records_or_failure(outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        failures = [item for item in outcomes if item.get("status") == "failed"]
-        if failures:
-            raise batch_failure(failures, len(outcomes))
-        return outcomes
 
     def _finish(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if self.manifest is not None:
@@ -334,15 +338,18 @@ class Doc2XImageParseOperator(BaseOperator):
         """
         if self.manifest is not None:
             self.manifest.resume(event)  # results it knows are not looked up again
-        if self.method == "pdf":
-            event = validate_event(event)
+        event = validate_event(event)
+        if self.method == "pdf" or any(is_pdf(entry) for entry in event["jobs"]):
             jobs = event["jobs"]
             if event["status"] == EVENT_PROGRESS or (
                 event["status"] in (EVENT_SUCCESS, EVENT_FAILED) and any(retry_plan(entry) for entry in jobs)
             ):
                 jobs = store_finished(self.hook, jobs, results=self.results)
-                with self._pdf_lane(context, self._uploads(context)) as lane:
-                    return self._pdf_wait(lane, lane.advance(jobs))
+                with (
+                    self._intake() as intake,
+                    self._pdf_lane(context, self._uploads(context), intake) as lane,
+                ):
+                    return self._finish(self._pdf_records(lane, lane.advance(jobs)))
         return self._finish(self._records_of(event))
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:

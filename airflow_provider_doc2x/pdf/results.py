@@ -32,11 +32,12 @@ import html
 import logging
 import posixpath
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from airflow_provider_doc2x import protocol
-from airflow_provider_doc2x.events import LANE_PDF
+from airflow_provider_doc2x.events import LANE_PDF, is_document, source_keys_of
 from airflow_provider_doc2x.exceptions import Doc2XError
 from airflow_provider_doc2x.storage.archives import MAX_ZIP_BYTES, MAX_ZIP_ENTRIES, Figures, unpack_figures
 
@@ -66,10 +67,20 @@ def page_map_problem(entries: list[dict[str, Any]], status: protocol.Doc2XJobSta
     """Why a PDF's result does not map back to the images packed into it, or None when it does.
 
     The result must have as many pages as the PDF (``pages`` of its jobs), and a page for every
-    ``page_idx`` the jobs name. Jobs without ``page_idx`` stand for the whole PDF: nothing to map.
+    ``page_idx`` the jobs name; a document's, each of its pages once. Other jobs without
+    ``page_idx`` stand for the whole PDF (the sensor's): nothing to map.
     """
     head = entries[0]
-    if head.get("page_idx") is None or status.result is None:
+    if status.result is None:
+        return None
+    if is_document(head):
+        # A document's result must hold each of its pages once: page_idx 0 to pages - 1.
+        expected = head.get("pages")
+        numbered = sorted(page.page_idx for page in status.result.pages)
+        if expected is not None and numbered != list(range(expected)):
+            return f"its result has {len(numbered)} pages ({_span(numbered)}), the document {expected}"
+        return None
+    if head.get("page_idx") is None:
         return None
     pages = status.result.pages
     expected = head.get("pages")
@@ -80,6 +91,40 @@ def page_map_problem(entries: list[dict[str, Any]], status: protocol.Doc2XJobSta
     if missing:
         return f"its result has no page_idx {', '.join(map(str, missing[:10]))}"
     return None
+
+
+def _span(indices: list[int]) -> str:
+    if not indices:
+        return "none"
+    return f"page_idx {indices[0]} to {indices[-1]}" + (
+        ", some twice" if len(set(indices)) < len(indices) else ""
+    )
+
+
+#: The marker before each page of a document's Markdown: an HTML comment, invisible when rendered,
+#: that a reader or a chunker splits on (``page`` counts from 1, as the source's pages do).
+PAGE_MARKER = "<!-- page {page} -->"
+
+
+def document_markdown(pages: Sequence[protocol.Doc2XPage]) -> str:
+    """A document's Markdown: its pages in order, each after its marker (:data:`PAGE_MARKER`)."""
+    ordered = sorted(pages, key=lambda page: page.page_idx)
+    return "\n\n".join(f"{PAGE_MARKER.format(page=page.page_idx + 1)}\n\n{page.md}" for page in ordered)
+
+
+def document_record(entry: dict[str, Any], result: protocol.Doc2XResult) -> dict[str, Any]:
+    """What XCom holds for a document kept whole: every page with its number in the source, the marked Markdown."""
+    ordered = sorted(result.pages, key=lambda page: page.page_idx)
+    return {
+        "source": entry["source"],
+        "uid": result.uid,
+        "sha256": entry.get("sha256"),
+        "document": True,
+        "pages": [{"page": page.page_idx + 1, **page.to_dict()} for page in ordered],
+        "markdown": document_markdown(ordered),
+        "has_figures": bool(figure_links(result.markdown)),
+        **source_keys_of(entry),
+    }
 
 
 def figure_links(markdown: str) -> list[str]:
@@ -234,7 +279,10 @@ def page_record(
         "source": source,
         "uid": result.uid,
         "sha256": digest,
-        "pages": [page.to_dict() for page in result.pages],
+        "pages": [
+            {"page": 1 if page_idx is not None else page.page_idx + 1, **page.to_dict()}
+            for page in result.pages
+        ],
         "markdown": result.markdown,
         "has_figures": bool(figure_links(result.markdown)),
     }
@@ -278,9 +326,36 @@ async def pdf_records(
                 extra={"lane": LANE_PDF, "page_idx": page.page_idx},
             )
 
+    async def write_document(entry: dict[str, Any]) -> dict[str, Any]:
+        """A document's pages, their figures stored and links rewritten, in one folder with its marked Markdown."""
+        assert results is not None
+        assert figures is not None
+        async with turns:
+            pages, files = [], Figures()
+            for page in sorted(whole.pages, key=lambda page: page.page_idx):
+                markdown, found = await figures.page(page)
+                files.files.update(found.files)
+                files.warnings.extend(warning for warning in found.warnings if warning not in files.warnings)
+                pages.append(dataclasses.replace(page, md=markdown))
+            return await asyncio.to_thread(
+                results.write,
+                entry["source"],
+                entry["sha256"],
+                protocol.Doc2XResult(status.uid, tuple(pages)),
+                figures=files,
+                extra={"lane": LANE_PDF, **source_keys_of(entry), "document": True},
+                markdown=document_markdown(pages),
+            )
+
     async def one(entry: dict[str, Any]) -> dict[str, Any]:
         source, digest = entry["source"], entry.get("sha256")
         page_idx = entry.get("page_idx")
+        if is_document(entry):
+            if results is None or not digest:
+                return document_record(entry, whole)
+            if digest not in written:
+                written[digest] = asyncio.ensure_future(write_document(entry))
+            return {**await asyncio.shield(written[digest]), "source": source}
         if page_idx is None:  # a whole PDF (the sensor's)
             return page_record(source, digest, whole)
         page = pages.get(page_idx)

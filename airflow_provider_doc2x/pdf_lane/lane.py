@@ -39,27 +39,25 @@ On Airflow before 3.3 there is no task state store: a new try of the task submit
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_doc2x import protocol, transport
+from airflow_provider_doc2x import transport
+from airflow_provider_doc2x.documents.intake import ConvertedSource, Document, Intake
 from airflow_provider_doc2x.events import (
     RETRY_SAME,
-    failed_job,
+    is_document,
     is_pdf,
     is_pending,
     is_queued,
-    pdf_job,
+    queued_document,
     queued_job,
     retry_plan,
 )
 from airflow_provider_doc2x.exceptions import (
     Doc2XAuthError,
-    Doc2XError,
     Doc2XQuotaError,
-    Doc2XSubmitUncertainError,
 )
 from airflow_provider_doc2x.journal import TaskJournal
 from airflow_provider_doc2x.pdf.packing import (
@@ -69,12 +67,9 @@ from airflow_provider_doc2x.pdf.packing import (
     plan_pdfs,
 )
 from airflow_provider_doc2x.pdf_lane.reconnect import (
-    PUT_STARTED,
-    UNCERTAIN,
-    UPLOADED,
     PdfReconnection,
-    RecordedPdf,
 )
+from airflow_provider_doc2x.pdf_lane.sending import PdfSender
 from airflow_provider_doc2x.pdf_lane.staging import PdfStaging
 from airflow_provider_doc2x.storage.sources import ImageSource
 
@@ -108,6 +103,10 @@ class PdfLane:
         ``pdf_max_pages_in_flight``).
     :param aspect_tolerance: the packer's grouping (0: by exact pixel size).
     :param allow_schemes: URL schemes the operator reads images from beyond storage (its own).
+    :param intake: the task's checked sources (:class:`~airflow_provider_doc2x.documents.intake.Intake`),
+        which makes each document's PDF when its turn comes.
+    :param pack_images: pack images into PDFs (``method="pdf"``); False sends them through the image
+        lane, and only documents through the PDF API.
     """
 
     def __init__(
@@ -122,8 +121,12 @@ class PdfLane:
         pdf_max_pages: int = DEFAULT_PDF_MAX_PAGES,
         aspect_tolerance: float = DEFAULT_ASPECT_TOLERANCE,
         allow_schemes: Sequence[str] = (),
+        intake: Intake | None = None,
+        pack_images: bool = True,
     ) -> None:
         """Nothing is read or sent until :meth:`prepare` or :meth:`advance`."""
+        self.intake = intake
+        self.pack_images = pack_images
         self.hook = hook
         self.settings = hook.settings
         self.images = images
@@ -138,6 +141,7 @@ class PdfLane:
         self.max_pages_in_flight = max(1, self.settings.pdf_max_pages_in_flight)
         self.staging = PdfStaging()
         self.recorded = PdfReconnection(hook, journal, results, log)
+        self.sender = PdfSender(hook, journal, self.recorded, log, model)
         self._journal_open: ExitStack | None = None
 
     # -- the lane's life -------------------------------------------------------------------------
@@ -158,23 +162,33 @@ class PdfLane:
 
     # -- the first half: every image's job ---------------------------------------------------------
 
-    def prepare(self, sources: Sequence[ImageSource]) -> list[dict[str, Any]]:
-        """One job per image, in input order, none of them sent to the PDF API yet (see :meth:`advance`).
+    def prepare(self, items: Sequence[ImageSource | Document]) -> list[dict[str, Any]]:
+        """One job per source, in input order, none of them sent to the PDF API yet (see :meth:`advance`).
 
         Each is reused from ``output_path``, reconnected to a PDF an earlier try recorded, queued in
-        a planned PDF, or (what no PDF can hold) submitted through the image lane.
+        a planned PDF (a document: as its own PDF), or submitted through the image lane: what no
+        PDF can hold, a raster converted to PNG, and every image when ``pack_images`` is off.
         """
-        digests = self.staging.hash_all(sources)
+        sources = [item.source if isinstance(item, Document) else item for item in items]
+        documents = {index: item for index, item in enumerate(items) if isinstance(item, Document)}
+        packed = [
+            index
+            for index, item in enumerate(items)
+            if self.pack_images and not isinstance(item, (Document, ConvertedSource))
+        ]
+        image_lane = {index for index in range(len(items)) if index not in documents and index not in packed}
+        digests = dict(zip(packed, self.staging.hash_all([sources[index] for index in packed]), strict=True))
+        digests.update({index: document.sha256 for index, document in documents.items()})
         jobs: list[dict[str, Any] | None] = [None] * len(sources)
         by_content: dict[str, list[int]] = {}
-        for index, digest in enumerate(digests):
+        for index, digest in sorted(digests.items()):
             by_content.setdefault(digest, []).append(index)
-        image_lane = transport.run_sync(self.recorded.reuse_and_reconnect(sources, by_content, jobs))
+        image_lane |= transport.run_sync(self.recorded.reuse_and_reconnect(sources, by_content, jobs))
         known = sum(entry is not None for entry in jobs)
         firsts = [
             indices[0]
             for indices in by_content.values()
-            if jobs[indices[0]] is None and indices[0] not in image_lane
+            if jobs[indices[0]] is None and indices[0] not in image_lane and indices[0] not in documents
         ]
         plans, unpackable = plan_pdfs(
             [
@@ -192,12 +206,27 @@ class PdfLane:
         for item in unpackable:
             self.log.info("%s goes through the image lane: %s", ", ".join(item.sources), item.reason)
             image_lane.update(by_content.get(item.sha256 or "", []))
+        chunk = len(plans)
+        for index, document in documents.items():
+            if jobs[index] is not None or by_content[document.sha256][0] != index:
+                continue
+            for same in by_content[document.sha256]:
+                jobs[same] = queued_document(
+                    sources[same].uri,
+                    document.sha256,
+                    chunk=chunk,
+                    pages=document.pages,
+                    source_format=document.source_format,
+                    converted=document.converted,
+                )
+            chunk += 1
         self.log.info(
-            "Doc2X PDF lane: %d images planned in %d PDFs of at most %d pages; %d reused or reconnected; "
-            "%d through the image lane",
-            sum(entry is not None and is_queued(entry) for entry in jobs),
+            "Doc2X PDF lane: %d images planned in %d PDFs of at most %d pages; %d documents queued; "
+            "%d reused or reconnected; %d through the image lane",
+            sum(entry is not None and is_queued(entry) and not is_document(entry) for entry in jobs),
             len(plans),
             self.max_pages,
+            chunk - len(plans),
             known,
             len(image_lane),
         )
@@ -242,7 +271,10 @@ class PdfLane:
         chosen: list[list[int]] = []
         for chunk in sorted(chunks):
             indices = chunks[chunk]
-            size = len({jobs[index]["sha256"] for index in indices})
+            head = jobs[indices[0]]
+            size = (
+                int(head["pages"]) if is_document(head) else len({jobs[index]["sha256"] for index in indices})
+            )
             if files + 1 > self.max_files or pages + size > self.max_pages_in_flight:
                 break
             chosen.append(indices)
@@ -254,12 +286,19 @@ class PdfLane:
         stop: BaseException | None = None
         try:
             for indices in chosen:
+                if is_document(jobs[indices[0]]):
+                    if self.intake is None:
+                        raise RuntimeError("a document reached the PDF lane without the task's intake")
+                    submissions.append(
+                        asyncio.ensure_future(self.sender.document(jobs, indices, self.intake))
+                    )
+                    continue
                 packed = await asyncio.to_thread(self._pack, jobs, indices)
                 for item in packed.unpackable:
                     self.log.info("%s goes through the image lane: %s", ", ".join(item.sources), item.reason)
                     image_lane.extend(index for index in indices if jobs[index]["sha256"] == item.sha256)
                 for pdf in packed.pdfs:
-                    submissions.append(asyncio.ensure_future(self._submit(jobs, indices, pdf, packed)))
+                    submissions.append(asyncio.ensure_future(self.sender.packed(jobs, indices, pdf)))
                 if not packed.pdfs:
                     packed.cleanup()
             outcomes = await asyncio.gather(*submissions, return_exceptions=True)
@@ -291,72 +330,6 @@ class PdfLane:
     def images_source(self, uri: str) -> ImageSource:
         """The image a job names, as the image lane reads it (the operator's schemes allowed)."""
         return ImageSource.of(uri, allow_schemes=self.allow_schemes)
-
-    async def _submit(self, jobs: list[dict[str, Any]], indices: list[int], pdf: Any, packed: Any) -> None:
-        """Submit one packed PDF; its images' jobs become the PDF's (or failed, with the code)."""
-        round_ = int(jobs[indices[0]].get("round") or 0)
-        page_of = {page.sha256: page.page_idx for page in pdf.pages}
-        mine = [index for index in indices if jobs[index]["sha256"] in page_of]
-        record = RecordedPdf("", [page.sha256 for page in pdf.pages], PUT_STARTED, round=round_)
-
-        async def before_put(upload: protocol.Doc2XPreupload) -> None:
-            record.uid, record.state, record.at = upload.uid, PUT_STARTED, time.time()
-            await self.journal.add_pdf(upload.uid)
-            await self.recorded.write(record)
-
-        def image_job(index: int, uid: str, uploaded_at: float) -> dict[str, Any]:
-            entry = jobs[index]
-            return pdf_job(
-                uid,
-                entry["source"],
-                entry["sha256"],
-                page_idx=page_of[entry["sha256"]],
-                pages=pdf.page_count,
-                uploaded_at=uploaded_at,
-                round_=round_,
-            )
-
-        try:
-            submission = await self.hook.pdf.asubmit_pdf(
-                pdf.path, pages=pdf.page_count, sources=pdf.sources, model=self.model, before_put=before_put
-            )
-        except Doc2XSubmitUncertainError as error:
-            # The PUT may have landed: the uid is known, so it is polled, never sent again here.
-            uid = error.uid or record.uid
-            record.state, record.uploaded_at = UNCERTAIN, time.time()
-            if record.uid:
-                await self.recorded.write(record)
-            self.log.warning("%s; PDF %s is polled by its uid to learn whether Doc2X took it", error, uid)
-            for index in mine:
-                jobs[index] = {**image_job(index, uid, record.uploaded_at), "uncertain": 1}
-            return
-        except Doc2XError as error:
-            if isinstance(error, (Doc2XAuthError, Doc2XQuotaError)):
-                for index in mine:
-                    jobs[index] = failed_job(jobs[index]["source"], jobs[index]["sha256"], error)
-                raise
-            self.log.warning("The upload of a PDF of %d images failed: %s", len(mine), error)
-            for index in mine:
-                entry = jobs[index]
-                jobs[index] = {
-                    **failed_job(entry["source"], entry["sha256"], error, uid=error.uid),
-                    "lane": "pdf",
-                    "page_idx": page_of[entry["sha256"]],
-                    "pages": pdf.page_count,
-                    "chunk": entry["chunk"],
-                    **({"round": round_} if round_ else {}),
-                }
-            return
-        finally:
-            pdf.remove()
-        record.uid, record.state, record.uploaded_at = (
-            submission.uid,
-            UPLOADED,
-            round(submission.uploaded_at, 1),
-        )
-        await self.recorded.write(record)
-        for index in mine:
-            jobs[index] = image_job(index, submission.uid, submission.uploaded_at)
 
     # -- the image lane ------------------------------------------------------------------------------
 

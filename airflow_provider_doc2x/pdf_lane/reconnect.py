@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_doc2x import protocol
-from airflow_provider_doc2x.events import job, pdf_job
+from airflow_provider_doc2x.events import document_job, job, pdf_job
 from airflow_provider_doc2x.exceptions import Doc2XJobNotFoundError, Doc2XProtocolError
 from airflow_provider_doc2x.journal import TaskJournal
 from airflow_provider_doc2x.records import FETCH_ATTEMPTS, recorded_status
@@ -45,6 +45,9 @@ class RecordedPdf:
     #: When its PUT started (a PUT that was never answered may have landed from then on): set when
     #: the PUT starts, kept by every later write of the record.
     at: float | None = None
+    #: A document's: its pages, its ``source_format`` and what it was converted into (``pages``
+    #: then holds the document's one sha256); None for a PDF of packed images.
+    document: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, uid: str, value: Any) -> RecordedPdf | None:
@@ -67,6 +70,7 @@ class RecordedPdf:
             round_ if isinstance(round_, int) and not isinstance(round_, bool) else 0,
             value.get("fallback") if isinstance(value.get("fallback"), str) else None,
             _seconds(value.get("at")),
+            _document(value.get("document"), pages),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -82,6 +86,8 @@ class RecordedPdf:
             value["round"] = self.round
         if self.fallback:
             value["fallback"] = self.fallback
+        if self.document:
+            value["document"] = self.document
         return value
 
 
@@ -147,6 +153,32 @@ class PdfReconnection:
             if found is None:
                 continue  # planned again with the others
             status, extra = found
+            if pdf.document is not None:
+                if status == protocol.STATUS_FAILED:
+                    # A failed document is submitted again by a new try, as a failed image of the
+                    # image lane is: it is never cut, and its failure was named by the earlier try.
+                    self.log.warning(
+                        "Recorded Doc2X PDF %s of %s failed (code %s); the document is submitted again "
+                        "and is billed again",
+                        uid,
+                        sources[by_content[contents[0][0]][0]].uri,
+                        extra.get("code"),
+                    )
+                    continue
+                for digest, _ in contents:
+                    for index in by_content[digest]:
+                        entry = document_job(
+                            uid,
+                            sources[index].uri,
+                            digest,
+                            pages=pdf.document["pages"],
+                            uploaded_at=pdf.uploaded_at or pdf.at or time.time(),
+                            source_format=pdf.document["source_format"],
+                            converted=pdf.document.get("converted"),
+                            status=status,
+                        )
+                        jobs[index] = {**entry, **extra}
+                continue
             for digest, page_idx in contents:
                 for index in by_content[digest]:
                     entry = pdf_job(
@@ -240,6 +272,23 @@ class PdfReconnection:
         if pdf is not None:
             pdf.fallback = fallback
             await self.write(pdf)
+
+
+def _document(value: Any, pages: list[str]) -> dict[str, Any] | None:
+    """A document's keys read back: its page count (a whole number), format and conversion (texts), or None."""
+    if not isinstance(value, dict) or len(pages) != 1:
+        return None
+    count, source_format, converted = value.get("pages"), value.get("source_format"), value.get("converted")
+    if (
+        isinstance(count, bool)
+        or not isinstance(count, int)
+        or count < 1
+        or not isinstance(source_format, str)
+    ):
+        return None
+    if converted is not None and not isinstance(converted, str):
+        return None
+    return {"pages": count, "source_format": source_format, "converted": converted}
 
 
 def _seconds(value: Any) -> float | None:

@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 #: What Doc2X's image endpoints take, by file name.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+#: Every file the operator reads, by file name: images, and documents (PDFs, TIFFs) and rasters it
+#: converts. Not the default, so that a listing never starts sending a bucket's PDFs on its own: a
+#: DAG asks for them with ``suffixes=DOCUMENT_SUFFIXES``.
+DOCUMENT_SUFFIXES = (*IMAGE_SUFFIXES, ".pdf", ".tif", ".tiff", ".webp", ".bmp", ".gif", ".heic", ".heif")
 #: How far before the last successful run's end a window starts (see the module's docstring).
 DEFAULT_LOOKBACK = timedelta(hours=1)
 #: Storage-time fields, by fsspec backend (local and memory, s3fs, adlfs, gcsfs).
@@ -90,16 +94,23 @@ def list_images(
 
 
 def list_new_images(
-    prefix: Any, context: Any, *, lookback: timedelta = DEFAULT_LOOKBACK, recursive: bool = True
+    prefix: Any,
+    context: Any,
+    *,
+    lookback: timedelta = DEFAULT_LOOKBACK,
+    recursive: bool = True,
+    suffixes: tuple[str, ...] = IMAGE_SUFFIXES,
 ) -> list[str]:
     """The images under ``prefix`` that arrived since the last successful run, for a task of a scheduled DAG.
+
+    ``suffixes``: the file name endings kept (``DOCUMENT_SUFFIXES`` for documents too).
 
     The window is :func:`run_window` of the task's context: every image on the first run, then from
     the end of the last successful run's data interval less ``lookback`` to the end of this run's.
     A failed or skipped run leaves nothing behind: the next successful one covers its interval too.
     """
     since, until = run_window(context, lookback=lookback)
-    return list_images(prefix, since=since, until=until, recursive=recursive)
+    return list_images(prefix, since=since, until=until, recursive=recursive, suffixes=suffixes)
 
 
 def run_window(

@@ -101,8 +101,13 @@ SIDECAR_KEYS = frozenset(
         "source_fingerprint",
         "lane",
         "page_idx",
+        "source_format",
+        "converted",
+        "document",
     }
 )
+#: Sidecar keys that are also the record's (how the source travelled, whether it is a document).
+RECORD_KEYS = ("source_format", "converted", "document")
 _IMAGE_LINK = re.compile(r"""(<img\s[^>]*?src=["']|!\[[^\]]*\]\()([^"')\s]+)""")
 _HASH_TAIL = re.compile(r"^(?:[0-9a-f]{12}|[0-9a-f]{64})$")
 #: Object stores, where a folder is only a key prefix: ``mkdir`` creates nothing there and costs a
@@ -228,6 +233,16 @@ def folder_record(folder: Any, meta: dict[str, Any], *, cached: bool) -> dict[st
     page_idx = meta.get("page_idx")
     if isinstance(page_idx, int) and not isinstance(page_idx, bool):
         record["page_idx"] = page_idx  # the PDF lane's: the image's page in the PDF ``uid``
+    for key in RECORD_KEYS:
+        if isinstance(meta.get(key), (str, bool)):
+            record[key] = meta[key]
+    if meta.get("document") is True and isinstance(meta.get("pages"), list):
+        # A document's pages: each one's number in the source and its page_idx in the PDF parsed.
+        record["pages"] = [
+            {"page": page.get("page"), "page_idx": page.get("page_idx")}
+            for page in meta["pages"]
+            if isinstance(page, dict)
+        ]
     return record
 
 
@@ -408,12 +423,17 @@ class ResultStore:
         *,
         figures: Figures | None = None,
         extra: Mapping[str, Any] | None = None,
+        markdown: str | None = None,
     ) -> dict[str, Any]:
         """Write one image's result (figures, Markdown, then the sidecar); return its record of paths.
 
         ``figures`` are files already at hand (relative paths made of plain characters; the PDF
         lane's, from an export zip): then ``convert_zip`` is not read. ``extra`` adds fields to the
-        sidecar (the PDF lane's ``lane`` and ``page_idx``); a ``page_idx`` there is in the record too.
+        sidecar (the PDF lane's ``lane`` and ``page_idx``; a source's ``source_format``,
+        ``converted``, and ``document`` for a whole document); those are in the record too.
+        ``markdown`` is written instead of the result's own (a document's, with its page markers).
+        Each page of the sidecar has its number in the source (``page``): a document's pages count
+        from 1; an image is page 1 of itself.
         The folder is the image's own (``<stem>-<12 hex>``) unless that holds another content's
         result (then ``<stem>-<64 hex>``) or another model's (then ``<stem>.<model>-<12 hex>``).
         """
@@ -453,7 +473,9 @@ class ResultStore:
             log.warning("%s", warning)
         if figures.raw is not None:
             write(folder / RAW_PAYLOAD_NAME, figures.raw)
-        write(folder / f"{stem}.md", markdown_text(link_figures(result.markdown, written)))
+        text = result.markdown if markdown is None else markdown
+        write(folder / f"{stem}.md", markdown_text(link_figures(text, written)))
+        document = bool((extra or {}).get("document"))
         # Keys a later release added to this source's earlier sidecar are kept.
         kept = (
             {key: value for key, value in previous.items() if key not in SIDECAR_KEYS}
@@ -470,7 +492,12 @@ class ResultStore:
             "uid": result.uid,
             "parsed_at": datetime.now(timezone.utc).isoformat(),
             "pages": [
-                {"page_idx": page.page_idx, "page_width": page.page_width, "page_height": page.page_height}
+                {
+                    "page": page.page_idx + 1 if document else 1,
+                    "page_idx": page.page_idx,
+                    "page_width": page.page_width,
+                    "page_height": page.page_height,
+                }
                 for page in result.pages
             ],
             "markdown": f"{stem}.md",

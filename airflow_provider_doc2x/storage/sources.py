@@ -101,7 +101,48 @@ class ImageSource:
             Doc2XStorageError: the storage kept failing to answer (retryable).
         """
         self._check_file()
-        protocol.check_image_head(self._read(_HEAD_BYTES, **_HEAD_OPEN_OPTIONS), source=self.uri)
+        protocol.check_image_head(self.head(_HEAD_BYTES), source=self.uri)
+
+    def size(self) -> int:
+        """The file's size from its metadata (one ``stat``); refuses a missing, empty or non-file source."""
+        return self._file_size()
+
+    def head(self, size: int) -> bytes:
+        """The file's first ``size`` bytes, read with the read-ahead turned down (one small ranged GET)."""
+        return self._read(size, **{**_HEAD_OPEN_OPTIONS, "block_size": size})
+
+    def copy_to(self, target: Path, *, limit: int, chunk: int = 1024 * 1024) -> str:
+        """Copy the file into ``target`` (a private file of the caller's) and return the sha256 of its bytes.
+
+        Streamed a chunk at a time, never held whole; a copy that passes ``limit`` bytes (a file
+        that grew, metadata that lies) stops there with :class:`Doc2XInputError`. A storage failure
+        is tried again from the start, then named.
+        """
+
+        def copy() -> str:
+            digest, copied = hashlib.sha256(), 0
+            with self.path.open("rb") as handle, open(target, "wb") as out:
+                while block := handle.read(chunk):
+                    copied += len(block)
+                    if copied > limit:
+                        raise Doc2XInputError(
+                            f"{self.uri} is over {limit} bytes, the most this provider sends of one file: "
+                            "split or compress it, or raise the connection's document_max_bytes",
+                            source=self.uri,
+                            code="parse_file_too_large",
+                        )
+                    digest.update(block)
+                    out.write(block)
+            return digest.hexdigest()
+
+        try:
+            return storage_call(copy, what="reading the file", uri=self.uri)
+        except OSError as error:  # an answer about the file: missing, denied, a folder
+            raise Doc2XInputError(
+                f"{self.uri} cannot be read ({type(error).__name__}: {error.strerror or 'no detail'}): "
+                "check that the worker may read it",
+                source=self.uri,
+            ) from error
 
     def read(self) -> bytes:
         """The image's bytes, checked (size first: a 2 GB file is never loaded to learn it is too large).
@@ -113,6 +154,16 @@ class ImageSource:
         data = self._read(protocol.MAX_IMAGE_BYTES + 1)
         protocol.check_image(data, source=self.uri)
         return data
+
+    def read_with_digest(self) -> tuple[bytes, str]:
+        """What is sent for this source, and the sha256 that keys it (the cache, the journal, duplicates)."""
+        data = self.read()
+        return data, sha256_of(data)
+
+    @property
+    def job_keys(self) -> dict[str, Any]:
+        """What a job and a record say of how this source travelled: nothing for a JPEG/PNG sent as it is."""
+        return {}
 
     def _read(self, size: int = -1, **options: Any) -> bytes:
         def read() -> bytes:
@@ -130,7 +181,11 @@ class ImageSource:
             ) from error
 
     def _check_file(self) -> None:
-        """It exists, is a file, and its size is one Doc2X takes (from its metadata alone).
+        """It exists, is a file, and its size is one Doc2X's image API takes (from its metadata alone)."""
+        protocol.check_image_size(self._file_size(), source=self.uri)
+
+    def _file_size(self) -> int:
+        """It exists and is a file: its size, from one ``stat``.
 
         One ``stat``: fsspec's ``isfile`` answers False for any error, so a throttled metadata call
         would read as "no such file".
@@ -149,7 +204,10 @@ class ImageSource:
                 f"Image {self.uri} does not exist or is not a file: give a path or URI of a JPEG/PNG file",
                 source=self.uri,
             )
-        protocol.check_image_size(info.st_size, source=self.uri)
+        size = int(info.st_size)
+        if size == 0:
+            raise Doc2XInputError(f"Image {self.uri} is empty: nothing to parse", source=self.uri)
+        return size
 
 
 def resolve_images(

@@ -53,7 +53,9 @@ def test_records_in_input_order(doc2x, make_image, deferrable):
     assert records[0]["markdown"].startswith("# Second Page")
     assert records[1]["pages"][0]["page_width"] == 400
     assert set(records[0]) >= {"source", "uid", "pages", "markdown"}
-    assert set(records[0]["pages"][0]) == {"page_idx", "page_width", "page_height", "md"}
+    # Each page names its number in its source (an image is page 1 of itself).
+    assert set(records[0]["pages"][0]) == {"page", "page_idx", "page_width", "page_height", "md"}
+    assert records[0]["pages"][0]["page"] == 1
 
 
 def test_the_same_image_twice_is_paid_once(doc2x, make_image):
@@ -87,7 +89,7 @@ def test_invalid_inputs_are_all_named_and_nothing_is_sent(doc2x, make_image, tmp
     missing = tmp_path / "missing.jpg"
     with pytest.raises(Doc2XInputError) as caught:
         parse_operator([make_image(), text, missing]).execute({})
-    assert "2 of 3 images cannot be sent" in str(caught.value)
+    assert "2 of 3 files cannot be sent" in str(caught.value)
     assert str(text) in str(caught.value) and str(missing) in str(caught.value)
     assert doc2x.stats()["requests"] == {}
 

@@ -372,7 +372,20 @@ class Manifest:
             "sha256": sha256,
             "markdown": result.markdown,
             "figures": list(result.figures),
+            **{
+                key: result.extra[key]
+                for key in ("source_format", "converted", "document")
+                if key in result.extra
+            },
         }
+        pages = result.extra.get("document_pages")
+        if (
+            meta.get("document") is True
+            and isinstance(pages, int)
+            and not isinstance(pages, bool)
+            and pages > 0
+        ):
+            meta["pages"] = [{"page": n + 1, "page_idx": n} for n in range(min(pages, 100_000))]
         return self.results.record_of(result.folder, meta)
 
     def _result_of(self, record: dict[str, Any], sha256: str) -> Result | None:
@@ -390,9 +403,16 @@ class Manifest:
                 return None
             figures.append(path[len(prefix) + 1 :])
         uid = record.get("uid")
+        # How the source travelled, and a document's page count: its record is whole again from the
+        # manifest alone (a document's page ``n`` is its PDF's page_idx ``n - 1``).
+        travelled: dict[str, Any] = {
+            key: record[key] for key in ("source_format", "converted", "document") if key in record
+        }
+        if record.get("document") is True and isinstance(record.get("pages"), list):
+            travelled["document_pages"] = len(record["pages"])
         try:
             return Result.from_json(
-                {"folder": folder, "uid": uid, "markdown": markdown, "figures": figures}, sha256
+                {"folder": folder, "uid": uid, "markdown": markdown, "figures": figures, **travelled}, sha256
             )
         except Unusable:
             return None
