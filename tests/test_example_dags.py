@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,6 +26,7 @@ EXAMPLE_DAG_IDS = {
     "example_doc2x_incremental",
     "example_doc2x_incremental_index",
     "example_doc2x_bulk_pdf",
+    "example_doc2x_documents",
 }
 TITLES = {
     "invoice": "# Invoice 2026-0042",
@@ -228,3 +230,57 @@ def test_bulk_pdf_example_with_airflow_dags_test_defers_per_wave_and_pays_once(d
     again = airflow_cli("dags", "test", "example_doc2x_bulk_pdf", "-c", conf, env=env)
     assert again.returncode == 0 and (again.stdout + again.stderr).count("reused: ") == len(TITLES)
     assert doc2x.stats()["preuploads"] == 2
+
+
+def test_documents_example_parses_a_mixed_folder_one_record_per_file_and_a_rerun_bills_nothing(
+    doc2x, airflow_db, tmp_path
+):
+    """
+    ``example_dags/documents/`` under ``dags test``, deferrable: a PDF and a fax TIFF are documents
+    of 3 pages each through the PDF API, the PNG, the JPEG and the WebP (converted to PNG) are
+    images of the image API; each file is billed its pages once, and a second run reuses them all.
+    """
+    doc2x.configure(pickup_delay=0.2, pdf_page_seconds=0.05, export_seconds=0)
+    lake = tmp_path / "lake"
+    output = dags_test("example_doc2x_documents", {"output_path": str(lake)}, doc2x)
+    assert "running trigger in line" in output
+    assert output.count("parsed: ") == 5
+    assert "report.pdf (pdf, as it is): 3 pages" in output
+    assert "fax.tiff (tiff, packed into a PDF): 3 pages" in output
+    assert "photo.webp (webp, converted to PNG): 1 page" in output
+    folders = {path.name.rsplit("-", 1)[0]: path for path in lake.iterdir()}
+    assert set(folders) == {"report", "fax", "photo", "letter", "scan"}
+    sidecars = {stem: json.loads((folder / f"{stem}.json").read_text()) for stem, folder in folders.items()}
+    markdown = {stem: (folder / f"{stem}.md").read_text() for stem, folder in folders.items()}
+
+    for stem, source_format in (("report", "pdf"), ("fax", "tiff")):
+        sidecar = sidecars[stem]
+        assert sidecar["source"] == str(EXAMPLES / "documents" / f"{stem}.{source_format}")
+        assert sidecar["document"] is True and sidecar["source_format"] == source_format
+        assert [(page["page"], page["page_idx"]) for page in sidecar["pages"]] == [(1, 0), (2, 1), (3, 2)]
+        assert [number for number, _ in pages_of(markdown[stem])] == [1, 2, 3]
+    assert "converted" not in sidecars["report"] and sidecars["fax"]["converted"] == "pdf"
+    assert [text.splitlines()[0] for _, text in pages_of(markdown["report"])] == [
+        "# Annual Report 2025",
+        "# Pages by Department",
+        "Appendix: Contacts",  # the born-digital page: its text layer
+    ]
+    assert (sidecars["photo"]["source_format"], sidecars["photo"]["converted"]) == ("webp", "png")
+    assert markdown["letter"].startswith(TITLES["letter"]) and markdown["scan"].startswith(TITLES["scan"])
+    assert "<!-- page" not in markdown["letter"]  # an image is one page: no marker
+
+    billed = doc2x.stats()
+    assert (billed["billed_total"], billed["max_billed_per_image"]) == (3, 1)  # letter, scan, photo
+    assert (billed["pdf_tasks"], billed["pdf_pages_billed"], billed["max_pdf_billed_per_page"]) == (2, 6, 1)
+
+    again = dags_test("example_doc2x_documents", {"output_path": str(lake)}, doc2x)
+    assert again.count("reused: ") == 5 and "parsed: " not in again
+    after = doc2x.stats()
+    assert (after["billed_total"], after["pdf_pages_billed"]) == (3, 6)
+    assert (after["requests"]["submit"], after["preuploads"]) == (3, 2)  # nothing sent again
+
+
+def pages_of(markdown: str) -> list[tuple[int, str]]:
+    """A document's Markdown split on its page markers (``<!-- page N -->``), as a chunker would."""
+    parts = re.split(r"<!-- page (\d+) -->", markdown)
+    return [(int(parts[i]), parts[i + 1].strip()) for i in range(1, len(parts), 2)]

@@ -231,6 +231,160 @@ def write_examples(folder: Path) -> list[Path]:
     return written
 
 
+#: Pixels of a page of the mixed folder's documents: US letter at 100 dpi (as the fax says; a page of
+#: the report is 1 pt per pixel, as the PDF lane lays pages out).
+DOCUMENT_PAGE_SIZE = (850, 1100)
+
+#: ``report.pdf``: two scanned-in pages (JPEGs, their Markdown in their comments)...
+REPORT_PAGES = [
+    Page(
+        title="Annual Report 2025",
+        paragraphs=[
+            "The archive digitised 48,000 pages this year, a third more than planned.",
+            "Scanning moved from the basement to the new records centre in May.",
+        ],
+    ),
+    Page(
+        title="Pages by Department",
+        paragraphs=["Each department sent its paper files in sealed boxes."],
+        table=[
+            ["Department", "Boxes", "Pages"],
+            ["Legal", "40", "21000"],
+            ["Finance", "31", "18500"],
+            ["Personnel", "15", "8500"],
+        ],
+    ),
+]
+#: ...and a born-digital last page: these lines as a text layer, no picture (its Markdown is its text).
+REPORT_APPENDIX = [
+    "Appendix: Contacts",
+    "Records centre, 4 Mill Lane, Leeds.",
+    "Archive desk: extension 214.",
+]
+#: ``fax.tiff``: what a fax server stores, one bilevel CCITT G4 page each (their text is in the pixels only).
+FAX_PAGES = [
+    Page(
+        title="Fax: Purchase Order 7731",
+        paragraphs=[
+            "To Northwind Traders, from the records office.",
+            "Please deliver the items below by the end of the month.",
+        ],
+    ),
+    Page(title="Order Lines", table=[["Item", "Qty"], ["Archive box", "200"], ["Label roll", "12"]]),
+    Page(
+        title="Terms",
+        paragraphs=[
+            "Payment within thirty days of delivery.",
+            "Questions to the archive desk, extension 214.",
+        ],
+    ),
+]
+#: ``photo.webp``: a phone photo of a whiteboard, lossless WebP (converted to PNG, it loses its text chunk).
+PHOTO_PAGE = Page(
+    title="Whiteboard Notes",
+    paragraphs=["Move the scanners to room 2 before March.", "Order toner and archive boxes."],
+    figure=True,
+    scanned=True,
+)
+
+
+def write_documents(folder: Path) -> list[Path]:
+    """Write a small mixed folder of documents as users have them into ``folder``; return their paths.
+
+    ``example_dags/documents/`` was made with it (about 320 KB); the bytes are the same on every
+    run with the same Pillow, img2pdf and pypdf, so the folder can be regenerated with
+    ``python -c "from pathlib import Path; from airflow_provider_doc2x.local.samples import
+    write_documents; write_documents(Path('example_dags/documents'))"``. The files, and how each
+    travels to Doc2X:
+
+    - ``report.pdf``: 3 pages, the PDF API as it is. Two JPEG pages packed by img2pdf (the
+      ``simple`` engine reads their Markdown from each JPEG's comment), then a text page written
+      with pypdf alone (a born-digital page: its text layer is its Markdown);
+    - ``fax.tiff``: 3 bilevel pages, CCITT G4, as a fax server stores them: the PDF API, every page
+      packed into one PDF (the ``simple`` engine answers each page's pixel hash);
+    - ``photo.webp``: a lossless WebP, converted to PNG for the image API;
+    - ``letter.png`` and ``scan.jpg``: the example pages of :func:`write_examples`, the image API as
+      they are.
+
+    Each file is 1 page of the image API or a document of 3 pages of the PDF API: 3 images and 6
+    PDF pages in all.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        "report.pdf": _report_pdf(),
+        "fax.tiff": _fax_tiff(),
+        "photo.webp": _webp(render(PHOTO_PAGE, fmt="PNG", size=(900, 700))),
+        "letter.png": render(EXAMPLE_PAGES["letter.png"], fmt="PNG"),
+        "scan.jpg": render(EXAMPLE_PAGES["scan.jpg"], fmt="JPEG"),
+    }
+    written = []
+    for name, content in files.items():
+        path = folder / name
+        path.write_bytes(content)
+        written.append(path)
+    return written
+
+
+def _report_pdf() -> bytes:
+    """JPEG pages packed by img2pdf (1 px = 1 pt, no date: the same bytes every time), then a text page."""
+    import img2pdf
+    from pypdf import PdfReader, PdfWriter
+    from pypdf.generic import ContentStream, DictionaryObject, NameObject
+
+    scanned = img2pdf.convert(
+        [render(page, fmt="JPEG", size=DOCUMENT_PAGE_SIZE) for page in REPORT_PAGES],
+        layout_fun=img2pdf.get_fixed_dpi_layout_fun((72, 72)),
+        engine=img2pdf.Engine.internal,  # its file identifier is made from the content, not at random
+        nodate=True,
+    )
+    writer = PdfWriter(clone_from=PdfReader(io.BytesIO(scanned)))
+    width, height = DOCUMENT_PAGE_SIZE
+    page = writer.add_blank_page(width, height)
+    font = DictionaryObject(
+        {
+            NameObject("/Type"): NameObject("/Font"),
+            NameObject("/Subtype"): NameObject("/Type1"),
+            NameObject("/BaseFont"): NameObject("/Helvetica"),  # one of the 14 fonts every reader has
+        }
+    )
+    page[NameObject("/Resources")] = DictionaryObject(
+        {NameObject("/Font"): DictionaryObject({NameObject("/F1"): font})}
+    )
+    lines = b" ".join(b"(" + line.encode("ascii") + b") Tj T*" for line in REPORT_APPENDIX)
+    content = ContentStream(None, writer)
+    content.set_data(b"BT /F1 20 Tf 28 TL %d %d Td %s ET" % (MARGIN, height - MARGIN - 20, lines))
+    page.replace_contents(content)
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+def _fax_tiff() -> bytes:
+    """The fax pages made bilevel (a plain threshold, as a fax machine does) and saved as one G4 TIFF."""
+    from PIL import Image
+
+    frames = []
+    for page in FAX_PAGES:
+        grey = Image.open(io.BytesIO(render(page, fmt="PNG", size=DOCUMENT_PAGE_SIZE))).convert("L")
+        frames.append(
+            grey.point(lambda value: 255 if value > 160 else 0).convert("1", dither=Image.Dither.NONE)
+        )
+    out = io.BytesIO()
+    frames[0].save(
+        out, format="TIFF", save_all=True, append_images=frames[1:], compression="group4", dpi=(100, 100)
+    )
+    return out.getvalue()
+
+
+def _webp(png: bytes) -> bytes:
+    """The PNG's pixels as a lossless WebP."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.open(io.BytesIO(png)).save(out, format="WEBP", lossless=True, method=6)
+    return out.getvalue()
+
+
 if __name__ == "__main__":
     for written_path in write_examples(Path(sys.argv[1] if len(sys.argv) > 1 else ".")):
         print(written_path)
