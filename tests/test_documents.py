@@ -119,8 +119,12 @@ def test_a_twenty_page_pdf_is_billed_twenty_pages_once_and_a_rerun_bills_nothing
 
     incremental = parse_operator([contract], deferrable=True, output_path=str(out), incremental=True)
     run(incremental)  # records the manifest
-    run(parse_operator([contract], deferrable=True, output_path=str(out), incremental=True))
+    (known,) = run(parse_operator([contract], deferrable=True, output_path=str(out), incremental=True))
     assert (lane.stats()["pdf_tasks"], lane.stats()["pdf_pages_billed"]) == (1, 20)
+    # From the manifest alone (the PDF not even read), the record is the document's, pages and all.
+    assert known["markdown_path"] == record["markdown_path"] and known["document"] is True
+    assert [(page["page"], page["page_idx"]) for page in known["pages"]] == [(n, n - 1) for n in range(1, 21)]
+    assert (known["source_format"], known["sha256"]) == ("pdf", record["sha256"])
 
 
 def test_a_changed_pdf_is_parsed_again(lane, tmp_path):
