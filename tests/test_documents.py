@@ -329,3 +329,62 @@ def _encrypted_pdf(path: Path) -> None:
     writer.encrypt("password")
     with path.open("wb") as handle:
         writer.write(handle)
+
+
+# -- what an outside review found ------------------------------------------------------------------
+
+
+def test_a_document_is_stored_under_the_model_that_parsed_it(lane, tmp_path):
+    """``pdf_model`` parses through the PDF lane; a v3 result is never reused as v2, nor the other way."""
+    contract = pdf_of_pages(tmp_path / "contract.pdf", ["Clause 1", "Clause 2"])
+    out = str(tmp_path / "out")
+    with pytest.raises(ValueError, match="method='pdf'"):
+        parse_operator([contract], method="async", pdf_model="v3-2026")
+    (v3,) = run(parse_operator([contract], method="pdf", pdf_model="v3-2026", output_path=out))
+    assert json.loads(read_text(v3["sidecar_path"]))["model"] == "v3-2026"
+    (v2,) = run(parse_operator([contract], method="async", output_path=out))
+    assert json.loads(read_text(v2["sidecar_path"]))["model"] == "v2" and v2["cached"] is False
+    assert lane.stats()["preuploads_by_model"] == {"v3-2026": 1, "v2": 1}
+
+
+def test_a_path_the_system_refuses_is_a_bad_input_named_with_the_others(lane, tmp_path):
+    """A symlink loop or a name too long is the system's answer, not a storage outage to retry."""
+    loop = tmp_path / "loop.pdf"
+    loop.symlink_to(loop)
+    long_name = tmp_path / ("n" * 300 + ".pdf")
+    odd = tmp_path / "notes.txt"
+    odd.write_text("just words")
+    with pytest.raises(Doc2XInputError) as caught:
+        parse_operator([loop, long_name, odd]).execute({})
+    message = str(caught.value)
+    assert "3 of 3 files cannot be sent" in message
+    assert str(loop) in message and str(long_name) in message and str(odd) in message
+
+
+def test_a_large_pdf_whose_cross_reference_is_broken_is_refused_not_rebuilt_in_memory(lane, tmp_path):
+    """pypdf would rebuild it by reading it whole: over 32 MiB it is refused, named, with what to do."""
+    payload = b"0" * (33 * 1024 * 1024)
+    body = handmade_pdf(
+        {
+            1: b"<< /Type /Catalog /Pages 2 0 R >>",
+            2: b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+            3: b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 100 100] /Contents 4 0 R >>",
+            4: b"<< /Length %d >>\nstream\n" % len(payload) + payload + b"\nendstream",
+        }
+    )
+    head, _, tail = body.rpartition(b"startxref\n")
+    offset = int(tail.split(b"\n")[0])
+    broken = tmp_path / "archive.pdf"
+    broken.write_bytes(head + b"startxref\n%d\n%%%%EOF\n" % (offset + 7))
+    with pytest.raises(Doc2XInputError, match=r"archive\.pdf is corrupt \(its startxref does not point"):
+        parse_operator([broken]).execute({})
+    assert lane.stats()["pdf_tasks"] == 0
+
+
+def test_a_document_is_named_by_its_source_in_the_log_never_by_its_private_copy(lane, tmp_path, caplog, capfd):
+    caplog.set_level("INFO")
+    report = pdf_of_pages(tmp_path / "report.pdf", ["R1", "R2"])
+    run(parse_operator([report]))
+    text = logged(caplog, capfd)
+    assert f"Uploaded {report} (1 sources) to Doc2X" in text
+    assert "doc2x-intake-" not in text

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import struct
 import zlib
 from collections.abc import Iterator
@@ -248,6 +249,7 @@ def count_pdf_pages(handle: BinaryIO, source: str, limits: DocumentLimits) -> in
     from pypdf import PdfReader
     from pypdf.errors import PyPdfError
 
+    _check_cross_reference(handle, source)
     handle.seek(0)
     try:
         reader = PdfReader(handle, strict=False)
@@ -260,6 +262,39 @@ def count_pdf_pages(handle: BinaryIO, source: str, limits: DocumentLimits) -> in
         return _walk_page_tree(reader, source, limits)
     except (PyPdfError, *IMAGE_ERRORS, TypeError, AttributeError, RecursionError) as error:
         raise corrupt(PDF, source, f"pypdf cannot read it: {type(error).__name__}: {error}") from error
+
+
+#: Largest PDF whose broken cross-reference pypdf may rebuild: its rebuild reads the whole file
+#: into memory, so a larger one is refused rather than costing the worker its size.
+MAX_REBUILT_PDF_BYTES = 32 * 1024 * 1024
+_STARTXREF = re.compile(rb"startxref\s+(\d+)\s+%%EOF")
+_XREF_AT = re.compile(rb"\s*(?:xref|\d+\s+\d+\s+obj)")
+
+
+def _check_cross_reference(handle: BinaryIO, source: str) -> None:
+    """Refuse a large PDF whose last ``startxref`` does not point at a cross-reference.
+
+    pypdf repairs such a file by reading all of it into memory (its ``_rebuild_xref_table``):
+    harmless for a small file, a worker's memory for a large one. Readers accept a small one, so
+    only a file over :data:`MAX_REBUILT_PDF_BYTES` is refused, with what to do.
+    """
+    handle.seek(0, os.SEEK_END)
+    size = handle.tell()
+    if size <= MAX_REBUILT_PDF_BYTES:
+        return
+    handle.seek(max(0, size - 1024))
+    found = _STARTXREF.findall(handle.read())
+    offset = int(found[-1]) if found else -1
+    if 0 <= offset < size:
+        handle.seek(offset)
+        if _XREF_AT.match(handle.read(64)):
+            return
+    raise corrupt(
+        PDF,
+        source,
+        f"its startxref does not point at its cross-reference table, and at {byte_size(size)} it is "
+        "too large to rebuild in memory; qpdf in.pdf out.pdf repairs it",
+    )
 
 
 def _walk_page_tree(reader: Any, source: str, limits: DocumentLimits) -> int:

@@ -88,6 +88,7 @@ def tiff_pages(handle: BinaryIO, file_size: int, *, max_pages: int) -> TiffPages
         count_format, entry_size, next_format = "H", 12, "I"
     count_size, next_size = struct.calcsize(count_format), struct.calcsize(next_format)
     first_page_at: dict[int, int] = {}
+    page_of_data: dict[bytes, int] = {}
     sizes: list[tuple[int, int]] = []
     while offset and len(sizes) <= max_pages:
         page = len(sizes) + 1
@@ -107,10 +108,33 @@ def tiff_pages(handle: BinaryIO, file_size: int, *, max_pages: int) -> TiffPages
             )
         block = read_exactly(handle, offset + count_size, entries * entry_size + next_size, file_size, where)
         sizes.append(_tiff_page_size(block, entries, entry_size, order, page))
+        data = _tiff_data_at(block, entries, entry_size, order)
+        if data is not None and data in page_of_data:
+            raise HeaderError(
+                f"its pages {page_of_data[data]} and {page} share their pixel data: a file made to cost "
+                "far more to decode than its size"
+            )
+        if data is not None:
+            page_of_data[data] = page
         (offset,) = struct.unpack(f"{order}{next_format}", block[-next_size:])
     if not sizes:
         raise HeaderError("its header points to no page (its first directory's offset is 0)")
     return TiffPages(tuple(sizes), more=bool(offset))
+
+
+def _tiff_data_at(block: bytes, entries: int, entry_size: int, order: str) -> bytes | None:
+    """Where a page's pixel data is: the raw value of its StripOffsets (273) or TileOffsets (324).
+
+    One strip's offset, or the offset of the list of its strips: either way unique to a page in a
+    file made by a scanner or a library. Pages that share it decode the same bytes again and again,
+    so a small file could cost hours of decoding; they are refused.
+    """
+    value_at = 8 if entry_size == 12 else 12
+    for start in range(0, entries * entry_size, entry_size):
+        (tag,) = struct.unpack_from(f"{order}H", block, start)
+        if tag in (273, 324):
+            return block[start : start + 2] + block[start + value_at : start + entry_size]
+    return None
 
 
 def _tiff_page_size(block: bytes, entries: int, entry_size: int, order: str, page: int) -> tuple[int, int]:

@@ -103,7 +103,8 @@ class Doc2XImageParseOperator(BaseOperator):
         e.g. ``["https"]``. Refused by default: ``image_path`` may come from a run's params, and a
         fetch-anything scheme would let whoever triggers a run make the worker call any address.
     :param pdf_model: the PDF lane's model: None (the service's default, ``"v2"``), ``"v2"`` or
-        ``"v3-2026"``.
+        ``"v3-2026"``. Only with ``method="pdf"``: the other methods' results (their documents'
+        too) are ``"v2"``'s, as the image API's are.
     :param pdf_max_pages: the PDF lane's most pages per PDF (1-1000; also bounded by the
         connection's ``pdf_max_pages_in_flight``). A PDF that fails as a whole costs at most this
         many pages of work again.
@@ -142,6 +143,14 @@ class Doc2XImageParseOperator(BaseOperator):
         if pdf_model is not None and pdf_model not in protocol.PDF_MODELS:
             raise ValueError(
                 f"pdf_model must be None or one of {sorted(protocol.PDF_MODELS)}, got {pdf_model!r}"
+            )
+        if pdf_model not in (None, protocol.DEFAULT_MODEL) and method != "pdf":
+            # One model makes every result a task stores (its sidecars and the cache say which):
+            # the image API's is v2, so another model is the PDF lane's alone.
+            raise ValueError(
+                f"pdf_model={pdf_model!r} parses through the PDF lane only (method='pdf'); with "
+                f"method={method!r} every result, documents included, is made by "
+                f"{protocol.DEFAULT_MODEL!r}: set method='pdf' to parse with {pdf_model!r}"
             )
         if not 1 <= pdf_max_pages <= MAX_PDF_PAGES:
             raise ValueError(f"pdf_max_pages must be 1 to {MAX_PDF_PAGES}, got {pdf_max_pages}")
@@ -284,7 +293,7 @@ class Doc2XImageParseOperator(BaseOperator):
             journal=uploads.journal,
             results=self.results,
             log=self.log,
-            model=self.pdf_model,
+            model=self.pdf_model if self.method == "pdf" else None,
             pdf_max_pages=self.pdf_max_pages,
             allow_schemes=self.allow_schemes,
             intake=intake,

@@ -186,6 +186,7 @@ class PdfCalls:
         sources: Sequence[str] = (),
         model: str | None = None,
         before_put: BeforePut | None = None,
+        name: str | None = None,
     ) -> PdfSubmission:
         """Submit one PDF of ``pages`` pages: preupload, then PUT; preupload again when the url is refused or too old.
 
@@ -194,16 +195,17 @@ class PdfCalls:
         held slot; outside, it holds one for the submission. A lost PUT answer raises
         :class:`Doc2XSubmitUncertainError` (its ``uid`` set) and nothing is sent again.
         ``before_put`` is awaited with each preupload before its PUT starts: where a caller records
-        the uid, so that a PUT that lands and is never answered can still be found.
+        the uid, so that a PUT that lands and is never answered can still be found. ``name`` is how
+        logs and errors name the PDF (its path by default; a document's source, not its private copy).
         """
         if not _holding_pdf_slot.get():
             async with self.apdf_slot(pages):
                 return await self.asubmit_pdf(
-                    path, pages=pages, sources=sources, model=model, before_put=before_put
+                    path, pages=pages, sources=sources, model=model, before_put=before_put, name=name
                 )
         settings = await self._settings()
         puts = _PdfPuts(
-            self, settings, path, pages=pages, sources=sources, model=model, before_put=before_put
+            self, settings, path, pages=pages, sources=sources, model=model, before_put=before_put, name=name
         )
         return await puts.run(puts.put)
 
@@ -359,9 +361,15 @@ class _PdfPuts:
         model: str | None = None,
         before_put: BeforePut | None = None,
         upload: protocol.Doc2XPreupload | None = None,
+        name: str | None = None,
     ) -> None:
         self.calls, self.settings, self.path, self.pages = calls, settings, path, pages
-        self.name, self.sources, self.model, self.before_put = str(path), tuple(sources), model, before_put
+        self.name, self.sources, self.model, self.before_put = (
+            name or str(path),
+            tuple(sources),
+            model,
+            before_put,
+        )
         self.new_urls = upload is None  # a url given by the caller is the only one to use
         self.upload = upload  # the url the next PUT goes to; None: preupload first
         self.last: protocol.Doc2XPreupload | None = None  # the url of the last PUT
@@ -385,7 +393,9 @@ class _PdfPuts:
                 await self.before_put(self.upload)
         self.last = upload = self.upload
         try:
-            await _put_once(self.settings, upload, self.path, self.sources, log=self.calls.log)
+            await _put_once(
+                self.settings, upload, self.path, self.sources, log=self.calls.log, name=self.name
+            )
         except Doc2XTransientError as error:
             if error.code == "presigned_url_refused" or not upload.is_young(time.monotonic()):
                 if not self.new_urls:
@@ -458,12 +468,14 @@ async def _put_once(
     sources: tuple[str, ...],
     *,
     log: Any,
+    name: str | None = None,
 ) -> None:
     """One PUT of a PDF to its url (:func:`~airflow_provider_doc2x.pdf.presigned.put_file`), judged.
 
-    A url that took a PDF, or may have, is remembered and never used again.
+    A url that took a PDF, or may have, is remembered and never used again. ``name`` names the PDF
+    in logs and errors (its path by default).
     """
-    name, url = str(path), upload.url
+    name, url = name or str(path), upload.url
     if _used_urls.seen(url):
         raise Doc2XInputError(
             f"The presigned url {upload.redacted_url} already took a PDF: preupload again for {name}",
@@ -478,4 +490,4 @@ async def _put_once(
         _used_urls.add(url)  # the store may hold the PDF: the url is spent either way
         raise
     _used_urls.add(url)
-    log.info("Uploaded %s (%d images) to Doc2X as uid %s", name, len(sources), upload.uid)
+    log.info("Uploaded %s (%d sources) to Doc2X as uid %s", name, len(sources), upload.uid)

@@ -70,15 +70,18 @@ class PdfSender:
         def submitted(uid: str, uploaded_at: float, lost: dict[str, Any]) -> None:
             for index in mine:
                 entry = jobs[index]
-                jobs[index] = pdf_job(
-                    uid,
-                    entry["source"],
-                    entry["sha256"],
-                    page_idx=page_of[entry["sha256"]],
-                    pages=pdf.page_count,
-                    uploaded_at=uploaded_at,
-                    round_=round_,
-                ) | lost
+                jobs[index] = (
+                    pdf_job(
+                        uid,
+                        entry["source"],
+                        entry["sha256"],
+                        page_idx=page_of[entry["sha256"]],
+                        pages=pdf.page_count,
+                        uploaded_at=uploaded_at,
+                        round_=round_,
+                    )
+                    | lost
+                )
 
         def failed(error: Doc2XError) -> None:
             for index in mine:
@@ -128,19 +131,23 @@ class PdfSender:
 
         def submitted(uid: str, uploaded_at: float, lost: dict[str, Any]) -> None:
             for index in indices:
-                jobs[index] = document_job(
-                    uid,
-                    jobs[index]["source"],
-                    digest,
-                    pages=pages,
-                    uploaded_at=uploaded_at,
-                    source_format=source_format,
-                    converted=converted,
-                ) | lost
+                jobs[index] = (
+                    document_job(
+                        uid,
+                        jobs[index]["source"],
+                        digest,
+                        pages=pages,
+                        uploaded_at=uploaded_at,
+                        source_format=source_format,
+                        converted=converted,
+                    )
+                    | lost
+                )
 
         document = {"pages": pages, "source_format": source_format, "converted": converted}
         record = RecordedPdf("", [digest], PUT_STARTED, document=document)
-        await self.send(path, pages, sources, record, f"document {', '.join(sources)}", submitted, failed)
+        name = " = ".join(sources)  # the document (under each name it was given), not its private copy
+        await self.send(path, pages, sources, record, f"document {name}", submitted, failed, name=name)
 
     async def send(
         self,
@@ -151,6 +158,8 @@ class PdfSender:
         what: str,
         submitted: Callable[[str, float, dict[str, Any]], None],
         failed: Callable[[Doc2XError], None],
+        *,
+        name: str | None = None,
     ) -> None:
         """Preupload, record, PUT; then ``submitted(uid, uploaded_at, lost)`` or ``failed(error)`` sets the jobs.
 
@@ -166,7 +175,7 @@ class PdfSender:
 
         try:
             submission = await self.hook.pdf.asubmit_pdf(
-                path, pages=pages, sources=sources, model=self.model, before_put=before_put
+                path, pages=pages, sources=sources, model=self.model, before_put=before_put, name=name
             )
         except Doc2XSubmitUncertainError as error:
             # The PUT may have landed: the uid is known, so it is polled, never sent again here.

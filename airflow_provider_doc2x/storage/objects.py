@@ -16,6 +16,7 @@ object, so that a throttled read is never taken for "no result", "corrupt" or a 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 from collections.abc import Callable
@@ -41,6 +42,10 @@ ANSWERS: tuple[type[OSError], ...] = (
     IsADirectoryError,
     NotADirectoryError,
 )
+
+#: Errors the system gives about a path itself (no class of their own): a symlink loop, a name too
+#: long. Answers too, not storage failures.
+PATH_ANSWERS = frozenset({errno.ELOOP, errno.ENAMETOOLONG})
 
 
 def storage_path(value: Any) -> Any:
@@ -104,6 +109,8 @@ def is_storage_failure(error: BaseException) -> bool:
     fsspec's HTTP filesystem raises "not found" for any failure (a 503, a refused connection): an
     answer is taken as one only when nothing in its causes says the server failed to answer.
     """
+    if isinstance(error, OSError) and error.errno in PATH_ANSWERS:
+        return False  # the system's answer about the path itself: no retry changes it
     if isinstance(error, OSError) and not isinstance(error, ANSWERS):
         return True
     if any((kind.__module__, kind.__name__) in NETWORK_FAILURES for kind in type(error).__mro__):

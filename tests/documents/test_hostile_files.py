@@ -56,32 +56,51 @@ PAGE = b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 100 100] >>"
 def handmade_tiff(
     path: Path, pages: int, *, size: tuple[int, int] = (1, 1), loop_to_first: bool = False
 ) -> Path:
-    """A grey TIFF whose ``pages`` directories all point at one one-byte strip (100,000 pages in 12 MB).
+    """A grey TIFF of ``pages`` directories, each page a one-byte strip of its own (100,000 pages in 13 MB).
 
     ``loop_to_first``: the last directory points back at the first, so the chain never ends.
     """
     width, height = size
-    entries = [
-        (256, 4, 1, width),
-        (257, 4, 1, height),
-        (258, 3, 1, 8),
-        (259, 3, 1, 1),
-        (262, 3, 1, 1),
-        (273, 4, 1, 8),
-        (277, 3, 1, 1),
-        (278, 4, 1, height),
-        (279, 4, 1, 1),
-    ]
-    directory = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *entry) for entry in entries)
-    step, first = len(directory) + 4, 10
-    data = bytearray(first + step * pages)
-    data[:9] = b"II*\x00" + struct.pack("<I", first) + b"\x80"
+
+    def directory(strip: int) -> bytes:
+        entries = [
+            (256, 4, 1, width),
+            (257, 4, 1, height),
+            (258, 3, 1, 8),
+            (259, 3, 1, 1),
+            (262, 3, 1, 1),
+            (273, 4, 1, strip),
+            (277, 3, 1, 1),
+            (278, 4, 1, height),
+            (279, 4, 1, 1),
+        ]
+        return struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *entry) for entry in entries)
+
+    step, first = len(directory(0)) + 4, 8
+    strips = first + step * pages
+    data = bytearray(strips + pages)
+    data[:8] = b"II*\x00" + struct.pack("<I", first)
+    data[strips:] = b"\x80" * pages
     for page in range(pages):
         start = first + page * step
         following = start + step if page < pages - 1 else (first if loop_to_first else 0)
-        data[start : start + step] = directory + struct.pack("<I", following)
+        data[start : start + step] = directory(strips + page) + struct.pack("<I", following)
     path.write_bytes(data)
     return path
+
+
+def test_a_tiff_whose_pages_share_their_pixel_data_is_refused(tmp_path):
+    """Pages pointing at one strip would decode the same bytes again and again: hours from a small file."""
+    path = handmade_tiff(tmp_path / "shared.tif", 3)
+    data = bytearray(path.read_bytes())
+    entry = struct.pack("<HHI", 273, 4, 1)  # StripOffsets, one LONG: its value follows
+    places = [at for at in range(len(data)) if data[at : at + 8] == entry]
+    first = data[places[0] + 8 : places[0] + 12]
+    for at in places:
+        data[at + 8 : at + 12] = first  # every page's strip is the first page's
+    path.write_bytes(bytes(data))
+    message = refusal(inspect_file, path, TIFF, source="shared.tif")
+    assert "pages 1 and 2 share their pixel data" in message
 
 
 def png_chunk(kind: bytes, payload: bytes) -> bytes:
