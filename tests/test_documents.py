@@ -381,7 +381,9 @@ def test_a_large_pdf_whose_cross_reference_is_broken_is_refused_not_rebuilt_in_m
     assert lane.stats()["pdf_tasks"] == 0
 
 
-def test_a_document_is_named_by_its_source_in_the_log_never_by_its_private_copy(lane, tmp_path, caplog, capfd):
+def test_a_document_is_named_by_its_source_in_the_log_never_by_its_private_copy(
+    lane, tmp_path, caplog, capfd
+):
     caplog.set_level("INFO")
     report = pdf_of_pages(tmp_path / "report.pdf", ["R1", "R2"])
     run(parse_operator([report]))
