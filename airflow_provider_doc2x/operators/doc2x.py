@@ -145,8 +145,7 @@ class Doc2XImageParseOperator(BaseOperator):
                 f"pdf_model must be None or one of {sorted(protocol.PDF_MODELS)}, got {pdf_model!r}"
             )
         if pdf_model not in (None, protocol.DEFAULT_MODEL) and method != "pdf":
-            # One model makes every result a task stores (its sidecars and the cache say which):
-            # the image API's is v2, so another model is the PDF lane's alone.
+            # One model makes every result a task stores: the image API's is v2.
             raise ValueError(
                 f"pdf_model={pdf_model!r} parses through the PDF lane only (method='pdf'); with "
                 f"method={method!r} every result, documents included, is made by "
@@ -217,10 +216,10 @@ class Doc2XImageParseOperator(BaseOperator):
             items = intake.check_all(to_read, log=self.log)
             uploads = self._uploads(context)
             if self.method == "sync":
-                outcomes = self._parse_in_worker(context, uploads, intake, items)
+                outcomes = self._parse_in_worker(uploads, intake, items)
                 return self._finish(records_or_failure(split.records(outcomes) if split else outcomes))
             if self.method == "pdf" or any(isinstance(item, Document) for item in items):
-                with self._pdf_lane(context, uploads, intake) as lane:
+                with self._pdf_lane(uploads, intake) as lane:
                     jobs = lane.prepare(items)
                     return self._finish(
                         self._pdf_records(lane, lane.advance(split.jobs(jobs) if split else jobs))
@@ -231,9 +230,7 @@ class Doc2XImageParseOperator(BaseOperator):
         event = self._wait(jobs, known)
         return self._finish(self._records_of(event, known))
 
-    def _parse_in_worker(
-        self, context: Context, uploads: ImageUploads, intake: Intake, items: list[Any]
-    ) -> list[dict[str, Any]]:
+    def _parse_in_worker(self, uploads: ImageUploads, intake: Intake, items: list) -> list[dict[str, Any]]:
         """``method="sync"``: images by the synchronous endpoint, then documents by the PDF API, waited for here.
 
         One record (or failed job) per source, in input order; a document's failure is raised.
@@ -242,7 +239,7 @@ class Doc2XImageParseOperator(BaseOperator):
         images = [index for index in range(len(items)) if index not in documents]
         outcomes = dict(zip(images, uploads.parse([items[index] for index in images]), strict=True))
         if documents:
-            with self._pdf_lane(context, uploads, intake) as lane:
+            with self._pdf_lane(uploads, intake) as lane:
                 jobs = lane.advance(lane.prepare([items[index] for index in documents]))
                 outcomes.update(zip(documents, self._pdf_records(lane, jobs, defer=False), strict=True))
         return [outcomes[index] for index in range(len(items))]
@@ -286,7 +283,7 @@ class Doc2XImageParseOperator(BaseOperator):
         )
         return transport.run_sync(waiter.wait(on_result=result_keeper(self.hook, self.results, known)))
 
-    def _pdf_lane(self, context: Context, uploads: ImageUploads, intake: Intake) -> PdfLane:
+    def _pdf_lane(self, uploads: ImageUploads, intake: Intake) -> PdfLane:
         return PdfLane(
             self.hook,
             images=uploads,
@@ -356,7 +353,7 @@ class Doc2XImageParseOperator(BaseOperator):
                 jobs = store_finished(self.hook, jobs, results=self.results)
                 with (
                     self._intake() as intake,
-                    self._pdf_lane(context, self._uploads(context), intake) as lane,
+                    self._pdf_lane(self._uploads(context), intake) as lane,
                 ):
                     return self._finish(self._pdf_records(lane, lane.advance(jobs)))
         return self._finish(self._records_of(event))
