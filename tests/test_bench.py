@@ -18,6 +18,7 @@ from tests.helpers import AIRFLOW_VERSION, REPO
 from tests.helpers.deployment import CeleryDeployment
 
 RUNS = {
+    "documents.py": ["--small"],
     "throughput.py": [
         "--images",
         "24",
@@ -106,6 +107,7 @@ RUNS = {
 DEPLOYING = ("mapped_pool.py", "celery_pacing.py", "triggerer.py", "task_cost.py")
 #: The benches whose tasks run through ``airflow dags test``.
 THROUGH_DAGS_TEST = (
+    "documents.py",
     "worker_occupancy.py",
     "throughput.py",
     "slow_link.py",
