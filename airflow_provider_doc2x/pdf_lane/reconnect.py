@@ -153,45 +153,20 @@ class PdfReconnection:
             if found is None:
                 continue  # planned again with the others
             status, extra = found
-            if pdf.document is not None:
-                if status == protocol.STATUS_FAILED:
-                    # A failed document is submitted again by a new try, as a failed image of the
-                    # image lane is: it is never cut, and its failure was named by the earlier try.
-                    self.log.warning(
-                        "Recorded Doc2X PDF %s of %s failed (code %s); the document is submitted again "
-                        "and is billed again",
-                        uid,
-                        sources[by_content[contents[0][0]][0]].uri,
-                        extra.get("code"),
-                    )
-                    continue
-                for digest, _ in contents:
-                    for index in by_content[digest]:
-                        entry = document_job(
-                            uid,
-                            sources[index].uri,
-                            digest,
-                            pages=pdf.document["pages"],
-                            uploaded_at=pdf.uploaded_at or pdf.at or time.time(),
-                            source_format=pdf.document["source_format"],
-                            converted=pdf.document.get("converted"),
-                            status=status,
-                        )
-                        jobs[index] = {**entry, **extra}
+            if pdf.document is not None and status == protocol.STATUS_FAILED:
+                # A failed document is submitted again by a new try, as a failed image of the
+                # image lane is: it is never cut, and its failure was named by the earlier try.
+                self.log.warning(
+                    "Recorded Doc2X PDF %s of %s failed (code %s); the document is submitted again "
+                    "and is billed again",
+                    uid,
+                    sources[by_content[contents[0][0]][0]].uri,
+                    extra.get("code"),
+                )
                 continue
             for digest, page_idx in contents:
                 for index in by_content[digest]:
-                    entry = pdf_job(
-                        uid,
-                        sources[index].uri,
-                        digest,
-                        page_idx=page_idx,
-                        pages=len(pdf.pages),
-                        uploaded_at=pdf.uploaded_at or pdf.at or time.time(),
-                        status=status,
-                        round_=pdf.round,
-                    )
-                    jobs[index] = {**entry, **extra}
+                    jobs[index] = {**_job_of(pdf, sources[index].uri, digest, page_idx, status), **extra}
         return image_lane
 
     async def _recorded(self) -> list[RecordedPdf]:
@@ -272,6 +247,32 @@ class PdfReconnection:
         if pdf is not None:
             pdf.fallback = fallback
             await self.write(pdf)
+
+
+def _job_of(pdf: RecordedPdf, source: str, digest: str, page_idx: int, status: str) -> dict[str, Any]:
+    """The job of one content of a recorded PDF: its page of packed images, or the whole document."""
+    uploaded_at = pdf.uploaded_at or pdf.at or time.time()
+    if pdf.document is not None:
+        return document_job(
+            pdf.uid,
+            source,
+            digest,
+            pages=pdf.document["pages"],
+            uploaded_at=uploaded_at,
+            source_format=pdf.document["source_format"],
+            converted=pdf.document.get("converted"),
+            status=status,
+        )
+    return pdf_job(
+        pdf.uid,
+        source,
+        digest,
+        page_idx=page_idx,
+        pages=len(pdf.pages),
+        uploaded_at=uploaded_at,
+        status=status,
+        round_=pdf.round,
+    )
 
 
 def _document(value: Any, pages: list[str]) -> dict[str, Any] | None:

@@ -22,14 +22,16 @@ names them in ``allow_schemes``.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from airflow_provider_doc2x import protocol
 from airflow_provider_doc2x.exceptions import Doc2XInputError
 from airflow_provider_doc2x.storage.objects import ensure_filesystem, scheme_of, storage_call, storage_path
+
+T = TypeVar("T")
 
 _HEAD_BYTES = 16
 #: How the first bytes are opened: a block no larger than what is read, and no read-ahead cache, so
@@ -135,14 +137,7 @@ class ImageSource:
                     out.write(block)
             return digest.hexdigest()
 
-        try:
-            return storage_call(copy, what="reading the file", uri=self.uri)
-        except OSError as error:  # an answer about the file: missing, denied, a folder
-            raise Doc2XInputError(
-                f"{self.uri} cannot be read ({type(error).__name__}: {error.strerror or 'no detail'}): "
-                "check that the worker may read it",
-                source=self.uri,
-            ) from error
+        return self._answered(copy, what="reading the file", named=self.uri)
 
     def read(self) -> bytes:
         """The image's bytes, checked (size first: a 2 GB file is never loaded to learn it is too large).
@@ -171,11 +166,19 @@ class ImageSource:
             with self.path.open("rb", **options) as handle:
                 return handle.read(size)
 
+        return self._answered(read, what="reading the image", named=f"Image {self.uri}")
+
+    def _answered(self, call: Callable[[], T], *, what: str, named: str) -> T:
+        """``call()`` through :func:`storage_call`; the storage's answer about the file is a bad input.
+
+        Missing, denied, a folder, a symlink loop: no retry changes it, so it is a
+        :class:`Doc2XInputError` naming the file (``named`` is how the message starts).
+        """
         try:
-            return storage_call(read, what="reading the image", uri=self.uri)
-        except OSError as error:  # an answer about the image: missing, denied, a folder
+            return storage_call(call, what=what, uri=self.uri)
+        except OSError as error:
             raise Doc2XInputError(
-                f"Image {self.uri} cannot be read ({type(error).__name__}: {error.strerror or 'no detail'}): "
+                f"{named} cannot be read ({type(error).__name__}: {error.strerror or 'no detail'}): "
                 "check that the worker may read it",
                 source=self.uri,
             ) from error
