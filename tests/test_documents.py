@@ -244,7 +244,9 @@ def test_hostile_files_are_refused_named_and_nothing_is_billed(lane, tmp_path):
     cut_webp.write_bytes(cut_webp.read_bytes()[:-40])
     odd = tmp_path / "notes.txt"
     odd.write_text("just words")
-    hostile = [truncated, bomb, encrypted, loop, endless, cut_webp, odd]
+    cut_tiff = tiff_of(tmp_path / "cut.tif", frames(3))
+    cut_tiff.write_bytes(cut_tiff.read_bytes()[:-60])
+    hostile = [truncated, bomb, encrypted, loop, endless, cut_webp, odd, cut_tiff]
     with pytest.raises(Doc2XInputError) as caught:
         parse_operator([good, *hostile], deferrable=True).execute({})
     message = str(caught.value)
@@ -261,6 +263,7 @@ def test_hostile_files_are_refused_named_and_nothing_is_billed(lane, tmp_path):
             "more than 1000 pages",
             "truncated",
             "looks like text",
+            "truncated",
         ],
         strict=True,
     ):
@@ -287,6 +290,49 @@ def test_a_document_changed_after_the_check_is_named_and_not_sent(lane, tmp_path
     assert "1 of 2 images were not parsed" in message and str(second) in message
     assert "source_changed" in message
     assert (lane.stats()["pdf_tasks"], lane.stats()["pdf_pages_billed"]) == (1, 1)
+
+
+def test_a_tiff_whose_pixel_data_is_corrupt_fails_alone_named_and_is_not_sent(lane, tmp_path):
+    """Whole by its directories, corrupt inside: found when it is packed; the other sources are parsed."""
+    good = tmp_path / "good.jpg"
+    good.write_bytes(jpeg_page("Good"))
+    broken = tmp_path / "broken.tif"
+    pictures = frames(3)
+    pictures[0].save(
+        broken, format="TIFF", save_all=True, append_images=pictures[1:], compression="tiff_adobe_deflate"
+    )
+    data = bytearray(broken.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64  # inside page 2's deflate stream
+    broken.write_bytes(bytes(data))
+    op = parse_operator([good, broken], deferrable=True)
+    with pytest.raises(Doc2XError) as caught:
+        run(op)
+    message = str(caught.value)
+    assert "1 of 2 images were not parsed" in message and str(broken) in message
+    assert str(good) not in message.split("not parsed", 1)[1]
+    stats = lane.stats()
+    assert (stats["billed_total"], stats["pdf_tasks"]) == (1, 0)
+
+
+def test_a_tiff_sent_after_a_deferral_is_packed_once(lane, tmp_path, monkeypatch):
+    """One PDF in flight at a time: the second TIFF waits a deferral; each is decoded and packed once."""
+    from airflow_provider_doc2x.documents import intake
+
+    packed: list[str] = []
+    real = intake.document_pdf
+
+    def counted(path, fmt, out, *, source, limits):
+        packed.append(source)
+        return real(path, fmt, out, source=source, limits=limits)
+
+    monkeypatch.setattr(intake, "document_pdf", counted)
+    use_connection(monkeypatch, lane, pdf_max_in_flight=1)
+    first = tiff_of(tmp_path / "first.tif", frames(2))
+    second = tiff_of(tmp_path / "second.tif", frames(3, size=(200, 150)))
+    records = run(parse_operator([first, second], deferrable=True))
+    assert [len(record["pages"]) for record in records] == [2, 3]
+    assert packed == [str(first), str(second)]
+    assert lane.stats()["pdf_pages_billed"] == 5
 
 
 def run_to_the_end_from(op, event):

@@ -7,7 +7,8 @@ connection decide, with their own words, before Pillow opens anything or a pixel
 
 - the pixel size of a JPEG, PNG, WebP, GIF or BMP (its first frame) and of every page of a TIFF;
 - a TIFF's pages, counted up to a cap (a file of 100,000 pages is refused after the cap, in time and
-  memory bounded by the cap), and a chain of pages that loops back on itself;
+  memory bounded by the cap), a chain of pages that loops back on itself, and pixel data (strips or
+  tiles) that the file ends before: a cut TIFF is refused from its directories, without decoding;
 - whether a JPEG, a PNG or a WebP is whole (its end marker, ``IEND`` chunk or RIFF length): those
   three may be sent to Doc2X as they are, so a truncated one must be caught without decoding it.
 
@@ -19,6 +20,7 @@ never a seek into nothing. The functions take an open binary file and its size, 
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -116,6 +118,7 @@ def tiff_pages(handle: BinaryIO, file_size: int, *, max_pages: int) -> TiffPages
             )
         if data is not None:
             page_of_data[data] = page
+        _check_tiff_data_within(handle, block, entries, entry_size, order, file_size, page)
         (offset,) = struct.unpack(f"{order}{next_format}", block[-next_size:])
     if not sizes:
         raise HeaderError("its header points to no page (its first directory's offset is 0)")
@@ -135,6 +138,81 @@ def _tiff_data_at(block: bytes, entries: int, entry_size: int, order: str) -> by
         if tag in (273, 324):
             return block[start : start + 2] + block[start + value_at : start + entry_size]
     return None
+
+
+#: A TIFF field type's ``struct`` code, for the types an offset or a byte count may have.
+_TIFF_NUMBER_TYPES = {3: "H", 4: "I", 16: "Q"}
+#: (offsets, byte counts) tags of a page's pixel data: strips, then tiles.
+_TIFF_DATA_TAGS = ((273, 279), (324, 325))
+#: Strips or tiles past which a page is refused: a scanner's page has tens to thousands (a strip
+#: per row of an A4 page at 600 dpi is 7,000; tiles of 16 px of a page at the pixel limit 350,000).
+MAX_TIFF_PARTS = 1_000_000
+
+
+def _check_tiff_data_within(
+    handle: BinaryIO, block: bytes, entries: int, entry_size: int, order: str, file_size: int, page: int
+) -> None:
+    """Refuse a page whose strips or tiles end past the file's end: the file was cut.
+
+    Each strip's (or tile's) offset plus its byte count must be within the file. The two lists are
+    read from the directory (inline, or at the offset it gives, within the file) and walked, not
+    kept, so a cut TIFF is refused here, at the check, rather than when its pages are decoded. A
+    page without byte counts (allowed for uncompressed data) is left to the decoder.
+    """
+    fields = _tiff_fields(block, entries, entry_size, order)
+    for offsets_tag, counts_tag in _TIFF_DATA_TAGS:
+        if offsets_tag in fields and counts_tag in fields:
+            offsets = _tiff_values(handle, fields[offsets_tag], entry_size, order, file_size, page)
+            counts = _tiff_values(handle, fields[counts_tag], entry_size, order, file_size, page)
+            try:
+                for index, ((offset,), (count,)) in enumerate(zip(offsets, counts, strict=True)):
+                    if offset + count > file_size:
+                        raise HeaderError(
+                            f"the file ends before the pixel data of page {page}: its part {index + 1} runs "
+                            f"to byte {offset + count:,}, the file has {file_size:,}",
+                            truncated=True,
+                        )
+            except ValueError as error:
+                if isinstance(error, HeaderError):
+                    raise
+                raise HeaderError(
+                    f"page {page} gives more offsets than byte counts of its pixel data, or fewer"
+                ) from None
+            return
+
+
+def _tiff_fields(block: bytes, entries: int, entry_size: int, order: str) -> dict[int, bytes]:
+    """The raw entries of the tags that place a page's pixel data, by tag."""
+    wanted = {tag for pair in _TIFF_DATA_TAGS for tag in pair}
+    found: dict[int, bytes] = {}
+    for start in range(0, entries * entry_size, entry_size):
+        (tag,) = struct.unpack_from(f"{order}H", block, start)
+        if tag in wanted:
+            found[tag] = block[start : start + entry_size]
+    return found
+
+
+def _tiff_values(
+    handle: BinaryIO, entry: bytes, entry_size: int, order: str, file_size: int, page: int
+) -> Iterator[tuple[int]]:
+    """An entry's numbers (SHORT, LONG or LONG8), inline or read where it points (within the file), one by one."""
+    big = entry_size == 20
+    kind, count = struct.unpack_from(f"{order}H{'Q' if big else 'I'}", entry, 2)
+    code = _TIFF_NUMBER_TYPES.get(kind)
+    if code is None:
+        raise HeaderError(f"page {page} places its pixel data with a field of type {kind}, not a number")
+    if count > MAX_TIFF_PARTS:
+        raise HeaderError(
+            f"page {page} claims {count:,} strips or tiles (a reader takes up to {MAX_TIFF_PARTS:,})"
+        )
+    size = struct.calcsize(code)
+    value_at, value_size = (12, 8) if big else (8, 4)
+    if count * size <= value_size:
+        data = entry[value_at : value_at + count * size]
+    else:
+        (offset,) = struct.unpack_from(f"{order}{'Q' if big else 'I'}", entry, value_at)
+        data = read_exactly(handle, offset, count * size, file_size, f"the list of page {page}'s pixel data")
+    return struct.iter_unpack(f"{order}{code}", data)
 
 
 def _tiff_page_size(block: bytes, entries: int, entry_size: int, order: str, page: int) -> tuple[int, int]:

@@ -13,15 +13,21 @@ PDF                           the PDF API, as it is; one record for the document
 ============================  =====================================================================
 
 A source sent through the PDF API is a *document* (:class:`Document`): one record, whose pages
-keep their number in the source. Everything that needs more than the first bytes (a PDF's pages
-counted, a TIFF's frames, a raster decoded and converted) is done here, before the first upload,
-so that a hostile or broken file is refused, named, with nothing sent or billed. Its bytes are
-copied into a private folder (mode 0700, :func:`tempfile.mkdtemp`) a chunk at a time, hashed as
-they come (the sha256 of the *source's* bytes keys the cache, the manifest and the task state
-store, so a re-run over the same file pays nothing), and what is sent is made from that copy: a
-300 MB PDF costs the worker disk, not memory. The folder goes when the intake closes; a document
-submitted after a deferral (the PDF lane keeps a few PDFs in flight) is copied again and its
-sha256 checked (:meth:`Intake.pdf_of`).
+keep their number in the source. Everything that needs more than the first bytes is done here,
+before the first upload, so that a hostile or broken file is refused, named, with nothing sent or
+billed: a PDF's pages counted and its page tree walked, a TIFF's pages and the extent of their
+pixel data read from its directories (a cut file is refused), every page's pixels checked, a
+raster for the image API decoded and converted. Its bytes are copied into a private folder
+(mode 0700, :func:`tempfile.mkdtemp`) a chunk at a time, hashed as they come (the sha256 of the
+*source's* bytes keys the cache, the manifest and the task state store, so a re-run over the
+same file pays nothing), and what is sent is made from that copy: a 300 MB PDF costs the worker
+disk, not memory.
+
+A raster document (a multi-page TIFF, a scan over 7 MB) is packed into its PDF when its turn to
+be sent comes (:meth:`Intake.pdf_of`), so it is decoded once whatever the deferrals; pixel data
+that is corrupt inside a whole file is found then, and that document alone is named as failed,
+with nothing of it sent. The folder goes when the intake closes; a document sent after a
+deferral (the PDF lane keeps a few PDFs in flight) is copied again and its sha256 checked.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +101,6 @@ class Document:
     source_format: str
     pages: int
     converted: str | None
-    pdf: Path = field(compare=False)
 
     @property
     def uri(self) -> str:
@@ -130,7 +135,10 @@ class Intake:
         self.large_images = large_images
         self.allow_schemes = tuple(allow_schemes)
         self._folder: Path | None = None
+        #: PDFs ready to send, and their pages, by the source's sha256.
         self._made: dict[str, tuple[Path, int]] = {}
+        #: Raster documents checked and not packed yet: the raster, and the format it is packed from.
+        self._to_pack: dict[str, tuple[Path, str]] = {}
 
     @classmethod
     def for_settings(cls, settings: Any, *, large_images: bool, allow_schemes: Sequence[str]) -> Intake:
@@ -157,6 +165,7 @@ class Intake:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
         self._made.clear()
+        self._to_pack.clear()
 
     @property
     def folder(self) -> Path:
@@ -220,14 +229,18 @@ class Intake:
         if kind == formats.PDF and size > self.limits.max_pdf_bytes:
             raise _too_large(source.uri, size, self.limits.max_pdf_bytes)
         copy, digest = self._copy(source, kind)
+        return self._prepared(source, kind, copy, digest)
+
+    def _prepared(self, source: ImageSource, kind: str, copy: Path, digest: str) -> Checked:
+        """A private copy checked whole, and made ready: a PDF as it is, a raster converted or set to pack."""
         inspection = inspect_file(copy, kind, source=source.uri, limits=self.limits)
         if kind == formats.PDF:
             self._made[digest] = (copy, inspection.pages)
-            return Document(source, digest, kind, inspection.pages, None, copy)
+            return Document(source, digest, kind, inspection.pages, None)
         if kind in (formats.JPEG, formats.PNG):
             return self._large(source, digest, kind, copy)
         if kind == formats.TIFF and inspection.pages > 1:
-            return self._packed(source, digest, kind, copy)
+            return self._to_pack_later(source, digest, kind, copy, inspection.pages)
         if inspection.frames > 1:
             log.info(
                 "%s is an animated %s of %d frames: its first frame is parsed",
@@ -236,13 +249,11 @@ class Intake:
                 inspection.frames,
             )
         png = to_png(copy, kind, source=source.uri, limits=self.limits)
-        if len(png) > protocol.MAX_IMAGE_BYTES:
-            png_path = self._private_file("converted-", ".png")
-            png_path.write_bytes(png)
-            return self._large(source, digest, kind, png_path, made_from=formats.PNG)
         png_path = self._private_file("converted-", ".png")
         png_path.write_bytes(png)
         copy.unlink(missing_ok=True)
+        if len(png) > protocol.MAX_IMAGE_BYTES:
+            return self._large(source, digest, kind, png_path, made_from=formats.PNG)
         return ConvertedSource(source.uri, source.path, png=png_path, sha256=digest, source_format=kind)
 
     def _large(
@@ -257,36 +268,75 @@ class Intake:
                 source=source.uri,
                 code="parse_file_too_large",
             )
-        return self._packed(source, digest, kind, raster, made_from=made_from)
+        return self._to_pack_later(source, digest, kind, raster, 1, made_from=made_from)
 
-    def _packed(
-        self, source: ImageSource, digest: str, kind: str, raster: Path, *, made_from: str | None = None
+    def _to_pack_later(
+        self,
+        source: ImageSource,
+        digest: str,
+        kind: str,
+        raster: Path,
+        pages: int,
+        *,
+        made_from: str | None = None,
     ) -> Document:
-        pdf = self._private_file("document-", ".pdf")
-        pages = document_pdf(raster, made_from or kind, pdf, source=source.uri, limits=self.limits)
-        raster.unlink(missing_ok=True)
-        self._made[digest] = (pdf, pages)
-        return Document(source, digest, kind, pages, "pdf", pdf)
+        """A raster document to be packed into a PDF when its turn to be sent comes (:meth:`pdf_of`).
 
-    def pdf_of(self, uri: str, sha256: str, source_format: str, converted: str | None) -> tuple[Path, int]:
-        """The PDF to send for a document, and its pages: made at the check, or made again from the source.
+        Its pages, their pixels and the wholeness of their data were checked from its headers; it is
+        decoded once, when packed, and not at all if the task never reaches it.
+        """
+        self._to_pack[digest] = (raster, made_from or kind)
+        return Document(source, digest, kind, pages, "pdf")
+
+    def pdf_of(
+        self, uri: str, sha256: str, source_format: str, converted: str | None, pages: int
+    ) -> tuple[Path, int]:
+        """The PDF to send for a document, and its pages, made when it is first asked for.
+
+        A PDF checked by this intake is sent from its copy; a raster document is packed now, once.
+        After a deferral (a new intake), the source is copied again and its sha256 checked: the same
+        bytes are the same document, so a PDF's ``pages`` are not counted again.
 
         Raises:
-            Doc2XInputError: the source's bytes are no longer the ones checked (it changed since).
+            Doc2XInputError: the source's bytes are no longer the ones checked (it changed since), or
+                its pixels cannot be decoded (named; nothing of it was sent).
         """
         made = self._made.get(sha256)
         if made is not None and made[0].exists():
             return made
-        checked = self._check_one(ImageSource.of(uri, allow_schemes=self.allow_schemes))
-        if not isinstance(checked, Document) or checked.sha256 != sha256:
+        if sha256 not in self._to_pack:
+            self._copy_again(uri, sha256, source_format, converted, pages)
+        if sha256 in self._to_pack:
+            raster, fmt = self._to_pack.pop(sha256)
+            pdf = self._private_file("document-", ".pdf")
+            try:
+                packed = document_pdf(raster, fmt, pdf, source=uri, limits=self.limits)
+            except BaseException:
+                pdf.unlink(missing_ok=True)
+                raise
+            finally:
+                raster.unlink(missing_ok=True)
+            self._made[sha256] = (pdf, packed)
+        return self._made[sha256]
+
+    def _copy_again(
+        self, uri: str, sha256: str, source_format: str, converted: str | None, pages: int
+    ) -> None:
+        """Copy a document checked by an earlier try of the task; refuse it if its bytes changed since."""
+        source = ImageSource.of(uri, allow_schemes=self.allow_schemes)
+        copy, digest = self._copy(source, source_format)
+        if digest != sha256:
+            copy.unlink(missing_ok=True)
             raise Doc2XInputError(
                 f"{uri} changed since the task checked it (its sha256 is no longer {sha256}): nothing of it "
                 "was sent; a new run parses it as it is now",
                 source=uri,
                 code="source_changed",
             )
-        self._made[sha256] = (checked.pdf, checked.pages)
-        return checked.pdf, checked.pages
+        if converted is None:
+            self._made[sha256] = (copy, pages)
+        elif not isinstance(self._prepared(source, source_format, copy, digest), Document):
+            raise RuntimeError(f"{uri} was checked as a document and is the same bytes, but is not one now")
 
     def _copy(self, source: ImageSource, kind: str) -> tuple[Path, str]:
         """A private copy of the source's bytes (bounded), and their sha256."""

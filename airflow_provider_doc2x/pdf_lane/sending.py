@@ -122,7 +122,7 @@ class PdfSender:
 
         try:
             path, pages = await asyncio.to_thread(
-                intake.pdf_of, head["source"], digest, source_format, converted
+                intake.pdf_of, head["source"], digest, source_format, converted, head["pages"]
             )
         except Doc2XInputError as error:
             self.log.error("%s", error)

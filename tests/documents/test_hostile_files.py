@@ -266,18 +266,31 @@ def test_a_truncated_gif_is_refused_when_it_is_decoded(tmp_path):
     assert "is truncated" in refusal(document_pdf, path, GIF, tmp_path / "out.pdf", source="anim.gif")
 
 
-def test_a_truncated_tiff_is_refused_when_it_is_decoded(tmp_path):
-    """Pillow writes a TIFF's directory before its pixels: a cut in the pixels is found by decoding."""
+def test_a_truncated_tiff_is_refused_from_its_directories(tmp_path):
+    """Pillow writes a TIFF's directory before its pixels: a cut in the pixels is found from the
+    strips the directory places past the file's end, before anything is decoded."""
     path = cut(save(tmp_path / "scan.tif", [noise((120, 90))], "TIFF"), 0.7)
-    assert inspect_file(path, TIFF, source="scan.tif").pages == 1
+    message = refusal(inspect_file, path, TIFF, source="scan.tif")
+    assert "is truncated (the file ends before the pixel data of page 1" in message
     assert "is truncated" in refusal(to_png, path, TIFF, source="scan.tif")
     assert "is truncated" in refusal(document_pdf, path, TIFF, tmp_path / "out.pdf", source="scan.tif")
+
+
+def test_a_multi_page_tiff_cut_in_its_last_page_is_refused_from_its_directories(tmp_path):
+    frames = [noise((60, 40)) for _ in range(3)]
+    path = save(tmp_path / "scan.tif", frames, "TIFF")
+    whole = inspect_file(path, TIFF, source="scan.tif")
+    assert whole.pages == 3
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 10])
+    message = refusal(inspect_file, path, TIFF, source="scan.tif")
+    assert "is truncated (the file ends before the pixel data of page 3" in message
 
 
 def test_a_tiff_cut_inside_its_chain_of_pages_is_refused_by_inspect(tmp_path):
     path = cut(handmade_tiff(tmp_path / "scan.tif", 10), 0.55)
     message = refusal(inspect_file, path, TIFF, source="scan.tif")
-    assert "is truncated (the file ends before the directory of page 6)" in message
+    assert "is truncated (the file ends before the pixel data of page 1" in message
 
 
 # --- TIFF page chains -------------------------------------------------------------------------
