@@ -5,6 +5,8 @@ what Pillow alone takes for the same pages.
     python bench/documents.py               # 1,805 pages: 20 PDFs of 50 pages, 20 TIFFs of 10, ...
     python bench/documents.py --scale 0.5   # half as many files in every folder
     python bench/documents.py --small       # a few pages of each format (the smoke test)
+    python bench/documents.py --repeat 3    # each run three times: the medians are printed
+    python bench/documents.py --only pdf,jpeg   # some folders only (the baselines are needed for ratios)
 
 A folder per format, every page a 1240x1754 page (A4 at 150 dpi) drawn by
 ``airflow_provider_doc2x.local.samples.render`` (an invoice, a report with a figure, a scanned
@@ -38,7 +40,8 @@ How the figures are obtained:
 - the spread: a run's fixed CPU varies from run to run by a few tenths of a second. The one-image
   runs of the image API's formats (WebP, BMP, GIF, JPEG: nearly the same work, one page each)
   show by how much; that spread over a folder's further pages is printed beside its figure as
-  its "+-";
+  its "+-". With ``--repeat N`` each of a folder's two runs is made N times, one after the other
+  in turn, and the median CPU of each is used (the spread then is that of the medians);
 - difference from the JPEG baseline: that figure less the plain JPEGs' (what a page costs beyond
   a page that needs nothing done to it);
 - Pillow alone: in this bench's own process (``time.process_time``), over the same files, right
@@ -68,11 +71,12 @@ import argparse
 import io
 import multiprocessing
 import os
+import statistics
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -344,13 +348,26 @@ class Measured:
     one: Run
     parsed_pages: int
     billed_pages: int
+    #: The CPU seconds of every repeat of the folder's run, and of the one-file run.
+    whole_cpu: list[float] = field(default_factory=list)
+    one_cpu: list[float] = field(default_factory=list)
     pillow_seconds: float = 0.0
     pillow_frames: int = 0
 
     @property
+    def whole_seconds(self) -> float:
+        """The folder's run's CPU: the median of its repeats."""
+        return statistics.median(self.whole_cpu or [self.whole.task.cpu_seconds])
+
+    @property
+    def one_seconds(self) -> float:
+        """The one-file run's CPU: the median of its repeats."""
+        return statistics.median(self.one_cpu or [self.one.task.cpu_seconds])
+
+    @property
     def cpu_per_page(self) -> float:
         """Our CPU seconds for one more page: the folder's run less the one-file run, per further page."""
-        return (self.whole.task.cpu_seconds - self.one.task.cpu_seconds) / self.further_pages
+        return (self.whole_seconds - self.one_seconds) / self.further_pages
 
     @property
     def further_pages(self) -> int:
@@ -430,13 +447,34 @@ def run_folder(server: LocalServer, name: str, paths: list[str], env: dict[str, 
     return Run(task.must_succeed(), peak, len(memory.peaks))
 
 
-def measure(server: LocalServer, folder: Folder, paths: list[str], env: dict[str, str]) -> Measured:
-    """The folder's first file alone, then the whole folder; both in real tasks."""
-    one = run_folder(server, f"{folder.name}-one", paths[:1], env)
-    whole = run_folder(server, folder.name, paths, env)
-    stats = server.stats()
-    billed = stats["billed_total"] + stats["pdf_pages_billed"]
-    return Measured(folder, paths, whole, one, parsed_pages(whole.task), billed)
+def measure(
+    server: LocalServer, folder: Folder, paths: list[str], env: dict[str, str], repeat: int = 1
+) -> Measured:
+    """The folder's first file alone, then the whole folder, ``repeat`` times in turn; all in real tasks.
+
+    The first repeat's runs are reported (memory, log, records); every repeat's CPU goes into the medians.
+    """
+    runs: list[tuple[Run, Run, int]] = []
+    for _ in range(repeat):
+        one = run_folder(server, f"{folder.name}-one", paths[:1], env)
+        whole = run_folder(server, folder.name, paths, env)
+        stats = server.stats()
+        runs.append((one, whole, stats["billed_total"] + stats["pdf_pages_billed"]))
+    one, whole, billed = runs[0]
+    return Measured(
+        folder,
+        paths,
+        whole,
+        one,
+        parsed_pages(whole.task),
+        billed,
+        whole_cpu=[run[1].task.cpu_seconds for run in runs],
+        one_cpu=[run[0].task.cpu_seconds for run in runs],
+    )
+
+
+def _seconds(values: list[float]) -> str:
+    return " ".join(f"{value:.2f}" for value in values) + " s"
 
 
 def _ms(seconds: float) -> str:
@@ -448,7 +486,7 @@ def rows_of(measured: Measured, against: Against) -> list[tuple[str, object]]:
     folder = measured.folder
     sizes = sum(os.path.getsize(path) for path in measured.paths)
     per_page = measured.cpu_per_page
-    whole, one = measured.whole.task, measured.one.task
+    whole = measured.whole.task
     checked = operator_times(whole.output).get("checked")
     rows: list[tuple[str, object]] = [
         (
@@ -462,8 +500,14 @@ def rows_of(measured: Measured, against: Against) -> list[tuple[str, object]]:
         ("  difference from the JPEG baseline", f"{1000 * (per_page - against.jpeg.cpu_per_page):+.2f} ms"),
         (
             "  the two runs",
-            f"{whole.cpu_seconds:.2f} s CPU over the folder, {one.cpu_seconds:.2f} s over its first "
-            f"file ({folder.pages_per_file} page{'s' if folder.pages_per_file > 1 else ''})",
+            f"{measured.whole_seconds:.2f} s CPU over the folder, {measured.one_seconds:.2f} s over its first "
+            f"file ({folder.pages_per_file} page{'s' if folder.pages_per_file > 1 else ''})"
+            + (
+                f"; medians of {len(measured.whole_cpu)} (folder {_seconds(measured.whole_cpu)}, "
+                f"first file {_seconds(measured.one_cpu)})"
+                if len(measured.whole_cpu) > 1
+                else ""
+            ),
         ),
         (
             "peak memory",
@@ -527,8 +571,17 @@ def main() -> None:
     )
     parser.add_argument("--scale", type=float, default=1.0, help="files per folder, times the default")
     parser.add_argument("--small", action="store_true", help="2 files of each format, 3 pages a document")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs of each kind per folder; medians are used"
+    )
+    parser.add_argument(
+        "--only", default="", help="comma-separated folder names (pdf, tiff, webp, bmp, gif, png, jpeg)"
+    )
     args = parser.parse_args()
     layout = folders(args.scale, args.small)
+    if args.only:
+        wanted = set(args.only.split(",")) | {"pdf", "jpeg"}  # the baselines every ratio is read against
+        layout = [folder for folder in layout if folder.name in wanted]
     print(
         f"# documents {HOW}, deferrable: our worker CPU per page by format, "
         f"{sum(folder.pages for folder in layout)} pages, {os.cpu_count()} cores (load average "
@@ -550,12 +603,12 @@ def main() -> None:
     env = {"AIRFLOW_CONN_DOC2X_DEFAULT": connection}
     measured = []
     for folder in layout:
-        item = measure(server, folder, made[folder.name], env)
+        item = measure(server, folder, made[folder.name], env, args.repeat)
         if folder.converted:  # right after its tasks: the machine as it was for them
             item.pillow_seconds, item.pillow_frames = pillow_alone(item.paths)
         measured.append(item)
         print(f"# {folder.name}: measured at {time.monotonic() - began:.0f} s", flush=True)
-    ones = [item.one.task.cpu_seconds for item in measured if item.folder.lane == IMAGE_LANE]
+    ones = [item.one_seconds for item in measured if item.folder.lane == IMAGE_LANE]
     by_name = {item.folder.name: item for item in measured}
     against = Against(by_name["pdf"], by_name["jpeg"], spread=max(ones) - min(ones))
     print(

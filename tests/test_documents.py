@@ -341,7 +341,7 @@ def run_to_the_end_from(op, event):
         try:
             return op.execute_complete({}, event)
         except TaskDeferred as again:
-            event = asyncio.run(first_event(again.value.trigger))
+            event = asyncio.run(first_event(again.trigger))
 
 
 def test_a_sync_task_parses_images_by_the_sync_endpoint_and_documents_by_the_pdf_api(lane, tmp_path):

@@ -7,8 +7,10 @@ connection decide, with their own words, before Pillow opens anything or a pixel
 
 - the pixel size of a JPEG, PNG, WebP, GIF or BMP (its first frame) and of every page of a TIFF;
 - a TIFF's pages, counted up to a cap (a file of 100,000 pages is refused after the cap, in time and
-  memory bounded by the cap), a chain of pages that loops back on itself, and pixel data (strips or
-  tiles) that the file ends before: a cut TIFF is refused from its directories, without decoding;
+  memory bounded by the cap), a chain of pages that loops back on itself, pixel data (strips or
+  tiles) that the file ends before (a cut TIFF is refused from its directories, without decoding),
+  and pages that share their pixel data (their strips claim more bytes than the file has: a
+  small file that would decode the same bytes again and again);
 - whether a JPEG, a PNG or a WebP is whole (its end marker, ``IEND`` chunk or RIFF length): those
   three may be sent to Doc2X as they are, so a truncated one must be caught without decoding it.
 
@@ -91,6 +93,7 @@ def tiff_pages(handle: BinaryIO, file_size: int, *, max_pages: int) -> TiffPages
     count_size, next_size = struct.calcsize(count_format), struct.calcsize(next_format)
     first_page_at: dict[int, int] = {}
     page_of_data: dict[bytes, int] = {}
+    claimed = 0  # bytes of pixel data the pages claim: a file whose pages share data claims more than it has
     sizes: list[tuple[int, int]] = []
     while offset and len(sizes) <= max_pages:
         page = len(sizes) + 1
@@ -118,7 +121,12 @@ def tiff_pages(handle: BinaryIO, file_size: int, *, max_pages: int) -> TiffPages
             )
         if data is not None:
             page_of_data[data] = page
-        _check_tiff_data_within(handle, block, entries, entry_size, order, file_size, page)
+        claimed += _check_tiff_data_within(handle, block, entries, entry_size, order, file_size, page)
+        if claimed > file_size:
+            raise HeaderError(
+                f"its pages share their pixel data: their strips claim {claimed:,} bytes by page {page}, "
+                f"more than the file's {file_size:,}; a file made to cost far more to decode than its size"
+            )
         (offset,) = struct.unpack(f"{order}{next_format}", block[-next_size:])
     if not sizes:
         raise HeaderError("its header points to no page (its first directory's offset is 0)")
@@ -151,34 +159,48 @@ MAX_TIFF_PARTS = 1_000_000
 
 def _check_tiff_data_within(
     handle: BinaryIO, block: bytes, entries: int, entry_size: int, order: str, file_size: int, page: int
-) -> None:
-    """Refuse a page whose strips or tiles end past the file's end: the file was cut.
+) -> int:
+    """Refuse a page whose strips or tiles end past the file's end; answer the bytes they claim.
 
-    Each strip's (or tile's) offset plus its byte count must be within the file. The two lists are
+    Each strip's (or tile's) offset plus its byte count must be within the file: a cut TIFF is
+    refused here, at the check, rather than when its pages are decoded. Without byte counts
+    (allowed for uncompressed data) each offset must at least be inside the file. The lists are
     read from the directory (inline, or at the offset it gives, within the file) and walked, not
-    kept, so a cut TIFF is refused here, at the check, rather than when its pages are decoded. A
-    page without byte counts (allowed for uncompressed data) is left to the decoder.
+    kept. The bytes claimed let :func:`tiff_pages` refuse pages that share their data.
     """
     fields = _tiff_fields(block, entries, entry_size, order)
     for offsets_tag, counts_tag in _TIFF_DATA_TAGS:
-        if offsets_tag in fields and counts_tag in fields:
-            offsets = _tiff_values(handle, fields[offsets_tag], entry_size, order, file_size, page)
-            counts = _tiff_values(handle, fields[counts_tag], entry_size, order, file_size, page)
-            try:
-                for index, ((offset,), (count,)) in enumerate(zip(offsets, counts, strict=True)):
-                    if offset + count > file_size:
-                        raise HeaderError(
-                            f"the file ends before the pixel data of page {page}: its part {index + 1} runs "
-                            f"to byte {offset + count:,}, the file has {file_size:,}",
-                            truncated=True,
-                        )
-            except ValueError as error:
-                if isinstance(error, HeaderError):
-                    raise
-                raise HeaderError(
-                    f"page {page} gives more offsets than byte counts of its pixel data, or fewer"
-                ) from None
-            return
+        if offsets_tag not in fields:
+            continue
+        offsets = _tiff_values(handle, fields[offsets_tag], entry_size, order, file_size, page)
+        if counts_tag not in fields:
+            for index, (offset,) in enumerate(offsets):
+                if offset >= file_size:
+                    raise HeaderError(
+                        f"the file ends before the pixel data of page {page}: its part {index + 1} starts "
+                        f"at byte {offset:,}, the file has {file_size:,}",
+                        truncated=True,
+                    )
+            return 0
+        counts = _tiff_values(handle, fields[counts_tag], entry_size, order, file_size, page)
+        claimed = 0
+        try:
+            for index, ((offset,), (count,)) in enumerate(zip(offsets, counts, strict=True)):
+                if offset + count > file_size:
+                    raise HeaderError(
+                        f"the file ends before the pixel data of page {page}: its part {index + 1} runs "
+                        f"to byte {offset + count:,}, the file has {file_size:,}",
+                        truncated=True,
+                    )
+                claimed += count
+        except ValueError as error:
+            if isinstance(error, HeaderError):
+                raise
+            raise HeaderError(
+                f"page {page} gives more offsets than byte counts of its pixel data, or fewer"
+            ) from None
+        return claimed
+    return 0
 
 
 def _tiff_fields(block: bytes, entries: int, entry_size: int, order: str) -> dict[int, bytes]:
@@ -188,7 +210,7 @@ def _tiff_fields(block: bytes, entries: int, entry_size: int, order: str) -> dic
     for start in range(0, entries * entry_size, entry_size):
         (tag,) = struct.unpack_from(f"{order}H", block, start)
         if tag in wanted:
-            found[tag] = block[start : start + entry_size]
+            found.setdefault(tag, block[start : start + entry_size])  # the first, as libtiff and Pillow read
     return found
 
 

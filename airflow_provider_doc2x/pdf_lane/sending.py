@@ -128,6 +128,10 @@ class PdfSender:
             self.log.error("%s", error)
             failed(error)
             return
+        except (SystemExit, KeyboardInterrupt) as error:
+            # Raised in the packing thread (a library's exit): let through, it would stop the
+            # transport's event loop, and every later call of the task would wait on it forever.
+            raise RuntimeError(f"packing {head['source']} into a PDF stopped: {error!r}") from error
 
         def submitted(uid: str, uploaded_at: float, lost: dict[str, Any]) -> None:
             for index in indices:
