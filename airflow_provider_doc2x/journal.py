@@ -123,6 +123,8 @@ class TaskJournal:
         self._opened = 0
         self._lock = threading.Lock()
         self._pdf_index: list[str] | None = None
+        self._pdf_index_written = 0  # uids of the list the store holds
+        self._pdf_index_lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         #: Writes made, and the seconds they took (the task's log says them).
         self.writes = 0
         self.write_seconds = 0.0
@@ -354,17 +356,36 @@ class TaskJournal:
             # another PDF was added must not put back the list from before it (that PDF would drop
             # out of the list, and a new try would pay for its pages again).
             self._pdf_index = list(uids)
+            self._pdf_index_written = len(uids)
         return uids
 
     async def add_pdf(self, uid: str) -> None:
-        """Add a PDF to the task's list, before its PUT (so that a try killed mid-PUT is found)."""
+        """Add a PDF to the task's list; return once the store holds it (its PUT may start then).
+
+        So that a try killed mid-PUT is found. PDFs that leave side by side share writes: a PDF
+        added while the list is being written waits for that write, and the next one writes every
+        PDF added meanwhile at once (one write for a few PDFs, not one each).
+        """
         if self.store is None:
             return
         if self._pdf_index is None:
             await self.pdf_uids()
         assert self._pdf_index is not None
         self._pdf_index.append(uid)
-        await self._set(STATE_INDEX_KEY, {"uids": self._pdf_index})
+        wanted = len(self._pdf_index)
+        async with self._index_lock():
+            if self._pdf_index_written >= wanted:
+                return  # written by a write that began after this PDF was added
+            listed = list(self._pdf_index)
+            await self._set(STATE_INDEX_KEY, {"uids": listed})
+            self._pdf_index_written = len(listed)
+
+    def _index_lock(self) -> asyncio.Lock:
+        """One lock per event loop the journal is used from (an asyncio lock belongs to one loop)."""
+        loop = asyncio.get_running_loop()
+        if self._pdf_index_lock is None or self._pdf_index_lock[0] is not loop:
+            self._pdf_index_lock = (loop, asyncio.Lock())
+        return self._pdf_index_lock[1]
 
     async def pdf(self, uid: str) -> Any:
         """One PDF's record as the store holds it (read even on a first try: this try wrote it)."""

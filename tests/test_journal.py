@@ -12,6 +12,7 @@ import threading
 import time
 from types import SimpleNamespace
 
+import img2pdf
 import pytest
 from airflow.providers.common.compat.sdk import TaskDeferred
 
@@ -92,6 +93,44 @@ def test_pdfs_submitted_side_by_side_at_a_resume_are_all_in_the_task_s_list(lane
     assert sorted(store.values[STATE_INDEX_KEY]["uids"]) == sorted({r["uid"] for r in records})
     assert stats["pdf_tasks"] == 6
     assert store.most_at_once == 1  # one store call at a time
+
+
+class SlowWriteStore(StateStore):
+    """A task state store whose writes take a while (a busy API server); counts the writes of the PDF list."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.index_writes = 0
+
+    def set(self, key, value, **kwargs):
+        time.sleep(0.2)
+        if key == STATE_INDEX_KEY:
+            self.index_writes += 1
+        super().set(key, value, **kwargs)
+
+
+def test_pdfs_leaving_side_by_side_share_the_writes_of_the_task_s_list_and_all_are_found(lane, tmp_path):
+    """Five documents at once: fewer than five writes of the list, and a retry finds every one of them."""
+    documents = []
+    for n in range(5):
+        path = tmp_path / f"doc-{n}.pdf"
+        path.write_bytes(img2pdf.convert([render(Page(title=f"Document {n}"), fmt="JPEG", size=(400, 300))]))
+        documents.append(path)
+    store = SlowWriteStore()
+    op = parse_operator(documents, deferrable=True)
+    with pytest.raises(TaskDeferred):
+        op.execute({"task_state_store": store, "ti": SimpleNamespace(try_number=1)})
+    assert lane.stats()["pdf_tasks"] == 5
+    assert len(store.values[STATE_INDEX_KEY]["uids"]) == 5
+    assert store.index_writes < 5
+    # The worker is lost here; the retry reads the journal.
+    retry = parse_operator(documents, deferrable=True)
+    records = run_to_the_end(retry, {"task_state_store": store, "ti": SimpleNamespace(try_number=2)})[0]
+    assert [record["markdown"].splitlines()[-1] for record in records] == [
+        f"# Document {n}" for n in range(5)
+    ]
+    stats = lane.stats()
+    assert (stats["pdf_tasks"], stats["pdf_pages_billed"]) == (5, 5)  # no document paid twice
 
 
 # -- the image lane's log of batches ------------------------------------------------------------------
