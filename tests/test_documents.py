@@ -314,8 +314,8 @@ def test_a_tiff_whose_pixel_data_is_corrupt_fails_alone_named_and_is_not_sent(la
     assert (stats["billed_total"], stats["pdf_tasks"]) == (1, 0)
 
 
-def test_a_tiff_sent_after_a_deferral_is_packed_once(lane, tmp_path, monkeypatch):
-    """One PDF in flight at a time: the second TIFF waits a deferral; each is decoded and packed once."""
+def packings(monkeypatch) -> list[str]:
+    """The sources the intake packs into a PDF, in order, as it packs them (each packing decodes the source)."""
     from airflow_provider_doc2x.documents import intake
 
     packed: list[str] = []
@@ -326,6 +326,12 @@ def test_a_tiff_sent_after_a_deferral_is_packed_once(lane, tmp_path, monkeypatch
         return real(path, fmt, out, source=source, limits=limits)
 
     monkeypatch.setattr(intake, "document_pdf", counted)
+    return packed
+
+
+def test_a_tiff_sent_after_a_deferral_is_packed_once(lane, tmp_path, monkeypatch):
+    """One PDF in flight at a time: the second TIFF waits a deferral; each is decoded and packed once."""
+    packed = packings(monkeypatch)
     use_connection(monkeypatch, lane, pdf_max_in_flight=1)
     first = tiff_of(tmp_path / "first.tif", frames(2))
     second = tiff_of(tmp_path / "second.tif", frames(3, size=(200, 150)))

@@ -34,7 +34,7 @@ from airflow_provider_doc2x.storage.sources import ImageSource
 from tests.documents.test_hostile_files import PAGE, handmade_pdf
 from tests.documents.test_readers import noise
 from tests.helpers import REPO, StateStore, first_event, parse_operator, use_connection
-from tests.test_documents import frames, jpeg_page, pdf_of_pages, run, split_pages, tiff_of
+from tests.test_documents import frames, jpeg_page, packings, pdf_of_pages, run, split_pages, tiff_of
 
 # -- TIFF files written field by field -------------------------------------------------------------
 
@@ -296,14 +296,7 @@ def test_a_tiff_corrupt_inside_that_waits_a_deferral_fails_alone(lane, tmp_path,
 def test_one_tiff_under_two_names_behind_a_deferral_is_packed_once_and_billed_once(
     lane, tmp_path, monkeypatch
 ):
-    packed: list[str] = []
-    real = intake.document_pdf
-
-    def counted(path, fmt, out, *, source, limits):
-        packed.append(source)
-        return real(path, fmt, out, source=source, limits=limits)
-
-    monkeypatch.setattr(intake, "document_pdf", counted)
+    packed = packings(monkeypatch)
     use_connection(monkeypatch, lane, pdf_max_in_flight=1)
     first = pdf_of_pages(tmp_path / "first.pdf", ["One"])
     pictures = frames(3)
