@@ -49,7 +49,18 @@ def get_provider_info() -> dict[str, Any]:
                         "type": "boolean",
                         "example": "False",
                         "default": "True",
-                    }
+                    },
+                    "progress_interval": {
+                        "description": (
+                            "Least seconds between two progress lines of a task or a trigger "
+                            "(``Doc2X: 420/3000 done; about 12 min left ...``); the last line of a "
+                            "batch is always written.\n"
+                        ),
+                        "version_added": "0.1.0",
+                        "type": "float",
+                        "example": "30",
+                        "default": "10",
+                    },
                 },
             }
         },

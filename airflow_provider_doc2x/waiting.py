@@ -44,6 +44,7 @@ from airflow_provider_doc2x.exceptions import (
 )
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
 from airflow_provider_doc2x.pdf.results import PAGE_MAP_MISMATCH, page_map_problem
+from airflow_provider_doc2x.progress import Progress
 
 #: Status calls in flight at once for all the triggers of an event loop (as many as the transport's
 #: requests in flight per loop).
@@ -147,7 +148,8 @@ class JobWaiter:
         failed_rounds = 0
         # Malformed answers in a row, by id of the unit they answer (counted on from an earlier wait).
         malformed: dict[int, int] = {id(unit): int(unit[0].get(MALFORMED) or 0) for unit in pending}
-        reported = 0  # "0/N done" is not news: log from the first finished job on
+        # "Doc2X: 420/3000 done; about 12 min left at the observed pace", every few seconds at most.
+        progress = Progress(self.log, len(jobs), "done", done=sum(is_finished(entry) for entry in jobs))
         if pending:
             # The first round waits one interval: the task has just learnt these statuses (it
             # submitted or checked the jobs), so asking at once would be a wasted request. It also
@@ -231,9 +233,7 @@ class JobWaiter:
             ]
             failed_rounds = failed_rounds + 1 if transient else 0
             done = sum(is_finished(entry) for entry in jobs)
-            if done != reported:
-                self.log.info("Doc2X: %d/%d done", done, len(jobs))
-                reported = done
+            progress.update(done)
             more = _more_to_submit(jobs)
             if more and (not pending or (pdfs_at_start and 2 * pdfs_done >= pdfs_at_start)):
                 if limited_round:

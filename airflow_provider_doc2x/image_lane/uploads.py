@@ -51,6 +51,7 @@ from airflow_provider_doc2x.exceptions import (
     Doc2XTaskStateError,
 )
 from airflow_provider_doc2x.journal import TaskJournal
+from airflow_provider_doc2x.progress import Progress
 from airflow_provider_doc2x.records import FETCH_ATTEMPTS, recorded_status, store_or_record
 from airflow_provider_doc2x.storage.sources import ImageSource
 
@@ -213,7 +214,14 @@ class ImageUploads:
         stop = asyncio.Event()
         turns = asyncio.Semaphore(self.max_concurrent)
         owners: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        progress = _Progress(self.log, len(sources), verb)
+        settings = self.settings
+        progress = Progress(
+            self.log,
+            len(sources),
+            verb,
+            per_second=settings.rate_limit_images / settings.rate_limit_window,
+            pace=f"{settings.rate_limit_images} images per {settings.rate_limit_window:g} s",
+        )
 
         async def one(source: ImageSource) -> dict[str, Any]:
             try:
@@ -418,19 +426,3 @@ def _naming(uri: str) -> Iterator[None]:
 
 def _read_and_hash(source: ImageSource) -> tuple[bytes, str]:
     return source.read_with_digest()
-
-
-class _Progress:
-    """``Doc2X: 40/300 submitted`` as images complete, about twenty lines for a batch of any size."""
-
-    def __init__(self, log: Any, total: int, verb: str) -> None:
-        self.log = log
-        self.total = total
-        self.verb = verb
-        self.done = 0
-        self.step = max(10, total // 20)
-
-    def one_done(self) -> None:
-        self.done += 1
-        if self.done % self.step == 0 or self.done == self.total:
-            self.log.info("Doc2X: %d/%d %s", self.done, self.total, self.verb)
