@@ -240,11 +240,12 @@ def retry_plan(entry: dict[str, Any]) -> str | None:
 
 
 def failed_job(source: str, sha256: str | None, error: Doc2XError, uid: str | None = None) -> dict[str, Any]:
-    """A job that ended in ``error``: its code and the error class's fixed summary, never its message."""
+    """A job that ended in ``error``: its code, the error class's fixed summary (never its message), its trace id."""
     return {
         **job(uid or error.uid, source, sha256, protocol.STATUS_FAILED),
         "code": error.failure_code,
         "message": error.summary,
+        **({"trace_id": error.trace_id} if isinstance(error.trace_id, str) else {}),
     }
 
 

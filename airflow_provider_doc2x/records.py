@@ -113,14 +113,6 @@ def result_keeper(
     return keep
 
 
-def records_or_failure(outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The outcomes, all records; or one error naming every image that failed (the synchronous endpoint's)."""
-    failures = [item for item in outcomes if item.get("status") == "failed"]
-    if failures:
-        raise batch_failure(failures, len(outcomes))
-    return outcomes
-
-
 def records_from_event(
     hook: Doc2XHook,
     event: Any,
@@ -138,6 +130,26 @@ def records_from_event(
     with ``results``, theirs are written before the error is raised, since each was paid for and
     lives only 24 hours with Doc2X (a new try finds them stored).
     """
+    outcomes = outcomes_from_event(hook, event, results=results, known=known)
+    failures = [outcome for outcome in outcomes if outcome.get("status") is not None]
+    if failures:
+        raise batch_failure(failures, len(outcomes))
+    return outcomes
+
+
+def outcomes_from_event(
+    hook: Doc2XHook,
+    event: Any,
+    *,
+    results: ResultStore | None = None,
+    known: dict[str, dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """A trigger event's outcomes in input order: a record per parsed image, the job of each other one.
+
+    A job (it has a ``status``) did not end parsed: failed, or not finished. The wait's own error
+    (status calls failing round after round) is raised, after what finished is written, as
+    :func:`records_from_event` says.
+    """
     event = validate_event(event)
     register_key(hook)
     if event["status"] == EVENT_ERROR:
@@ -147,11 +159,7 @@ def records_from_event(
         if results is not None and error_class is not Doc2XAuthError:
             _keep_finished(hook, event["jobs"], results, known or {})
         raise error
-    outcomes = transport.run_sync(_collect(hook, event["jobs"], results, known or {}))
-    failures = [outcome for outcome in outcomes if outcome.get("status") is not None]
-    if failures:
-        raise batch_failure(failures, len(outcomes))
-    return outcomes
+    return transport.run_sync(_collect(hook, event["jobs"], results, known or {}))
 
 
 def store_finished(

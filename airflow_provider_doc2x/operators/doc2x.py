@@ -41,6 +41,7 @@ from airflow_provider_doc2x.events import (
     retry_plan,
     validate_event,
 )
+from airflow_provider_doc2x.failures import check_allowed_failures, report, split_outcomes
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
 from airflow_provider_doc2x.image_lane.uploads import ImageUploads
 from airflow_provider_doc2x.journal import STATE_KEY_PREFIX
@@ -48,8 +49,7 @@ from airflow_provider_doc2x.pdf.packing import DEFAULT_PDF_MAX_PAGES, MAX_PDF_PA
 from airflow_provider_doc2x.pdf.submission import DEFAULT_PDF_WAIT
 from airflow_provider_doc2x.pdf_lane.lane import PdfLane
 from airflow_provider_doc2x.records import (
-    records_from_event,
-    records_or_failure,
+    outcomes_from_event,
     result_keeper,
     store_finished,
 )
@@ -111,6 +111,11 @@ class Doc2XImageParseOperator(BaseOperator):
     :param large_images: send a JPEG or PNG over Doc2X's 7 MB image limit (or a raster whose PNG
         is) through the PDF API as a one-page PDF, losslessly; False refuses it, named, before
         anything is sent.
+    :param allowed_failures: images that may fail with the task still succeeding: a count, or a
+        fraction of the task's images (0.01 for 1%). The default, 0, fails the task on any. The
+        failed ones are named in the log, in XCom (key ``doc2x_failures``) and under
+        ``output_path``'s ``_failures/`` (:mod:`~airflow_provider_doc2x.failures`); the next run
+        sends them again.
     """
 
     template_fields: Sequence[str] = ("image_path", "output_path", "doc2x_conn_id")
@@ -134,29 +139,20 @@ class Doc2XImageParseOperator(BaseOperator):
         pdf_model: str | None = None,
         pdf_max_pages: int = DEFAULT_PDF_MAX_PAGES,
         large_images: bool = True,
+        allowed_failures: float = 0,
         **kwargs: Any,
     ) -> None:
         """Check the arguments (nothing is read or called at parse time)."""
         super().__init__(**kwargs)
-        if method not in ("async", "sync", "pdf"):
-            raise ValueError(f"method must be 'async', 'sync' or 'pdf', got {method!r}")
-        if pdf_model is not None and pdf_model not in protocol.PDF_MODELS:
-            raise ValueError(
-                f"pdf_model must be None or one of {sorted(protocol.PDF_MODELS)}, got {pdf_model!r}"
-            )
-        if pdf_model not in (None, protocol.DEFAULT_MODEL) and method != "pdf":
-            # One model makes every result a task stores: the image API's is v2.
-            raise ValueError(
-                f"pdf_model={pdf_model!r} parses through the PDF lane only (method='pdf'); with "
-                f"method={method!r} every result, documents included, is made by "
-                f"{protocol.DEFAULT_MODEL!r}: set method='pdf' to parse with {pdf_model!r}"
-            )
-        if not 1 <= pdf_max_pages <= MAX_PDF_PAGES:
-            raise ValueError(f"pdf_max_pages must be 1 to {MAX_PDF_PAGES}, got {pdf_max_pages}")
-        if max_concurrent_uploads is not None and max_concurrent_uploads < 1:
-            raise ValueError(f"max_concurrent_uploads must be at least 1, got {max_concurrent_uploads}")
-        if incremental and not output_path:
-            raise ValueError("incremental=True needs an output_path: the manifest is kept there")
+        check_arguments(
+            method=method,
+            pdf_model=pdf_model,
+            pdf_max_pages=pdf_max_pages,
+            max_concurrent_uploads=max_concurrent_uploads,
+            incremental=incremental,
+            output_path=output_path,
+        )
+        check_allowed_failures(allowed_failures)
         self.image_path = image_path
         self.doc2x_conn_id = doc2x_conn_id
         self.output_path = output_path
@@ -174,6 +170,7 @@ class Doc2XImageParseOperator(BaseOperator):
         self.pdf_model = pdf_model
         self.pdf_max_pages = pdf_max_pages
         self.large_images = large_images
+        self.allowed_failures = allowed_failures
         self._records: list[dict[str, Any]] = []
 
     @cached_property
@@ -217,23 +214,23 @@ class Doc2XImageParseOperator(BaseOperator):
             uploads = self._uploads(context)
             if self.method == "sync":
                 outcomes = self._parse_in_worker(uploads, intake, items)
-                return self._finish(records_or_failure(split.records(outcomes) if split else outcomes))
+                return self._finish(context, split.records(outcomes) if split else outcomes)
             if self.method == "pdf" or any(isinstance(item, Document) for item in items):
                 with self._pdf_lane(uploads, intake) as lane:
                     jobs = lane.prepare(items)
                     return self._finish(
-                        self._pdf_records(lane, lane.advance(split.jobs(jobs) if split else jobs))
+                        context, self._pdf_records(lane, lane.advance(split.jobs(jobs) if split else jobs))
                     )
             images = [item for item in items if not isinstance(item, Document)]
             jobs = split.jobs(uploads.submit(images)) if split else uploads.submit(images)
         known: dict[str, dict[str, Any]] = {}
         event = self._wait(jobs, known)
-        return self._finish(self._records_of(event, known))
+        return self._finish(context, self._records_of(event, known))
 
     def _parse_in_worker(self, uploads: ImageUploads, intake: Intake, items: list) -> list[dict[str, Any]]:
         """``method="sync"``: images by the synchronous endpoint, then documents by the PDF API, waited for here.
 
-        One record (or failed job) per source, in input order; a document's failure is raised.
+        One record (or the job of one that did not end parsed) per source, in input order.
         """
         documents = [index for index, item in enumerate(items) if isinstance(item, Document)]
         images = [index for index in range(len(items)) if index not in documents]
@@ -316,20 +313,24 @@ class Doc2XImageParseOperator(BaseOperator):
         return self._records_of(event, known)
 
     def _records_of(self, event: Any, known: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-        """The records of a wait's event (results fetched and stored), and how long making them took."""
+        """A wait's outcomes (results fetched and stored; the jobs of the others), and how long that took."""
         began = time.monotonic()
-        records = records_from_event(self.hook, event, results=self.results, known=known)
-        self.log.info("Doc2X: records of %d images made in %.3f s", len(records), time.monotonic() - began)
-        return records
+        outcomes = outcomes_from_event(self.hook, event, results=self.results, known=known)
+        self.log.info("Doc2X: records of %d images made in %.3f s", len(outcomes), time.monotonic() - began)
+        return outcomes
 
     def _uploads(self, context: Context) -> ImageUploads:
         return ImageUploads.for_task(
             self.hook, context, results=self.results, log=self.log, max_concurrent=self.max_concurrent_uploads
         )
 
-    def _finish(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _finish(self, context: Context, outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The records; failed images named if ``allowed_failures`` allows them, else one error naming all."""
+        records, failures = split_outcomes(outcomes, self.allowed_failures)
+        if failures:
+            report(failures, len(outcomes), context=context, output_path=self.output_path, log=self.log)
         if self.manifest is not None:
-            self.manifest.record(records)
+            self.manifest.record(records)  # a failed image is not recorded: the next run sends it again
         self.log.info("Doc2X parsed %d images", len(records))
         self._records = records
         return records
@@ -355,8 +356,8 @@ class Doc2XImageParseOperator(BaseOperator):
                     self._intake() as intake,
                     self._pdf_lane(self._uploads(context), intake) as lane,
                 ):
-                    return self._finish(self._pdf_records(lane, lane.advance(jobs)))
-        return self._finish(self._records_of(event))
+                    return self._finish(context, self._pdf_records(lane, lane.advance(jobs)))
+        return self._finish(context, self._records_of(event))
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
         """Each input image and each written Markdown file as datasets (OpenLineage is optional)."""
@@ -370,6 +371,35 @@ class Doc2XImageParseOperator(BaseOperator):
                 if "markdown_path" in record
             ],
         )
+
+
+def check_arguments(
+    *,
+    method: str,
+    pdf_model: str | None,
+    pdf_max_pages: int,
+    max_concurrent_uploads: int | None,
+    incremental: bool,
+    output_path: str | None,
+) -> None:
+    """Refuse, when the DAG is parsed, arguments that cannot work together (a ``ValueError`` saying why)."""
+    if method not in ("async", "sync", "pdf"):
+        raise ValueError(f"method must be 'async', 'sync' or 'pdf', got {method!r}")
+    if pdf_model is not None and pdf_model not in protocol.PDF_MODELS:
+        raise ValueError(f"pdf_model must be None or one of {sorted(protocol.PDF_MODELS)}, got {pdf_model!r}")
+    if pdf_model not in (None, protocol.DEFAULT_MODEL) and method != "pdf":
+        # One model makes every result a task stores: the image API's is v2.
+        raise ValueError(
+            f"pdf_model={pdf_model!r} parses through the PDF lane only (method='pdf'); with "
+            f"method={method!r} every result, documents included, is made by "
+            f"{protocol.DEFAULT_MODEL!r}: set method='pdf' to parse with {pdf_model!r}"
+        )
+    if not 1 <= pdf_max_pages <= MAX_PDF_PAGES:
+        raise ValueError(f"pdf_max_pages must be 1 to {MAX_PDF_PAGES}, got {pdf_max_pages}")
+    if max_concurrent_uploads is not None and max_concurrent_uploads < 1:
+        raise ValueError(f"max_concurrent_uploads must be at least 1, got {max_concurrent_uploads}")
+    if incremental and not output_path:
+        raise ValueError("incremental=True needs an output_path: the manifest is kept there")
 
 
 def lineage_dataset(uri: str) -> Any:
