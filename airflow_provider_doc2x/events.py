@@ -245,7 +245,7 @@ def failed_job(source: str, sha256: str | None, error: Doc2XError, uid: str | No
         **job(uid or error.uid, source, sha256, protocol.STATUS_FAILED),
         "code": error.failure_code,
         "message": error.summary,
-        **({"trace_id": error.trace_id} if isinstance(error.trace_id, str) else {}),
+        **({"trace_id": error.trace_id} if _trace_id_valid(error.trace_id) and error.trace_id else {}),
     }
 
 
@@ -291,6 +291,7 @@ class Job:
     sha256: str | None = None
     code: str | None = None
     message: str | None = None
+    trace_id: str | None = None
     lane: str | None = None
     page_idx: int | None = None
     pages: int | None = None
@@ -330,6 +331,7 @@ class Job:
             or not _count_valid(entry.get(MALFORMED))
             or entry.get("source_format") not in (None, *SOURCE_FORMATS)
             or entry.get("converted") not in (None, *CONVERTED_INTO)
+            or not _trace_id_valid(entry.get("trace_id"))
         ):
             raise Doc2XError(f"The Doc2X trigger was handed a malformed job: {protocol.quote(entry)}")
         return cls.of(entry)
@@ -350,7 +352,14 @@ class Job:
 
 
 #: What a job carries across the boundary beyond its source and status, in the order it is written.
-_CARRIED = ("uid", "sha256", "code", "message", *_PDF_KEYS, *_SOURCE_KEYS, STORED, MALFORMED)
+_CARRIED = ("uid", "sha256", "code", "message", "trace_id", *_PDF_KEYS, *_SOURCE_KEYS, STORED, MALFORMED)
+#: Longest trace id a job carries (Doc2X's are a few dozen characters).
+MAX_TRACE_ID = 128
+
+
+def _trace_id_valid(value: Any) -> bool:
+    """None, or a short printable string (a trace id is quoted to Doc2X's support, never run)."""
+    return value is None or (isinstance(value, str) and len(value) <= MAX_TRACE_ID and value.isprintable())
 
 
 def validate_event(event: Any) -> dict[str, Any]:

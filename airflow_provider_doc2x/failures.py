@@ -12,10 +12,11 @@ count, or a fraction of the task's images) the task succeeds when no more images
   append), one object per failed image.
 
 A failed image is not recorded as parsed: the manifest does not skip it and the cache holds nothing
-for it, so the next run sends it again. Only images that Doc2X (or the PDF lane) reported as failed
-count. A job still processing or not submitted when the wait ended, or a wait that gave up, fails
-the task as before: a new try reconnects to those jobs instead of paying for them again, which a
-run that succeeded would never do.
+for it, so the next run sends it again. Only final failures count (:func:`may_be_allowed`): Doc2X
+failed the job or refused the file. A job still processing or not submitted when the wait ended, a
+wait that gave up, an upload whose answer was lost, a result not fetched or answered malformed
+fail the task as before: a new try reconnects to those jobs instead of paying for them again,
+which a run that succeeded would never do.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from __future__ import annotations
 import json
 import math
 from typing import Any
+from urllib.parse import quote
 
 from airflow_provider_doc2x import protocol
+from airflow_provider_doc2x.exceptions import Doc2XInputError, Doc2XJobFailedError
 from airflow_provider_doc2x.records import batch_failure
 from airflow_provider_doc2x.storage.objects import storage_call, storage_path
 
@@ -68,11 +71,41 @@ def split_outcomes(
     failures = [outcome for outcome in outcomes if outcome.get("status") is not None]
     if not failures:
         return outcomes, []
-    ended_failed = all(outcome["status"] == protocol.STATUS_FAILED for outcome in failures)
-    if not ended_failed or len(failures) > allowed_count(allowed_failures, len(outcomes)):
+    final = all(
+        outcome["status"] == protocol.STATUS_FAILED and may_be_allowed(outcome.get("code"))
+        for outcome in failures
+    )
+    if not final or len(failures) > allowed_count(allowed_failures, len(outcomes)):
         raise batch_failure(failures, len(outcomes))
     records = [outcome for outcome in outcomes if outcome.get("status") is None]
     return records, [failure_entry(outcome) for outcome in failures]
+
+
+#: Codes of failures that leave something paid or possibly paid behind, though their class says
+#: "failed" or "bad input": an export or a download of a parse that succeeded (billed), a
+#: presigned url that already took a PDF (it may have landed).
+_PAID_BEHIND = frozenset({"export_failed", "download_refused", "presigned_url_used"})
+#: This provider's own codes of a source refused before anything of it was sent.
+_NOTHING_SENT = frozenset({"source_changed"})
+
+
+def may_be_allowed(code: str | None) -> bool:
+    """Whether a failure with this code is final and cost nothing more than its own try.
+
+    Allowed: Doc2X failed the job (``parse_error``, ``parse_timeout``, ...) or refused the file, or
+    the provider refused the source before sending it. Never allowed, whatever the allowance: a
+    lost answer to an upload (``upload_answer_lost``: Doc2X may have billed it), a result not
+    fetched (``fetch_failed``, ``result_expired``: paid, a new try fetches or reconnects), an answer
+    that stayed malformed (``protocol_error``), a transient, quota or key failure: a task that
+    succeeded would never be tried again, and the next run would pay again for what a retry of this
+    one recovers.
+    """
+    if code in _NOTHING_SENT:
+        return True
+    if code is None or code in _PAID_BEHIND:
+        return False
+    error_class = protocol.error_class_for(code)
+    return issubclass(error_class, (Doc2XJobFailedError, Doc2XInputError))
 
 
 def failure_entry(job: dict[str, Any]) -> dict[str, Any]:
@@ -121,6 +154,11 @@ def _file_name(ti: Any) -> str:
     """One file per try of one task instance: ``<dag>/<task>/<run>/<map index>-try-<n>.jsonl``."""
     if ti is None:
         return "task/try-1.jsonl"
-    run_id = str(getattr(ti, "run_id", "run")).replace("/", "_")
-    map_index = getattr(ti, "map_index", -1)
-    return f"{ti.dag_id}/{ti.task_id}/{run_id}/{map_index}-try-{getattr(ti, 'try_number', 1)}.jsonl"
+    dag, task, run = (_segment(getattr(ti, name, name)) for name in ("dag_id", "task_id", "run_id"))
+    return f"{dag}/{task}/{run}/{getattr(ti, 'map_index', -1)}-try-{getattr(ti, 'try_number', 1)}.jsonl"
+
+
+def _segment(value: Any) -> str:
+    """A name as one path segment of its own: ``/`` and other odd characters percent-encoded, never ``.`` or ``..``."""
+    segment = quote(str(value), safe="-_.+:@=,")
+    return segment.replace(".", "%2E") if segment in (".", "..", "") else segment

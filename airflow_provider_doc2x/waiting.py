@@ -149,7 +149,7 @@ class JobWaiter:
         # Malformed answers in a row, by id of the unit they answer (counted on from an earlier wait).
         malformed: dict[int, int] = {id(unit): int(unit[0].get(MALFORMED) or 0) for unit in pending}
         # "Doc2X: 420/3000 done; about 12 min left at the observed pace", every few seconds at most.
-        progress = Progress(self.log, len(jobs), "done", done=sum(is_finished(entry) for entry in jobs))
+        progress = Progress(self.log, len(jobs), "done", done=_ended(jobs))
         if pending:
             # The first round waits one interval: the task has just learnt these statuses (it
             # submitted or checked the jobs), so asking at once would be a wasted request. It also
@@ -233,7 +233,7 @@ class JobWaiter:
             ]
             failed_rounds = failed_rounds + 1 if transient else 0
             done = sum(is_finished(entry) for entry in jobs)
-            progress.update(done)
+            progress.update(_ended(jobs))
             more = _more_to_submit(jobs)
             if more and (not pending or (pdfs_at_start and 2 * pdfs_done >= pdfs_at_start)):
                 if limited_round:
@@ -325,6 +325,15 @@ def _units(entries: Any) -> list[list[dict[str, Any]]]:
     for entry in entries:
         units.setdefault((is_pdf(entry), entry.get("uid")), []).append(entry)
     return list(units.values())
+
+
+def _ended(jobs: list[dict[str, Any]]) -> int:
+    """Jobs that are over for this task: finished, and not a PDF-lane image to be tried again.
+
+    What a progress line counts: an image of a failed PDF that is sent again is not done yet, so the
+    count never goes back when it is.
+    """
+    return sum(is_finished(entry) and retry_plan(entry) is None for entry in jobs)
 
 
 def _more_to_submit(jobs: list[dict[str, Any]]) -> bool:

@@ -219,7 +219,10 @@ class ImageUploads:
             self.log,
             len(sources),
             verb,
-            per_second=settings.rate_limit_images / settings.rate_limit_window,
+            # A window that is not positive is refused, named, by the pacing: no pace to give here.
+            per_second=settings.rate_limit_images / settings.rate_limit_window
+            if settings.rate_limit_window > 0
+            else None,
             pace=f"{settings.rate_limit_images} images per {settings.rate_limit_window:g} s",
         )
 
