@@ -220,6 +220,7 @@ def execution_timeout():
 def timed_out_batch(doc2x, make_image, monkeypatch, store) -> list:
     """Eleven uploads side by side; ten are answered, one stalls; the timeout strikes at "10/11"."""
     monkeypatch.setenv("AIRFLOW_CONN_DOC2X_DEFAULT", doc2x.connection_json(max_concurrent_uploads=11))
+    monkeypatch.setenv("AIRFLOW__DOC2X__PROGRESS_INTERVAL", "0")  # a progress line for every upload
     doc2x.configure(stall_next=1, stall_seconds=3.0)
     images = [make_image(title=f"Timed Out {n}") for n in range(11)]
     with pytest.raises(Interrupted):
