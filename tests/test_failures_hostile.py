@@ -25,7 +25,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from airflow_provider_doc2x.exceptions import Doc2XError, Doc2XTaskStateError
 from airflow_provider_doc2x.failures import FAILURES_XCOM_KEY
-from airflow_provider_doc2x.journal import STATE_INDEX_KEY, TaskJournal
+from airflow_provider_doc2x.journal import STATE_PDF_LOG_PREFIX, TaskJournal
 from airflow_provider_doc2x.local.samples import Page, render
 from airflow_provider_doc2x.progress import Progress
 from airflow_provider_doc2x.storage.sources import sha256_of
@@ -425,40 +425,40 @@ def test_the_pdf_lane_s_progress_never_goes_back_when_failed_pages_are_tried_aga
 
 
 class FlakyStore(StateStore):
-    """A slow task state store whose ``set`` of the list of PDFs fails once; every write of the list is kept."""
+    """A slow task state store whose ``set`` of a batch of the PDF lane fails once."""
 
     def __init__(self, fail_on: int) -> None:
         super().__init__()
         self.calls = 0
         self.fail_on = fail_on
         self.lock = threading.Lock()
-        self.written: list[list[str]] = []
+        self.writes = 0
 
     def set(self, key, value, **kwargs):
         with self.lock:
             self.calls += 1
             call = self.calls
-        time.sleep(0.01)  # a store across a network: adds pile up while a write is under way
-        if key == STATE_INDEX_KEY and call == self.fail_on:
+        time.sleep(0.01)  # a store across a network: starts pile up while a write is under way
+        if key.startswith(STATE_PDF_LOG_PREFIX) and call == self.fail_on:
             raise ConnectionError("the API server went away")
         super().set(key, value, **kwargs)
-        if key == STATE_INDEX_KEY:
-            self.written.append(list(value["uids"]))
+        self.writes += 1
 
 
 @pytest.mark.parametrize("fail_on", [1, 2])
-def test_many_pdfs_added_side_by_side_each_return_only_once_stored_even_when_a_write_fails(fail_on):
+def test_many_pdfs_started_side_by_side_each_return_only_once_stored_and_none_after_a_failed_write(fail_on):
     store = FlakyStore(fail_on)
     journal = TaskJournal(store, may_hold=False)
-    uids = [f"pdf-{n:03d}" for n in range(40)]
-    returned_with: dict[str, list[str]] = {}
+    journal.pdfs.start_group = 8
+    uids = [f"pdf-{n:03d}" for n in range(100)]  # more than one batch (FLUSH_ENTRIES)
+    returned_with: dict[str, dict] = {}
 
-    async def add(uid: str) -> None:
-        await journal.add_pdf(uid)
-        returned_with[uid] = list(store.values[STATE_INDEX_KEY]["uids"])
+    async def start(uid: str) -> None:
+        await journal.pdf_started(uid, {"pages": [uid], "state": "put", "at": 1.0})
+        returned_with[uid] = store.pdfs()
 
     async def main():
-        return await asyncio.gather(*(add(uid) for uid in uids), return_exceptions=True)
+        return await asyncio.gather(*(start(uid) for uid in uids), return_exceptions=True)
 
     with journal.open():
         outcomes = asyncio.run(main())
@@ -467,7 +467,7 @@ def test_many_pdfs_added_side_by_side_each_return_only_once_stored_even_when_a_w
         isinstance(outcome, Doc2XTaskStateError) for outcome in outcomes if isinstance(outcome, BaseException)
     )
     assert len(failed) >= 1
-    for uid, listed in returned_with.items():
-        assert uid in listed  # returned only once a write holding it was done
-    assert set(store.values[STATE_INDEX_KEY]["uids"]) == set(uids)  # a failed write lost no uid
-    assert len(store.written) < len(uids)  # the writes were shared
+    for uid, held in returned_with.items():
+        assert uid in held  # returned only once a write holding it was done
+    assert set(store.pdfs()) == set(returned_with)  # every PDF that may be PUT is found by a new try
+    assert store.writes < len(returned_with) or not returned_with  # the writes were shared

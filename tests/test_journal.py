@@ -21,6 +21,8 @@ from airflow_provider_doc2x.journal import (
     STATE_INDEX_KEY,
     STATE_KEY_PREFIX,
     STATE_LOG_PREFIX,
+    STATE_PDF_LOG_PREFIX,
+    STATE_PDF_PREFIX,
     recorded_images,
 )
 from airflow_provider_doc2x.local.samples import Page, render
@@ -71,7 +73,7 @@ def test_pdfs_submitted_side_by_side_on_a_first_try_are_all_in_the_task_s_list(l
     retry = parse_operator(images, method="pdf", deferrable=True)
     records = run_to_the_end(retry, {"task_state_store": store, "ti": SimpleNamespace(try_number=2)})[0]
     assert [record["markdown"].splitlines()[0] for record in records] == [f"# Side {n}" for n in range(4)]
-    assert len(store.values[STATE_INDEX_KEY]["uids"]) == 2
+    assert len(store.pdfs()) == 2
     stats = lane.stats()
     assert (stats["pdf_tasks"], stats["pdf_pages_billed"]) == (2, 4)  # no PDF paid twice
 
@@ -90,27 +92,50 @@ def test_pdfs_submitted_side_by_side_at_a_resume_are_all_in_the_task_s_list(lane
     records = run_to_the_end(op, context)[0]
     assert len(records) == 6
     stats = lane.stats()
-    assert sorted(store.values[STATE_INDEX_KEY]["uids"]) == sorted({r["uid"] for r in records})
+    assert sorted(store.pdfs()) == sorted({r["uid"] for r in records})
     assert stats["pdf_tasks"] == 6
     assert store.most_at_once == 1  # one store call at a time
 
 
+def test_a_retry_reconnects_to_the_pdfs_an_earlier_release_recorded_under_its_own_keys(lane, tmp_path):
+    """A task upgraded between two tries: the list and per-PDF keys of earlier releases are read, and nothing is paid twice."""
+    images = two_sizes(tmp_path)
+    store = StateStore()
+    op = parse_operator(images, method="pdf", deferrable=True)
+    with pytest.raises(TaskDeferred):
+        op.execute({"task_state_store": store, "ti": SimpleNamespace(try_number=1)})
+    recorded = store.pdfs()
+    # What an earlier release would have written instead of the log.
+    store.values = {
+        key: value for key, value in store.values.items() if not key.startswith(STATE_PDF_LOG_PREFIX)
+    }
+    store.values[STATE_INDEX_KEY] = {"uids": list(recorded)}
+    for uid, record in recorded.items():
+        store.values[STATE_PDF_PREFIX + uid] = record
+    retry = parse_operator(images, method="pdf", deferrable=True)
+    records = run_to_the_end(retry, {"task_state_store": store, "ti": SimpleNamespace(try_number=2)})[0]
+    assert [record["markdown"].splitlines()[0] for record in records] == [f"# Side {n}" for n in range(4)]
+    assert {record["uid"] for record in records} == set(recorded)
+    stats = lane.stats()
+    assert (stats["pdf_tasks"], stats["pdf_pages_billed"]) == (2, 4)  # no PDF paid twice
+
+
 class SlowWriteStore(StateStore):
-    """A task state store whose writes take a while (a busy API server); counts the writes of the PDF list."""
+    """A task state store whose writes take a while (a busy API server); counts the writes of the PDF lane."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.index_writes = 0
+        self.pdf_writes = 0
 
     def set(self, key, value, **kwargs):
         time.sleep(0.2)
-        if key == STATE_INDEX_KEY:
-            self.index_writes += 1
+        if key.startswith(STATE_PDF_LOG_PREFIX):
+            self.pdf_writes += 1
         super().set(key, value, **kwargs)
 
 
-def test_pdfs_leaving_side_by_side_share_the_writes_of_the_task_s_list_and_all_are_found(lane, tmp_path):
-    """Five documents at once: fewer than five writes of the list, and a retry finds every one of them."""
+def test_pdfs_leaving_side_by_side_share_the_writes_of_their_records_and_all_are_found(lane, tmp_path):
+    """Five documents at once: fewer writes than documents (each recorded before its PUT and after), and a retry finds every one of them."""
     documents = []
     for n in range(5):
         path = tmp_path / f"doc-{n}.pdf"
@@ -121,8 +146,8 @@ def test_pdfs_leaving_side_by_side_share_the_writes_of_the_task_s_list_and_all_a
     with pytest.raises(TaskDeferred):
         op.execute({"task_state_store": store, "ti": SimpleNamespace(try_number=1)})
     assert lane.stats()["pdf_tasks"] == 5
-    assert len(store.values[STATE_INDEX_KEY]["uids"]) == 5
-    assert store.index_writes < 5
+    assert [record["state"] for record in store.pdfs().values()] == ["uploaded"] * 5
+    assert store.pdf_writes < 5
     # The worker is lost here; the retry reads the journal.
     retry = parse_operator(documents, deferrable=True)
     records = run_to_the_end(retry, {"task_state_store": store, "ti": SimpleNamespace(try_number=2)})[0]

@@ -23,7 +23,7 @@ from airflow_provider_doc2x import protocol
 from airflow_provider_doc2x.events import LANE_PDF, STATUS_QUEUED, make_event, pdf_job, queued_job
 from airflow_provider_doc2x.exceptions import Doc2XError, Doc2XQuotaError
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
-from airflow_provider_doc2x.journal import STATE_INDEX_KEY, STATE_PDF_PREFIX
+from airflow_provider_doc2x.journal import STATE_PDF_LOG_PREFIX
 from airflow_provider_doc2x.local.samples import Page, render
 from airflow_provider_doc2x.pdf.packing import pack_images
 from airflow_provider_doc2x.pdf.results import PAGE_MAP_MISMATCH, PdfFigures
@@ -93,10 +93,9 @@ def test_records_map_back_to_the_images_by_page_idx(lane, pages, tmp_path, defer
     assert (stats["pdf_tasks"], stats["pdf_pages_billed"], stats["max_pdf_billed_per_page"]) == (2, 5, 1)
     assert stats["billed_total"] == 0  # nothing through the image API
     # The store holds each PDF's uid and its page map (the sha256 of each page), in order.
-    index = store.values[STATE_INDEX_KEY]["uids"]
-    assert set(index) == uids
+    assert set(store.pdfs()) == uids
     for record in records:
-        page_map = store.values[STATE_PDF_PREFIX + record["uid"]]
+        page_map = store.pdfs()[record["uid"]]
         assert page_map["pages"][record["page_idx"]] == record["sha256"]
         assert page_map["state"] == "uploaded"
 
@@ -258,9 +257,9 @@ def test_a_failed_put_is_sent_again_on_its_url_and_an_old_url_is_replaced(lane, 
     assert titles(records) == ["# Url One", "# Url Two"]
     stats = lane.stats()
     assert (stats["preuploads"], stats["puts"], stats["puts_failed"], stats["pdf_tasks"]) == (2, 2, 1, 1)
-    first, second = store.values[STATE_INDEX_KEY]["uids"]  # both recorded before their PUT
-    assert store.values[STATE_PDF_PREFIX + first]["state"] == "put"  # it never landed
-    assert store.values[STATE_PDF_PREFIX + second]["state"] == "uploaded"
+    first, second = store.pdfs()  # both recorded before their PUT
+    assert store.pdfs()[first]["state"] == "put"  # it never landed
+    assert store.pdfs()[second]["state"] == "uploaded"
     # A new try reconnects to the PDF that landed: nothing is sent again.
     again = pdf_operator(images).execute({"task_state_store": store})
     assert [record["uid"] for record in again] == [second, second]
@@ -288,8 +287,7 @@ def test_a_lost_put_that_never_landed_is_named_then_resubmitted_by_the_next_try(
     with pytest.raises(Doc2XError) as caught:
         run_to_the_end(pdf_operator(images, deferrable=True), {"task_state_store": store})
     assert str(images[0]) in str(caught.value) and "upload_answer_lost" in str(caught.value)
-    (uid,) = store.values[STATE_INDEX_KEY]["uids"]
-    recorded = store.values[STATE_PDF_PREFIX + uid]
+    (recorded,) = store.pdfs().values()
     assert recorded["state"] == "uncertain"
     assert lane.stats()["puts"] == 1  # not sent again within the try
     # The next try asks Doc2X first; past the pickup delay, an unknown uid did not land.
@@ -611,7 +609,7 @@ def test_one_garbled_pdf_status_on_reconnect_is_asked_again_and_its_images_are_p
     records = pdf_operator(images, output_path=str(output)).execute({"task_state_store": store})
     assert garbled.hits == 1  # the new try's first status call, on reconnect
     assert [record["source"] for record in records] == [str(image) for image in images]
-    assert {record["uid"] for record in records} == set(store.values[STATE_INDEX_KEY]["uids"])
+    assert {record["uid"] for record in records} == set(store.pdfs())
     assert stored_titles(output) == ["# Asked One", "# Asked Tall", "# Asked Two"]
     stats = lane.stats()
     assert (stats["preuploads"], stats["puts"], stats["pdf_tasks"], stats["pdf_pages_billed"]) == (2, 2, 2, 3)
@@ -625,11 +623,7 @@ def test_a_pdf_status_that_stays_malformed_on_reconnect_is_asked_a_few_times_the
     images = [*small, *pages("Stays Tall", size=(300, 500))]
     output = tmp_path / "out"
     recorded_pdfs_finished(lane, images, store, output)
-    (uid,) = [
-        uid
-        for uid in store.values[STATE_INDEX_KEY]["uids"]
-        if sha256_of(small[0]) in store.values[STATE_PDF_PREFIX + uid]["pages"]
-    ]
+    (uid,) = [uid for uid, record in store.pdfs().items() if sha256_of(small[0]) in record["pages"]]
     doc2x_proxy.malformed("GET", f"^{protocol.PDF_STATUS_PATH}$", "truncated", times=None, query=f"uid={uid}")
     with pytest.raises(Doc2XError) as caught:
         pdf_operator(images, output_path=str(output)).execute({"task_state_store": store})
@@ -692,8 +686,14 @@ def test_a_pdf_tried_again_keeps_when_its_put_started_in_its_record(lane, pages,
     images = pages("Put Started Once")
     records = pdf_operator(images).execute({"task_state_store": store})
     assert titles(records) == ["# Put Started Once"]  # through the image lane in the end
-    (uid,) = store.values[STATE_INDEX_KEY]["uids"]
-    written = [value for key, value in writes if key == STATE_PDF_PREFIX + uid]
+    (uid,) = store.pdfs()
+    written = [
+        record
+        for key, batch in writes
+        if key.startswith(STATE_PDF_LOG_PREFIX)
+        for entry_uid, record in batch["entries"]
+        if entry_uid == uid
+    ]
     assert [value.get("fallback") for value in written] == [None, "image"]
     assert {value["state"] for value in written} == {"put"}
     assert written[1]["at"] == written[0]["at"]

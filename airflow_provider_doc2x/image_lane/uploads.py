@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_doc2x import protocol, transport
+from airflow_provider_doc2x import protocol
 from airflow_provider_doc2x.events import failed_job, job
 from airflow_provider_doc2x.exceptions import (
     Doc2XAuthError,
@@ -58,10 +57,6 @@ from airflow_provider_doc2x.storage.sources import ImageSource
 if TYPE_CHECKING:
     from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
     from airflow_provider_doc2x.storage.results import ResultStore
-
-
-#: The longest an interrupted batch is given to write what came back, before the error goes on.
-JOURNAL_FLUSH_SECONDS = 30.0
 
 
 class BatchStopped(Exception):
@@ -118,7 +113,7 @@ class ImageUploads:
         self.log = log
         self.max_concurrent = max(1, max_concurrent or self.settings.max_concurrent_uploads)
         # The starts of the uploads that go side by side are written together.
-        journal.start_group = max(journal.start_group, self.max_concurrent)
+        journal.images.start_group = max(journal.images.start_group, self.max_concurrent)
 
     @classmethod
     def for_task(
@@ -163,22 +158,7 @@ class ImageUploads:
     ) -> list[dict[str, Any]]:
         """Run the batch in the journal's thread, and say in the log how long it and its writes took."""
         began, writes, write_seconds = time.monotonic(), self.journal.writes, self.journal.write_seconds
-        ended = threading.Event()
-
-        async def batch() -> list[dict[str, Any]]:
-            try:
-                return await self._journaled(sources, outcome, verb)
-            finally:
-                ended.set()
-
-        with self.journal.open():
-            try:
-                outcomes = transport.run_sync(batch())
-            except BaseException:
-                # Interrupted (Airflow's execution_timeout, a signal): the batch is cancelled and
-                # writes what came back before the journal's thread stops and the error goes on.
-                ended.wait(JOURNAL_FLUSH_SECONDS)
-                raise
+        outcomes = self.journal.run(self._run(sources, outcome, verb))
         self.log.info(
             "Doc2X: %d images %s in %.3f s (task state store: %d writes, %.3f s)",
             len(sources),
@@ -187,22 +167,6 @@ class ImageUploads:
             self.journal.writes - writes,
             self.journal.write_seconds - write_seconds,
         )
-        return outcomes
-
-    async def _journaled(
-        self,
-        sources: Sequence[ImageSource],
-        outcome: Callable[[ImageSource, bytes, str, asyncio.Event], Awaitable[dict[str, Any]]],
-        verb: str,
-    ) -> list[dict[str, Any]]:
-        """The batch, then every entry of the journal written, whatever the batch's outcome."""
-        try:
-            outcomes = await self._run(sources, outcome, verb)
-        except BaseException:
-            with contextlib.suppress(Exception):  # the batch's own error is the one to raise
-                await self.journal.flush()
-            raise
-        await self.journal.flush()
         return outcomes
 
     async def _run(

@@ -43,7 +43,6 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_doc2x import transport
 from airflow_provider_doc2x.documents.intake import ConvertedSource, Document, Intake
 from airflow_provider_doc2x.events import (
     RETRY_SAME,
@@ -183,7 +182,7 @@ class PdfLane:
         by_content: dict[str, list[int]] = {}
         for index, digest in sorted(digests.items()):
             by_content.setdefault(digest, []).append(index)
-        image_lane |= transport.run_sync(self.recorded.reuse_and_reconnect(sources, by_content, jobs))
+        image_lane |= self.journal.run(self.recorded.reuse_and_reconnect(sources, by_content, jobs))
         known = sum(entry is not None for entry in jobs)
         firsts = [
             indices[0]
@@ -243,14 +242,14 @@ class PdfLane:
         """
         jobs = [dict(entry) for entry in jobs]
         for _ in range(self.settings.max_retries + 10):  # each pass submits, or moves images on
-            image_lane = transport.run_sync(
+            image_lane = self.journal.run(
                 retry_failed(
                     jobs, max_retries=self.settings.max_retries, recorded=self.recorded, log=self.log
                 )
             )
             if image_lane:
                 self._through_image_lane(image_lane, None, jobs)
-            image_lane = transport.run_sync(self._submit_within_bounds(jobs))
+            image_lane = self.journal.run(self._submit_within_bounds(jobs))
             if image_lane:
                 self._through_image_lane(image_lane, None, jobs)
             if any(is_pending(entry) for entry in jobs) or not _more_to_do(jobs):
@@ -281,6 +280,8 @@ class PdfLane:
             files, pages = files + 1, pages + size
         if not chosen:
             return []
+        # The records of the PDFs that leave side by side are written together before their PUTs.
+        self.journal.pdfs.start_group = len(chosen)
         image_lane: list[int] = []
         submissions: list[asyncio.Task[None]] = []
         stop: BaseException | None = None

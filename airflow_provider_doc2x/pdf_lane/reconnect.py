@@ -107,10 +107,10 @@ class PdfReconnection:
         self.results = results
         self.log = log
 
-    async def write(self, pdf: RecordedPdf) -> None:
-        """Write a PDF's record (nothing before Doc2X named it, nor without a store)."""
+    def write(self, pdf: RecordedPdf) -> None:
+        """Queue a PDF's newer record for the journal (nothing before Doc2X named it, nor without a store)."""
         if pdf.uid:
-            await self.journal.record_pdf(pdf.uid, pdf.to_json())
+            self.journal.pdf_answered(pdf.uid, pdf.to_json())
 
     async def reuse_and_reconnect(
         self,
@@ -171,12 +171,8 @@ class PdfReconnection:
 
     async def _recorded(self) -> list[RecordedPdf]:
         """The PDFs the store holds for this task, oldest first."""
-        found = []
-        for uid in await self.journal.pdf_uids():
-            pdf = RecordedPdf.of(uid, await self.journal.pdf(uid))
-            if pdf is not None:
-                found.append(pdf)
-        return found
+        found = [RecordedPdf.of(uid, value) for uid, value in (await self.journal.pdf_records()).items()]
+        return [pdf for pdf in found if pdf is not None]
 
     async def _reconnect(self, pdf: RecordedPdf) -> tuple[str, dict[str, Any]] | None:
         """The status of a PDF an earlier try recorded, and its images' extra keys; None to submit them again.
@@ -238,7 +234,7 @@ class PdfReconnection:
             return protocol.STATUS_PROCESSING, ({} if pdf.state == UPLOADED else {"uncertain": 1})
         if pdf.state != UPLOADED:
             pdf.state, pdf.uploaded_at = UPLOADED, since or time.time()
-            await self.write(pdf)
+            self.write(pdf)
         return status.status, {}
 
     async def mark_fallback(self, uid: str, fallback: str) -> None:
@@ -246,7 +242,7 @@ class PdfReconnection:
         pdf = RecordedPdf.of(uid, await self.journal.pdf(uid))
         if pdf is not None:
             pdf.fallback = fallback
-            await self.write(pdf)
+            self.write(pdf)
 
 
 def _job_of(pdf: RecordedPdf, source: str, digest: str, page_idx: int, status: str) -> dict[str, Any]:

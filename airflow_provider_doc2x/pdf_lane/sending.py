@@ -24,6 +24,7 @@ from airflow_provider_doc2x.exceptions import (
     Doc2XInputError,
     Doc2XQuotaError,
     Doc2XSubmitUncertainError,
+    Doc2XTaskStateError,
 )
 from airflow_provider_doc2x.journal import TaskJournal
 from airflow_provider_doc2x.pdf_lane.reconnect import (
@@ -174,8 +175,7 @@ class PdfSender:
 
         async def before_put(upload: protocol.Doc2XPreupload) -> None:
             record.uid, record.state, record.at = upload.uid, PUT_STARTED, time.time()
-            await self.journal.add_pdf(upload.uid)
-            await self.recorded.write(record)
+            await self.journal.pdf_started(upload.uid, record.to_json())
 
         try:
             submission = await self.hook.pdf.asubmit_pdf(
@@ -185,14 +185,13 @@ class PdfSender:
             # The PUT may have landed: the uid is known, so it is polled, never sent again here.
             uid = error.uid or record.uid
             record.state, record.uploaded_at = UNCERTAIN, time.time()
-            if record.uid:
-                await self.recorded.write(record)
+            self.recorded.write(record)
             self.log.warning("%s; PDF %s is polled by its uid to learn whether Doc2X took it", error, uid)
             submitted(uid, record.uploaded_at, {"uncertain": 1})
             return
         except Doc2XError as error:
             failed(error)
-            if isinstance(error, (Doc2XAuthError, Doc2XQuotaError)):
+            if isinstance(error, (Doc2XAuthError, Doc2XQuotaError, Doc2XTaskStateError)):
                 raise
             self.log.warning("The upload of %s failed: %s", what, error)
             return
@@ -201,5 +200,5 @@ class PdfSender:
             UPLOADED,
             round(submission.uploaded_at, 1),
         )
-        await self.recorded.write(record)
+        self.recorded.write(record)
         submitted(submission.uid, submission.uploaded_at, {})

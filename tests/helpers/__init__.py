@@ -73,6 +73,12 @@ class StateStore:
         json.dumps(value)  # what the real store accepts
         self.values[key] = value
 
+    def pdfs(self) -> dict[str, dict]:
+        """Each PDF's newest record, oldest first, as a new try reads them."""
+        from airflow_provider_doc2x.journal import recorded_pdfs
+
+        return recorded_pdfs(self.get)
+
 
 async def first_event(trigger) -> dict:
     """Run a trigger to its first event, as the triggerer does, and return the event's payload."""
