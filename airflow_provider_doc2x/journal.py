@@ -75,6 +75,9 @@ FLUSH_ENTRIES = 64
 #: side come a few milliseconds apart, and each write costs a database commit). The start of an
 #: upload paced by the key's window is written at once: waiting would only delay it.
 GATHER_SECONDS = 0.05
+#: Missing batches in a row a reader looks past before it takes the log as ended (a batch that was
+#: deleted, say, must not hide the ones after it, nor be written over by the next try).
+GAP_BATCHES = 1
 #: Seconds an interrupted step (Airflow's execution_timeout, a signal) gives its journal to write
 #: what came back before the error goes on.
 STEP_FLUSH_SECONDS = 30.0
@@ -97,13 +100,31 @@ def log_entries(batch: Any) -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
-def _read_log(get: Callable[[str], Any], prefix: str) -> dict[str, dict[str, Any]]:
+def _read_log(
+    get: Callable[[str], Any], prefix: str, valid: Callable[[dict[str, Any]], bool] = lambda value: True
+) -> dict[str, dict[str, Any]]:
     latest: dict[str, dict[str, Any]] = {}
-    number = 0
-    while (batch := get(f"{prefix}{number}")) is not None:
-        latest.update(log_entries(batch))
+    number, missing = 0, 0
+    while missing <= GAP_BATCHES:
+        batch = get(f"{prefix}{number}")
+        missing = missing + 1 if batch is None else 0
+        latest.update((key, value) for key, value in log_entries(batch) if valid(value))
         number += 1
     return latest
+
+
+def pdf_record_valid(value: dict[str, Any]) -> bool:
+    """Whether a PDF's record holds what a new try needs (its pages' sha256 and its state).
+
+    A record that does not is skipped, so that a newer one garbled in the store never hides the
+    PDF's valid start: its uid is still asked of Doc2X.
+    """
+    pages = value.get("pages")
+    return (
+        isinstance(pages, list)
+        and all(isinstance(page, str) for page in pages)
+        and isinstance(value.get("state"), str)
+    )
 
 
 def recorded_images(get: Callable[[str], Any]) -> dict[str, dict[str, Any]]:
@@ -123,9 +144,9 @@ def recorded_pdfs(get: Callable[[str], Any]) -> dict[str, dict[str, Any]]:
     pdfs: dict[str, dict[str, Any]] = {}
     for uid in _index_uids(get(STATE_INDEX_KEY)):
         record = get(STATE_PDF_PREFIX + uid)
-        if isinstance(record, dict):
+        if isinstance(record, dict) and pdf_record_valid(record):
             pdfs[uid] = record
-    pdfs.update(_read_log(get, STATE_PDF_LOG_PREFIX))
+    pdfs.update(_read_log(get, STATE_PDF_LOG_PREFIX, pdf_record_valid))
     return pdfs
 
 
@@ -140,15 +161,21 @@ class BatchLog:
 
     :param journal: the journal whose store and thread it uses.
     :param prefix: the key prefix of its batches.
+    :param valid: whether an entry read back can be used; one that cannot is skipped, so that it
+        never hides an older entry of its key.
 
     Used from one event loop at a time (the transport's); every step that queues entries ends with
     :meth:`flush` before another loop may use it.
     """
 
-    def __init__(self, journal: TaskJournal, prefix: str) -> None:
+    def __init__(
+        self, journal: TaskJournal, prefix: str, valid: Callable[[dict[str, Any]], bool] = lambda value: True
+    ) -> None:
         """Nothing is read until asked."""
         self.journal = journal
         self.prefix = prefix
+        #: Whether an entry read back is one this release can use (one that is not is skipped).
+        self.valid = valid
         #: Starts that make a group written at once (the uploads that go side by side).
         self.start_group = 1
         self._view: dict[str, dict[str, Any]] | None = None  # what the store holds, latest per key
@@ -176,12 +203,17 @@ class BatchLog:
         return self._view
 
     async def _read(self) -> dict[str, dict[str, Any]]:
+        """Every batch, up to :data:`GAP_BATCHES` missing ones in a row; the next batch goes after the last found."""
         latest: dict[str, dict[str, Any]] = {}
-        number = 0
-        while (batch := await self.journal._call("get", f"{self.prefix}{number}")) is not None:
-            latest.update(log_entries(batch))
+        number, missing = 0, 0
+        while missing <= GAP_BATCHES:
+            batch = await self.journal._call("get", f"{self.prefix}{number}")
+            if batch is None:
+                missing += 1
+            else:
+                missing, self._next_batch = 0, number + 1
+                latest.update((key, value) for key, value in log_entries(batch) if self.valid(value))
             number += 1
-        self._next_batch = number
         return latest
 
     def latest(self, key: str) -> dict[str, Any] | None:
@@ -275,6 +307,9 @@ class BatchLog:
                 except Exception as error:
                     self._fail_starts(error, waiters)
                     continue  # what comes back later is still written, if the store recovers
+                except BaseException as error:  # cancelled, or the process is stopping: none of them is sent
+                    self._fail_starts(error, waiters)
+                    raise
                 finally:
                     written, self._writing = self._writing, []
                 self._next_batch += 1
@@ -331,7 +366,7 @@ class TaskJournal:
         self.write_seconds = 0.0
         #: The image lane's log (keys: image contents' sha256) and the PDF lane's (keys: PDF uids).
         self.images = BatchLog(self, STATE_LOG_PREFIX)
-        self.pdfs = BatchLog(self, STATE_PDF_LOG_PREFIX)
+        self.pdfs = BatchLog(self, STATE_PDF_LOG_PREFIX, pdf_record_valid)
         self._earlier_pdfs: dict[str, dict[str, Any]] | None = None
 
     @property
@@ -369,11 +404,13 @@ class TaskJournal:
             try:
                 try:
                     outcome = await step
+                    await self.flush()
                 except BaseException:
-                    with suppress(Exception):  # the step's own error is the one to raise
+                    # Failed, or cancelled (in the step or in its last flush): what came back is
+                    # still written before the journal's thread stops; the step's error is raised.
+                    with suppress(Exception):
                         await self.flush()
                     raise
-                await self.flush()
                 return outcome
             finally:
                 ended.set()
@@ -396,8 +433,11 @@ class TaskJournal:
 
     async def _call(self, method: str, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
+        thread = self._thread
         try:
-            return await loop.run_in_executor(self._thread, getattr(self.store, method), *args)
+            if thread is None:  # closed: the store is never called from another thread
+                raise RuntimeError("the task's journal is closed")
+            return await loop.run_in_executor(thread, getattr(self.store, method), *args)
         except Exception as error:
             what = "read" if method == "get" else "written"
             raise Doc2XTaskStateError(
@@ -465,7 +505,7 @@ class TaskJournal:
             if self.may_hold:
                 for uid in _index_uids(await self._call("get", STATE_INDEX_KEY)):
                     record = await self._call("get", STATE_PDF_PREFIX + uid)
-                    if isinstance(record, dict):
+                    if isinstance(record, dict) and pdf_record_valid(record):
                         earlier[uid] = record
             self._earlier_pdfs = earlier
         return self._earlier_pdfs
@@ -475,7 +515,12 @@ class TaskJournal:
         if self.store is None:
             return None
         await self.pdfs.read()
-        return self.pdfs.latest(uid) or (await self._earlier()).get(uid)
+        known = self.pdfs.latest(uid) or (await self._earlier()).get(uid)
+        if known is None and not self.may_hold:
+            # A try that resumed after an upgrade: its PDFs may be under an earlier release's key.
+            earlier = await self._call("get", STATE_PDF_PREFIX + uid)
+            known = earlier if isinstance(earlier, dict) and pdf_record_valid(earlier) else None
+        return known
 
     async def pdf_started(self, uid: str, record: dict[str, Any]) -> None:
         """Record a PDF before its PUT; return once the store holds it (its PUT may start then)."""
