@@ -48,6 +48,8 @@ from typing import Any, cast
 from airflow_provider_doc2x import protocol
 from airflow_provider_doc2x.exceptions import (
     Doc2XAuthError,
+    Doc2XBudgetError,
+    Doc2XBudgetUnavailableError,
     Doc2XError,
     Doc2XJobNotFoundError,
     Doc2XProtocolError,
@@ -231,7 +233,15 @@ def retry_plan(entry: dict[str, Any]) -> str | None:
         return None
     error_class = protocol.error_class_for(entry.get("code"))
     if issubclass(
-        error_class, (Doc2XAuthError, Doc2XQuotaError, Doc2XSubmitUncertainError, Doc2XProtocolError)
+        error_class,
+        (
+            Doc2XAuthError,
+            Doc2XQuotaError,
+            Doc2XSubmitUncertainError,
+            Doc2XProtocolError,
+            Doc2XBudgetError,
+            Doc2XBudgetUnavailableError,
+        ),
     ):
         return None
     if issubclass(error_class, (Doc2XTransientError, Doc2XJobNotFoundError)):

@@ -129,6 +129,17 @@ class Doc2XTaskStateError(Doc2XError):
     default_code = "task_state_error"
 
 
+class Doc2XBudgetUnavailableError(Doc2XError):
+    """The store that keeps the key's daily page budget (Redis, or the host's file) cannot be reached.
+
+    The budget fails closed: nothing is sent while it cannot be counted. Not transient for the
+    hook (no upload is retried around it); Airflow's own task retries apply.
+    """
+
+    summary = "the daily page budget could not be read or booked"
+    default_code = "budget_unavailable"
+
+
 class Doc2XRateLimitError(Doc2XTransientError):
     """Too many requests or tasks for the key (HTTP 429 and the limit codes); retried after a pause."""
 
@@ -199,6 +210,17 @@ class Doc2XJobNotFoundError(Doc2XPermanentError):
 
     summary = "Doc2X does not know the job, or its result expired (24 h)"
     default_code = "parse_status_not_found"
+
+
+class Doc2XBudgetError(Doc2XPermanentError):
+    """A page budget would be overrun: the task's ``max_pages``, or the key's ``daily_page_budget``.
+
+    Nothing is sent past it; a new try would be refused the same way, so Airflow fails the task
+    without its retries. The message names the count, the budget and how to raise it.
+    """
+
+    summary = "a page budget (max_pages or daily_page_budget) would be overrun"
+    default_code = "budget_exceeded"
 
 
 def is_permanent(error: BaseException | type[BaseException]) -> bool:

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 #: Doc2X's API, where a connection with no host points.
 DEFAULT_BASE_URL = "https://v2.doc2x.noedgeai.com"
@@ -116,6 +117,17 @@ class Doc2XSettings:
         "Pixels per page",
         "Most pixels of a page the worker decodes (a decompression bomb is refused before decoding).",
     )
+    daily_page_budget: int | None = extra_field(
+        None,
+        "Daily page budget",
+        "Pages the key may bill per day, shared by every task of every host (in Redis with the pacing "
+        "connection, else per host); a PDF past it is refused before it is sent. Empty or 0: no budget.",
+    )
+    budget_timezone: str = extra_field(
+        "UTC",
+        "Budget time zone",
+        "The time zone whose day the daily page budget counts (an IANA name: UTC, Asia/Shanghai).",
+    )
 
     @classmethod
     def from_connection(cls, conn: Any, extra: Mapping[str, Any]) -> Doc2XSettings:
@@ -136,10 +148,12 @@ class Doc2XSettings:
                 continue
             try:
                 options[name] = _convert(value, kind)
+                _check_extra(name, options[name])
             except (TypeError, ValueError):
+                expected = _EXPECTED.get(name, f"a {kind.__name__}")
                 raise Doc2XInputError(
                     f"The Doc2X connection {conn.conn_id!r} has extra {name}={value!r}, "
-                    f"which is not a {kind.__name__}"
+                    f"which is not {expected}"
                 ) from None
         base_url, scheme_assumed = base_url_of(conn)
         return cls(base_url=base_url, api_key=api_key, scheme_assumed=scheme_assumed, **options)
@@ -162,6 +176,24 @@ def _convert(value: Any, kind: type) -> Any:
     if not math.isfinite(number) or (kind is int and not number.is_integer()):
         raise ValueError(value)
     return int(number) if kind is int else number
+
+
+#: What an extra with a rule of its own (:func:`_check_extra`) must be, as its error says it.
+_EXPECTED = {
+    "daily_page_budget": "a number of pages (0 or more; empty or 0: no budget)",
+    "budget_timezone": "an IANA time zone name, such as UTC, Europe/Paris or Asia/Shanghai",
+}
+
+
+def _check_extra(name: str, value: Any) -> None:
+    """Refuse a value of the right type that still means nothing (``ValueError``): the budget's extras."""
+    if name == "daily_page_budget" and value < 0:
+        raise ValueError(value)
+    if name == "budget_timezone":
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError, OSError) as error:
+            raise ValueError(value) from error
 
 
 def extra_fields() -> dict[str, type]:

@@ -48,6 +48,7 @@ from airflow_provider_doc2x import protocol
 from airflow_provider_doc2x.exceptions import (
     Doc2XError,
     Doc2XProtocolError,
+    Doc2XRateLimitError,
     Doc2XSubmitUncertainError,
     Doc2XTransientError,
 )
@@ -432,6 +433,23 @@ class Backoff:
         return wait
 
 
+class _Count:
+    """A count shared by the threads of a process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def add(self) -> None:
+        with self._lock:
+            self.value += 1
+
+
+#: Answers 429 (or a limit code) that a retry of this process absorbed: a task reads it before and
+#: after its uploads (a worker process runs one task at a time) for its usage's ``rate_limited``.
+RATE_LIMITED = _Count()
+
+
 def retry_options(
     settings: Doc2XSettings,
     *,
@@ -447,6 +465,8 @@ def retry_options(
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
+        if isinstance(error, Doc2XRateLimitError):
+            RATE_LIMITED.add()
         on_retry(error, state.upcoming_sleep, state.attempt_number + 1)
 
     return {

@@ -27,6 +27,7 @@ EXAMPLE_DAG_IDS = {
     "example_doc2x_incremental_index",
     "example_doc2x_bulk_pdf",
     "example_doc2x_documents",
+    "example_doc2x_cost_control",
 }
 TITLES = {
     "invoice": "# Invoice 2026-0042",
@@ -85,6 +86,19 @@ def test_example_dag_to_storage_twice_pays_once(doc2x, airflow_db, tmp_path):
     second = dags_test("example_doc2x_parse_to_storage", {"output_path": str(lake)}, doc2x)
     assert second.count("reused: ") == len(TITLES)
     assert doc2x.stats()["requests"]["submit"] == len(TITLES)
+
+
+def test_cost_control_example_plans_what_the_parse_then_bills_and_reports_its_usage(
+    doc2x, airflow_db, tmp_path
+):
+    lake = tmp_path / "lake"
+    first = dags_test("example_doc2x_cost_control", {"output_path": str(lake)}, doc2x)
+    assert f"planned: {len(TITLES)} pages; billed: {len(TITLES)} pages" in first
+    assert doc2x.stats()["billed_total"] == len(TITLES)
+    again = dags_test("example_doc2x_cost_control", {"output_path": str(lake)}, doc2x)
+    assert "planned: 0 pages; billed: 0 pages" in again
+    assert f"reused: {len(TITLES)} pages; failed: 0 images" in again
+    assert doc2x.stats()["billed_total"] == len(TITLES)
 
 
 def run_dag(dag, **run_conf):

@@ -132,4 +132,9 @@ def test_the_form_the_settings_and_the_readme_agree_on_the_extras():
     assert set(documented) == set(declared)
     for name, default in declared.items():
         shown = documented[name]
-        assert (shown == "none") if default is None else float(shown) == float(default), name
+        if default is None:
+            assert shown == "none", name
+        elif isinstance(default, str):
+            assert shown == default, name
+        else:
+            assert float(shown) == float(default), name

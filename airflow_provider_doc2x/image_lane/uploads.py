@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -41,6 +41,7 @@ from airflow_provider_doc2x import protocol
 from airflow_provider_doc2x.events import failed_job, job
 from airflow_provider_doc2x.exceptions import (
     Doc2XAuthError,
+    Doc2XBudgetUnavailableError,
     Doc2XError,
     Doc2XJobFailedError,
     Doc2XJobNotFoundError,
@@ -52,6 +53,7 @@ from airflow_provider_doc2x.exceptions import (
 from airflow_provider_doc2x.journal import TaskJournal
 from airflow_provider_doc2x.progress import Progress
 from airflow_provider_doc2x.records import FETCH_ATTEMPTS, recorded_status, store_or_record
+from airflow_provider_doc2x.spending import Spending
 from airflow_provider_doc2x.storage.sources import ImageSource
 
 if TYPE_CHECKING:
@@ -95,6 +97,7 @@ class ImageUploads:
     :param log: the task's logger.
     :param max_concurrent: uploads in flight at once; None takes the connection's
         ``max_concurrent_uploads``.
+    :param spending: the task's pages, booked before each upload (its budgets); None books nothing.
     """
 
     def __init__(
@@ -105,8 +108,10 @@ class ImageUploads:
         results: ResultStore | None,
         log: Any,
         max_concurrent: int | None = None,
+        spending: Spending | None = None,
     ) -> None:
         self.hook = hook
+        self.spending = spending or Spending()
         self.settings = hook.settings
         self.journal = journal
         self.results = results
@@ -124,6 +129,7 @@ class ImageUploads:
         results: ResultStore | None,
         log: Any,
         max_concurrent: int | None,
+        spending: Spending | None = None,
     ) -> ImageUploads:
         """The image lane of a running task: its journal in the task's state store (none before Airflow 3.3)."""
         store = context.get("task_state_store")
@@ -137,6 +143,7 @@ class ImageUploads:
             results=results,
             log=log,
             max_concurrent=max_concurrent,
+            spending=spending,
         )
 
     def submit(self, sources: Sequence[ImageSource]) -> list[dict[str, Any]]:
@@ -238,7 +245,8 @@ class ImageUploads:
             return {**reconnected, **source.job_keys}
         upload = _Upload(self, source, digest, stop)
         try:
-            uid = await self.hook.asubmit_image(data, source=source.uri, pacer=upload.window())
+            async with upload.booked():
+                uid = await self.hook.asubmit_image(data, source=source.uri, pacer=upload.window())
         except Doc2XError as error:
             return {**await upload.failed(error), **source.job_keys}
         upload.record({"uid": uid, "source": source.uri, "at": time.time()})
@@ -270,6 +278,7 @@ class ImageUploads:
         uid = recorded.get("uid")
         if (not isinstance(uid, str) or not uid) and (recorded.get("uncertain") or recorded.get("started")):
             what = "lost its answer" if recorded.get("uncertain") else "started and was never answered"
+            self.spending.possibly_billed_twice(1)
             self.log.warning(
                 "%s is submitted again and is possibly billed twice: an earlier try's upload of it %s",
                 source.uri,
@@ -316,6 +325,7 @@ class ImageUploads:
         self.log.info(
             "Reconnected %s to Doc2X job %s (%r), recorded by an earlier try", source.uri, uid, status.status
         )
+        self.spending.reconnected(1)
         return job(uid, source.uri, digest, status.status)
 
     # -- one image, synchronous endpoint ---------------------------------------------------------
@@ -331,7 +341,8 @@ class ImageUploads:
         await self._recorded(source, digest)
         upload = _Upload(self, source, digest, stop)
         try:
-            result = await self.hook.aparse_image(data, source=source.uri, pacer=upload.window())
+            async with upload.booked():
+                result = await self.hook.aparse_image(data, source=source.uri, pacer=upload.window())
         except Doc2XError as error:
             return await upload.failed(error)
         upload.record({"uid": result.uid, "source": source.uri, "at": time.time()})
@@ -350,6 +361,22 @@ class _Upload:
         self.stop = stop
         self.started = False
 
+    @asynccontextmanager
+    async def booked(self) -> AsyncIterator[None]:
+        """Its page booked against the task's budgets before it leaves; given back if Doc2X refused it unbilled."""
+        booking = await self.batch.spending.book(1, what=self.source.uri)
+        try:
+            yield
+        except (Doc2XSubmitUncertainError, Doc2XJobFailedError):
+            raise  # it may have landed, or Doc2X parsed it and failed: its page stays booked
+        except Doc2XError:
+            await self.batch.spending.release(booking)  # Doc2X answered and did not take it
+            raise
+        except BaseException:
+            if not self.started:  # stopped or cancelled before a byte left
+                await self.batch.spending.release(booking)
+            raise
+
     def window(self) -> _GuardedWindow:
         """The key's window for this upload, stopping with the batch and recording the start."""
         return _GuardedWindow(self.batch.hook.pacer(self.batch.settings), self.stop, self._mark_started)
@@ -366,8 +393,10 @@ class _Upload:
 
     async def failed(self, error: Doc2XError) -> dict[str, Any]:
         """The job of an upload that failed; a refused key, an empty quota or a failed store stops the batch."""
-        if isinstance(error, (Doc2XAuthError, Doc2XQuotaError, Doc2XTaskStateError)):
-            if self.started and not isinstance(error, Doc2XTaskStateError):
+        if isinstance(
+            error, (Doc2XAuthError, Doc2XQuotaError, Doc2XTaskStateError, Doc2XBudgetUnavailableError)
+        ):
+            if self.started and not isinstance(error, (Doc2XTaskStateError, Doc2XBudgetUnavailableError)):
                 # Refused: Doc2X did not take the image, so a next try sends it without a warning.
                 self.record({"failed": error.failure_code, "source": self.source.uri, "at": time.time()})
             self.stop.set()

@@ -20,24 +20,19 @@ multi-page TIFFs and scans over 7 MB (packed losslessly into a PDF).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from datetime import timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
 from airflow.providers.common.compat.sdk import BaseOperator, conf
 
-from airflow_provider_doc2x import protocol, transport
+from airflow_provider_doc2x import protocol
 from airflow_provider_doc2x.documents.intake import Document, Intake
 from airflow_provider_doc2x.events import (
     EVENT_FAILED,
     EVENT_PROGRESS,
     EVENT_SUCCESS,
-    is_finished,
     is_pdf,
-    is_pending,
-    make_event,
     retry_plan,
     validate_event,
 )
@@ -45,20 +40,21 @@ from airflow_provider_doc2x.failures import check_allowed_failures, report, spli
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
 from airflow_provider_doc2x.image_lane.uploads import ImageUploads
 from airflow_provider_doc2x.journal import STATE_KEY_PREFIX
+from airflow_provider_doc2x.pacing import daily_budget_for
 from airflow_provider_doc2x.pdf.packing import DEFAULT_PDF_MAX_PAGES, MAX_PDF_PAGES
 from airflow_provider_doc2x.pdf.submission import DEFAULT_PDF_WAIT
 from airflow_provider_doc2x.pdf_lane.lane import PdfLane
+from airflow_provider_doc2x.plan import planned
 from airflow_provider_doc2x.records import (
-    outcomes_from_event,
-    result_keeper,
     store_finished,
 )
+from airflow_provider_doc2x.spending import Spending
 from airflow_provider_doc2x.storage.manifest import Manifest
 from airflow_provider_doc2x.storage.objects import storage_path
 from airflow_provider_doc2x.storage.results import ResultStore
 from airflow_provider_doc2x.storage.sources import resolve_images
-from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
-from airflow_provider_doc2x.waiting import JobWaiter
+from airflow_provider_doc2x.task_waits import TaskWaits
+from airflow_provider_doc2x.usage import Usage, usage_run_facets
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
@@ -116,6 +112,13 @@ class Doc2XImageParseOperator(BaseOperator):
         failed ones are named in the log, in XCom (key ``doc2x_failures``) and under
         ``output_path``'s ``_failures/`` (:mod:`~airflow_provider_doc2x.failures`); the next run
         sends them again.
+    :param max_pages: the most pages one try of this task may bill (None: no cap). What a run would bill,
+        after the cache and the manifest, is counted before anything is sent
+        (:mod:`~airflow_provider_doc2x.plan`): over the cap, the task fails without Airflow retries
+        and nothing is sent. Each upload also books its pages against it, so that PDFs tried again
+        or uploads sent again stay within it too.
+    :param dry_run: count what a run would send and bill, and return that plan (XCom), sending
+        nothing: new, cached and manifest-known sources and their pages.
     """
 
     template_fields: Sequence[str] = ("image_path", "output_path", "doc2x_conn_id")
@@ -140,6 +143,8 @@ class Doc2XImageParseOperator(BaseOperator):
         pdf_max_pages: int = DEFAULT_PDF_MAX_PAGES,
         large_images: bool = True,
         allowed_failures: float = 0,
+        max_pages: int | None = None,
+        dry_run: bool = False,
         **kwargs: Any,
     ) -> None:
         """Check the arguments (nothing is read or called at parse time)."""
@@ -151,6 +156,7 @@ class Doc2XImageParseOperator(BaseOperator):
             max_concurrent_uploads=max_concurrent_uploads,
             incremental=incremental,
             output_path=output_path,
+            max_pages=max_pages,
         )
         check_allowed_failures(allowed_failures)
         self.image_path = image_path
@@ -171,7 +177,10 @@ class Doc2XImageParseOperator(BaseOperator):
         self.pdf_max_pages = pdf_max_pages
         self.large_images = large_images
         self.allowed_failures = allowed_failures
+        self.max_pages = max_pages
+        self.plan_only = dry_run  # BaseOperator has a dry_run() of its own
         self._records: list[dict[str, Any]] = []
+        self._spending: Spending | None = None
 
     @cached_property
     def hook(self) -> Doc2XHook:
@@ -181,16 +190,19 @@ class Doc2XImageParseOperator(BaseOperator):
     @cached_property
     def results(self) -> ResultStore | None:
         """Where results go: built at run time, once ``output_path`` is rendered."""
-        return (
-            ResultStore(self.output_path, model=self.model, overwrite=self.overwrite)
-            if self.output_path
-            else None
-        )
+        if not self.output_path:
+            return None
+        return ResultStore(self.output_path, model=self.model, overwrite=self.overwrite)
 
     @property
     def model(self) -> str:
         """The Doc2X model that makes this task's results (a stored result of another is not reused)."""
         return (self.pdf_model if self.method == "pdf" else None) or protocol.DEFAULT_MODEL
+
+    @property
+    def lane(self) -> str:
+        """The lane the task's images take (its documents take the PDF API's whatever the method)."""
+        return "pdf" if self.method == "pdf" else "image"
 
     @cached_property
     def manifest(self) -> Manifest | None:
@@ -199,18 +211,28 @@ class Doc2XImageParseOperator(BaseOperator):
             return None
         return Manifest(self.results, deferrable=self.deferrable)
 
-    def execute(self, context: Context) -> list[dict[str, Any]]:
+    def execute(self, context: Context) -> Any:
         """Check every source, submit (or reuse) each once, then wait: deferred, or in the worker.
 
         Documents (PDFs, multi-page TIFFs, scans over 7 MB) go through the PDF API whatever the
         ``method``; so the task then runs the PDF lane's loop, with images through the image lane
         unless ``method="pdf"`` packs them.
         """
+        self._spending = self._spending_of(None)
+        with self._spending.reporting(context=context, log=self.log, model=self.model, lane=self.lane):
+            return self._submit_and_wait(context)
+
+    def _submit_and_wait(self, context: Context) -> Any:
         sources = resolve_images(self.image_path, allow_schemes=self.allow_schemes)
         split = self.manifest.partition(sources) if self.manifest else None  # unchanged: never opened
         to_read = split.to_read if split else sources
         with self._intake() as intake:
             items = intake.check_all(to_read, log=self.log)
+            plan = planned(
+                items, split, self.results, max_pages=self.max_pages, dry_run=self.plan_only, log=self.log
+            )
+            if plan is not None:
+                return plan  # a dry run: nothing sent, nothing recorded
             uploads = self._uploads(context)
             if self.method == "sync":
                 outcomes = self._parse_in_worker(uploads, intake, items)
@@ -219,13 +241,14 @@ class Doc2XImageParseOperator(BaseOperator):
                 with self._pdf_lane(uploads, intake) as lane:
                     jobs = lane.prepare(items)
                     return self._finish(
-                        context, self._pdf_records(lane, lane.advance(split.jobs(jobs) if split else jobs))
+                        context,
+                        self._waits().pdf_records(lane, lane.advance(split.jobs(jobs) if split else jobs)),
                     )
             images = [item for item in items if not isinstance(item, Document)]
             jobs = split.jobs(uploads.submit(images)) if split else uploads.submit(images)
         known: dict[str, dict[str, Any]] = {}
-        event = self._wait(jobs, known)
-        return self._finish(context, self._records_of(event, known))
+        waits = self._waits()
+        return self._finish(context, waits.records_of(waits.wait(jobs, known), known))
 
     def _parse_in_worker(self, uploads: ImageUploads, intake: Intake, items: list) -> list[dict[str, Any]]:
         """``method="sync"``: images by the synchronous endpoint, then documents by the PDF API, waited for here.
@@ -238,7 +261,9 @@ class Doc2XImageParseOperator(BaseOperator):
         if documents:
             with self._pdf_lane(uploads, intake) as lane:
                 jobs = lane.advance(lane.prepare([items[index] for index in documents]))
-                outcomes.update(zip(documents, self._pdf_records(lane, jobs, defer=False), strict=True))
+                outcomes.update(
+                    zip(documents, self._waits().pdf_records(lane, jobs, defer=False), strict=True)
+                )
         return [outcomes[index] for index in range(len(items))]
 
     def _intake(self) -> Intake:
@@ -246,39 +271,6 @@ class Doc2XImageParseOperator(BaseOperator):
         return Intake.for_settings(
             self.hook.settings, large_images=self.large_images, allow_schemes=self.allow_schemes
         )
-
-    def _wait(
-        self, jobs: list[dict[str, Any]], known: dict[str, dict[str, Any]], *, defer: bool = True
-    ) -> dict[str, Any]:
-        """Wait for the jobs: deferred to the triggerer (this returns only in the worker), or here.
-
-        Both run the one wait loop, :class:`JobWaiter`, with the same deadline. In the worker it
-        runs on the transport's loop (the hook's settings were read in this thread already), and
-        ``known`` keeps the results its polls bring, so that they are not fetched again.
-        """
-        deadline = time.time() + self.timeout
-        if defer and self.deferrable and not all(is_finished(job) for job in jobs):
-            self.defer(
-                trigger=Doc2XImageParseTrigger(
-                    doc2x_conn_id=self.doc2x_conn_id,
-                    jobs=jobs,
-                    poll_interval=self.poll_interval,
-                    deadline=deadline,
-                    max_concurrent_polls=self.max_concurrent_polls,
-                ),
-                method_name="execute_complete",
-                # Airflow's own guard, after the trigger's deadline, in case the triggerer is lost.
-                timeout=timedelta(seconds=self.timeout + 60),
-            )
-        waiter = JobWaiter(
-            self.hook,
-            jobs,
-            poll_interval=self.poll_interval,
-            deadline=deadline,
-            max_concurrent_polls=self.max_concurrent_polls,
-            log=self.log,
-        )
-        return transport.run_sync(waiter.wait(on_result=result_keeper(self.hook, self.results, known)))
 
     def _pdf_lane(self, uploads: ImageUploads, intake: Intake) -> PdfLane:
         return PdfLane(
@@ -294,38 +286,41 @@ class Doc2XImageParseOperator(BaseOperator):
             pack_images=self.method == "pdf",
         )
 
-    def _pdf_records(
-        self, lane: PdfLane, jobs: list[dict[str, Any]], *, defer: bool = True
-    ) -> list[dict[str, Any]]:
-        """Wait for the PDFs in flight and submit the next ones until none is left; then the records.
+    def _waits(self) -> TaskWaits:
+        """How this execution waits for its jobs: deferred (resuming in :meth:`execute_complete`), or here."""
+        return TaskWaits(
+            self.hook,
+            results=self.results,
+            log=self.log,
+            defer=self.defer if self.deferrable else None,
+            trigger_kwargs={
+                "doc2x_conn_id": self.doc2x_conn_id,
+                "poll_interval": self.poll_interval,
+                "max_concurrent_polls": self.max_concurrent_polls,
+            },
+            timeout=self.timeout,
+            spending=self._spending,
+        )
 
-        Deferred (the task resumes in :meth:`execute_complete` after each wait), or in the worker.
-        """
-        known: dict[str, dict[str, Any]] = {}
-        while any(is_pending(entry) for entry in jobs):
-            event = validate_event(self._wait(jobs, known, defer=defer))
-            if event["status"] != EVENT_PROGRESS:
-                break
-            jobs = lane.advance(event["jobs"])
-        else:
-            failed = any(entry["status"] != protocol.STATUS_SUCCESS for entry in jobs)
-            event = make_event(EVENT_FAILED if failed else EVENT_SUCCESS, jobs, "nothing left to wait for")
-        return self._records_of(event, known)
-
-    def _records_of(self, event: Any, known: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-        """A wait's outcomes (results fetched and stored; the jobs of the others), and how long that took."""
-        began = time.monotonic()
-        outcomes = outcomes_from_event(self.hook, event, results=self.results, known=known)
-        self.log.info("Doc2X: records of %d images made in %.3f s", len(outcomes), time.monotonic() - began)
-        return outcomes
+    def _spending_of(self, carried: Any) -> Spending:
+        """This execution's share of the task's pages (its budgets) and usage, after what ``carried`` says."""
+        daily, most = daily_budget_for(self.hook.settings), self.max_pages
+        return Spending(max_pages=most, daily=daily, carried=carried, longest_deferral=self.timeout + 60)
 
     def _uploads(self, context: Context) -> ImageUploads:
         return ImageUploads.for_task(
-            self.hook, context, results=self.results, log=self.log, max_concurrent=self.max_concurrent_uploads
+            self.hook,
+            context,
+            results=self.results,
+            log=self.log,
+            max_concurrent=self.max_concurrent_uploads,
+            spending=self._spending,
         )
 
     def _finish(self, context: Context, outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The records; failed images named if ``allowed_failures`` allows them, else one error naming all."""
+        """The usage said; the records; failed images named if ``allowed_failures`` allows them, else one error naming all."""
+        if self._spending is not None:
+            self._spending.report(outcomes, context=context, log=self.log, model=self.model, lane=self.lane)
         records, failures = split_outcomes(outcomes, self.allowed_failures)
         if failures:
             report(failures, len(outcomes), context=context, output_path=self.output_path, log=self.log)
@@ -343,6 +338,12 @@ class Doc2XImageParseOperator(BaseOperator):
         expired at its end), then submits what remains (queued PDFs, the images of PDFs that
         failed) and defers again while PDFs are in flight.
         """
+        # What the task carried across the deferral comes back in the event (the trigger's kwargs).
+        self._spending = self._spending_of(event.get("carried") if isinstance(event, dict) else None)
+        with self._spending.reporting(context=context, log=self.log, model=self.model, lane=self.lane):
+            return self._resume(context, event)
+
+    def _resume(self, context: Context, event: Any) -> list[dict[str, Any]]:
         if self.manifest is not None:
             self.manifest.resume(event)  # results it knows are not looked up again
         event = validate_event(event)
@@ -356,21 +357,13 @@ class Doc2XImageParseOperator(BaseOperator):
                     self._intake() as intake,
                     self._pdf_lane(self._uploads(context), intake) as lane,
                 ):
-                    return self._finish(context, self._pdf_records(lane, lane.advance(jobs)))
-        return self._finish(context, self._records_of(event))
+                    return self._finish(context, self._waits().pdf_records(lane, lane.advance(jobs)))
+        return self._finish(context, self._waits().records_of(event))
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
-        """Each input image and each written Markdown file as datasets (OpenLineage is optional)."""
-        from airflow.providers.openlineage.extractors import OperatorLineage
-
-        return OperatorLineage(
-            inputs=[lineage_dataset(record["source"]) for record in self._records],
-            outputs=[
-                lineage_dataset(record["markdown_path"])
-                for record in self._records
-                if "markdown_path" in record
-            ],
-        )
+        """Each input image and each written Markdown file as datasets, and the task's usage (OpenLineage is optional)."""
+        usage = self._spending.usage if self._spending is not None else Usage()
+        return task_lineage(self._records, usage, model=self.model, lane=self.lane)
 
 
 def check_arguments(
@@ -381,6 +374,7 @@ def check_arguments(
     max_concurrent_uploads: int | None,
     incremental: bool,
     output_path: str | None,
+    max_pages: int | None = None,
 ) -> None:
     """Refuse, when the DAG is parsed, arguments that cannot work together (a ``ValueError`` saying why)."""
     if method not in ("async", "sync", "pdf"):
@@ -400,6 +394,21 @@ def check_arguments(
         raise ValueError(f"max_concurrent_uploads must be at least 1, got {max_concurrent_uploads}")
     if incremental and not output_path:
         raise ValueError("incremental=True needs an output_path: the manifest is kept there")
+    if max_pages is not None and (
+        isinstance(max_pages, bool) or not isinstance(max_pages, int) or max_pages < 0
+    ):
+        raise ValueError(f"max_pages must be None or a whole number of pages (0 or more), got {max_pages!r}")
+
+
+def task_lineage(records: list[dict[str, Any]], usage: Usage, *, model: str, lane: str) -> Any:
+    """The task's OpenLineage: its sources in, its Markdown files out, its usage and parser as run facets."""
+    from airflow.providers.openlineage.extractors import OperatorLineage
+
+    return OperatorLineage(
+        inputs=[lineage_dataset(record["source"]) for record in records],
+        outputs=[lineage_dataset(record["markdown_path"]) for record in records if "markdown_path" in record],
+        run_facets=usage_run_facets(usage, model=model, lane=lane),
+    )
 
 
 def lineage_dataset(uri: str) -> Any:

@@ -26,7 +26,9 @@ before its upload was sent (its holder stopped or starved) is never used: the tr
 the slot right before the send and books again if it was lost (:class:`PacedUpload`).
 
 The PDF lane's per-key limit, PDFs and pages in flight, is here too (:class:`PdfBudget`,
-:func:`pdf_budget_for`); the package re-exports the public names of its modules.
+:func:`pdf_budget_for`), and so is the key's daily page budget (:class:`DailyPageBudget`,
+:func:`daily_budget_for`), kept in the same place as the key's window but failing closed
+(:mod:`~airflow_provider_doc2x.pacing.daily`); the package re-exports the public names of its modules.
 """
 
 from __future__ import annotations
@@ -36,8 +38,15 @@ import hashlib
 import os
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from airflow_provider_doc2x.pacing.budget import PdfBudget, pdf_budget_for
+from airflow_provider_doc2x.pacing.daily import (
+    BUDGET_FORMAT_VERSION,
+    KEEP_DAYS,
+    DailyPageBudget,
+    PageBooking,
+)
 from airflow_provider_doc2x.pacing.private import is_private_dir
 from airflow_provider_doc2x.pacing.redis_window import RedisRateLimiter
 from airflow_provider_doc2x.pacing.window import (
@@ -53,15 +62,23 @@ from airflow_provider_doc2x.pacing.window_file import (
     MAX_LEASE_SECONDS,
 )
 
+if TYPE_CHECKING:
+    from airflow_provider_doc2x.settings import Doc2XSettings
+
 __all__ = [
+    "BUDGET_FORMAT_VERSION",
     "FORMAT_VERSION",
     "IN_FLIGHT_MARGIN_SECONDS",
+    "KEEP_DAYS",
     "LEGACY_IN_FLIGHT_SECONDS",
     "MAX_LEASE_SECONDS",
+    "DailyPageBudget",
     "PacedUpload",
+    "PageBooking",
     "PdfBudget",
     "RateLimiter",
     "RedisRateLimiter",
+    "daily_budget_for",
     "key_digest",
     "lease_seconds",
     "limiter_for",
@@ -76,6 +93,7 @@ _PLACE_VARIABLES = ("DOC2X_PACING_DIR", "XDG_RUNTIME_DIR", "AIRFLOW_HOME")
 
 _limiters: dict[tuple[object, ...], RateLimiter] = {}
 _limiters_lock = threading.Lock()
+_daily_budgets: dict[tuple[object, ...], DailyPageBudget] = {}
 
 
 def key_digest(base_url: str, api_key: str) -> str:
@@ -98,6 +116,10 @@ def pacing_dir() -> Path:
 
 def _window_file(place: tuple[str | None, ...], digest: str) -> Path:
     return _pacing_dir_of(*place) / f"{digest}.json"
+
+
+def _budget_file(place: tuple[str | None, ...], digest: str) -> Path:
+    return _pacing_dir_of(*place) / f"{digest}.budget.json"
 
 
 def limiter_for(
@@ -144,10 +166,37 @@ def limiter_for(
         return limiter
 
 
-def reset_limiters() -> None:
-    """Forget this process's limiters (tests): the next :func:`limiter_for` reads the environment anew."""
+def daily_budget_for(settings: Doc2XSettings) -> DailyPageBudget | None:
+    """The key's daily page budget, kept where the key is paced; None when the connection sets none.
+
+    With the connection's ``pacing_conn_id``, in Redis for every host; else in the host's pacing
+    folder (:func:`pacing_dir`), next to the key's window file. Shared by the threads of this
+    process. Cheap: nothing is opened or looked up until the first booking.
+    """
+    if not settings.daily_page_budget:
+        return None
+    digest = key_digest(settings.base_url, settings.api_key)
+    place = tuple(os.environ.get(name) for name in _PLACE_VARIABLES)
+    conn_id = settings.pacing_conn_id or None
+    registry_key = (digest, settings.daily_page_budget, settings.budget_timezone, conn_id, place)
     with _limiters_lock:
-        limiters = list(_limiters.values())
+        budget = _daily_budgets.get(registry_key)
+        if budget is None:
+            budget = _daily_budgets[registry_key] = DailyPageBudget(
+                settings.daily_page_budget,
+                digest=digest,
+                timezone=settings.budget_timezone,
+                redis_conn_id=conn_id,
+                state_file=functools.partial(_budget_file, place, digest),
+            )
+        return budget
+
+
+def reset_limiters() -> None:
+    """Forget this process's limiters and daily budgets (tests): the next call reads the environment anew."""
+    with _limiters_lock:
+        limiters: list[RateLimiter | DailyPageBudget] = [*_limiters.values(), *_daily_budgets.values()]
         _limiters.clear()
+        _daily_budgets.clear()
     for limiter in limiters:
         limiter.close()

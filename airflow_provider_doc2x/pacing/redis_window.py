@@ -330,15 +330,7 @@ class RedisRateLimiter(RateLimiter):
         """The booking, release and renewal scripts, on a client built from the Redis connection at first use."""
         with self._connect_lock:
             if self._client is None or self._scripts_of_client is None:
-                try:
-                    from airflow.providers.redis.hooks.redis import RedisHook
-                except ImportError as error:
-                    raise RuntimeError(
-                        "apache-airflow-providers-redis is not installed "
-                        "(pip install 'airflow-provider-doc2x[redis]')"
-                    ) from error
-                client = RedisHook(redis_conn_id=self.redis_conn_id).get_conn()
-                _bound_waits(client, self.socket_timeout)
+                client = redis_client(self.redis_conn_id, self.socket_timeout)
                 self._scripts_of_client = (
                     client.register_script(BOOK_SCRIPT),
                     client.register_script(RELEASE_SCRIPT),
@@ -527,6 +519,24 @@ class RedisRateLimiter(RateLimiter):
                 client.close()
             except Exception:  # closing a broken client can fail too; nothing is lost
                 log.debug("Doc2X pacing: closing the Redis client failed", exc_info=True)
+
+
+def redis_client(redis_conn_id: str, socket_timeout: float) -> Any:
+    """A Redis client from the Airflow connection ``redis_conn_id``, its waits bounded by ``socket_timeout``.
+
+    Raises:
+        RuntimeError: the Redis provider is not installed.
+        Exception: whatever looking up the connection raises (a missing connection among them).
+    """
+    try:
+        from airflow.providers.redis.hooks.redis import RedisHook
+    except ImportError as error:
+        raise RuntimeError(
+            "apache-airflow-providers-redis is not installed (pip install 'airflow-provider-doc2x[redis]')"
+        ) from error
+    client = RedisHook(redis_conn_id=redis_conn_id).get_conn()
+    _bound_waits(client, socket_timeout)
+    return client
 
 
 def _bound_waits(client: Any, seconds: float) -> None:

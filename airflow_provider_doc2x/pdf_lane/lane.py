@@ -43,6 +43,7 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
+from airflow_provider_doc2x import protocol
 from airflow_provider_doc2x.documents.intake import ConvertedSource, Document, Intake
 from airflow_provider_doc2x.events import (
     RETRY_SAME,
@@ -57,6 +58,7 @@ from airflow_provider_doc2x.events import (
 from airflow_provider_doc2x.exceptions import (
     Doc2XAuthError,
     Doc2XQuotaError,
+    Doc2XRateLimitError,
 )
 from airflow_provider_doc2x.journal import TaskJournal
 from airflow_provider_doc2x.pdf.packing import (
@@ -139,8 +141,8 @@ class PdfLane:
         self.max_files = max(1, self.settings.pdf_max_in_flight)
         self.max_pages_in_flight = max(1, self.settings.pdf_max_pages_in_flight)
         self.staging = PdfStaging()
-        self.recorded = PdfReconnection(hook, journal, results, log)
-        self.sender = PdfSender(hook, journal, self.recorded, log, model)
+        self.recorded = PdfReconnection(hook, journal, results, log, images.spending)
+        self.sender = PdfSender(hook, journal, self.recorded, log, model, images.spending)
         self._journal_open: ExitStack | None = None
 
     # -- the lane's life -------------------------------------------------------------------------
@@ -375,6 +377,12 @@ async def retry_failed(
         if plan == RETRY_SAME:
             size = pages
             to_image_lane = round_ > max_retries
+            refused = issubclass(protocol.error_class_for(head.get("code")), Doc2XRateLimitError)
+            if refused and isinstance(head.get("uploaded_at"), (int, float)):
+                # Taken, then refused for the key's limits, unbilled: sent again, it books them again.
+                await recorded.spending.unbilled(
+                    pages, what=head.get("uid") or "a PDF", sent_at=head["uploaded_at"]
+                )
         else:
             size = pages // SPLIT_BY
             to_image_lane = size < IMAGE_LANE_BELOW

@@ -20,6 +20,7 @@ from airflow_provider_doc2x.events import document_job, job, pdf_job
 from airflow_provider_doc2x.exceptions import Doc2XJobNotFoundError, Doc2XProtocolError
 from airflow_provider_doc2x.journal import TaskJournal
 from airflow_provider_doc2x.records import FETCH_ATTEMPTS, recorded_status
+from airflow_provider_doc2x.spending import Spending
 from airflow_provider_doc2x.storage.sources import ImageSource
 
 if TYPE_CHECKING:
@@ -98,10 +99,19 @@ class PdfReconnection:
     :param journal: the task's journal.
     :param results: where results go, or None (XCom); with its ``overwrite``, nothing is reused.
     :param log: the task's logger.
+    :param spending: the task's usage (its reconnections, its pages possibly billed twice).
     """
 
-    def __init__(self, hook: Doc2XHook, journal: TaskJournal, results: ResultStore | None, log: Any) -> None:
+    def __init__(
+        self,
+        hook: Doc2XHook,
+        journal: TaskJournal,
+        results: ResultStore | None,
+        log: Any,
+        spending: Spending | None = None,
+    ) -> None:
         """Keep the parts; nothing is read until asked."""
+        self.spending = spending or Spending()
         self.hook = hook
         self.journal = journal
         self.results = results
@@ -164,6 +174,8 @@ class PdfReconnection:
                     extra.get("code"),
                 )
                 continue
+            if status != protocol.STATUS_FAILED:
+                self.spending.reconnected(len(contents) if pdf.document is None else pdf.document["pages"])
             for digest, page_idx in contents:
                 for index in by_content[digest]:
                     jobs[index] = {**_job_of(pdf, sources[index].uri, digest, page_idx, status), **extra}
@@ -201,6 +213,7 @@ class PdfReconnection:
                     len(pdf.pages),
                 )
             else:
+                self.spending.possibly_billed_twice(len(pdf.pages))
                 self.log.warning(
                     "An earlier try's upload of Doc2X PDF %s (%d pages) %s, and Doc2X does not know the uid: "
                     "its images are submitted again and are possibly billed twice",

@@ -20,6 +20,8 @@ from airflow_provider_doc2x import protocol
 from airflow_provider_doc2x.events import LANE_PDF, document_job, failed_job, pdf_job, source_keys
 from airflow_provider_doc2x.exceptions import (
     Doc2XAuthError,
+    Doc2XBudgetError,
+    Doc2XBudgetUnavailableError,
     Doc2XError,
     Doc2XInputError,
     Doc2XQuotaError,
@@ -34,6 +36,7 @@ from airflow_provider_doc2x.pdf_lane.reconnect import (
     PdfReconnection,
     RecordedPdf,
 )
+from airflow_provider_doc2x.spending import Spending
 
 if TYPE_CHECKING:
     from airflow_provider_doc2x.documents.intake import Intake
@@ -50,12 +53,20 @@ class PdfSender:
     :param recorded: the lane's records of PDFs (written before the PUT and after its answer).
     :param log: the task's logger.
     :param model: the PDF API's model, or None for the service's default.
+    :param spending: the task's pages, booked before each PDF leaves (its budgets).
     """
 
     def __init__(
-        self, hook: Doc2XHook, journal: TaskJournal, recorded: PdfReconnection, log: Any, model: str | None
+        self,
+        hook: Doc2XHook,
+        journal: TaskJournal,
+        recorded: PdfReconnection,
+        log: Any,
+        model: str | None,
+        spending: Spending,
     ) -> None:
         """Keep the parts; nothing is sent until asked."""
+        self.spending = spending
         self.hook = hook
         self.journal = journal
         self.recorded = recorded
@@ -178,6 +189,15 @@ class PdfSender:
             await self.journal.pdf_started(upload.uid, record.to_json())
 
         try:
+            booking = await self.spending.book(pages, what=name or what)
+        except Doc2XBudgetError as error:
+            self.log.error("%s", error)
+            failed(error)
+            return
+        except Doc2XBudgetUnavailableError as error:
+            failed(error)
+            raise
+        try:
             submission = await self.hook.pdf.asubmit_pdf(
                 path, pages=pages, sources=sources, model=self.model, before_put=before_put, name=name
             )
@@ -190,6 +210,7 @@ class PdfSender:
             submitted(uid, record.uploaded_at, {"uncertain": 1})
             return
         except Doc2XError as error:
+            await self.spending.release(booking)  # Doc2X answered: it did not take the PDF
             failed(error)
             if isinstance(error, (Doc2XAuthError, Doc2XQuotaError, Doc2XTaskStateError)):
                 raise

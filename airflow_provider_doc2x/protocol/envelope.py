@@ -27,6 +27,8 @@ from typing import Any
 
 from airflow_provider_doc2x.exceptions import (
     Doc2XAuthError,
+    Doc2XBudgetError,
+    Doc2XBudgetUnavailableError,
     Doc2XError,
     Doc2XInputError,
     Doc2XJobFailedError,
@@ -75,6 +77,8 @@ OWN_CODES: dict[str, type[Doc2XError]] = {
         Doc2XProtocolError,
         Doc2XPermanentError,
         Doc2XInputError,
+        Doc2XBudgetError,
+        Doc2XBudgetUnavailableError,
     )
 }
 #: The PDF API's codes beyond the image API's table, and what they mean for the caller:

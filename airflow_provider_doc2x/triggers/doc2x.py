@@ -38,6 +38,10 @@ class Doc2XImageParseTrigger(BaseTrigger):
     them: ``jobs`` (typed on the way in, :class:`~airflow_provider_doc2x.events.Job`),
     ``poll_interval``, ``deadline`` (absolute, so that a restarted triggerer keeps the original
     budget instead of starting a new one), ``max_concurrent_polls`` and ``max_consecutive_errors``.
+
+    :param carried: what the task carries across the deferral (its usage so far: a few numbers),
+        handed back in the event as ``carried``. In the event, not in the resumed task's kwargs:
+        ``airflow dags test`` resumes a task with the event alone.
     """
 
     def __init__(
@@ -49,6 +53,7 @@ class Doc2XImageParseTrigger(BaseTrigger):
         deadline: float,
         max_concurrent_polls: int = 8,
         max_consecutive_errors: int = 5,
+        carried: dict[str, Any] | None = None,
     ) -> None:
         """Keep the JSON kwargs: each job checked and in its compact form."""
         super().__init__()
@@ -59,6 +64,7 @@ class Doc2XImageParseTrigger(BaseTrigger):
         self.deadline = float(deadline)
         self.max_concurrent_polls = max_concurrent_polls
         self.max_consecutive_errors = max_consecutive_errors
+        self.carried = carried if isinstance(carried, dict) else None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         """The classpath and JSON kwargs a triggerer rebuilds this trigger from (no key, no results)."""
@@ -71,6 +77,7 @@ class Doc2XImageParseTrigger(BaseTrigger):
                 "deadline": self.deadline,
                 "max_concurrent_polls": self.max_concurrent_polls,
                 "max_consecutive_errors": self.max_consecutive_errors,
+                **({"carried": self.carried} if self.carried else {}),
             },
         )
 
@@ -84,7 +91,8 @@ class Doc2XImageParseTrigger(BaseTrigger):
             )
         hook = Doc2XHook(doc2x_conn_id=self.doc2x_conn_id)
         try:
-            yield TriggerEvent(await self.waiter(hook).wait())
+            event = await self.waiter(hook).wait()
+            yield TriggerEvent({**event, "carried": self.carried} if self.carried else event)
         finally:
             await hook.aclose()
 

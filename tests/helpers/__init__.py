@@ -103,7 +103,7 @@ def run_deferred(op, context: dict[str, Any]):
     with pytest.raises(TaskDeferred) as deferred:
         op.execute(context)
     event = asyncio.run(first_event(deferred.value.trigger))
-    return getattr(op, deferred.value.method_name)(context, event)
+    return getattr(op, deferred.value.method_name)(context, event, **(deferred.value.kwargs or {}))
 
 
 def use_connection(monkeypatch, doc2x, **extra) -> None:
@@ -130,12 +130,13 @@ def run_to_the_end(op, context: dict[str, Any]) -> tuple[Any, int]:
             return call(), deferrals
         except TaskDeferred as deferred:
             deferrals += 1
-            kwargs = json.dumps(deferred.trigger.serialize()[1])
+            # What Airflow's database keeps: the trigger's kwargs, and the kwargs the task resumes with.
+            kwargs = json.dumps([deferred.trigger.serialize()[1], deferred.kwargs or {}])
             event = asyncio.run(first_event(deferred.trigger))
             method = getattr(op, deferred.method_name)
 
-            def call(method=method, event=event):
-                return method(context, event)
+            def call(method=method, event=event, resumed_with=deferred.kwargs or {}):
+                return method(context, event, **resumed_with)
 
         assert API_KEY not in kwargs
 
