@@ -168,12 +168,14 @@ def test_a_worker_killed_after_the_puts_were_answered_before_their_write_pays_no
     store = KilledAt(holds_only_answers, error)
     with pytest.raises((Doc2XTaskStateError, WorkerKilled)):
         parse_operator(images, method="pdf", deferrable=True).execute(context(store, 1))
-    assert lane.stats()["puts"] == 2
-    assert [record["state"] for record in store.pdfs().values()] == ["put", "put"]
+    put_by_the_first_try = lane.stats()["puts"]
+    recorded = store.pdfs()
+    assert put_by_the_first_try == len(recorded) >= 1  # each PDF PUT was recorded before its PUT
+    assert {record["state"] for record in recorded.values()} <= {"put", "uploaded"}
     records, _ = run_to_the_end(parse_operator(images, method="pdf", deferrable=True), context(store, 2))
     assert titles(records) == ["# Answered 0", "# Answered 1"]
-    assert billed(lane) == (2, 1)
-    assert lane.stats()["puts"] == 2
+    assert billed(lane) == (2, 1)  # no page paid twice
+    assert lane.stats()["puts"] == 2  # the retry PUT only what the first try never sent
 
 
 def test_a_store_that_fails_the_write_of_the_answers_stops_the_task_with_a_clear_error(lane, tmp_path):
