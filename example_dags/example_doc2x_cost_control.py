@@ -59,6 +59,7 @@ def example_doc2x_cost_control():
         print(f"reused: {usage['pages_reused']} pages; failed: {len(failures)} images")
         return {"planned": planned["pages_to_bill"], **usage}
 
+    plan >> parse  # the plan is made before anything is parsed (else it would find the results)
     report(plan.output) << parse
 
 
