@@ -484,3 +484,21 @@ def test_a_rewrite_cut_short_leaves_no_hit_beside_a_half_written_markdown(faulty
         ResultStore(LAKE).write("memory://inbox/page.png", digest, page_result(text))  # overwrite=True
     faulty.heal()
     assert ResultStore(LAKE).cached(digest, "memory://inbox/page.png") is None  # parsed again, not half
+
+
+@pytest.mark.parametrize("where", ["local", "local/with/slash/", "memory"])
+def test_record_paths_are_the_object_storage_paths_of_the_files_written(tmp_path, memory_fs, where):
+    """A record's paths (made without joining ObjectStoragePaths) name the files written, and read back."""
+    from airflow_provider_doc2x.storage.objects import storage_path
+
+    root = "memory://lake/paths" if where == "memory" else str(tmp_path / where)
+    figure = zip_payload({"images/fig.jpg": b"\xff\xd8figure"})
+    record = ResultStore(root).write("scans/A page.png", "d" * 64, result_with(figure, "![](fig.jpg)"))
+    folder = storage_path(root) / "A_page-dddddddddddd"
+    assert record["markdown_path"] == str(folder / "A_page.md")
+    assert record["sidecar_path"] == str(folder / "A_page.json")
+    assert record["figure_paths"] == [str(folder / "images" / "fig.jpg")]
+    assert storage_path(record["figure_paths"][0]).read_bytes() == b"\xff\xd8figure"
+    again = ResultStore(root).cached("d" * 64, "scans/A page.png")
+    assert again is not None and again["markdown_path"] == record["markdown_path"]
+    assert storage_path(again["markdown_path"]).read_text() == "![](images/fig.jpg)\n"

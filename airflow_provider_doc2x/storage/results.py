@@ -194,15 +194,22 @@ def markdown_text(markdown: str) -> bytes:
     return (markdown.rstrip("\n") + "\n").encode()
 
 
-def read_sidecar(folder: Any) -> dict[str, Any] | None:
-    """The sidecar as read: a later release's whatever its keys look like (it is taken, not ours)."""
-    sidecar = folder / f"{folder.name.rsplit('-', 1)[0]}.json"
-    fs, path = sidecar.fs, sidecar.path
+def read_sidecar(fs: Any, folder_path: str, folder_uri: str) -> dict[str, Any] | None:
+    """The sidecar of the folder at ``folder_path`` on ``fs``, as read (``folder_uri`` names it in errors).
+
+    A later release's is returned whatever its keys look like (it is taken, not ours).
+    """
+    name = f"{posixpath.basename(folder_path.rstrip('/')).rsplit('-', 1)[0]}.json"
+    path = f"{folder_path.rstrip('/')}/{name}"
     try:
         # One GET: an ``open`` (or s3fs's whole-object ``cat_file``) first asks for the object's
         # size, on S3 a HEAD, and a LIST when it is missing, to tell a folder from nothing; a read
         # from byte 0 on is one GET, or one 404.
-        data = storage_call(lambda: fs.cat_file(path, start=0), what="reading the sidecar", uri=str(sidecar))
+        data = storage_call(
+            lambda: fs.cat_file(path, start=0),
+            what="reading the sidecar",
+            uri=f"{folder_uri.rstrip('/')}/{name}",
+        )
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None  # no sidecar: an interrupted write, not a result
     try:
@@ -218,16 +225,17 @@ def read_sidecar(folder: Any) -> dict[str, Any] | None:
     return meta
 
 
-def folder_record(folder: Any, meta: dict[str, Any], *, cached: bool) -> dict[str, Any]:
-    """The record of a result folder, from its sidecar's (validated) metadata."""
+def folder_record(folder_uri: str, meta: dict[str, Any], *, cached: bool) -> dict[str, Any]:
+    """The record of the result folder ``folder_uri``, from its sidecar's (validated) metadata."""
     stem = meta["markdown"][: -len(".md")]
+    folder = folder_uri.rstrip("/")
     record = {
         "source": meta.get("source"),
         "uid": meta.get("uid"),
         "sha256": meta.get("sha256"),
-        "markdown_path": str(folder / meta["markdown"]),
-        "figure_paths": [str(folder / path) for path in meta.get("figures", [])],
-        "sidecar_path": str(folder / f"{stem}.json"),
+        "markdown_path": f"{folder}/{meta['markdown']}",
+        "figure_paths": [f"{folder}/{path}" for path in meta.get("figures", [])],
+        "sidecar_path": f"{folder}/{stem}.json",
         "cached": cached,
     }
     page_idx = meta.get("page_idx")
@@ -247,7 +255,12 @@ def folder_record(folder: Any, meta: dict[str, Any], *, cached: bool) -> dict[st
 
 
 class ResultStore:
-    """Writes and finds results under ``output_path``; every read and write goes through ObjectStoragePath."""
+    """Writes and finds results under ``output_path``; every read and write goes through ObjectStoragePath.
+
+    Inside, a result folder is its name under the root: its URI and its path on the filesystem are
+    strings made from the root's, and an ``ObjectStoragePath`` is made only for a file opened
+    through it (a join costs tens of microseconds, and a backfill makes tens of thousands).
+    """
 
     def __init__(
         self,
@@ -269,12 +282,15 @@ class ResultStore:
         self.max_zip_entries = max_zip_entries
         self.max_zip_bytes = max_zip_bytes
         self.root = storage_path(output_path)
+        root_uri, root_path = str(self.root), self.root.path
+        self._uri_prefix = root_uri if root_uri.endswith("/") else f"{root_uri}/"
+        self._path_prefix = root_path if root_path.endswith("/") else f"{root_path}/"
         self._written: dict[str, dict[str, Any]] = {}
         # The root's listing and the index by hash are built once, under this lock, and published
         # only whole: the upload threads that look meanwhile wait for them instead of finding nothing.
         self._lock = threading.RLock()
-        self._by_hash: dict[str, list[Any]] | None = None
-        self._children: list[Any] | None = None
+        self._by_hash: dict[str, list[str]] | None = None
+        self._children: list[str] | None = None
         self._sidecars: dict[str, dict[str, Any] | None] = {}
         #: Each source's storage fingerprint taken before it was read (see
         #: :mod:`airflow_provider_doc2x.storage.manifest`); written into the sidecar so that a lost manifest
@@ -291,21 +307,21 @@ class ResultStore:
         """
         if sha256 in self._written:
             return self._written[sha256]
-        own = self.root / folder_name(source, sha256)
-        meta = self.sidecar(own)
+        own = folder_name(source, sha256)
+        meta = self.sidecar_named(own)
         if meta is not None and self.holds(meta, sha256):
-            return folder_record(own, meta, cached=True)
-        probed = {own.name}
+            return self.record_of(own, meta)
+        probed = {own}
         if meta is not None:
-            by_model = self.root / folder_name(source, sha256, model=self.model)
-            probed.add(by_model.name)
-            meta = self.sidecar(by_model)
+            by_model = folder_name(source, sha256, model=self.model)
+            probed.add(by_model)
+            meta = self.sidecar_named(by_model)
             if meta is not None and self.holds(meta, sha256):
-                return folder_record(by_model, meta, cached=True)
+                return self.record_of(by_model, meta)
         for candidate in self._folders_of(sha256):
-            meta = self.sidecar(candidate) if candidate.name not in probed else None
+            meta = self.sidecar_named(candidate) if candidate not in probed else None
             if meta is not None and self.holds(meta, sha256):
-                return folder_record(candidate, meta, cached=True)
+                return self.record_of(candidate, meta)
         return None
 
     def holds(self, meta: Mapping[str, Any], sha256: str) -> bool:
@@ -319,8 +335,8 @@ class ResultStore:
         """Answer :meth:`cached` for this record's content from memory (a result known from the manifest)."""
         self._written[record["sha256"]] = {**record, "cached": True}
 
-    def folders(self) -> list[Any]:
-        """The root's children, from one fresh listing made at the first call.
+    def folder_names(self) -> list[str]:
+        """The names of the root's children, from one fresh listing made at the first call.
 
         A listing that fails (after retries) raises :class:`Doc2XStorageError`: an unlisted root
         is not an empty one.
@@ -332,7 +348,11 @@ class ResultStore:
                 )
             return self._children
 
-    def _list_root(self) -> list[Any]:
+    def uri_of(self, name: str) -> str:
+        """The URI of the folder ``name`` under the root: ``str(root / name)``, made without a join."""
+        return self._uri_prefix + name
+
+    def _list_root(self) -> list[str]:
         """One listing of the root (``iterdir`` would list it twice: once to ask whether it is a folder)."""
         fs, base = self.root.fs, self.root.path.rstrip("/")
         fs.invalidate_cache(base)  # another process may have written since this one listed
@@ -346,33 +366,35 @@ class ResultStore:
             if isinstance(item, dict) and isinstance(item.get("name"), str)
         }
         own = posixpath.basename(base)
-        return [self.root / name for name in sorted(names) if name and name not in (own, ".", "..")]
+        return [name for name in sorted(names) if name and name not in (own, ".", "..")]
 
-    def _folders_of(self, sha256: str) -> list[Any]:
+    def _folders_of(self, sha256: str) -> list[str]:
         """Folders whose name ends in this hash (12 or 64 hex), from one listing of the root made at the first miss."""
         index = self._by_hash
         if index is None:
             with self._lock:
                 if self._by_hash is None:
-                    built: dict[str, list[Any]] = {}
-                    for child in self.folders():
-                        tail = child.name.rsplit("-", 1)[-1]
+                    built: dict[str, list[str]] = {}
+                    for child in self.folder_names():
+                        tail = child.rsplit("-", 1)[-1]
                         if _HASH_TAIL.fullmatch(tail):
                             built.setdefault(tail[:12], []).append(child)
                     self._by_hash = built
                 index = self._by_hash
         return index.get(sha256[:12], [])
 
-    def sidecar(self, folder: Any) -> dict[str, Any] | None:
-        """The sidecar of a result folder, validated, read once per store; None if missing or not a result.
+    def sidecar_named(self, name: str) -> dict[str, Any] | None:
+        """The sidecar of the result folder ``name`` under the root, validated, read once per store.
+
+        None if it is missing or not a result.
 
         Raises :class:`Doc2XStorageError` naming the sidecar when it cannot be read.
         """
-        if folder.name not in self._sidecars:
-            self._sidecars[folder.name] = read_sidecar(folder)
-        return self._sidecars[folder.name]
+        if name not in self._sidecars:
+            self._sidecars[name] = read_sidecar(self.root.fs, self._path_prefix + name, self.uri_of(name))
+        return self._sidecars[name]
 
-    def _folder_for(self, source: str, sha256: str) -> tuple[Any, dict[str, Any] | None]:
+    def _folder_for(self, source: str, sha256: str) -> tuple[str, dict[str, Any] | None]:
         """Where this content's new result goes, with the sidecar there now (None: none, or not a result).
 
         The image's own folder (``<stem>-<12 hex>``) if it is free or holds this content by this
@@ -381,23 +403,23 @@ class ResultStore:
         ``-<64 hex>`` twin, by the same rules). Another content's, another model's or a later
         release's result is never overwritten.
         """
-        taken: list[tuple[Any, str]] = []
+        taken: list[tuple[str, str]] = []
         for model in (None, self.model):
             for whole in (False, True):
-                folder = self.root / folder_name(source, sha256, whole=whole, model=model)
-                meta = self.sidecar(folder)
+                folder = folder_name(source, sha256, whole=whole, model=model)
+                meta = self.sidecar_named(folder)
                 if meta is None or (
                     meta.get("sha256") == sha256 and model_of(meta) == self.model and not _newer_format(meta)
                 ):
                     if taken:
                         log.warning(
                             "Result folder %s holds %s: the result of %s (sha256 %s) by %s goes to %s",
-                            taken[0][0],
+                            self._uri_prefix + taken[0][0],
                             taken[0][1],
                             source,
                             sha256,
                             self.model,
-                            folder,
+                            self._uri_prefix + folder,
                         )
                     return folder, meta
                 if _newer_format(meta):
@@ -409,7 +431,7 @@ class ResultStore:
                     taken.append((folder, "another image's result"))
         raise Doc2XStorageError(
             f"The result of {source} (sha256 {sha256}) by {self.model} cannot be stored: "
-            + "; ".join(f"{folder} holds {what}" for folder, what in taken)
+            + "; ".join(f"{self._uri_prefix}{folder} holds {what}" for folder, what in taken)
             + ". This provider overwrites none of them; move those folders away, or parse the image "
             "with the release that wrote them",
             source=source,
@@ -439,16 +461,19 @@ class ResultStore:
         """
         folder, previous = self._folder_for(source, sha256)
         on_object_store = self.root.protocol in OBJECT_STORE_SCHEMES
+        fs, folder_path = self.root.fs, self._path_prefix + folder
         if not on_object_store:
-            folder.mkdir(parents=True, exist_ok=True)
-        stem = folder.name.rsplit("-", 1)[0]
+            fs.makedirs(folder_path, exist_ok=True)
+        stem = folder.rsplit("-", 1)[0]
         if previous is not None:
             # Rewriting a complete result in place (overwrite, a result fetched again): its sidecar
             # goes first, so that a rewrite cut short leaves a folder that is not a hit, never a
             # valid sidecar beside a half-written Markdown.
-            self._sidecars[folder.name] = None
+            self._sidecars[folder] = None
             self._written.pop(sha256, None)
-            remove_object(folder / f"{stem}.json", what="removing the sidecar before rewriting")
+            remove_object(
+                self.root.joinpath(folder, f"{stem}.json"), what="removing the sidecar before rewriting"
+            )
         if figures is None:
             figures = unpack_figures(
                 result.convert_zip,
@@ -458,11 +483,10 @@ class ResultStore:
             )
         written: dict[str, bytes] = {}
         for path, data in figures.files.items():
-            target = folder / path
             try:
                 if not on_object_store:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                write(target, data)
+                    fs.makedirs(posixpath.dirname(f"{folder_path}/{path}"), exist_ok=True)
+                write(self.root.joinpath(folder, path), data)
             except (OSError, ValueError) as error:
                 figures.warnings.append(
                     f"figure {path!r} of {source} could not be written ({error}); skipped"
@@ -472,9 +496,9 @@ class ResultStore:
         for warning in figures.warnings:
             log.warning("%s", warning)
         if figures.raw is not None:
-            write(folder / RAW_PAYLOAD_NAME, figures.raw)
+            write(self.root.joinpath(folder, RAW_PAYLOAD_NAME), figures.raw)
         text = result.markdown if markdown is None else markdown
-        write(folder / f"{stem}.md", markdown_text(link_figures(text, written)))
+        write(self.root.joinpath(folder, f"{stem}.md"), markdown_text(link_figures(text, written)))
         document = bool((extra or {}).get("document"))
         # Keys a later release added to this source's earlier sidecar are kept.
         kept = (
@@ -510,12 +534,12 @@ class ResultStore:
         if source in self.fingerprints:
             meta["source_fingerprint"] = self.fingerprints[source]
         # The sidecar goes last: a folder without it is an interrupted write, not a cache hit.
-        write(folder / f"{stem}.json", json.dumps(meta, indent=2).encode())
-        self._sidecars[folder.name] = meta
-        record = folder_record(folder, meta, cached=False)
+        write(self.root.joinpath(folder, f"{stem}.json"), json.dumps(meta, indent=2).encode())
+        self._sidecars[folder] = meta
+        record = folder_record(self.uri_of(folder), meta, cached=False)
         self._written[sha256] = {**record, "cached": True}
         return record
 
     def record_of(self, folder_name: str, meta: dict[str, Any]) -> dict[str, Any]:
         """The record of an earlier result in ``folder_name`` under the root, from its (validated) metadata."""
-        return folder_record(self.root / folder_name, meta, cached=True)
+        return folder_record(self.uri_of(folder_name), meta, cached=True)

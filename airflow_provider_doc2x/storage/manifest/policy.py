@@ -323,7 +323,7 @@ class Manifest:
         """
         if entry.result is not None and entry.model == self.results.model:
             if entry.legacy:
-                meta = self.results.sidecar(self.results.root / entry.result.folder)
+                meta = self.results.sidecar_named(entry.result.folder)
                 if meta is None or not self.results.holds(meta, entry.sha256):
                     return None
             record = self._record_of(source, entry.sha256, entry.result)
@@ -395,7 +395,7 @@ class Manifest:
             return None
         prefix, _, markdown = markdown_path.rpartition("/")
         folder = prefix.rpartition("/")[2]
-        if str(self.results.root / folder) != prefix:
+        if self.results.uri_of(folder) != prefix:
             return None
         figures = []
         for path in figure_paths:

@@ -10,7 +10,6 @@ fingerprint that does not match, or another model's result means a read.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 from airflow_provider_doc2x.storage.manifest.format import (
     RESULT_FOLDER,
@@ -45,10 +44,10 @@ class SidecarRecovery:
         ``state`` says, in the warning given once, why entries are being rebuilt (the manifest is
         ``missing``, ``partly unusable`` or ``partly unreadable``).
         """
-        by_stem: dict[str, list[Any]] = {}
-        for child in self.results.folders():
-            if RESULT_FOLDER.fullmatch(child.name):
-                by_stem.setdefault(child.name.rsplit("-", 1)[0], []).append(child)
+        by_stem: dict[str, list[str]] = {}
+        for child in self.results.folder_names():
+            if RESULT_FOLDER.fullmatch(child):
+                by_stem.setdefault(child.rsplit("-", 1)[0], []).append(child)
         if not by_stem:
             return {}  # nothing parsed here yet: a first run, nothing to rebuild
         if not self._warned:
@@ -71,9 +70,9 @@ class SidecarRecovery:
         log.info("Manifest: %d of %d entries rebuilt from the sidecars", len(found), len(sources))
         return found
 
-    def _result_in(self, candidate: Any, source: str, fp: str) -> tuple[str, Result] | None:
-        """The content and result a folder's sidecar gives for this source and fingerprint, if any."""
-        meta = self.results.sidecar(candidate)
+    def _result_in(self, candidate: str, source: str, fp: str) -> tuple[str, Result] | None:
+        """The content and result the sidecar of the folder ``candidate`` gives for this source and fingerprint, if any."""
+        meta = self.results.sidecar_named(candidate)
         if (
             not meta
             or not isinstance(meta.get("source"), str)
@@ -89,7 +88,7 @@ class SidecarRecovery:
                 raise Unusable("no sha256")
             result = Result.from_json(
                 {
-                    "folder": candidate.name,
+                    "folder": candidate,
                     "uid": meta.get("uid"),
                     "markdown": meta.get("markdown"),
                     "figures": meta.get("figures", []),
