@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 #: Sources read, copied, counted or converted at once (conversion is CPU work; Pillow lets go of
 #: the GIL while it decodes and encodes).
 INTAKE_THREADS = 4
+#: Names of local files whose check is a header read, CPU under the GIL: several threads would only
+#: take turns (and cost more CPU than one), so a batch of only these is checked by one thread.
+_HEADER_ONLY_SUFFIXES = (".jpg", ".jpeg", ".png")
 #: Formats converted to PNG for the image API (a one-page TIFF too).
 CONVERTED_FORMATS = frozenset({formats.WEBP, formats.BMP, formats.GIF, formats.TIFF, formats.HEIF})
 #: What the provider reads, for the error about a file it does not.
@@ -185,7 +188,8 @@ class Intake:
             Doc2XStorageError: the storage kept failing to answer (retryable; not a bad file).
         """
         began = time.monotonic()
-        with ThreadPoolExecutor(INTAKE_THREADS, thread_name_prefix="doc2x-intake") as pool:
+        threads = INTAKE_THREADS if any(map(_waits_or_converts, sources)) else 1
+        with ThreadPoolExecutor(threads, thread_name_prefix="doc2x-intake") as pool:
             futures = [pool.submit(self._check_one, source) for source in sources]
             checked: list[Checked | None] = []
             problems: list[str] = []
@@ -374,3 +378,12 @@ def travel(item: Checked) -> str | None:
     if isinstance(item, ConvertedSource):
         return f"{item.uri} ({formats.describe(item.source_format)}) is converted losslessly to PNG for the image API"
     return None
+
+
+def _waits_or_converts(source: ImageSource) -> bool:
+    """Whether checking ``source`` waits on the network or converts (then threads overlap that work).
+
+    Only a hint for how many threads check a batch: the check itself reads every file's content.
+    """
+    local = source.path.protocol in ("file", "local")
+    return not local or not source.uri.lower().endswith(_HEADER_ONLY_SUFFIXES)
