@@ -88,6 +88,7 @@ RUNS = {
     ],
     "incremental.py": ["--existing", "200", "--new", "10", "--changed", "3", "--image-kb", "2"],
     "ocr_engine.py": ["--rounds", "1", "--threads", "1"],
+    "backfill.py": ["--images", "40", "--tasks", "2", "--calibrate", "40", "--slots", "2"],
     "pdf_lane.py": [
         "--counts",
         "12",
@@ -104,7 +105,7 @@ RUNS = {
 
 
 #: The benches that deploy Airflow run with the deployment tests, alone.
-DEPLOYING = ("mapped_pool.py", "celery_pacing.py", "triggerer.py", "task_cost.py")
+DEPLOYING = ("mapped_pool.py", "celery_pacing.py", "triggerer.py", "task_cost.py", "backfill.py")
 #: The benches whose tasks run through ``airflow dags test``.
 THROUGH_DAGS_TEST = (
     "documents.py",
@@ -157,3 +158,6 @@ def test_bench_script_runs_and_prints_its_figures(script, request):
         "celery_pacing.py",
     ):  # never billed twice, whatever the timing
         assert re.findall(r"max billings of one image\s+(\d+)", result.stdout) == ["1", "1", "1"]
+    if script == "backfill.py":  # every image parsed and billed once, its results as files and in XCom
+        assert re.findall(r"images parsed\s+(\d+)", result.stdout) == ["40", "40"]
+        assert re.findall(r"pages billed (\d+), at most (\d+) per page", result.stdout) == [("40", "1")] * 2
