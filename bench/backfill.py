@@ -154,6 +154,16 @@ def cpu_seconds(process: psutil.Process, *, reaped: bool = True, tree: bool = Fa
     return total
 
 
+def kernel_seconds(process: psutil.Process) -> float:
+    """System CPU seconds of a live process and its descendants, reaped children included; 0 once ended."""
+    total = 0.0
+    for member in [process, *process.children(recursive=True)]:
+        with suppress(psutil.NoSuchProcess):
+            times = member.cpu_times()
+            total += times.system + times.children_system
+    return total
+
+
 def title(process: psutil.Process) -> str:
     """How a process names itself, short: its title, or its command without the interpreter's path."""
     words = " ".join(process.cmdline()).split()
@@ -248,6 +258,8 @@ class Watch:
                 times.children_user + times.children_system for times in (w.cpu_times() for w in workers)
             )
             + sum(cpu_seconds(runner, tree=True) for runner in self.runners()),
+            "task runners (kernel)": sum(w.cpu_times().children_system for w in workers)
+            + sum(kernel_seconds(runner) for runner in self.runners()),
             "workers (supervisors)": sum(cpu_seconds(worker, reaped=False) for worker in workers),
             "triggerer": cpu_seconds(self.component("triggerer"), tree=True),
             "API server": cpu_seconds(self.component("api-server"), tree=True),
@@ -372,6 +384,7 @@ def cpu_rows(args, run: Run, baseline: Run) -> list[tuple[str, object]]:
     per_start = baseline.cpu["task runners"] / max(1, baseline.starts)
     ours = run.cpu["task runners"] - run.starts * per_start
     ms = 1000 * ours / args.images
+    kernel_per_start = baseline.cpu["task runners (kernel)"] / max(1, baseline.starts)
     supervisor_per_start = baseline.cpu["workers (supervisors)"] / max(1, baseline.starts)
     supervisors = run.cpu["workers (supervisors)"] - run.starts * supervisor_per_start
     idle = baseline.cpu["triggerer"] / baseline.seconds
@@ -386,6 +399,11 @@ def cpu_rows(args, run: Run, baseline: Run) -> list[tuple[str, object]]:
             "  task starts (baseline)",
             f"{run.starts} `running` events in the audit log, {run.runners_seen} task runner processes seen; "
             f"the empty run: {baseline.starts} starts, {baseline.cpu['task runners']:.1f} s",
+        ),
+        (
+            "  of which in the kernel (system time)",
+            f"{1000 * (run.cpu['task runners (kernel)'] - run.starts * kernel_per_start) / args.images:.2f} ms "
+            "(files created, read and listed; less the empty run's per start)",
         ),
         (
             "  task runners' CPU per image, nothing taken off",
@@ -405,9 +423,9 @@ def cpu_rows(args, run: Run, baseline: Run) -> list[tuple[str, object]]:
     others = ", ".join(
         f"{part} {1000 * seconds / args.images:.2f}"
         for part, seconds in run.cpu.items()
-        if part not in ("task runners", "workers (supervisors)", "triggerer")
+        if part not in ("task runners", "task runners (kernel)", "workers (supervisors)", "triggerer")
     )
-    total = sum(run.cpu.values())
+    total = sum(seconds for part, seconds in run.cpu.items() if part != "task runners (kernel)")
     rows.append(
         (
             "other processes' CPU per image (ms)",

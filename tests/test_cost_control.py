@@ -6,7 +6,6 @@ mid-task (a PDF tried again) sends nothing new and names what it did not send.
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import img2pdf
@@ -15,7 +14,7 @@ import pytest
 from airflow_provider_doc2x.exceptions import Doc2XBudgetError, Doc2XError
 from airflow_provider_doc2x.local.samples import Page, render
 from airflow_provider_doc2x.usage import USAGE_XCOM_KEY
-from tests.helpers import parse_operator, run_to_the_end, use_connection
+from tests.helpers import TaskInstance, parse_operator, run_to_the_end, use_connection
 
 
 def billed(server) -> int:
@@ -98,19 +97,6 @@ def test_a_cap_that_runs_out_mid_task_sends_nothing_new_and_names_what_it_did_no
 def test_max_pages_is_checked_when_the_dag_is_parsed():
     with pytest.raises(ValueError, match="max_pages"):
         parse_operator(["a.png"], max_pages=-1)
-
-
-class TaskInstance:
-    """What the operator asks of Airflow's task instance here: its names and ``xcom_push``."""
-
-    dag_id, task_id, run_id, map_index, try_number = "nightly", "parse", "scheduled__2026-12-01", -1, 1
-
-    def __init__(self) -> None:
-        self.xcom: dict[str, object] = {}
-
-    def xcom_push(self, key, value) -> None:
-        json.dumps(value)  # what XCom's JSON serialization accepts
-        self.xcom[key] = value
 
 
 @pytest.mark.parametrize("method", ["async", "pdf"])

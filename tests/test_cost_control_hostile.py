@@ -41,6 +41,7 @@ from tests.helpers import (
     API_KEY,
     REPO,
     StateStore,
+    TaskInstance,
     first_event,
     free_port,
     parse_operator,
@@ -50,19 +51,6 @@ from tests.helpers import (
 )
 
 FAIL = "<!-- doc2x-fail: parse_error -->"
-
-
-class TaskInstance:
-    """What the operator asks of Airflow's task instance here: its names and ``xcom_push``."""
-
-    dag_id, task_id, run_id, map_index = "nightly", "parse", "scheduled__2026-12-01", -1
-
-    def __init__(self, try_number: int = 1) -> None:
-        self.try_number = try_number
-        self.xcom: dict[str, object] = {}
-
-    def xcom_push(self, key, value) -> None:
-        self.xcom[key] = json.loads(json.dumps(value))  # what XCom's JSON serialization gives back
 
 
 def billed(server) -> int:
@@ -178,9 +166,9 @@ def test_max_pages_caps_each_try_and_a_new_try_pays_only_for_what_the_first_did_
     images = [make_image(title="Good"), make_image(title="Bad", paragraphs=[FAIL])]
     store = StateStore()
     with pytest.raises(Doc2XError):
-        run(parse_operator(images, deferrable=True, max_pages=2), TaskInstance(1), store)
+        run(parse_operator(images, deferrable=True, max_pages=2), TaskInstance(try_number=1), store)
     assert billed(lane) == 2
-    second = TaskInstance(2)
+    second = TaskInstance(try_number=2)
     with pytest.raises(Doc2XError):
         run(parse_operator(images, deferrable=True, max_pages=2), second, store)
     assert billed(lane) - 2 <= 2  # the second try within its own cap

@@ -13,22 +13,9 @@ from airflow.exceptions import AirflowException
 
 from airflow_provider_doc2x.exceptions import Doc2XError
 from airflow_provider_doc2x.failures import FAILURES_XCOM_KEY, allowed_count
-from tests.helpers import parse_operator, run_to_the_end
+from tests.helpers import TaskInstance, parse_operator, run_to_the_end
 
 FAIL = "<!-- doc2x-fail: parse_error -->"
-
-
-class TaskInstance:
-    """What the operator asks of Airflow's task instance here: its names and ``xcom_push``."""
-
-    dag_id, task_id, run_id, map_index, try_number = "nightly", "parse", "scheduled__2026-12-01", -1, 1
-
-    def __init__(self) -> None:
-        self.xcom: dict[str, object] = {}
-
-    def xcom_push(self, key, value) -> None:
-        json.dumps(value)  # what XCom's JSON serialization accepts
-        self.xcom[key] = value
 
 
 def run(op, ti):

@@ -29,22 +29,18 @@ from airflow_provider_doc2x.journal import STATE_PDF_LOG_PREFIX, TaskJournal
 from airflow_provider_doc2x.local.samples import Page, render
 from airflow_provider_doc2x.progress import Progress
 from airflow_provider_doc2x.storage.sources import sha256_of
-from tests.helpers import API_KEY, StateStore, first_event, parse_operator, run_to_the_end, use_connection
+from tests.helpers import (
+    API_KEY,
+    StateStore,
+    TaskInstance,
+    first_event,
+    parse_operator,
+    run_to_the_end,
+    use_connection,
+)
 from tests.helpers.storage import use_for_memory
 
 FAIL = "<!-- doc2x-fail: parse_error -->"
-
-
-class TaskInstance:
-    """What the operator asks of Airflow's task instance: its names and ``xcom_push`` (JSON only)."""
-
-    def __init__(self, *, run_id="scheduled__2026-12-01", map_index=-1, try_number=1, task_id="parse"):
-        self.dag_id, self.task_id, self.run_id = "nightly", task_id, run_id
-        self.map_index, self.try_number = map_index, try_number
-        self.xcom: dict[str, object] = {}
-
-    def xcom_push(self, key, value) -> None:
-        self.xcom[key] = json.loads(json.dumps(value))  # what XCom's JSON serialization keeps
 
 
 def run(op, ti, store: StateStore | None = None):

@@ -19,7 +19,7 @@ import pytest
 
 from airflow_provider_doc2x import usage as usage_module
 from airflow_provider_doc2x.usage import USAGE_XCOM_KEY, Usage, report_usage, usage_run_facets
-from tests.helpers import AIRFLOW_VERSION, airflow_cli
+from tests.helpers import AIRFLOW_VERSION, TaskInstance, airflow_cli
 
 SPENT = Usage(
     pages_billed=120,
@@ -35,18 +35,6 @@ LINE = (
     "Doc2X usage (lane pdf, model v3-2026): 120 pages billed, 30 reused, 4 reconnected, 1 failed, "
     "0 possibly billed twice; 3 answers 429 absorbed; 12.3 s uploading, 80.1 s waiting"
 )
-
-
-class TaskInstance:
-    """What ``report_usage`` asks of Airflow's task instance: its names and ``xcom_push``."""
-
-    dag_id, task_id = "nightly", "parse"
-
-    def __init__(self) -> None:
-        self.xcom: dict[str, object] = {}
-
-    def xcom_push(self, key, value) -> None:
-        self.xcom[key] = json.loads(json.dumps(value))  # what XCom's JSON serialization gives back
 
 
 # --- the numbers, carried across deferrals and read back ---------------------------------------------

@@ -80,6 +80,21 @@ class StateStore:
         return recorded_pdfs(self.get)
 
 
+class TaskInstance:
+    """What the operator asks of Airflow's task instance outside a task: its names and ``xcom_push``.
+
+    A value pushed is kept as XCom's JSON serialization gives it back (a tuple comes back a list).
+    """
+
+    def __init__(self, *, run_id="scheduled__2026-12-01", map_index=-1, try_number=1, task_id="parse"):
+        self.dag_id, self.task_id, self.run_id = "nightly", task_id, run_id
+        self.map_index, self.try_number = map_index, try_number
+        self.xcom: dict[str, object] = {}
+
+    def xcom_push(self, key, value) -> None:
+        self.xcom[key] = json.loads(json.dumps(value))
+
+
 async def first_event(trigger) -> dict:
     """Run a trigger to its first event, as the triggerer does, and return the event's payload."""
     async for event in trigger.run():
