@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 import stat
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -109,32 +106,6 @@ def test_jpeg_pages_embed_the_file_byte_for_byte(images):
         for (_, image), path in zip(xobjects(pdf.path), files, strict=True):
             assert image["/Filter"] == "/DCTDecode"
             assert image._data == path.read_bytes()
-
-
-PACK_IN_A_FRESH_PROCESS = """
-import json, sys
-from airflow_provider_doc2x.pdf.packing import pack_images
-with pack_images(sys.argv[1:], temp_dir=sys.argv[1].rsplit("/", 1)[0]) as packed:
-    pdfs = [open(pdf.path, "rb").read().hex() for pdf in packed.pdfs]
-print(json.dumps({"pikepdf_imported": "pikepdf" in sys.modules, "pdfs": pdfs}))
-"""
-
-
-def test_a_process_that_packs_does_not_load_pikepdf_and_packs_the_same(images):
-    """img2pdf is loaded without pikepdf (an engine never used, 0.2 s of CPU per task): same PDFs."""
-    sources = [images("a.jpg"), images("b.png", seed=1)]
-    fresh = subprocess.run(
-        [sys.executable, "-c", PACK_IN_A_FRESH_PROCESS, *map(str, sources)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    answer = json.loads(fresh.stdout.strip().splitlines()[-1])
-    assert answer["pikepdf_imported"] is False
-    with pack_images(sources, temp_dir=sources[0].parent) as here:  # this process has pikepdf loaded
-        assert "pikepdf" in sys.modules
-        assert [bytes.fromhex(pdf) for pdf in answer["pdfs"]] == [pdf.path.read_bytes() for pdf in here.pdfs]
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,6 @@ import logging
 import os
 import shutil
 import struct
-import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -78,20 +77,10 @@ _HASH_CHUNK = 1024 * 1024
 def _img2pdf() -> Any:
     """img2pdf, imported when the first image is packed, not when a DAG file imports the operator.
 
-    Why: a DAG file is parsed again and again, and most tasks never pack a PDF. And img2pdf's own
-    import loads pikepdf, for an engine this provider never uses (it writes with img2pdf's internal
-    engine, see the module's doc): about 0.2 s of CPU, and a log line ("C++ to Python logger bridge
-    initialized"), in every task process that packs. Unless this process has imported img2pdf or
-    pikepdf already, img2pdf is imported while ``import pikepdf`` fails (``sys.modules`` holds None
-    for it), as if pikepdf were not installed; pikepdf imports as usual afterwards.
+    Why: img2pdf loads pikepdf, whose import logs a line ("C++ to Python logger bridge
+    initialized") and costs tens of milliseconds; a DAG file is parsed again and again, and most
+    tasks never pack a PDF.
     """
-    if "img2pdf" not in sys.modules and "pikepdf" not in sys.modules:
-        sys.modules["pikepdf"] = None  # type: ignore[assignment]
-        try:
-            import img2pdf
-        finally:
-            if sys.modules.get("pikepdf", ...) is None:
-                del sys.modules["pikepdf"]
     import img2pdf
 
     return img2pdf
