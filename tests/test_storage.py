@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import errno
+import json
+import subprocess
+import sys
 
 import pytest
 
@@ -65,3 +68,47 @@ def test_any_other_exception_is_raised_unchanged():
     with pytest.raises(ValueError):
         storage.storage_call(call, what="reading", uri="s3://bucket/a.png")
     assert len(calls) == 1
+
+
+LOCAL_FILES_IN_A_FRESH_PROCESS = """
+import json, sys
+from airflow_provider_doc2x.storage.listing import list_images
+from airflow_provider_doc2x.storage.objects import storage_path
+
+found = list_images(sys.argv[1])
+path = storage_path(found[0])
+print(json.dumps({
+    "found": len(found),
+    "read": len(path.read_bytes()),
+    "filesystem": type(path.fs).__name__,
+    "loaded": sorted(name for name in ("boto3", "botocore", "s3fs", "gcsfs", "adlfs") if name in sys.modules),
+}))
+"""
+
+
+def test_local_files_are_read_without_loading_every_providers_filesystem(tmp_path):
+    """A task that reads local files does not import the object stores' clients (0.4 s per task)."""
+    pytest.importorskip("airflow.providers.amazon", reason="the Amazon provider is what loads boto3")
+    for name in ("a.png", "b.jpg"):
+        (tmp_path / name).write_bytes(b"\x89PNG\r\n\x1a\n" if name.endswith("png") else b"\xff\xd8\xff")
+    done = subprocess.run(
+        [sys.executable, "-c", LOCAL_FILES_IN_A_FRESH_PROCESS, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer == {"found": 2, "read": 8, "filesystem": "LocalFileSystem", "loaded": []}
+
+
+def test_a_file_store_attached_before_is_kept():
+    """Whoever attached a store for ``file`` first (Airflow, the user) keeps it."""
+    try:
+        from airflow.sdk.io import attach
+    except ImportError:  # Airflow 2.11
+        from airflow.io.store import attach
+    store = attach(protocol="file")
+    storage.attach_local_filesystem()
+    assert attach(protocol="file") is store
+    assert storage.storage_path("/tmp").fs is store.fs

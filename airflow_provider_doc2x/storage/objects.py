@@ -55,7 +55,29 @@ def storage_path(value: Any) -> Any:
     if isinstance(value, ObjectStoragePath):
         return value
     text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+    if "://" not in text or text.lower().startswith("file://"):
+        attach_local_filesystem()
     return ObjectStoragePath(text if "://" in text else f"file://{os.path.abspath(text)}")
+
+
+@functools.cache
+def attach_local_filesystem() -> None:
+    """Give ``file://`` paths their filesystem without loading every provider's filesystems first.
+
+    Why: Airflow makes the filesystem of a path at its first use by importing the filesystem module
+    of every installed provider (with the Amazon provider: boto3 and botocore, about 0.4 s of CPU),
+    in every task process that touches a path. A local file needs none of them: Airflow's own
+    filesystem for ``file`` is fsspec's ``LocalFileSystem`` without options, which is attached here
+    before a local path is used, as :func:`ensure_filesystem` attaches one for ``memory``. A store
+    attached for ``file`` already (by Airflow, or by the user) is kept as it is.
+    """
+    from fsspec.implementations.local import LocalFileSystem
+
+    try:
+        from airflow.sdk.io import attach
+    except ImportError:  # Airflow 2.11
+        from airflow.io.store import attach  # type: ignore[no-redef]
+    attach(protocol="file", fs=LocalFileSystem())
 
 
 def ensure_filesystem(scheme: str) -> None:
