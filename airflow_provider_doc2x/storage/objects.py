@@ -53,6 +53,8 @@ def storage_path(value: Any) -> Any:
     from airflow.providers.common.compat.sdk import ObjectStoragePath
 
     if isinstance(value, ObjectStoragePath):
+        if value.protocol == "file":
+            attach_local_filesystem()
         return value
     text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
     if "://" not in text or text.lower().startswith("file://"):
@@ -65,11 +67,14 @@ def attach_local_filesystem() -> None:
     """Give ``file://`` paths their filesystem without loading every provider's filesystems first.
 
     Why: Airflow makes the filesystem of a path at its first use by importing the filesystem module
-    of every installed provider (with the Amazon provider: boto3 and botocore, about 0.4 s of CPU),
-    in every task process that touches a path. A local file needs none of them: Airflow's own
+    of every installed provider (with the Amazon provider: s3fs, boto3 and botocore, about 0.4 s of
+    CPU), in every task process that touches a path. A local file needs none of them: Airflow's own
     filesystem for ``file`` is fsspec's ``LocalFileSystem`` without options, which is attached here
     before a local path is used, as :func:`ensure_filesystem` attaches one for ``memory``. A store
-    attached for ``file`` already (by Airflow, or by the user) is kept as it is.
+    attached for ``file`` already (by Airflow, or by the user) is kept as it is. (On Airflow 3 the
+    first read or write through ``ObjectStoragePath.open`` still starts the hook-level lineage
+    collector, which imports every provider's asset factories: boto3 again with the Amazon
+    provider. A task that only lists or stats local files no longer pays for either.)
     """
     from fsspec.implementations.local import LocalFileSystem
 
