@@ -2,7 +2,8 @@
 
 Both travel through Airflow's database (trigger kwargs, the event, the resumed task's kwargs), so
 they carry ids, statuses, codes and short fixed texts only: never results, never the server's own
-words. A job is a dict::
+words. Across a deferral they travel packed, the images' sources and sha256 kept in the task's XCom
+(:mod:`airflow_provider_doc2x.wait_state`). A job is a dict::
 
     {"uid": "0194...", "source": "/scans/a.png", "sha256": "ab12...", "status": "processing"}
 
@@ -342,6 +343,8 @@ class Job:
             or entry.get("source_format") not in (None, *SOURCE_FORMATS)
             or entry.get("converted") not in (None, *CONVERTED_INTO)
             or not _trace_id_valid(entry.get("trace_id"))
+            or not _trace_id_valid(entry.get("code"))
+            or not (entry.get("message") is None or isinstance(entry.get("message"), str))
         ):
             raise Doc2XError(f"The Doc2X trigger was handed a malformed job: {protocol.quote(entry)}")
         return cls.of(entry)
@@ -368,7 +371,7 @@ MAX_TRACE_ID = 128
 
 
 def _trace_id_valid(value: Any) -> bool:
-    """None, or a short printable string (a trace id is quoted to Doc2X's support, never run)."""
+    """None, or a short printable string (a trace id or a code: quoted, looked up, never run)."""
     return value is None or (isinstance(value, str) and len(value) <= MAX_TRACE_ID and value.isprintable())
 
 

@@ -23,8 +23,10 @@ from airflow_provider_doc2x.events import (
     make_event,
     validate_event,
 )
+from airflow_provider_doc2x.exceptions import Doc2XError
 from airflow_provider_doc2x.records import outcomes_from_event, result_keeper
 from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
+from airflow_provider_doc2x.wait_state import WaitImages, is_packed
 from airflow_provider_doc2x.waiting import JobWaiter
 
 if TYPE_CHECKING:
@@ -46,6 +48,8 @@ class TaskWaits:
     :param trigger_kwargs: the trigger's ``doc2x_conn_id``, ``poll_interval`` and ``max_concurrent_polls``.
     :param timeout: seconds a wait may take.
     :param spending: the task's usage (what it carries across a deferral; the time it waits here).
+    :param images: where a deferred task keeps its images (its XCom), or None outside a task: the
+        jobs then go to the trigger one per image.
     """
 
     def __init__(
@@ -58,6 +62,7 @@ class TaskWaits:
         trigger_kwargs: dict[str, Any],
         timeout: float,
         spending: Spending | None,
+        images: WaitImages | None = None,
     ) -> None:
         """Keep the parts; nothing waits until asked."""
         self.hook = hook
@@ -67,6 +72,7 @@ class TaskWaits:
         self.trigger_kwargs = trigger_kwargs
         self.timeout = timeout
         self.spending = spending
+        self.images = images
 
     def wait(self, jobs: Jobs, known: dict[str, dict[str, Any]], *, defer: bool = True) -> dict[str, Any]:
         """Wait for the jobs: deferred to the triggerer (this returns only in the worker), or here.
@@ -78,7 +84,7 @@ class TaskWaits:
         if defer and self.defer is not None and not all(is_finished(job) for job in jobs):
             self.defer(
                 trigger=Doc2XImageParseTrigger(
-                    jobs=jobs,
+                    jobs=self.images.pack(jobs) if self.images is not None else jobs,
                     deadline=deadline,
                     carried=self.spending.carried() if self.spending is not None else None,
                     **self.trigger_kwargs,
@@ -102,6 +108,26 @@ class TaskWaits:
             if self.spending is not None:
                 self.spending.waited(time.monotonic() - began)
 
+    def unpacked(self, event: Any) -> Any:
+        """A resumed task's event with its jobs one per image again, their images read from XCom.
+
+        Raises:
+            Doc2XError: the event is packed and the task has no task instance to read them from.
+        """
+        if self.images is not None:
+            return self.images.unpacked(event)
+        if isinstance(event, dict) and is_packed(event.get("jobs")):
+            raise Doc2XError(
+                "The Doc2X trigger's event names the task's images by their place, and this execution "
+                "has no task instance to read them from (the context has no 'ti')"
+            )
+        return event
+
+    def forget(self) -> None:
+        """The task no longer waits: what it kept for its waits is emptied."""
+        if self.images is not None:
+            self.images.forget()
+
     def pdf_records(self, lane: PdfLane, jobs: Jobs, *, defer: bool = True) -> Jobs:
         """Wait for the PDFs in flight and submit the next ones until none is left; then the records.
 
@@ -121,6 +147,9 @@ class TaskWaits:
     def records_of(self, event: Any, known: dict[str, dict[str, Any]] | None = None) -> Jobs:
         """A wait's outcomes (results fetched and stored; the jobs of the others), and how long that took."""
         began = time.monotonic()
-        outcomes = outcomes_from_event(self.hook, event, results=self.results, known=known)
+        try:
+            outcomes = outcomes_from_event(self.hook, event, results=self.results, known=known)
+        finally:
+            self.forget()  # the waits are over, well or not: the images are in the outcomes or the error
         self.log.info("Doc2X: records of %d images made in %.3f s", len(outcomes), time.monotonic() - began)
         return outcomes

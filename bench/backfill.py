@@ -43,6 +43,9 @@ How each figure is made:
   ``/proc/<pid>/status``, every 0.2 s, of each task runner, each worker process and each process of
   the triggerer, during the run: the largest of each kind. A task runner is forked without exec,
   so its ``VmHWM`` counts the pages it shares with its worker too.
+- **What the triggerer passes on.** Every 2 s during the run, the largest trigger kwargs and the
+  largest resumed task's kwargs (its event) in the database: Airflow 3's triggerer sends the one and
+  logs the other through sockets of about 208 KB (apache/airflow#65286).
 - **Metadata that remains.** After the run ended and its triggers were cleaned up: for each table
   of the SQLite metadata database, the growth since before the run of the sum of
   ``length(CAST(column AS BLOB))`` over every column of every row (the bytes of the stored values,
@@ -66,6 +69,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import importlib.util
 import io
 import os
 import shlex
@@ -77,6 +81,7 @@ from contextlib import closing, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import airflow
 import psutil
 from _support import SCRATCH, LocalServer, report
 
@@ -191,6 +196,8 @@ class Watch:
         self.deployment = deployment
         self.interval = interval
         self.peaks: dict[str, Peak] = {}
+        # The largest trigger kwargs and resumed task's kwargs (its event) seen in the database, in bytes.
+        self.messages = {"trigger kwargs": 0, "event (a resumed task's kwargs)": 0}
         self.runners_seen: set[int] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -226,7 +233,11 @@ class Watch:
         }
 
     def _sample(self) -> None:
+        rounds = 0
         while not self._stop.wait(self.interval):
+            rounds += 1
+            if rounds % 10 == 0:  # every 2 s: the messages Airflow's triggerer passes on
+                self._sample_messages()
             with suppress(psutil.NoSuchProcess, KeyError):
                 for kind, processes in self.kinds().items():
                     for process in processes:
@@ -238,13 +249,23 @@ class Watch:
                             if size > peak.size:
                                 peak.size, peak.title = size, title(process)
 
+    def _sample_messages(self) -> None:
+        database = self.deployment.home / "airflow.db"
+        with suppress(sqlite3.Error):
+            ((kwargs,),) = sql(database, "SELECT MAX(length(CAST(kwargs AS BLOB))) FROM trigger")
+            ((event,),) = sql(database, "SELECT MAX(length(CAST(next_kwargs AS BLOB))) FROM task_instance")
+            with self._lock:
+                for name, size in zip(self.messages, (kwargs, event), strict=True):
+                    self.messages[name] = max(self.messages[name], size or 0)
+
     def restart(self) -> None:
         with self._lock:
             self.peaks, self.runners_seen = {}, set()
+            self.messages = dict.fromkeys(self.messages, 0)
 
-    def results(self) -> tuple[dict[str, Peak], int]:
+    def results(self) -> tuple[dict[str, Peak], int, dict[str, int]]:
         with self._lock:
-            return dict(self.peaks), len(self.runners_seen)
+            return dict(self.peaks), len(self.runners_seen), dict(self.messages)
 
     def stop(self) -> None:
         self._stop.set()
@@ -318,6 +339,7 @@ class Run:
     starts: int
     runners_seen: int
     peaks: dict[str, Peak] = field(default_factory=dict)
+    messages: dict[str, int] = field(default_factory=dict)
 
 
 def run_dag(deployment: Deployment, watch: Watch, server: LocalServer, dag_id: str, conf: dict) -> Run:
@@ -331,7 +353,7 @@ def run_dag(deployment: Deployment, watch: Watch, server: LocalServer, dag_id: s
     seconds = time.monotonic() - started
     wait_until(lambda: not watch.runners(), timeout=120, interval=0.2, message="the task runners to end")
     after = watch.cpu(server)
-    peaks, seen = watch.results()
+    peaks, seen, messages = watch.results()
     (starts,) = sql(
         deployment.home / "airflow.db",
         "SELECT COUNT(*) FROM log WHERE dag_id = ? AND run_id = ? AND event = 'running'",
@@ -339,7 +361,7 @@ def run_dag(deployment: Deployment, watch: Watch, server: LocalServer, dag_id: s
         run_id,
     )[0]
     cpu = {part: after[part] - before[part] for part in after}
-    return Run(run_id, state, seconds, cpu, starts, seen, peaks)
+    return Run(run_id, state, seconds, cpu, starts, seen, peaks, messages)
 
 
 def server_alone(images: list[str], max_pages: int) -> tuple[int, float]:
@@ -445,6 +467,9 @@ def memory_rows(run: Run) -> list[tuple[str, object]]:
                 f"{peak.size / 1e6:.0f} MB VmHWM ({verdict(peak.size, TARGET_PEAK_BYTES)} 500 MB; {peak.title})",
             )
         )
+    for name, size in run.messages.items():
+        # What the triggerer passes through its sockets of about 208 KB (apache/airflow#65286).
+        rows.append((f"largest {name}", f"{size / 1000:.1f} KB (sampled every 2 s)"))
     return rows
 
 
@@ -538,6 +563,14 @@ def main() -> None:
     )
     args = parser.parse_args()
     print("# " + shlex.join([sys.executable, *sys.argv]), flush=True)
+    if not Path(importlib.util.cache_from_source(airflow.__file__)).exists():
+        # pip compiles a package's modules when it installs them; uv does not, and with
+        # PYTHONDONTWRITEBYTECODE set every task process compiles every module it imports.
+        print(
+            "# Airflow's modules have no bytecode cache: each process compiles them, so the CPU figures "
+            "are too high (python -m compileall the venv's site-packages first)",
+            flush=True,
+        )
     if AIRFLOW_VERSION < (3, 3):
         raise SystemExit("this bench deploys Airflow 3.3's components and REST API")
 

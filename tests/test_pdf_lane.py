@@ -31,7 +31,15 @@ from airflow_provider_doc2x.protocol import pdf as protocol_pdf
 from airflow_provider_doc2x.records import FETCH_ATTEMPTS, records_from_event
 from airflow_provider_doc2x.storage.objects import storage_path
 from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
-from tests.helpers import StateStore, first_event, parse_operator, run_to_the_end, use_connection, wait_until
+from tests.helpers import (
+    StateStore,
+    TaskInstance,
+    first_event,
+    parse_operator,
+    run_to_the_end,
+    use_connection,
+    wait_until,
+)
 from tests.helpers.s3 import proxied_doc2x
 from tests.helpers.storage import CountingFS, use_for_memory
 
@@ -299,6 +307,21 @@ def test_a_lost_put_that_never_landed_is_named_then_resubmitted_by_the_next_try(
 
 
 # -- a new try: reconnect, pay nothing again ------------------------------------------------------------------
+
+
+def test_a_first_try_that_airflow_runs_again_from_its_start_pays_nothing_again(lane, pages):
+    """Airflow 3.3 can lose a deferred first try's resume in a race and run its ``execute`` again, same try number."""
+    store = StateStore()
+    images = pages("Again One", "Again Two", "Again Three")
+    with pytest.raises(TaskDeferred):
+        pdf_operator(images, deferrable=True).execute(
+            {"task_state_store": store, "ti": TaskInstance(try_number=1)}
+        )
+    again = {"task_state_store": store, "ti": TaskInstance(try_number=1)}
+    records, _ = run_to_the_end(pdf_operator(images, deferrable=True), again)
+    assert titles(records) == ["# Again One", "# Again Two", "# Again Three"]
+    stats = lane.stats()
+    assert (stats["pdf_tasks"], stats["pdf_pages_billed"]) == (1, 3)
 
 
 @pytest.mark.parametrize("deferrable", [True, False])

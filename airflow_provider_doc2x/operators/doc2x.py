@@ -55,6 +55,7 @@ from airflow_provider_doc2x.storage.results import ResultStore
 from airflow_provider_doc2x.storage.sources import resolve_images
 from airflow_provider_doc2x.task_waits import TaskWaits
 from airflow_provider_doc2x.usage import Usage, usage_run_facets
+from airflow_provider_doc2x.wait_state import WaitImages, check_task_size
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
@@ -181,6 +182,7 @@ class Doc2XImageParseOperator(BaseOperator):
         self.plan_only = dry_run  # BaseOperator has a dry_run() of its own
         self._records: list[dict[str, Any]] = []
         self._spending: Spending | None = None
+        self._wait_images: WaitImages | None = None
 
     @cached_property
     def hook(self) -> Doc2XHook:
@@ -219,11 +221,13 @@ class Doc2XImageParseOperator(BaseOperator):
         unless ``method="pdf"`` packs them.
         """
         self._spending = self._spending_of(None)
+        self._wait_images = WaitImages.for_context(context)
         with self._spending.reporting(context=context, log=self.log, model=self.model, lane=self.lane):
             return self._submit_and_wait(context)
 
     def _submit_and_wait(self, context: Context) -> Any:
         sources = resolve_images(self.image_path, allow_schemes=self.allow_schemes)
+        check_task_size(len(sources) if self.deferrable else 0)  # what its trigger may carry
         split = self.manifest.partition(sources) if self.manifest else None  # unchanged: never opened
         to_read = split.to_read if split else sources
         with self._intake() as intake:
@@ -300,6 +304,7 @@ class Doc2XImageParseOperator(BaseOperator):
             },
             timeout=self.timeout,
             spending=self._spending,
+            images=self._wait_images,
         )
 
     def _spending_of(self, carried: Any) -> Spending:
@@ -340,10 +345,12 @@ class Doc2XImageParseOperator(BaseOperator):
         """
         # What the task carried across the deferral comes back in the event (the trigger's kwargs).
         self._spending = self._spending_of(event.get("carried") if isinstance(event, dict) else None)
+        self._wait_images = WaitImages.for_context(context)
         with self._spending.reporting(context=context, log=self.log, model=self.model, lane=self.lane):
             return self._resume(context, event)
 
     def _resume(self, context: Context, event: Any) -> list[dict[str, Any]]:
+        event = self._waits().unpacked(event)  # each job's image back from the task's XCom
         if self.manifest is not None:
             self.manifest.resume(event)  # results it knows are not looked up again
         event = validate_event(event)
@@ -353,10 +360,7 @@ class Doc2XImageParseOperator(BaseOperator):
                 event["status"] in (EVENT_SUCCESS, EVENT_FAILED) and any(retry_plan(entry) for entry in jobs)
             ):
                 jobs = store_finished(self.hook, jobs, results=self.results)
-                with (
-                    self._intake() as intake,
-                    self._pdf_lane(self._uploads(context), intake) as lane,
-                ):
+                with self._intake() as intake, self._pdf_lane(self._uploads(context), intake) as lane:
                     return self._finish(context, self._waits().pdf_records(lane, lane.advance(jobs)))
         return self._finish(context, self._waits().records_of(event))
 

@@ -140,7 +140,9 @@ class PdfReconnection:
                     )
                     for index in indices:
                         jobs[index] = job(record["uid"], sources[index].uri, digest, protocol.STATUS_SUCCESS)
-        if not self.journal.may_hold:
+        if not self.journal.keeps:
+            # Even on a first try: Airflow may run a first try's execute again from its start (its
+            # resume lost in a race), and what that execute's first run submitted is recorded.
             return set()
         latest: dict[str, tuple[RecordedPdf, int]] = {}  # a content's newest PDF, and its page there
         for pdf in await self._recorded():

@@ -11,6 +11,12 @@ statuses only; the task fetches the results itself when it resumes.
 The PDF lane's jobs are one per image too: the trigger asks Doc2X's PDF status once per PDF and
 updates each of its images, and hands the task back (a ``progress`` event) when PDFs remain to be
 submitted (see :mod:`airflow_provider_doc2x.pdf_lane.lane`).
+
+A task's jobs come *packed* (:mod:`airflow_provider_doc2x.wait_state`): grouped by what they
+share, the images named by their place in the task's list, their sources and sha256 kept in the
+task's XCom. The event goes back packed the same way, without the image lane's uids (the task
+keeps them too), so that neither grows with the images of a PDF, and an event with none of a task's
+images. The one-job-per-image list of earlier releases is still taken, and answered in kind.
 """
 
 from __future__ import annotations
@@ -24,8 +30,11 @@ from airflow.exceptions import AirflowProviderDeprecationWarning
 from airflow.providers.common.compat.sdk import conf
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from airflow_provider_doc2x import protocol
 from airflow_provider_doc2x.events import Job
+from airflow_provider_doc2x.exceptions import Doc2XError
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
+from airflow_provider_doc2x.wait_state import is_packed, pack, unpack
 from airflow_provider_doc2x.waiting import JobWaiter
 
 
@@ -35,7 +44,7 @@ class Doc2XImageParseTrigger(BaseTrigger):
     :param doc2x_conn_id: the ``doc2x`` connection; fetched the async way, inside the triggerer.
 
     The other kwargs are the wait's, as :class:`~airflow_provider_doc2x.waiting.JobWaiter` takes
-    them: ``jobs`` (typed on the way in, :class:`~airflow_provider_doc2x.events.Job`),
+    them: ``jobs`` (packed, or one per image; typed on the way in, :class:`~airflow_provider_doc2x.events.Job`),
     ``poll_interval``, ``deadline`` (absolute, so that a restarted triggerer keeps the original
     budget instead of starting a new one), ``max_concurrent_polls`` and ``max_consecutive_errors``.
 
@@ -48,7 +57,7 @@ class Doc2XImageParseTrigger(BaseTrigger):
         self,
         *,
         doc2x_conn_id: str,
-        jobs: list[dict[str, Any]],
+        jobs: list[dict[str, Any]] | dict[str, Any],
         poll_interval: float,
         deadline: float,
         max_concurrent_polls: int = 8,
@@ -59,7 +68,15 @@ class Doc2XImageParseTrigger(BaseTrigger):
         super().__init__()
         self.doc2x_conn_id = doc2x_conn_id
         # Typed at the boundary: a job that is not one is refused here, in the task that defers.
-        self.jobs = [Job.from_json(job).to_json() for job in jobs]
+        # Packed jobs stay packed across the boundary: ``token`` names the task's images.
+        self.token: str | None = None
+        if isinstance(jobs, dict) and is_packed(jobs):
+            self.jobs = unpack(jobs)
+            self.token = jobs["images"]
+        elif isinstance(jobs, list):
+            self.jobs = [Job.from_json(job).to_json() for job in jobs]
+        else:
+            raise Doc2XError(f"The Doc2X trigger was handed jobs that are not a list: {protocol.quote(jobs)}")
         self.poll_interval = float(poll_interval)
         self.deadline = float(deadline)
         self.max_concurrent_polls = max_concurrent_polls
@@ -72,7 +89,7 @@ class Doc2XImageParseTrigger(BaseTrigger):
             f"{type(self).__module__}.{type(self).__qualname__}",
             {
                 "doc2x_conn_id": self.doc2x_conn_id,
-                "jobs": self.jobs,
+                "jobs": self._out(self.jobs, uids=True),
                 "poll_interval": self.poll_interval,
                 "deadline": self.deadline,
                 "max_concurrent_polls": self.max_concurrent_polls,
@@ -92,9 +109,14 @@ class Doc2XImageParseTrigger(BaseTrigger):
         hook = Doc2XHook(doc2x_conn_id=self.doc2x_conn_id)
         try:
             event = await self.waiter(hook).wait()
+            event = {**event, "jobs": self._out(event["jobs"], uids=False)}
             yield TriggerEvent({**event, "carried": self.carried} if self.carried else event)
         finally:
             await hook.aclose()
+
+    def _out(self, jobs: list[dict[str, Any]], *, uids: bool) -> list[dict[str, Any]] | dict[str, Any]:
+        """Jobs as they leave: packed again when they came packed (an event without the image lane's uids)."""
+        return pack(jobs, self.token, uids=uids) if self.token is not None else jobs
 
     async def wait(self, hook: Doc2XHook, *, on_result: Any = None) -> dict[str, Any]:
         """The wait of earlier releases' trigger: :meth:`waiter` ``(hook).wait()`` now, with a warning."""

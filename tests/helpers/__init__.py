@@ -81,7 +81,7 @@ class StateStore:
 
 
 class TaskInstance:
-    """What the operator asks of Airflow's task instance outside a task: its names and ``xcom_push``.
+    """What the operator asks of Airflow's task instance outside a task: its names, ``xcom_push`` and ``xcom_pull``.
 
     A value pushed is kept as XCom's JSON serialization gives it back (a tuple comes back a list).
     """
@@ -94,12 +94,26 @@ class TaskInstance:
     def xcom_push(self, key, value) -> None:
         self.xcom[key] = json.loads(json.dumps(value))
 
+    def xcom_pull(self, task_ids=None, key="return_value", *, map_indexes=None, **_):
+        """This task instance's own XCom (what a task reads of itself when it resumes)."""
+        assert task_ids in (None, self.task_id) and map_indexes in (None, self.map_index)
+        return json.loads(json.dumps(self.xcom.get(key)))
+
 
 async def first_event(trigger) -> dict:
     """Run a trigger to its first event, as the triggerer does, and return the event's payload."""
     async for event in trigger.run():
         return event.payload
     raise AssertionError("the trigger ended without an event")
+
+
+def event_jobs(event: dict, ti: TaskInstance | None = None) -> list[dict]:
+    """An event's jobs, one per image: as they are (earlier releases), or unpacked with the images ``ti`` keeps."""
+    from airflow_provider_doc2x.wait_state import WAIT_XCOM_KEY, is_packed, unpack
+
+    if not is_packed(event["jobs"]):
+        return event["jobs"]
+    return unpack(event["jobs"], ti.xcom[WAIT_XCOM_KEY]["images"] if ti is not None else None)
 
 
 def parse_operator(images, **kwargs):
@@ -115,6 +129,7 @@ def run_deferred(op, context: dict[str, Any]):
     import pytest
     from airflow.providers.common.compat.sdk import TaskDeferred
 
+    context.setdefault("ti", TaskInstance(try_number=None))  # where a deferred task keeps its images
     with pytest.raises(TaskDeferred) as deferred:
         op.execute(context)
     event = asyncio.run(first_event(deferred.value.trigger))
@@ -136,6 +151,7 @@ def run_to_the_end(op, context: dict[str, Any]) -> tuple[Any, int]:
     from airflow.providers.common.compat.sdk import TaskDeferred
 
     deferrals = 0
+    context.setdefault("ti", TaskInstance(try_number=None))  # where a deferred task keeps its images
 
     def call():
         return op.execute(context)
