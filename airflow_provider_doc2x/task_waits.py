@@ -9,9 +9,12 @@ operator holds its arguments and its steps, and this holds the mechanics of a wa
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
+
+from airflow.providers.common.compat.sdk import TaskDeferred
 
 from airflow_provider_doc2x import protocol, transport
 from airflow_provider_doc2x.events import (
@@ -127,6 +130,17 @@ class TaskWaits:
         """The task no longer waits: what it kept for its waits is emptied."""
         if self.images is not None:
             self.images.forget()
+
+    @contextmanager
+    def forgotten_on_failure(self) -> Iterator[None]:
+        """A resume's block: when it fails (not when it defers again), the task no longer waits."""
+        try:
+            yield
+        except TaskDeferred:
+            raise
+        except BaseException:
+            self.forget()
+            raise
 
     def pdf_records(self, lane: PdfLane, jobs: Jobs, *, defer: bool = True) -> Jobs:
         """Wait for the PDFs in flight and submit the next ones until none is left; then the records.

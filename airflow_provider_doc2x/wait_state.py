@@ -5,14 +5,14 @@ whole, through sockets of about 200 KB that one thread serves; a message that do
 the other side waits can stop every trigger of the triggerer (apache/airflow#65286). A task of a
 thousand images carried about 300 KB of jobs both ways, one entry per image. So what does not
 change while Doc2X works (each image's source and sha256) stays with the task, in an XCom of its
-own, written once per try; and what the trigger polls and reports travels *packed*: one group per
+own, written at each deferral; and what the trigger polls and reports travels *packed*: one group per
 set of images that share everything else (in the PDF lane, one group per PDF), the images named by
 their place in the task's list. A task of a thousand images in five PDFs then defers with about
 1 KB of kwargs and resumes with an event of the same size.
 
 The formats, each versioned (a reader refuses a format it does not know, naming it)::
 
-    XCom "doc2x_wait"   {"format": 1, "token": "<16 hex>", "images": [[<source>, <sha256 or null>], ...]}
+    XCom "doc2x_wait"   {"format": 1, "token": "<16 hex>-<8 hex>", "images": [[<source>, <sha256 or null>], ...]}
                         (an image-lane job's entry has its uid third: the trigger never changes it)
     packed jobs         {"format": 1, "images": "<the token>", "count": <n>, "groups": [
                            {"job": {<a job's keys but source, sha256, page_idx and an image-lane uid>},
@@ -24,8 +24,10 @@ The formats, each versioned (a reader refuses a format it does not know, naming 
 consecutive places and pages): the n-th place of a group has its n-th page. ``uids`` are the image
 lane's, in the trigger's kwargs only (it polls them); its event leaves them out, so that an event
 stays small in either lane, while the kwargs of an image-lane task grow by a uid an image.
-``token`` is a digest of the images, so that a packed event is never joined to another list of
-images. The XCom is emptied when the task ends. Events and kwargs of earlier releases (one job per
+``token`` is a digest of the images and a random part of each wait, so that a packed event is never
+joined to another list of images, nor taken for the event of a later wait. An image-lane job's
+``trace_id`` is its own too: a group lists those it has (``trace_ids``: ``[[<n-th of the group>,
+<trace id>], ...]``), in the event as well. The XCom is emptied when the task ends. Events and kwargs of earlier releases (one job per
 image, under ``jobs``) are still read as they are.
 """
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 from typing import Any
 
 from airflow_provider_doc2x import protocol
@@ -67,30 +70,34 @@ def images_of(jobs: list[dict[str, Any]]) -> dict[str, Any]:
 def pack(jobs: list[dict[str, Any]], token: str, *, uids: bool = True) -> dict[str, Any]:
     """The jobs without their images' sources and sha256, grouped by all they share.
 
-    An image-lane job's uid is its own: the group lists them (``uids``) for the trigger, which
-    polls them; an event leaves them out (``uids=False``), the task has them in its XCom.
+    An image-lane job's uid and trace id are its own: the group lists them. Its uids (``uids``)
+    are for the trigger, which polls them; an event leaves them out (``uids=False``), the task has
+    them in its XCom. Its trace ids (``trace_ids``, only those it has) travel both ways.
     """
     groups: dict[str, dict[str, Any]] = {}
     for place, entry in enumerate(jobs):
         shared = Job.of(entry).to_json()
-        own = [shared.pop("source"), shared.pop("sha256"), shared.pop("page_idx", None)]
+        del shared["source"], shared["sha256"]
+        page_idx = shared.pop("page_idx", None)
         image_lane = not is_pdf(entry)
-        if image_lane:
-            own.append(shared.pop("uid", None))
+        uid = shared.pop("uid", None) if image_lane else None
+        trace_id = shared.pop("trace_id", None) if image_lane else None
         group = groups.setdefault(
-            json.dumps([shared, own[2] is None, image_lane], sort_keys=True),
+            json.dumps([shared, page_idx is None, image_lane], sort_keys=True),
             {
                 "job": shared,
                 "at": [],
-                **({} if own[2] is None else {"page_idx": []}),
+                **({} if page_idx is None else {"page_idx": []}),
                 **({"uids": []} if image_lane and uids else {}),
             },
         )
+        if trace_id is not None:
+            group.setdefault("trace_ids", []).append([_count(group["at"]), trace_id])
         _extend(group["at"], place)
-        if own[2] is not None:
-            _extend(group["page_idx"], int(own[2]))
+        if page_idx is not None:
+            _extend(group["page_idx"], int(page_idx))
         if image_lane and uids:
-            group["uids"].append(own[3])
+            group["uids"].append(uid)
     return {"format": WAIT_FORMAT, "images": token, "count": len(jobs), "groups": list(groups.values())}
 
 
@@ -115,9 +122,11 @@ def unpack(packed: Any, images: list[list[Any]] | None = None) -> list[dict[str,
         places = _expanded(group["at"], count)
         pages = _expanded(group["page_idx"], MAX_JOBS) if "page_idx" in group else None
         uids = group.get("uids")
+        traces = _traces(group.get("trace_ids", []), len(places))
+        # An image-lane uid is taken as the job had it (a reused result's may be what its sidecar
+        # says); a status call checks it before it is sent (protocol.check_uid).
         if (pages is not None and len(pages) != len(places)) or (
-            uids is not None
-            and (len(uids) != len(places) or not all(uid is None or isinstance(uid, str) for uid in uids))
+            uids is not None and (not isinstance(uids, list) or len(uids) != len(places))
         ):
             raise _malformed(packed)
         for index, place in enumerate(places):
@@ -131,6 +140,8 @@ def unpack(packed: Any, images: list[list[Any]] | None = None) -> list[dict[str,
                 if uids is None and len(image) != 3:
                     raise _malformed(packed)  # an image-lane job's uid is in the group or the XCom
                 entry["uid"] = uids[index] if uids is not None else image[2]
+                if index in traces:
+                    entry["trace_id"] = traces[index]
             jobs[place] = Job.from_json(entry).to_json()
     if any(entry is None for entry in jobs):
         raise _malformed(packed)
@@ -164,7 +175,7 @@ def read_images(value: Any, token: Any) -> list[list[Any]]:
         isinstance(image, list)
         and len(image) in (2, 3)
         and isinstance(image[0], str)
-        and all(value is None or isinstance(value, str) for value in image[1:])
+        and (image[1] is None or isinstance(image[1], str))
         for image in images
     ):
         raise Doc2XError(
@@ -193,11 +204,15 @@ class WaitImages:
         return None
 
     def pack(self, jobs: list[dict[str, Any]]) -> dict[str, Any]:
-        """The jobs packed for the trigger; their images written to XCom first, unless it holds them already."""
+        """The jobs packed for the trigger, their images written to XCom first under a token of this wait's.
+
+        Written at each deferral: the token is the images' digest and a random part of this wait,
+        so that an event of an earlier wait, delivered again, is refused instead of resumed on.
+        """
         value = images_of(jobs)
-        if value["token"] != self.token:
-            self.ti.xcom_push(key=WAIT_XCOM_KEY, value=value)
-            self.token = value["token"]
+        value["token"] = f"{value['token']}-{secrets.token_hex(4)}"
+        self.ti.xcom_push(key=WAIT_XCOM_KEY, value=value)
+        self.token = value["token"]
         return pack(jobs, value["token"])
 
     def unpacked(self, event: Any) -> Any:
@@ -245,6 +260,23 @@ def _checked(packed: Any) -> tuple[int, list[dict[str, Any]]]:
     ):
         raise _malformed(packed)
     return count, groups
+
+
+def _count(runs: list[list[int]]) -> int:
+    """How many numbers runs hold."""
+    return sum(run[1] for run in runs)
+
+
+def _traces(pairs: Any, members: int) -> dict[int, Any]:
+    """A group's trace ids by the place of their job in the group, checked (each job's at most once)."""
+    if not isinstance(pairs, list) or not all(
+        isinstance(pair, list) and len(pair) == 2 and _whole(pair[0]) and pair[0] < members for pair in pairs
+    ):
+        raise Doc2XError(f"The Doc2X jobs hold malformed trace ids: {protocol.quote(pairs)}")
+    traces = {pair[0]: pair[1] for pair in pairs}
+    if len(traces) != len(pairs):
+        raise Doc2XError(f"The Doc2X jobs name a trace id twice for one job: {protocol.quote(pairs)}")
+    return traces
 
 
 def _extend(runs: list[list[int]], value: int) -> None:

@@ -227,7 +227,7 @@ class Doc2XImageParseOperator(BaseOperator):
 
     def _submit_and_wait(self, context: Context) -> Any:
         sources = resolve_images(self.image_path, allow_schemes=self.allow_schemes)
-        check_task_size(len(sources) if self.deferrable else 0)  # what its trigger may carry
+        check_task_size(len(sources) if self.deferrable and self.method != "sync" else 0)  # its trigger's
         split = self.manifest.partition(sources) if self.manifest else None  # unchanged: never opened
         to_read = split.to_read if split else sources
         with self._intake() as intake:
@@ -341,12 +341,12 @@ class Doc2XImageParseOperator(BaseOperator):
         The PDF lane first stores the results of the PDFs that finished (with ``output_path``: a
         task that runs longer than Doc2X keeps results, 24 hours, must not find its first ones
         expired at its end), then submits what remains (queued PDFs, the images of PDFs that
-        failed) and defers again while PDFs are in flight.
+        failed) and defers again while PDFs are in flight. The task's usage comes back in the event.
         """
-        # What the task carried across the deferral comes back in the event (the trigger's kwargs).
         self._spending = self._spending_of(event.get("carried") if isinstance(event, dict) else None)
         self._wait_images = WaitImages.for_context(context)
-        with self._spending.reporting(context=context, log=self.log, model=self.model, lane=self.lane):
+        reporting = self._spending.reporting(context=context, log=self.log, model=self.model, lane=self.lane)
+        with reporting, self._waits().forgotten_on_failure():
             return self._resume(context, event)
 
     def _resume(self, context: Context, event: Any) -> list[dict[str, Any]]:
