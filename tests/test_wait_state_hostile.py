@@ -25,6 +25,7 @@ from airflow_provider_doc2x.wait_state import WAIT_XCOM_KEY, images_of, pack
 from tests.helpers import (
     AIRFLOW_VERSION,
     API_KEY,
+    DeferredRun,
     StateStore,
     TaskInstance,
     airflow_cli,
@@ -67,36 +68,12 @@ def fast_uploads(doc2x, monkeypatch):
     return doc2x
 
 
-class Run:
-    """A deferrable task run half by half, keeping what Airflow's database would: kwargs, events, XCom."""
-
-    def __init__(self, op, ti: TaskInstance, context: dict | None = None):
-        self.op, self.ti = op, ti
-        self.context = {"ti": ti, **(context or {})}
-        self.kwargs: list[dict] = []
-        self.events: list[dict] = []
-        self.xcoms: list[object] = []
-
-    def to_the_end(self):
-        call = lambda: self.op.execute(self.context)  # noqa: E731
-        while True:
-            try:
-                return call()
-            except TaskDeferred as deferred:
-                self.kwargs.append(json.loads(json.dumps(deferred.trigger.serialize()[1])))
-                self.xcoms.append(self.ti.xcom.get(WAIT_XCOM_KEY))
-                event = json.loads(json.dumps(asyncio.run(first_event(deferred.trigger))))
-                self.events.append(event)
-                method = getattr(self.op, deferred.method_name)
-                call = lambda method=method, event=event: method(self.context, event)  # noqa: E731
-
-
 # -- promise 3: small kwargs and events whatever the task ----------------------------------------------------
 
 
 def test_an_image_lane_task_of_hundreds_of_images_defers_with_a_few_kilobytes(fast_uploads, page):
     images = [page(f"p{n:04d}.jpg", f"Page {n}") for n in range(200)]
-    run = Run(parse_operator(images, deferrable=True), TaskInstance())
+    run = DeferredRun(parse_operator(images, deferrable=True), TaskInstance())
     records = run.to_the_end()
     assert titles(records) == [f"# Page {n}" for n in range(200)]
     sizes = [(size(kwargs), size(event)) for kwargs, event in zip(run.kwargs, run.events, strict=True)]
@@ -142,7 +119,7 @@ def test_a_pdf_lane_task_with_a_failing_pdf_split_across_deferrals_stays_small_a
     twin = page("twin.jpg", "Fine 7")  # the same content as ok-007.jpg, under another name
     shutil.copyfile(images[8], twin)
     images.append(twin)
-    run = Run(
+    run = DeferredRun(
         parse_operator(images, method="pdf", deferrable=True, pdf_max_pages=20, allowed_failures=1),
         TaskInstance(),
     )
@@ -170,7 +147,7 @@ def test_documents_images_duplicates_and_copies_each_end_with_their_own_result(d
     shutil.copyfile(a, copy_of_a)
     sources = [a, documents[0], b, a, documents[1], copy_of_a, documents[3], b, documents[2], documents[4]]
     ti = TaskInstance()
-    run = Run(parse_operator(sources, deferrable=True), ti)
+    run = DeferredRun(parse_operator(sources, deferrable=True), ti)
     records = run.to_the_end()
     assert [record["source"] for record in records] == [str(s) for s in sources]
     by_source = {}
@@ -241,7 +218,7 @@ def test_a_new_try_after_a_deferral_reconnects_instead_of_resubmitting(lane, pag
     assert submitted >= 1
     # The try is lost while deferred; Airflow's new try starts with the XCom cleared.
     second = TaskInstance(try_number=2)
-    run = Run(
+    run = DeferredRun(
         parse_operator(images, method="pdf", deferrable=True, pdf_max_pages=3),
         second,
         {"task_state_store": store},
@@ -258,7 +235,7 @@ def test_a_new_try_of_the_image_lane_reconnects_too(doc2x, page):
     store = StateStore()
     with pytest.raises(TaskDeferred):
         parse_operator(images, deferrable=True).execute({"ti": TaskInstance(), "task_state_store": store})
-    run = Run(
+    run = DeferredRun(
         parse_operator(images, deferrable=True), TaskInstance(try_number=2), {"task_state_store": store}
     )
     assert titles(run.to_the_end()) == [f"# Image {n}" for n in range(4)]
@@ -371,7 +348,7 @@ def test_a_tiny_hostile_kwargs_cannot_make_the_trigger_work_for_seconds():
 def test_the_xcom_is_emptied_when_too_many_images_fail(lane, page):
     images = [page("good.jpg", "Good"), page("bad.jpg", "Bad", fail="parse_error")]
     ti = TaskInstance()
-    run = Run(parse_operator(images, deferrable=True), ti)
+    run = DeferredRun(parse_operator(images, deferrable=True), ti)
     with pytest.raises(Doc2XError, match=r"bad\.jpg"):
         run.to_the_end()
     assert run.events and ti.xcom[WAIT_XCOM_KEY] is None
@@ -395,7 +372,7 @@ def test_an_echoed_key_never_reaches_the_xcom_kwargs_or_events(doc2x, page, tmp_
     doc2x.configure(echo_key=True)
     documents = write_documents(tmp_path / "docs")
     images = [page("a.jpg", "Alpha"), page("bad.jpg", "Bad", fail="parse_error"), documents[0]]
-    run = Run(parse_operator(images, deferrable=True, allowed_failures=1), TaskInstance())
+    run = DeferredRun(parse_operator(images, deferrable=True, allowed_failures=1), TaskInstance())
     run.to_the_end()
     assert run.events
     for kept in (*run.kwargs, *run.events, *run.xcoms):

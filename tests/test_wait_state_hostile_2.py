@@ -19,6 +19,7 @@ from airflow_provider_doc2x.local.samples import Page, render, write_documents
 from airflow_provider_doc2x.wait_state import MAX_JOBS, WAIT_XCOM_KEY
 from tests.helpers import (
     API_KEY,
+    DeferredRun,
     StateStore,
     TaskInstance,
     event_jobs,
@@ -49,30 +50,6 @@ def page(tmp_path):
         return path
 
     return write
-
-
-class Run:
-    """A deferrable task run half by half, keeping what Airflow's database would: kwargs, events, XCom."""
-
-    def __init__(self, op, ti: TaskInstance, context: dict | None = None):
-        self.op, self.ti = op, ti
-        self.context = {"ti": ti, **(context or {})}
-        self.kwargs: list[dict] = []
-        self.events: list[dict] = []
-        self.xcoms: list[object] = []
-
-    def to_the_end(self):
-        call = lambda: self.op.execute(self.context)  # noqa: E731
-        while True:
-            try:
-                return call()
-            except TaskDeferred as deferred:
-                self.kwargs.append(json.loads(json.dumps(deferred.trigger.serialize()[1])))
-                self.xcoms.append(self.ti.xcom.get(WAIT_XCOM_KEY))
-                event = json.loads(json.dumps(asyncio.run(first_event(deferred.trigger))))
-                self.events.append(event)
-                method = getattr(self.op, deferred.method_name)
-                call = lambda method=method, event=event: method(self.context, event)  # noqa: E731
 
 
 def deferred_once(op, context) -> TaskDeferred:
@@ -138,7 +115,7 @@ def test_a_mixed_task_of_documents_and_images_with_duplicates_joins_each_result_
     a = page("a.jpg", "Alpha")
     sources = [report, a, letter, report, a, fax, letter, photo, scan, a]
     ti = TaskInstance(try_number=1)
-    run = Run(parse_operator(sources, deferrable=True), ti, {"task_state_store": StateStore()})
+    run = DeferredRun(parse_operator(sources, deferrable=True), ti, {"task_state_store": StateStore()})
     records = run.to_the_end()
     assert [record["source"] for record in records] == [str(s) for s in sources]
     by_source: dict = {}
@@ -157,7 +134,7 @@ def test_an_image_lane_task_keeps_about_forty_bytes_an_image_in_its_kwargs_and_a
     doc2x.configure(rate_limit=100_000, rate_window=1)
     use_connection(monkeypatch, doc2x, rate_limit_images=100_000, rate_limit_window=1)
     images = [page(f"p{n:04d}.jpg", f"Page {n}") for n in range(300)]
-    run = Run(parse_operator(images, deferrable=True), TaskInstance())
+    run = DeferredRun(parse_operator(images, deferrable=True), TaskInstance())
     assert titles(run.to_the_end()) == [f"# Page {n}" for n in range(300)]
     assert len(run.kwargs) == 1
     assert size(run.kwargs[0]) < 45 * len(images) + 1000, size(run.kwargs[0])
@@ -169,7 +146,7 @@ def test_image_lane_failures_with_their_own_trace_ids_keep_the_event_small(doc2x
     doc2x.configure(rate_limit=100_000, rate_window=1)
     use_connection(monkeypatch, doc2x, rate_limit_images=100_000, rate_limit_window=1)
     images = [page(f"bad{n:03d}.jpg", f"Bad {n}", fail="parse_error") for n in range(40)]
-    run = Run(parse_operator(images, deferrable=True, allowed_failures=40), TaskInstance())
+    run = DeferredRun(parse_operator(images, deferrable=True, allowed_failures=40), TaskInstance())
     assert run.to_the_end() == []
     assert size(run.kwargs[0]) < 45 * len(images) + 1000
     # Each failure's trace id is its own (about 45 B); nothing else of it grows the event.
@@ -183,7 +160,7 @@ def again(op_of, store, *, first=None):
     """The first try's execute, deferred; then Airflow runs a fresh operator's execute again, same try number."""
     ti = first or TaskInstance(try_number=1)
     deferred_once(op_of(), {"ti": ti, "task_state_store": store})
-    return Run(op_of(), TaskInstance(try_number=1), {"task_state_store": store}).to_the_end()
+    return DeferredRun(op_of(), TaskInstance(try_number=1), {"task_state_store": store}).to_the_end()
 
 
 def test_a_re_executed_first_try_of_the_image_lane_pays_nothing_again(doc2x, page):
@@ -207,7 +184,7 @@ def test_a_re_executed_first_try_of_documents_and_images_pays_nothing_again(lane
     assert stats["max_billed_per_image"] <= 1 and stats["max_pdf_billed_per_page"] == 1
     first = billing(lane)
     # And once more from its start, after it ended: still nothing paid again.
-    Run(
+    DeferredRun(
         parse_operator(sources, deferrable=True, method=method),
         TaskInstance(try_number=1),
         {"task_state_store": store},
@@ -237,7 +214,7 @@ def test_a_pdf_lane_first_try_re_executed_after_its_fallback_to_the_image_lane_p
             method = getattr(op, deferred.method_name)
             call = lambda event=event, method=method: method(context, event)  # noqa: E731
     paid = billing(lane)
-    records = Run(
+    records = DeferredRun(
         parse_operator(images, method="pdf", deferrable=True, allowed_failures=1),
         TaskInstance(try_number=1),
         {"task_state_store": store},
@@ -399,7 +376,9 @@ def test_the_xcom_is_emptied_when_a_pdf_lane_resume_fails_before_its_records(lan
 def test_the_xcom_never_holds_the_key_even_in_a_source_the_key_was_echoed_for(lane, page, tmp_path):
     lane.configure(echo_key=True, pdf_fail_next=1)
     images = [page(f"x{n}.jpg", f"Echo {n}") for n in range(3)]
-    run = Run(parse_operator(images, method="pdf", deferrable=True, allowed_failures=3), TaskInstance())
+    run = DeferredRun(
+        parse_operator(images, method="pdf", deferrable=True, allowed_failures=3), TaskInstance()
+    )
     run.to_the_end()
     for kept in (*run.kwargs, *run.events, *run.xcoms):
         assert API_KEY not in json.dumps(kept)

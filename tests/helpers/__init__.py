@@ -136,6 +136,34 @@ def run_deferred(op, context: dict[str, Any]):
     return getattr(op, deferred.value.method_name)(context, event, **(deferred.value.kwargs or {}))
 
 
+class DeferredRun:
+    """A deferrable task run half by half, keeping what Airflow's database would: kwargs, events, XCom."""
+
+    def __init__(self, op, ti: TaskInstance, context: dict | None = None):
+        self.op, self.ti = op, ti
+        self.context = {"ti": ti, **(context or {})}
+        self.kwargs: list[dict] = []
+        self.events: list[dict] = []
+        self.xcoms: list[object] = []
+
+    def to_the_end(self):
+        from airflow.providers.common.compat.sdk import TaskDeferred
+
+        from airflow_provider_doc2x.wait_state import WAIT_XCOM_KEY
+
+        call = lambda: self.op.execute(self.context)  # noqa: E731
+        while True:
+            try:
+                return call()
+            except TaskDeferred as deferred:
+                self.kwargs.append(json.loads(json.dumps(deferred.trigger.serialize()[1])))
+                self.xcoms.append(self.ti.xcom.get(WAIT_XCOM_KEY))
+                event = json.loads(json.dumps(asyncio.run(first_event(deferred.trigger))))
+                self.events.append(event)
+                method = getattr(self.op, deferred.method_name)
+                call = lambda method=method, event=event: method(self.context, event)  # noqa: E731
+
+
 def use_connection(monkeypatch, doc2x, **extra) -> None:
     """Point the default ``doc2x`` connection at the local server, with these extras."""
     monkeypatch.setenv("AIRFLOW_CONN_DOC2X_DEFAULT", doc2x.connection_json(**extra))
