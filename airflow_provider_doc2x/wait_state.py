@@ -197,8 +197,11 @@ class WaitImages:
 
     @classmethod
     def for_context(cls, context: Any) -> WaitImages | None:
-        """The task's, or None outside a task (no task instance with XCom): jobs then travel unpacked."""
-        ti = context.get("ti") if isinstance(context, dict) else None
+        """The task's, or None outside a task (no task instance with XCom): jobs then travel unpacked.
+
+        Any mapping: Airflow 3's context is a dict, Airflow 2's a ``MutableMapping`` of its own.
+        """
+        ti = context.get("ti") if hasattr(context, "get") else None
         if callable(getattr(ti, "xcom_push", None)) and callable(getattr(ti, "xcom_pull", None)):
             return cls(ti)
         return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from collections import UserDict
 
 import pytest
 from airflow.providers.common.compat.sdk import TaskDeferred
@@ -19,7 +20,7 @@ from airflow_provider_doc2x import events
 from airflow_provider_doc2x.exceptions import Doc2XError
 from airflow_provider_doc2x.local.samples import Page, render
 from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
-from airflow_provider_doc2x.wait_state import WAIT_XCOM_KEY, images_of, pack, unpack
+from airflow_provider_doc2x.wait_state import WAIT_XCOM_KEY, images_of, is_packed, pack, unpack
 from tests.helpers import TaskInstance, first_event, parse_operator
 
 
@@ -155,3 +156,13 @@ def test_a_trigger_row_of_an_earlier_release_still_resumes(lane, scans):
     ]
     records = op.execute_complete({"ti": ti}, event)
     assert [record["markdown"].splitlines()[0] for record in records] == ["# Page 0", "# Page 1", "# Page 2"]
+
+
+def test_a_context_that_is_a_mapping_not_a_dict_packs_too(lane, scans):
+    """Airflow 2's task context is a ``MutableMapping`` of its own, not a dict: its tasks defer packed too."""
+    images = scans(3)
+    ti = TaskInstance()
+    with pytest.raises(TaskDeferred) as deferred:
+        parse_operator(images, method="pdf", deferrable=True).execute(UserDict({"ti": ti}))
+    assert is_packed(deferred.value.trigger.serialize()[1]["jobs"])
+    assert [source for source, _ in ti.xcom[WAIT_XCOM_KEY]["images"]] == [str(image) for image in images]
