@@ -67,15 +67,30 @@ BODY_PIECE_BYTES = 64 * 1024
 MAX_RETRY_AFTER = 300.0
 #: Encodings the transport decodes itself, with a bound (see the module's doc).
 ACCEPT_ENCODING = "gzip, deflate"
+#: Longest idle time after which an upload still reuses a kept-alive connection. A server closes
+#: an idle connection on its own clock (uvicorn, Node and Apache after 5 s, gunicorn after 2 s);
+#: a request sent on it just as it closes is lost after its body went out, which for an upload
+#: means "Doc2X may have billed it". Kept well under those timeouts, an upload never meets that
+#: race; polls and downloads, which are retried safely, keep httpx's default (5 s).
+UPLOAD_KEEPALIVE_SECONDS = 1.0
 
 
 @dataclass
 class SharedClient:
-    """The event loop's client for one base URL, and the gate that bounds its requests in flight."""
+    """The event loop's clients for one base URL, and the gate that bounds their requests in flight.
+
+    ``uploads`` carries what may bill (uploads, a PDF's PUT): its connections are reused only
+    within :data:`UPLOAD_KEEPALIVE_SECONDS` of their last answer. ``client`` carries the rest.
+    """
 
     client: httpx.AsyncClient
+    uploads: httpx.AsyncClient
     gate: asyncio.Semaphore
     lifetime: Any = field(default=None, repr=False)
+
+    def for_request(self, bills: bool) -> httpx.AsyncClient:
+        """The client for a request that may bill (``bills``), or for any other."""
+        return self.uploads if bills else self.client
 
 
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Future[SharedClient]]] = (
@@ -98,20 +113,33 @@ async def shared_client(base_url: str) -> SharedClient:
 
 
 async def _open_client(base_url: str) -> SharedClient:
-    limits = httpx.Limits(
-        max_connections=MAX_IN_FLIGHT_PER_LOOP, max_keepalive_connections=MAX_IN_FLIGHT_PER_LOOP
-    )
-    client = await asyncio.to_thread(httpx.AsyncClient, base_url=base_url, limits=limits)
-    lifetime = _closed_with_the_loop(client)
+    def clients() -> tuple[httpx.AsyncClient, httpx.AsyncClient]:
+        tls = httpx.create_ssl_context()  # one TLS context (one read of the CA bundle) for both
+        pool = {
+            "max_connections": MAX_IN_FLIGHT_PER_LOOP,
+            "max_keepalive_connections": MAX_IN_FLIGHT_PER_LOOP,
+        }
+        return (
+            httpx.AsyncClient(base_url=base_url, verify=tls, limits=httpx.Limits(**pool)),
+            httpx.AsyncClient(
+                base_url=base_url,
+                verify=tls,
+                limits=httpx.Limits(**pool, keepalive_expiry=UPLOAD_KEEPALIVE_SECONDS),
+            ),
+        )
+
+    client, uploads = await asyncio.to_thread(clients)
+    lifetime = _closed_with_the_loop(client, uploads)
     await lifetime.__anext__()  # the loop now knows the generator: it finalizes it at shutdown
-    return SharedClient(client, asyncio.Semaphore(MAX_IN_FLIGHT_PER_LOOP), lifetime)
+    return SharedClient(client, uploads, asyncio.Semaphore(MAX_IN_FLIGHT_PER_LOOP), lifetime)
 
 
-async def _closed_with_the_loop(client: httpx.AsyncClient) -> AsyncIterator[httpx.AsyncClient]:
+async def _closed_with_the_loop(*clients: httpx.AsyncClient) -> AsyncIterator[None]:
     try:
-        yield client
+        yield
     finally:
-        await client.aclose()
+        for client in clients:
+            await client.aclose()
 
 
 class _BackgroundLoop:
@@ -210,7 +238,9 @@ async def call(
                         # The wait for the gate is unbounded: the slot may have expired meanwhile.
                         if slot is None or await slot.confirm():
                             sent = slot.body_sent if slot is not None else None
-                            answer = await exchange(shared.client, settings, request, on_body_sent=sent)
+                            answer = await exchange(
+                                shared.for_request(request.bills), settings, request, on_body_sent=sent
+                            )
                             break
                     await slot.book_again()  # outside the gate: polls are not held behind the window
                 if slot is not None:

@@ -7,8 +7,10 @@ bodies read when their turn comes, records in input order).
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -331,3 +333,27 @@ def test_a_status_that_stays_malformed_on_reconnect_is_asked_a_few_times_then_fa
     assert len(doc2x_proxy.requests("GET", f"^{STATUS_PATH}$", query=f"uid={uid}")) == FETCH_ATTEMPTS
     assert [path.read_text().splitlines()[0] for path in output.rglob("*.md")] == ["# Kept On Reconnect"]
     assert (doc2x.stats()["billed_total"], doc2x.stats()["max_billed_per_image"]) == (2, 1)
+
+
+def test_an_upload_after_a_pause_is_not_lost_where_a_middlebox_forgot_the_idle_connection(
+    doc2x, doc2x_proxy, make_image, monkeypatch
+):
+    """A NAT, a load balancer or a server closing idle connections: the pause is the case, not a wait.
+
+    An upload sent on a connection that was dropped meanwhile is lost after its body went out, and
+    would be named "may have been billed". Uploads reuse a connection only shortly after its last
+    answer, so the second upload opens a new one; a status poll on a forgotten connection is retried.
+    """
+    use_connection = json.loads(doc2x.connection_json(retry_wait=0.05, retry_wait_max=0.1))
+    monkeypatch.setenv("AIRFLOW_CONN_DOC2X_DEFAULT", json.dumps({**use_connection, "host": doc2x_proxy.url}))
+    doc2x_proxy.forget_idle_after = 1.5
+    hook = Doc2XHook()
+    first = hook.parse_image(make_image(title="Before The Pause"))
+    time.sleep(2.0)
+    second = hook.parse_image(make_image(title="After The Pause"))
+    assert [first.markdown.splitlines()[0], second.markdown.splitlines()[0]] == [
+        "# Before The Pause",
+        "# After The Pause",
+    ]
+    assert doc2x.stats()["billed_total"] == 2
+    assert [entry.fault for entry in doc2x_proxy.requests("POST")] == [None, None]

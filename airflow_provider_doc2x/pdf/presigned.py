@@ -74,7 +74,7 @@ async def put_file(
         headers = {"Content-Type": content_type, "Content-Length": str(size)}
         async with (
             shared.gate,
-            shared.client.stream(
+            shared.uploads.stream(
                 "PUT",
                 checked,
                 content=_file_chunks(path, size),

@@ -20,6 +20,9 @@ What it provides:
   :meth:`FaultProxy.malformed`) replaces a chosen request's answer with any status and body, before
   the request reaches the upstream or after the upstream did it, so the same proxy in front of the
   local Doc2X server answers truncated JSON, wrong types or an HTML page to the calls it matches.
+  ``forget_idle_after`` (seconds, or None) makes it a middlebox that forgets idle connections (a
+  NAT or load balancer past its idle timeout, a server closing one just as a request comes): a
+  request on a connection idle that long is read whole, then reset, and never reaches the upstream.
 - The fixtures ``s3_server`` (session) and ``s3`` (each test), which a test module imports
   (``s3_server, s3 = tests.helpers.s3.s3_server, tests.helpers.s3.s3``); :func:`s3_env` is the same as a
   context manager. The server and proxy are started once per session (per xdist worker); for each test, no rules, an empty log, a fresh bucket, and the
@@ -239,6 +242,8 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._rules: list[Rule] = []
         self._log: list[S3Request] = []
+        #: Seconds after which an idle client connection is forgotten (see the module's doc).
+        self.forget_idle_after: float | None = None
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="s3-fault-proxy", daemon=True)
@@ -410,6 +415,7 @@ class FaultProxy:
         upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         try:
             while True:
+                idle_since = time.monotonic()
                 raw = await _read_head(reader)
                 if raw is None:
                     return
@@ -419,6 +425,12 @@ class FaultProxy:
                 entry = S3Request(method.upper(), unquote(path), query, request.headers.get("range"))
                 with self._lock:
                     self._log.append(entry)
+                forget = self.forget_idle_after
+                if forget is not None and upstream is not None and time.monotonic() - idle_since >= forget:
+                    entry.fault = "forgotten"
+                    await _pipe_body(reader, None, request, response=False)
+                    _reset(writer)
+                    return
                 rule = self._match(entry.method, entry.path, entry.query)
                 if rule is not None:
                     entry.fault = rule.fault
