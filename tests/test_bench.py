@@ -132,7 +132,7 @@ def test_bench_script_runs_and_prints_its_figures(script, request):
         env["DOC2X_BENCH_AIRFLOW_DB"] = str(request.getfixturevalue("airflow_db") / "airflow.db")
     if script == "incremental.py":
         for module in ("moto.server", "s3fs", "boto3", "airflow.providers.amazon"):
-            pytest.importorskip(module, reason=f"the S3 bench needs {module} (the "test" dependency group)")
+            pytest.importorskip(module, reason=f"the S3 bench needs {module} (the test dependency group)")
     if script == "ocr_engine.py":
         pytest.importorskip("rapidocr", reason="the ocr extra is not installed")
     if script in DEPLOYING and AIRFLOW_VERSION < (3, 3) and script not in THROUGH_DAGS_TEST:

@@ -21,7 +21,7 @@ import pytest
 from tests.helpers import REPO
 
 for _module in ("moto.server", "s3fs", "boto3", "airflow.providers.amazon"):
-    pytest.importorskip(_module, reason=f"the soak needs {_module} (the "test" dependency group)")
+    pytest.importorskip(_module, reason=f"the soak needs {_module} (the test dependency group)")
 
 SOAK = [
     sys.executable,

@@ -443,7 +443,7 @@ class CeleryDeployment(Deployment):
             try:
                 __import__(module)
             except ImportError:
-                return f"{package} is not installed (the "test" dependency group brings it)"
+                return f"{package} is not installed (the test dependency group brings it)"
         return Postgres.missing() or Redis.missing()
 
     def __init__(

@@ -722,7 +722,7 @@ def forget_filesystems() -> None:
 def start_s3() -> tuple[MotoServer, FaultProxy]:
     """Moto's server and the proxy in front of it; :func:`pytest.skip` with the reason if it cannot start."""
     for module in ("moto.server", "s3fs", "boto3", "airflow.providers.amazon"):
-        pytest.importorskip(module, reason=f"the S3 tests need {module} (the "test" dependency group)")
+        pytest.importorskip(module, reason=f"the S3 tests need {module} (the test dependency group)")
     try:
         server = MotoServer()
     except (RuntimeError, OSError) as error:
