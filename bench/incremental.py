@@ -256,7 +256,9 @@ def main() -> None:
         import moto.server  # noqa: F401
         import s3fs  # noqa: F401
     except ImportError as missing:
-        raise SystemExit(f"this bench needs moto's server and s3fs (the test dependency group): {missing}") from None
+        raise SystemExit(
+            f"this bench needs moto's server and s3fs (the test dependency group): {missing}"
+        ) from None
     bench = Bench(args)
     try:
         measure(bench, args)

@@ -18,6 +18,9 @@ from airflow.providers.common.compat.sdk import BaseHook
 
 from tests.helpers import AIRFLOW_VERSION, HAS_TASK_STATE_STORE, REPO, airflow_cli, dags_test
 
+#: Every supported Airflow line runs these (README, "Airflow lines"), not only the newest and oldest.
+pytestmark = pytest.mark.compat
+
 EXAMPLES = REPO / "example_dags"
 EXAMPLE_DAG_IDS = {
     "example_doc2x_parse_image",

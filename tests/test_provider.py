@@ -8,10 +8,15 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import pytest
+
 import airflow_provider_doc2x
 from airflow_provider_doc2x import __version__
 from airflow_provider_doc2x.get_provider_info import get_provider_info
 from tests.helpers import API_KEY, REPO, airflow_cli
+
+#: Every supported Airflow line runs these (README, "Airflow lines"), not only the newest and oldest.
+pytestmark = pytest.mark.compat
 
 
 def test_entry_point_returns_the_provider_info():

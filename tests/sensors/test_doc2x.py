@@ -17,6 +17,9 @@ from airflow_provider_doc2x.sensors.doc2x import Doc2XImageParseSensor
 from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
 from tests.helpers import REPO, dags_test, first_event, wait_until
 
+#: Every supported Airflow line runs these (README, "Airflow lines"), not only the newest and oldest.
+pytestmark = pytest.mark.compat
+
 
 def sensor(uid: str, **kwargs) -> Doc2XImageParseSensor:
     return Doc2XImageParseSensor(task_id="wait", uid=uid, poke_interval=0.05, timeout=30, **kwargs)
