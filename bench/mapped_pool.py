@@ -47,7 +47,7 @@ def main() -> None:
         type=float,
         default=10.0,
         help="seconds a job stays processing (seconds, as at Doc2X; jobs done within a second or two "
-        "of the deferral can meet Airflow 3.3.2's deferral race: see the README's Retries)",
+        "of the deferral can meet Airflow 3.3.2's deferral race: see docs/production.md)",
     )
     parser.add_argument("--pool-slots", type=int, default=1, help="slots of the 'doc2x' pool")
     parser.add_argument(

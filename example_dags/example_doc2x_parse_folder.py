@@ -2,7 +2,7 @@
 Parse every JPEG/PNG of a folder into Markdown, one mapped Doc2X task per image.
 
 All mapped tasks share the key of ``doc2x_default``: each hook paces its own uploads to the key's
-limit; to keep many workers together under it, run the mapped tasks in a pool (see the README).
+limit; to keep many workers together under it, run the mapped tasks in a pool (see docs/production.md).
 """
 
 from __future__ import annotations

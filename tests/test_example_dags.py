@@ -18,7 +18,7 @@ from airflow.providers.common.compat.sdk import BaseHook
 
 from tests.helpers import AIRFLOW_VERSION, HAS_TASK_STATE_STORE, REPO, airflow_cli, dags_test
 
-#: Every supported Airflow line runs these (README, "Airflow lines"), not only the newest and oldest.
+#: Every supported Airflow line runs these (docs/installation.md, "By Airflow line"), not only the newest and oldest.
 pytestmark = pytest.mark.compat
 
 EXAMPLES = REPO / "example_dags"

@@ -15,7 +15,7 @@ from airflow_provider_doc2x import __version__
 from airflow_provider_doc2x.get_provider_info import get_provider_info
 from tests.helpers import API_KEY, REPO, airflow_cli
 
-#: Every supported Airflow line runs these (README, "Airflow lines"), not only the newest and oldest.
+#: Every supported Airflow line runs these (docs/installation.md, "By Airflow line"), not only the newest and oldest.
 pytestmark = pytest.mark.compat
 
 
@@ -113,15 +113,15 @@ def test_connections_add_and_test_from_the_cli(doc2x, airflow_db):
         airflow_cli("connections", "delete", conn_id, env={})
 
 
-def readme_extras() -> dict[str, str]:
-    """The README's table of connection extras: name -> default, as written."""
-    text = (REPO / "README.md").read_text()
-    table = text.split("### Connection extras", 1)[1].split("\n\n", 2)[2].split("\n\n", 1)[0]
+def documented_extras() -> dict[str, str]:
+    """The docs' table of connection extras (docs/connection.md): name -> default, as written."""
+    text = (REPO / "docs" / "connection.md").read_text()
+    table = text.split("## Connection extras", 1)[1].split("\n\n", 2)[2].split("\n\n", 1)[0]
     rows = [line.strip("|").split("|") for line in table.splitlines()[2:]]
     return {name.strip().strip("`"): default.strip().strip("`") for name, default, *_ in rows}
 
 
-def test_the_form_the_settings_and_the_readme_agree_on_the_extras():
+def test_the_form_the_settings_and_the_docs_agree_on_the_extras():
     import dataclasses
 
     from airflow.providers_manager import ProvidersManager
@@ -133,7 +133,7 @@ def test_the_form_the_settings_and_the_readme_agree_on_the_extras():
     }
     assert set(conn_fields()) == set(declared)
     assert {f"extra__doc2x__{name}" for name in declared} <= set(ProvidersManager().connection_form_widgets)
-    documented = readme_extras()
+    documented = documented_extras()
     assert set(documented) == set(declared)
     for name, default in declared.items():
         shown = documented[name]

@@ -17,7 +17,7 @@ from airflow_provider_doc2x.sensors.doc2x import Doc2XImageParseSensor
 from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
 from tests.helpers import REPO, dags_test, first_event, wait_until
 
-#: Every supported Airflow line runs these (README, "Airflow lines"), not only the newest and oldest.
+#: Every supported Airflow line runs these (docs/installation.md, "By Airflow line"), not only the newest and oldest.
 pytestmark = pytest.mark.compat
 
 
