@@ -67,26 +67,31 @@ BODY_PIECE_BYTES = 64 * 1024
 MAX_RETRY_AFTER = 300.0
 #: Encodings the transport decodes itself, with a bound (see the module's doc).
 ACCEPT_ENCODING = "gzip, deflate"
-#: Longest idle time after which an upload still reuses a kept-alive connection. A server closes
-#: an idle connection on its own clock (uvicorn, Node and Apache after 5 s, gunicorn after 2 s);
-#: a request sent on it just as it closes is lost after its body went out, which for an upload
-#: means "Doc2X may have billed it". Kept well under those timeouts, an upload never meets that
-#: race; polls and downloads, which are retried safely, keep httpx's default (5 s).
-UPLOAD_KEEPALIVE_SECONDS = 1.0
+#: Uploads never reuse a kept-alive connection. A server or a middlebox closes an idle connection
+#: on its own clock (uvicorn, Node and Apache after 5 s, gunicorn after 2 s, a load balancer when
+#: it drains): a request sent on it just as it closes is lost after its body went out, which for
+#: an upload means "Doc2X may have billed it". A new connection per upload (one handshake, small
+#: beside the key's pace) never meets that race; polls and downloads, retried safely, keep theirs.
+UPLOAD_KEEPALIVE_CONNECTIONS = 0
 
 
 @dataclass
 class SharedClient:
     """The event loop's clients for one base URL, and the gate that bounds their requests in flight.
 
-    ``uploads`` carries what may bill (uploads, a PDF's PUT): its connections are reused only
-    within :data:`UPLOAD_KEEPALIVE_SECONDS` of their last answer. ``client`` carries the rest.
+    ``uploads`` carries what may bill (uploads, a PDF's PUT), each on a new connection
+    (:data:`UPLOAD_KEEPALIVE_CONNECTIONS`). ``client`` carries the rest.
     """
 
     client: httpx.AsyncClient
     uploads: httpx.AsyncClient
     gate: asyncio.Semaphore
     lifetime: Any = field(default=None, repr=False)
+
+    @property
+    def closed(self) -> bool:
+        """Either client was closed (the loop shut them down): the pair is built again."""
+        return self.client.is_closed or self.uploads.is_closed
 
     def for_request(self, bills: bool) -> httpx.AsyncClient:
         """The client for a request that may bill (``bills``), or for any other."""
@@ -107,7 +112,7 @@ async def shared_client(base_url: str) -> SharedClient:
     """
     clients = _clients.setdefault(asyncio.get_running_loop(), {})
     building = clients.get(base_url)
-    if building is None or (building.done() and (building.exception() or building.result().client.is_closed)):
+    if building is None or (building.done() and (building.exception() or building.result().closed)):
         building = clients[base_url] = asyncio.ensure_future(_open_client(base_url))
     return await asyncio.shield(building)
 
@@ -115,17 +120,15 @@ async def shared_client(base_url: str) -> SharedClient:
 async def _open_client(base_url: str) -> SharedClient:
     def clients() -> tuple[httpx.AsyncClient, httpx.AsyncClient]:
         tls = httpx.create_ssl_context()  # one TLS context (one read of the CA bundle) for both
-        pool = {
-            "max_connections": MAX_IN_FLIGHT_PER_LOOP,
-            "max_keepalive_connections": MAX_IN_FLIGHT_PER_LOOP,
-        }
+        kept = httpx.Limits(
+            max_connections=MAX_IN_FLIGHT_PER_LOOP, max_keepalive_connections=MAX_IN_FLIGHT_PER_LOOP
+        )
+        fresh = httpx.Limits(
+            max_connections=MAX_IN_FLIGHT_PER_LOOP, max_keepalive_connections=UPLOAD_KEEPALIVE_CONNECTIONS
+        )
         return (
-            httpx.AsyncClient(base_url=base_url, verify=tls, limits=httpx.Limits(**pool)),
-            httpx.AsyncClient(
-                base_url=base_url,
-                verify=tls,
-                limits=httpx.Limits(**pool, keepalive_expiry=UPLOAD_KEEPALIVE_SECONDS),
-            ),
+            httpx.AsyncClient(base_url=base_url, verify=tls, limits=kept),
+            httpx.AsyncClient(base_url=base_url, verify=tls, limits=fresh),
         )
 
     client, uploads = await asyncio.to_thread(clients)
@@ -134,12 +137,14 @@ async def _open_client(base_url: str) -> SharedClient:
     return SharedClient(client, uploads, asyncio.Semaphore(MAX_IN_FLIGHT_PER_LOOP), lifetime)
 
 
-async def _closed_with_the_loop(*clients: httpx.AsyncClient) -> AsyncIterator[None]:
+async def _closed_with_the_loop(client: httpx.AsyncClient, uploads: httpx.AsyncClient) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        for client in clients:
+        try:
             await client.aclose()
+        finally:
+            await uploads.aclose()
 
 
 class _BackgroundLoop:

@@ -341,8 +341,8 @@ def test_an_upload_after_a_pause_is_not_lost_where_a_middlebox_forgot_the_idle_c
     """A NAT, a load balancer or a server closing idle connections: the pause is the case, not a wait.
 
     An upload sent on a connection that was dropped meanwhile is lost after its body went out, and
-    would be named "may have been billed". Uploads reuse a connection only shortly after its last
-    answer, so the second upload opens a new one; a status poll on a forgotten connection is retried.
+    would be named "may have been billed". Each upload opens its own connection, so the second one
+    never meets the forgotten connection.
     """
     use_connection = json.loads(doc2x.connection_json(retry_wait=0.05, retry_wait_max=0.1))
     monkeypatch.setenv("AIRFLOW_CONN_DOC2X_DEFAULT", json.dumps({**use_connection, "host": doc2x_proxy.url}))

@@ -22,12 +22,11 @@ from functools import cached_property
 from typing import Any
 
 from airflow.exceptions import AirflowProviderDeprecationWarning
-from airflow.providers.common.compat.connection import get_async_connection
 from airflow.providers.common.compat.sdk import BaseHook
 
 from airflow_provider_doc2x import protocol, transport
 from airflow_provider_doc2x import settings as connection_settings
-from airflow_provider_doc2x.compat import get_async_extra_dejson, mask_secret
+from airflow_provider_doc2x.compat import get_async_connection, get_async_extra_dejson, mask_secret
 from airflow_provider_doc2x.exceptions import (
     Doc2XAuthError,
     Doc2XError,
@@ -143,7 +142,7 @@ class Doc2XHook(BaseHook):
         return self._async_settings
 
     async def _fetch_settings(self) -> Doc2XSettings:
-        conn = await get_async_connection(self.doc2x_conn_id)
+        conn = await get_async_connection(self.doc2x_conn_id, hook=self)
         extra = await get_async_extra_dejson(conn)
         settings = Doc2XSettings.from_connection(conn, extra)
         # Registering a secret talks to Airflow's supervisor synchronously: never on the loop's thread.
