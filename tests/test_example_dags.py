@@ -22,6 +22,10 @@ from tests.helpers import AIRFLOW_VERSION, HAS_TASK_STATE_STORE, REPO, airflow_c
 pytestmark = pytest.mark.compat
 
 EXAMPLES = REPO / "example_dags"
+#: The lines between the newest and the oldest run the compatibility suite: each example DAG once,
+#: end to end. What a second run proves (nothing paid again) is the provider's own logic, run on
+#: 3.3 and 2.11 with the whole suite.
+ONCE = (3, 0) <= AIRFLOW_VERSION < (3, 3)
 EXAMPLE_DAG_IDS = {
     "example_doc2x_parse_image",
     "example_doc2x_parse_folder",
@@ -86,6 +90,8 @@ def test_example_dag_to_storage_twice_pays_once(doc2x, airflow_db, tmp_path):
     folders = sorted(path.name for path in lake.iterdir())
     assert [name.rsplit("-", 1)[0] for name in folders] == sorted(TITLES)
     assert (lake / folders[0] / "invoice.md").read_text().startswith(TITLES["invoice"])
+    if ONCE:
+        return
     second = dags_test("example_doc2x_parse_to_storage", {"output_path": str(lake)}, doc2x)
     assert second.count("reused: ") == len(TITLES)
     assert doc2x.stats()["requests"]["submit"] == len(TITLES)
@@ -99,6 +105,8 @@ def test_cost_control_example_plans_what_the_parse_then_bills_and_reports_its_us
     said = [line for line in first.splitlines() if "planned: " in line or "Doc2X usage" in line]
     assert f"planned: {len(TITLES)} pages; billed: {len(TITLES)} pages" in first, said
     assert doc2x.stats()["billed_total"] == len(TITLES)
+    if ONCE:
+        return
     again = dags_test("example_doc2x_cost_control", {"output_path": str(lake)}, doc2x)
     assert "planned: 0 pages; billed: 0 pages" in again
     assert f"reused: {len(TITLES)} pages; failed: 0 images" in again
@@ -196,6 +204,11 @@ def test_incremental_example_two_daily_runs_bill_what_is_new_and_trigger_the_ind
     first = day("2026-01-01")
     assert "new images: 2" in first
     assert doc2x.stats()["billed_total"] == 2
+    if ONCE:  # the index DAG too, once, on what the first day stored
+        result = airflow_cli("dags", "test", downstream, "2026-01-01", env=env)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+        assert "indexed: " in result.stdout + result.stderr
+        return
     second = day("2026-01-02")
     assert "new images: 2" in second  # edge (listed again) and new
     assert "Manifest: 1 of 2 images unchanged" in second  # edge was not read
@@ -245,6 +258,8 @@ def test_bulk_pdf_example_with_airflow_dags_test_defers_per_wave_and_pays_once(d
     stats = doc2x.stats()
     assert (stats["pdf_tasks"], stats["pdf_pages_billed"], stats["max_pdf_billed_per_page"]) == (2, 4, 1)
     assert stats["max_pages_in_progress"] <= 2 and stats["billed_total"] == 0
+    if ONCE:
+        return
     again = airflow_cli("dags", "test", "example_doc2x_bulk_pdf", "-c", conf, env=env)
     assert again.returncode == 0 and (again.stdout + again.stderr).count("reused: ") == len(TITLES)
     assert doc2x.stats()["preuploads"] == 2
@@ -290,6 +305,8 @@ def test_documents_example_parses_a_mixed_folder_one_record_per_file_and_a_rerun
     billed = doc2x.stats()
     assert (billed["billed_total"], billed["max_billed_per_image"]) == (3, 1)  # letter, scan, photo
     assert (billed["pdf_tasks"], billed["pdf_pages_billed"], billed["max_pdf_billed_per_page"]) == (2, 6, 1)
+    if ONCE:
+        return
 
     again = dags_test("example_doc2x_documents", {"output_path": str(lake)}, doc2x)
     assert again.count("reused: ") == 5 and "parsed: " not in again
