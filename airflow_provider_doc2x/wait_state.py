@@ -228,9 +228,13 @@ class WaitImages:
         return {**event, "jobs": unpack(event["jobs"], images)}
 
     def forget(self) -> None:
-        """Empty the XCom once the task no longer waits (its images are in its records by then)."""
+        """Empty the XCom once the task no longer waits (its images are in its records by then).
+
+        Emptied to ``{}``, not ``None``: Airflow 3.0's execution API refuses an XCom whose value is
+        null (HTTP 422), which failed the task at its end.
+        """
         if self.token is not None:
-            self.ti.xcom_push(key=WAIT_XCOM_KEY, value=None)
+            self.ti.xcom_push(key=WAIT_XCOM_KEY, value={})
             self.token = None
 
 

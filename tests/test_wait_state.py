@@ -72,7 +72,7 @@ def test_a_large_pdf_lane_task_defers_and_resumes_with_kwargs_and_events_of_a_fe
     assert sizes
     # One image's entry alone took about 250 bytes before; now a whole PDF's group takes about that.
     assert all(kwargs < 2000 and event < 2000 for kwargs, event in sizes), sizes
-    assert ti.xcom[WAIT_XCOM_KEY] is None  # emptied once the task no longer waits
+    assert ti.xcom[WAIT_XCOM_KEY] == {}  # emptied once the task no longer waits
 
 
 def test_jobs_of_every_kind_come_back_as_they_were_sent(tmp_path):

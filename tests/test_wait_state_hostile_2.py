@@ -103,7 +103,7 @@ def test_image_lane_duplicates_a_lost_upload_and_a_reconnected_uid_each_get_thei
     with pytest.raises(Doc2XError) as failed:
         op.execute_complete(context, event)
     assert "lost.jpg" in str(failed.value) and "1 of 6" in str(failed.value)
-    assert ti.xcom[WAIT_XCOM_KEY] is None
+    assert ti.xcom[WAIT_XCOM_KEY] == {}
     assert doc2x.stats()["max_billed_per_image"] == 1
 
 
@@ -125,7 +125,7 @@ def test_a_mixed_task_of_documents_and_images_with_duplicates_joins_each_result_
     assert all(len(markdowns) == 1 for markdowns in by_source.values())
     assert titles(records)[1] == titles(records)[4] == titles(records)[9] == "# Alpha"
     assert records[0]["markdown"] != records[2]["markdown"]
-    assert ti.xcom[WAIT_XCOM_KEY] is None
+    assert ti.xcom[WAIT_XCOM_KEY] == {}
     assert billing(doc2x) == (4, 1, 6, 1)  # a, letter, photo, scan; report and fax
 
 
@@ -307,7 +307,7 @@ def test_the_xcom_is_emptied_when_the_wait_times_out(doc2x, page):
     assert event["status"] == "timeout"
     with pytest.raises(Doc2XError):
         op.execute_complete({"ti": ti}, event)
-    assert ti.xcom[WAIT_XCOM_KEY] is None
+    assert ti.xcom[WAIT_XCOM_KEY] == {}
 
 
 @pytest.mark.parametrize("lane_method", ["async", "pdf"])
@@ -371,7 +371,7 @@ def test_the_xcom_is_emptied_when_a_pdf_lane_resume_fails_before_its_records(lan
         parse_operator(images, method="pdf", deferrable=True, pdf_max_pages=1).execute_complete(
             {"ti": ti}, event
         )
-    assert ti.xcom[WAIT_XCOM_KEY] is None
+    assert ti.xcom[WAIT_XCOM_KEY] == {}
 
 
 def test_the_xcom_never_holds_the_key_even_in_a_source_the_key_was_echoed_for(lane, page, tmp_path):
