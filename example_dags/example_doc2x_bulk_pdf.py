@@ -61,7 +61,7 @@ def example_doc2x_bulk_pdf():
     )
     # [END howto_operator_doc2x_bulk_pdf]
 
-    @task
+    @task(multiple_outputs=False)  # one XCom, not one per source path
     def report(records: list[dict]) -> dict[str, int]:
         """Read each image's Markdown from storage, and say where each came from."""
         words = {}

@@ -59,7 +59,7 @@ def example_doc2x_documents():
     )
     # [END howto_operator_doc2x_documents]
 
-    @task
+    @task(multiple_outputs=False)  # one XCom, not one per source path
     def pages(records: list[dict]) -> dict[str, int]:
         """Read each record's Markdown from storage and split a document's on its page markers."""
         import re

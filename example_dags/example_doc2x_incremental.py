@@ -92,7 +92,7 @@ def example_doc2x_incremental():
 
 @dag(schedule=[MARKDOWN], start_date=START, catchup=False, tags=["example", "doc2x"])
 def example_doc2x_incremental_index():
-    @task(inlets=[MARKDOWN])
+    @task(inlets=[MARKDOWN], multiple_outputs=False)  # one XCom, not one per path
     def index(**context) -> dict[str, int]:
         """
         Stand-in for an index or embedding step: reads each new Markdown file the events name (those

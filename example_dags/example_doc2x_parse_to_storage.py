@@ -47,7 +47,7 @@ def example_doc2x_parse_to_storage():
     )
     # [END howto_operator_doc2x_parse_to_storage]
 
-    @task
+    @task(multiple_outputs=False)  # one XCom, not one per source path
     def index(records: list[dict]) -> dict[str, int]:
         """A downstream consumer: read each Markdown file from storage by the path in XCom."""
         words = {}

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from airflow.providers.common.compat.sdk import BaseHook
 
-from tests.helpers import AIRFLOW_VERSION, HAS_TASK_STATE_STORE, REPO, airflow_cli, dags_test
+from tests.helpers import AIRFLOW_VERSION, HAS_TASK_STATE_STORE, REPO, airflow_cli, dags_test, register_assets
 
 #: Every supported Airflow line runs these (docs/installation.md, "By Airflow line"), not only the newest and oldest.
 pytestmark = pytest.mark.compat
@@ -244,6 +244,7 @@ def test_bulk_pdf_example_with_airflow_dags_test_defers_per_wave_and_pays_once(d
         )
     }
     conf = json.dumps({"output_path": str(lake)})
+    register_assets(env)
     result = airflow_cli("dags", "test", "example_doc2x_bulk_pdf", "-c", conf, env=env)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
