@@ -16,7 +16,6 @@ adding it changes as little of their environment as possible. What it uses that 
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 try:
@@ -38,11 +37,14 @@ except ImportError:  # common-compat before 1.21
         """The connection's extra, its secrets masked, without blocking the event loop.
 
         ``extra_dejson`` registers the extra's secrets with the masker, a synchronous call to the
-        supervisor on Airflow 3: it runs in a worker thread, as common-compat's own does.
+        supervisor on Airflow 3: it runs in the same worker thread as :func:`get_async_connection`'s
+        lookups, one at a time, as common-compat's own does.
         """
+        from asgiref.sync import sync_to_async
+
         if hasattr(conn, "aextra_dejson"):
             return await conn.aextra_dejson()
-        return await asyncio.to_thread(lambda: conn.extra_dejson)
+        return await sync_to_async(lambda: conn.extra_dejson)()
 
 
 async def get_async_connection(conn_id: str, hook: Any) -> Any:

@@ -3,7 +3,8 @@
 :class:`Doc2XSettings` is the one declaration of the connection's extra fields: each field made
 with :func:`extra_field` is an extra, with its type (from the annotation), its default, its label
 and its description. The connection form of Airflow 3 (``conn-fields`` in the provider info), the
-form widgets of Airflow 2.11 and the docs' table (docs/connection.md) are derived from it, so they cannot drift.
+form widgets of Airflow 2.11 are derived from it, and a test holds the docs' table
+(docs/connection.md) to it, so they cannot drift.
 
 The API key lives in the connection's password. It is kept out of ``repr`` and registered with
 Airflow's secret masker whenever a connection is loaded, on every path.
