@@ -18,7 +18,8 @@ from tests.helpers import AIRFLOW_VERSION, REPO
 from tests.helpers.deployment import CeleryDeployment
 
 RUNS = {
-    "documents.py": ["--small"],
+    # The PDF lane's baseline and the image lane's (pdf, jpeg: always run), a packed and a converted format.
+    "documents.py": ["--small", "--only", "tiff,webp"],
     "throughput.py": [
         "--images",
         "24",
@@ -106,6 +107,9 @@ RUNS = {
 
 #: The benches that deploy Airflow run with the deployment tests, alone.
 DEPLOYING = ("mapped_pool.py", "celery_pacing.py", "triggerer.py", "task_cost.py", "backfill.py")
+#: One after the other in the deployment step, beside the deployment tests (which run one at a time
+#: too): each side keeps about one core busy (``.ci/run``, ``--dist loadgroup``).
+DEPLOYING_MARKS = [pytest.mark.serial, pytest.mark.xdist_group("deploying-benches")]
 #: The benches whose tasks run through ``airflow dags test``.
 THROUGH_DAGS_TEST = (
     "documents.py",
@@ -121,10 +125,7 @@ THROUGH_DAGS_TEST = (
 
 @pytest.mark.parametrize(
     "script",
-    [
-        pytest.param(script, marks=[pytest.mark.serial] if script in DEPLOYING else [])
-        for script in sorted(RUNS)
-    ],
+    [pytest.param(script, marks=DEPLOYING_MARKS if script in DEPLOYING else []) for script in sorted(RUNS)],
 )
 def test_bench_script_runs_and_prints_its_figures(script, request):
     env = {key: value for key, value in os.environ.items() if not key.startswith("AIRFLOW_CONN_")}

@@ -17,6 +17,7 @@ from tests.helpers.deployment import Deployment
 
 pytestmark = [
     pytest.mark.serial,
+    pytest.mark.xdist_group("deployments"),
     pytest.mark.skipif(
         not HAS_TASK_STATE_STORE, reason="a clear keeps the task state store from Airflow 3.3 on"
     ),

@@ -16,6 +16,7 @@ from tests.helpers.deployment import Deployment
 
 pytestmark = [
     pytest.mark.serial,
+    pytest.mark.xdist_group("deployments"),
     pytest.mark.skipif(AIRFLOW_VERSION < (3, 3), reason="the deployment test runs Airflow 3.3"),
 ]
 

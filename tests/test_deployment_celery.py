@@ -22,6 +22,7 @@ from tests.helpers.deployment import CeleryDeployment
 MISSING = CeleryDeployment.missing() if AIRFLOW_VERSION >= (3, 3) else None
 pytestmark = [
     pytest.mark.serial,
+    pytest.mark.xdist_group("deployments"),
     pytest.mark.skipif(AIRFLOW_VERSION < (3, 3), reason="the Celery deployment tests run Airflow 3.3"),
     pytest.mark.skipif(MISSING is not None, reason=f"cannot deploy with Celery here: {MISSING}"),
 ]
