@@ -105,7 +105,7 @@ RUNS = {
 }
 
 
-#: The benches that deploy Airflow run with the deployment tests, alone.
+#: The benches that deploy Airflow run in the deployment step, not beside the loopback tests.
 DEPLOYING = ("mapped_pool.py", "celery_pacing.py", "triggerer.py", "task_cost.py", "backfill.py")
 #: One after the other in the deployment step, beside the deployment tests (which run one at a time
 #: too): each side keeps about one core busy (``.ci/run``, ``--dist loadgroup``).
