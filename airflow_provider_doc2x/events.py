@@ -281,8 +281,25 @@ def make_event(
         "status": status,
         "message": message,
         "code": code,
-        "jobs": [Job.of(entry).to_json() for entry in jobs],
+        "jobs": [compact(entry) for entry in jobs],
     }
+
+
+def compact(entry: dict[str, Any]) -> dict[str, Any]:
+    """A working dict's job in its compact form, unchecked: ``Job.of(entry).to_json()``, without the object.
+
+    Run for every job at every deferral and event (thousands a task): the same dict, built directly.
+    """
+    carried: dict[str, Any] = {
+        "uid": entry.get("uid"),
+        "source": entry.get("source"),
+        "sha256": entry.get("sha256"),
+        "status": entry.get("status") or protocol.STATUS_PROCESSING,
+    }
+    for key in _CARRIED:
+        if key not in carried and (value := entry.get(key)) is not None:
+            carried[key] = value
+    return carried
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,8 +392,12 @@ def _trace_id_valid(value: Any) -> bool:
     return value is None or (isinstance(value, str) and len(value) <= MAX_TRACE_ID and value.isprintable())
 
 
-def validate_event(event: Any) -> dict[str, Any]:
-    """Refuse a missing or malformed event loudly: resuming on a guess could lose or repeat pages."""
+def validate_event(event: Any, *, jobs_checked: bool = False) -> dict[str, Any]:
+    """Refuse a missing or malformed event loudly: resuming on a guess could lose or repeat pages.
+
+    ``jobs_checked``: the jobs were checked one by one already, as they were unpacked
+    (:func:`~airflow_provider_doc2x.wait_state.unpack`); only the event around them is.
+    """
     if not isinstance(event, dict):
         raise Doc2XError(
             f"The Doc2X trigger resumed the task without an event (got a {type(event).__name__})"
@@ -385,7 +406,7 @@ def validate_event(event: Any) -> dict[str, Any]:
         raise Doc2XError(
             f"The Doc2X trigger sent an event this provider does not know (status {protocol.quote(event.get('status'))})"
         )
-    for entry in event["jobs"]:
+    for entry in () if jobs_checked else event["jobs"]:
         if not isinstance(entry, dict) or not isinstance(entry.get("status"), str):
             raise Doc2XError(f"The Doc2X trigger sent a malformed job in its event: {protocol.quote(entry)}")
         try:

@@ -111,20 +111,24 @@ class TaskWaits:
             if self.spending is not None:
                 self.spending.waited(time.monotonic() - began)
 
-    def unpacked(self, event: Any) -> Any:
-        """A resumed task's event with its jobs one per image again, their images read from XCom.
+    def resumed(self, event: Any) -> dict[str, Any]:
+        """A resumed task's event, checked, with its jobs one per image again, their images read from XCom.
+
+        Packed jobs are checked as they are unpacked; jobs of an event of earlier releases, one by one.
 
         Raises:
-            Doc2XError: the event is packed and the task has no task instance to read them from.
+            Doc2XError: the event is malformed, or packed and the task has no task instance to read
+                its images from.
         """
+        packed = isinstance(event, dict) and is_packed(event.get("jobs"))
         if self.images is not None:
-            return self.images.unpacked(event)
-        if isinstance(event, dict) and is_packed(event.get("jobs")):
+            return validate_event(self.images.unpacked(event), jobs_checked=packed)
+        if packed:
             raise Doc2XError(
                 "The Doc2X trigger's event names the task's images by their place, and this execution "
                 "has no task instance to read them from (the context has no 'ti')"
             )
-        return event
+        return validate_event(event)
 
     def forget(self) -> None:
         """The task no longer waits: what it kept for its waits is emptied."""

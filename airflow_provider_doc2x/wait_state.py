@@ -39,7 +39,7 @@ import secrets
 from typing import Any
 
 from airflow_provider_doc2x import protocol
-from airflow_provider_doc2x.events import Job, is_pdf
+from airflow_provider_doc2x.events import Job, compact, is_pdf
 from airflow_provider_doc2x.exceptions import Doc2XError
 
 #: The XCom key of a deferred task's images.
@@ -76,14 +76,16 @@ def pack(jobs: list[dict[str, Any]], token: str, *, uids: bool = True) -> dict[s
     """
     groups: dict[str, dict[str, Any]] = {}
     for place, entry in enumerate(jobs):
-        shared = Job.of(entry).to_json()
+        shared = compact(entry)
         del shared["source"], shared["sha256"]
         page_idx = shared.pop("page_idx", None)
         image_lane = not is_pdf(entry)
         uid = shared.pop("uid", None) if image_lane else None
         trace_id = shared.pop("trace_id", None) if image_lane else None
+        # What the group's jobs share: ``compact`` writes keys in one order, and repr tells 1, 1.0
+        # and True apart (and takes any value, as the JSON of the kwargs must anyway).
         group = groups.setdefault(
-            json.dumps([shared, page_idx is None, image_lane], sort_keys=True),
+            repr((shared, page_idx is None, image_lane)),
             {
                 "job": shared,
                 "at": [],
@@ -123,6 +125,8 @@ def unpack(packed: Any, images: list[list[Any]] | None = None) -> list[dict[str,
         pages = _expanded(group["page_idx"], MAX_JOBS) if "page_idx" in group else None
         uids = group.get("uids")
         traces = _traces(group.get("trace_ids", []), len(places))
+        # A PDF-lane group's jobs differ only in their image and page: its own keys are checked once.
+        template = _pdf_template(group["job"], pages is not None) if is_pdf(group["job"]) else None
         # An image-lane uid is taken as the job had it (a reused result's may be what its sidecar
         # says); a status call checks it before it is sent (protocol.check_uid).
         if (pages is not None and len(pages) != len(places)) or (
@@ -133,6 +137,12 @@ def unpack(packed: Any, images: list[list[Any]] | None = None) -> list[dict[str,
             if jobs[place] is not None:
                 raise _malformed(packed)
             image = images[place] if images is not None else [PLACE.format(place=place), ""]
+            if template is not None and isinstance(image[1], str):
+                job = {**template, "source": image[0], "sha256": image[1]}
+                if pages is not None:
+                    job["page_idx"] = pages[index]  # a whole number (_expanded)
+                jobs[place] = job
+                continue
             entry = {**group["job"], "source": image[0], "sha256": image[1]}
             if pages is not None:
                 entry["page_idx"] = pages[index]
@@ -146,6 +156,17 @@ def unpack(packed: Any, images: list[list[Any]] | None = None) -> list[dict[str,
     if any(entry is None for entry in jobs):
         raise _malformed(packed)
     return [entry for entry in jobs if entry is not None]
+
+
+def _pdf_template(job: dict[str, Any], paged: bool) -> dict[str, Any]:
+    """A PDF-lane group's job in its checked compact form, its image and page to be filled in.
+
+    What :meth:`Job.from_json` checks of each job: the shared keys here, once; the source (a
+    string) and sha256 come from the task's XCom (checked by :func:`read_images`) or are a
+    placeholder, and a page from the group's runs (whole numbers). A job whose sha256 is not a
+    string is checked on its own (a queued job needs one).
+    """
+    return Job.from_json({**job, "source": "", "sha256": "", **({"page_idx": 0} if paged else {})}).to_json()
 
 
 def check_task_size(count: int) -> None:

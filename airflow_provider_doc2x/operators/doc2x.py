@@ -34,7 +34,6 @@ from airflow_provider_doc2x.events import (
     EVENT_SUCCESS,
     is_pdf,
     retry_plan,
-    validate_event,
 )
 from airflow_provider_doc2x.failures import check_allowed_failures, report, split_outcomes
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
@@ -350,10 +349,9 @@ class Doc2XImageParseOperator(BaseOperator):
             return self._resume(context, event)
 
     def _resume(self, context: Context, event: Any) -> list[dict[str, Any]]:
-        event = self._waits().unpacked(event)  # each job's image back from the task's XCom
+        event = self._waits().resumed(event)  # checked, each job's image back from the task's XCom
         if self.manifest is not None:
             self.manifest.resume(event)  # results it knows are not looked up again
-        event = validate_event(event)
         if self.method == "pdf" or any(is_pdf(entry) for entry in event["jobs"]):
             jobs = event["jobs"]
             if event["status"] == EVENT_PROGRESS or (

@@ -64,10 +64,15 @@ class PdfStaging:
         path = self.local_path(source)
         return file_sha256(path)
 
+    def known_path(self, uri: str) -> Path | None:
+        """The local file :meth:`local_path` gave for this image earlier, if it still exists."""
+        known = self._local.get(uri)
+        return known if known is not None and known.exists() else None
+
     def local_path(self, source: ImageSource) -> Path:
         """A local file holding the image: the file itself, or a private copy of a remote one."""
-        known = self._local.get(source.uri)
-        if known is not None and known.exists():
+        known = self.known_path(source.uri)
+        if known is not None:
             return known
         if source.path.protocol in ("file", "local"):
             path = Path(source.path.path)
