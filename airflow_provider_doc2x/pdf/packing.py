@@ -97,16 +97,12 @@ class PackImage:
     """One image to pack: a local file, the name it goes by, and (if known) its content's sha256.
 
     ``source`` names the image in the page map, logs and errors (a URI, or the path by default).
-    A given ``sha256`` is checked against the bytes read when the PDF is written. A given
-    ``header`` (what :func:`plan_pdfs` read for this content) is not read again: the bytes written
-    are the ones it was read from, as their sha256 shows, and img2pdf's own reading of them must
-    still agree with it.
+    A given ``sha256`` is checked against the bytes read when the PDF is written.
     """
 
     path: Path
     source: str = ""
     sha256: str | None = None
-    header: ImageHeader | None = field(default=None, compare=False)
 
     @classmethod
     def of(cls, value: PackImage | str | os.PathLike) -> PackImage:
@@ -433,7 +429,7 @@ def plan_pdfs(
         raise ValueError(f"aspect_tolerance must be in [0, 1), got {aspect_tolerance}")
     contents, unpackable = _distinct_contents([PackImage.of(image) for image in images])
     plans = [
-        [PackImage(item.image.path, item.image.name, item.sha256, item.header) for item in chunk]
+        [PackImage(item.image.path, item.image.name, item.sha256) for item in chunk]
         for group in _groups(contents, aspect_tolerance)
         for chunk in _chunks(group, pdf_max_pages, max(1, pdf_max_bytes))
     ]
@@ -460,7 +456,7 @@ def _distinct_contents(images: Sequence[PackImage]) -> tuple[list[_Content], lis
         if isinstance(seen, Unpackable):
             by_hash[sha256] = Unpackable(seen.path, seen.sha256, (*seen.sources, image.name), seen.reason)
             continue
-        header = image.header if image.header is not None and image.sha256 else read_header(image.path)
+        header = read_header(image.path)
         order.append(sha256)
         if header.refusal is not None:
             by_hash[sha256] = Unpackable(image.path, sha256, (image.name,), header.refusal)

@@ -64,7 +64,6 @@ from airflow_provider_doc2x.journal import TaskJournal
 from airflow_provider_doc2x.pdf.packing import (
     DEFAULT_ASPECT_TOLERANCE,
     DEFAULT_PDF_MAX_PAGES,
-    ImageHeader,
     PackImage,
     plan_pdfs,
 )
@@ -145,8 +144,6 @@ class PdfLane:
         self.recorded = PdfReconnection(hook, journal, results, log, images.spending)
         self.sender = PdfSender(hook, journal, self.recorded, log, model, images.spending)
         self._journal_open: ExitStack | None = None
-        #: Each planned content's header, by sha256: packing it in this process reads it no more.
-        self._planned_headers: dict[str, ImageHeader] = {}
 
     # -- the lane's life -------------------------------------------------------------------------
 
@@ -205,8 +202,6 @@ class PdfLane:
         for chunk, plan in enumerate(plans):
             for image in plan:
                 assert image.sha256 is not None
-                if image.header is not None:
-                    self._planned_headers[image.sha256] = image.header
                 for index in by_content[image.sha256]:
                     jobs[index] = queued_job(sources[index].uri, image.sha256, chunk=chunk)
         for item in unpackable:
@@ -332,9 +327,7 @@ class PdfLane:
                 path = self.staging.known_path(entry["source"])
                 if path is None:
                     path = self.staging.local_path(self.images_source(entry["source"]))
-                images[entry["sha256"]] = PackImage(
-                    path, entry["source"], entry["sha256"], self._planned_headers.get(entry["sha256"])
-                )
+                images[entry["sha256"]] = PackImage(path, entry["source"], entry["sha256"])
         return self.staging.pack(list(images.values()))
 
     def images_source(self, uri: str) -> ImageSource:
