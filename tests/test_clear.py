@@ -12,7 +12,7 @@ import re
 import pytest
 
 from airflow_provider_doc2x.journal import STATE_KEY_PREFIX, recorded_images
-from tests.helpers import HAS_TASK_STATE_STORE, wait_until
+from tests.helpers import HAS_TASK_STATE_STORE, STILL_PROCESSING, wait_until
 from tests.helpers.deployment import Deployment
 
 pytestmark = [
@@ -25,8 +25,6 @@ pytestmark = [
 
 DAG_ID = "example_doc2x_parse_to_storage"
 PAGES = 4  # the example images
-#: Long enough that no job finishes by itself during the test; lowered once the new try waits.
-STILL_PROCESSING = 3600.0
 
 
 @pytest.fixture(scope="module")

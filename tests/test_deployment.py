@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import AIRFLOW_VERSION, REPO, wait_until
+from tests.helpers import AIRFLOW_VERSION, REPO, STILL_PROCESSING, wait_until
 from tests.helpers.deployment import Deployment
 
 pytestmark = [
@@ -43,7 +43,9 @@ def deployment(local_server, tmp_path_factory):
 
 def test_the_parse_task_defers_frees_the_worker_and_the_run_succeeds(deployment, local_server, tmp_path):
     local_server.reset()
-    local_server.configure(processing_time=6, upload_seconds=3)  # the task uploads for 3 s, then defers
+    # The task uploads for 3 s, then defers; Doc2X works until the test has seen the worker let go
+    # (on a loaded host, that can take longer than any fixed processing time), then finishes the jobs.
+    local_server.configure(processing_time=STILL_PROCESSING, upload_seconds=3)
     run_id = deployment.trigger(DAG_ID, {"output_path": str(tmp_path / "lake")})
     ti_id = wait_until(
         lambda: (deployment.task_instance(run_id, "parse") or {}).get("id"), timeout=60, interval=0.1
@@ -61,6 +63,7 @@ def test_the_parse_task_defers_frees_the_worker_and_the_run_succeeds(deployment,
     wait_until(lambda: not [title for title in busy_workers() if ti_id in title], timeout=15, interval=0.1)
     # ... while the task is still deferred and Doc2X still working: the triggerer alone waits.
     assert deployment.task_state(run_id, "parse") == "deferred"
+    local_server.configure(processing_time=0)
     deployment.wait_for_run(run_id)
     markdown = sorted((tmp_path / "lake").glob("*/*.md"))
     assert [path.stem for path in markdown] == ["invoice", "letter", "report", "scan"]

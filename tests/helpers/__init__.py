@@ -25,6 +25,9 @@ API_KEY = "sk-test-0123"
 AIRFLOW_VERSION = tuple(int(part) for part in version("apache-airflow").split(".")[:2])
 #: Airflow 3.3 brought the task state store (what a new try reconnects through).
 HAS_TASK_STATE_STORE = AIRFLOW_VERSION >= (3, 3)
+#: A local server's processing time no job ends in during a test; lowered to 0 once the test has
+#: seen what happens while Doc2X works (readiness follows the current processing time).
+STILL_PROCESSING = 3600.0
 
 
 def wait_until(condition, *, timeout: float = 10.0, interval: float = 0.02, message: str = "condition"):
