@@ -41,6 +41,31 @@ from airflow_provider_doc2x.local.process import LocalServerProcess  # noqa: E40
 from airflow_provider_doc2x.local.samples import Page, render  # noqa: E402
 from airflow_provider_doc2x.pdf import submission as pdf_submission  # noqa: E402
 
+#: The tests whose xdist_group pytest-xdist lost (see pytest_collection_modifyitems).
+_LOST_GROUP = pytest.StashKey[set[str]]()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On an xdist worker under ``--dist loadgroup``, note the tests whose ``xdist_group`` did not
+    reach the scheduler: the deployment tests rely on it to run one at a time, and a pytest that
+    pytest-xdist cannot name groups for (pytest-dev/pytest-xdist#1386) lets them run side by side,
+    silently. Each such test then fails, saying why."""
+    if getattr(config.option, "loadgroup", False):
+        config.stash[_LOST_GROUP] = {
+            item.nodeid for item in items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid
+        }
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.nodeid in item.config.stash.get(_LOST_GROUP, set()):
+        pytest.fail(
+            "--dist loadgroup lost this test's xdist_group, so it would not run one at a time: this "
+            "pytest and pytest-xdist do not work together (pytest-dev/pytest-xdist#1386); install the "
+            "versions that pyproject.toml's test group allows",
+            pytrace=False,
+        )
+
 
 class LocalDoc2X(LocalServerProcess):
     """The running local server, seen from the tests; connections retry fast to keep the suite quick."""
