@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from airflow_provider_doc2x import protocol
-from tests.helpers import API_KEY, wait_until
+from tests.helpers import API_KEY, STILL_PROCESSING, wait_until
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -42,15 +42,17 @@ def test_every_answer_has_a_trace_id(doc2x):
 
 
 def test_async_job_lifecycle_and_expiry(doc2x, make_image):
-    doc2x.configure(processing_time=0.2, result_ttl=0.6)
+    doc2x.configure(processing_time=STILL_PROCESSING, result_ttl=STILL_PROCESSING)
     uid = submit(doc2x, make_image(title="Lifecycle").read_bytes()).json()["data"]["uid"]
     first = status(doc2x, uid)
     assert first["data"]["status"] == "processing"
     assert 0 <= first["data"]["progress"] < 100
+    doc2x.configure(processing_time=0)
     done = wait_until(lambda: (answer := status(doc2x, uid))["data"]["status"] == "success" and answer)
     page = done["data"]["result"]["pages"][0]
     assert set(page) == {"url", "page_idx", "page_width", "page_height", "md"}
     assert done["data"]["convert_zip"] is None
+    doc2x.configure(result_ttl=0)
     expired = wait_until(lambda: (answer := status(doc2x, uid))["code"] != "success" and answer)
     assert expired["code"] == "parse_status_not_found"
 

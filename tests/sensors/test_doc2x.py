@@ -15,7 +15,7 @@ from airflow_provider_doc2x.local.samples import Page, render
 from airflow_provider_doc2x.pdf.packing import pack_images
 from airflow_provider_doc2x.sensors.doc2x import Doc2XImageParseSensor
 from airflow_provider_doc2x.triggers.doc2x import Doc2XImageParseTrigger
-from tests.helpers import REPO, dags_test, first_event, wait_until
+from tests.helpers import REPO, STILL_PROCESSING, dags_test, first_event, wait_until
 
 #: Every supported Airflow line runs these (docs/installation.md, "By Airflow line"), not only the newest and oldest.
 pytestmark = pytest.mark.compat
@@ -26,9 +26,11 @@ def sensor(uid: str, **kwargs) -> Doc2XImageParseSensor:
 
 
 def test_poke_until_done_then_return_the_record(doc2x, make_image):
+    doc2x.configure(processing_time=STILL_PROCESSING)
     uid = Doc2XHook().submit_image(make_image(title="Sensed"))
     waiter = sensor(uid)
     assert waiter.poke({}).is_done is False
+    doc2x.configure(processing_time=0)
     done = wait_until(lambda: (value := waiter.poke({})).is_done and value)
     assert done.xcom_value["uid"] == uid
     assert done.xcom_value["markdown"].startswith("# Sensed")
