@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -248,14 +249,33 @@ def test_temp_files_are_private_unpredictable_and_removed(images, tmp_path):
     assert not directory.exists()
 
 
-def test_a_failure_while_packing_leaves_no_files(images, tmp_path, monkeypatch):
-    def broken(*args, **kwargs):
-        raise RuntimeError("disk full")
+def open_files() -> set[str]:
+    """What this process holds open (the descriptor that listed them is closed by then)."""
+    held = set()
+    for descriptor in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            held.add(os.readlink(f"/proc/self/fd/{descriptor}"))
+    return held
 
-    monkeypatch.setattr(img2pdf, "convert", broken)
-    with pytest.raises(RuntimeError):
+
+@pytest.mark.parametrize(
+    ("owner", "step", "error"),
+    [
+        (img2pdf, "convert_to_docobject", MemoryError("the PDF's images do not fit")),
+        (img2pdf.pdfdoc, "tostream", OSError(28, "No space left on device")),
+    ],
+    ids=["the document cannot be made", "the PDF's file cannot be written"],
+)
+def test_a_failure_while_packing_leaves_no_files(images, tmp_path, monkeypatch, owner, step, error):
+    def broken(*args, **kwargs):
+        raise error
+
+    before = open_files()
+    monkeypatch.setattr(owner, step, broken)
+    with pytest.raises(type(error)):
         pack_images([images("a.jpg")], temp_dir=tmp_path)
     assert list(tmp_path.glob("doc2x-pack-*")) == []
+    assert open_files() - before == set()  # no descriptor left open on a deleted PDF either
 
 
 # -- what goes through the image lane instead -------------------------------------------------------
