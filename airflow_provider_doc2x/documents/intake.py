@@ -37,9 +37,11 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +63,7 @@ log = logging.getLogger(__name__)
 #: the GIL while it decodes and encodes).
 INTAKE_THREADS = 4
 #: Names of local files whose check is a header read, CPU under the GIL: several threads would only
-#: take turns (and cost more CPU than one), so a batch of only these is checked by one thread.
+#: take turns (and cost more CPU than one), so a batch of only these is checked by the task's thread.
 _HEADER_ONLY_SUFFIXES = (".jpg", ".jpeg", ".png")
 #: Formats converted to PNG for the image API (a one-page TIFF too).
 CONVERTED_FORMATS = frozenset({formats.WEBP, formats.BMP, formats.GIF, formats.TIFF, formats.HEIF})
@@ -188,14 +190,18 @@ class Intake:
             Doc2XStorageError: the storage kept failing to answer (retryable; not a bad file).
         """
         began = time.monotonic()
-        threads = INTAKE_THREADS if any(map(_waits_or_converts, sources)) else 1
-        with ThreadPoolExecutor(threads, thread_name_prefix="doc2x-intake") as pool:
-            futures = [pool.submit(self._check_one, source) for source in sources]
-            checked: list[Checked | None] = []
-            problems: list[str] = []
-            for future in futures:
+        checked: list[Checked | None] = []
+        problems: list[str] = []
+        with ExitStack() as stack:
+            calls: Iterable[Callable[[], Checked]] = (partial(self._check_one, source) for source in sources)
+            if any(map(_waits_or_converts, sources)):
+                pool = stack.enter_context(
+                    ThreadPoolExecutor(INTAKE_THREADS, thread_name_prefix="doc2x-intake")
+                )
+                calls = [pool.submit(self._check_one, source).result for source in sources]
+            for call in calls:
                 try:
-                    checked.append(future.result())
+                    checked.append(call())
                 except Doc2XInputError as error:
                     checked.append(None)
                     problems.append(error.message)

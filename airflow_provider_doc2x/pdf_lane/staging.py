@@ -56,7 +56,13 @@ class PdfStaging:
         return self._folder
 
     def hash_all(self, sources: Sequence[ImageSource]) -> list[str]:
-        """Each image's sha256 (remote images copied to the private folder first), a few at a time."""
+        """Each image's sha256 (remote images copied to the private folder first, a few at a time).
+
+        Local files only are hashed by the task's thread: hashing a page is shorter than handing it
+        to a thread and back.
+        """
+        if all(source.path.protocol in ("file", "local") for source in sources):
+            return [self._hash_one(source) for source in sources]
         with ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="doc2x-hash") as pool:
             return list(pool.map(self._hash_one, sources))
 
