@@ -372,6 +372,37 @@ def test_content_that_changed_after_it_was_hashed_is_not_packed(images):
         assert "changed while it was being packed" in result.unpackable[0].reason
 
 
+@pytest.mark.parametrize(
+    "refused",
+    [lambda p: noise((40, 30), mode="CMYK").save(p, "JPEG"), exif_rotated],
+    ids=["CMYK", "EXIF-rotated"],
+)
+def test_a_header_read_apart_from_the_hash_is_read_again_when_packed(tmp_path, refused):
+    """A file that is A when hashed, B (packable) when planned, A again when packed: A's rules decide."""
+    path = tmp_path / "flip.jpg"
+    refused(path)
+    a = path.read_bytes()
+    planned_as = PackImage(path, "flip.jpg", sha256=hashlib.sha256(a).hexdigest())
+    noise((40, 30)).save(path, "JPEG")
+    plans, _ = packing.plan_pdfs([planned_as])
+    path.write_bytes(a)
+    with pack_images(plans[0]) as result:
+        assert result.pdfs == [] and len(result.unpackable) == 1
+        assert result.unpackable[0].reason.startswith(("it is a CMYK JPEG", "its EXIF orientation is 6"))
+
+
+def test_a_plan_s_own_read_gives_the_hash_and_header_of_the_same_bytes(images):
+    """Planned from one read, a PDF is packed without reading the header again, its bytes checked by hash."""
+    path = images("a.jpg")
+    plans, _ = packing.plan_pdfs([PackImage.of(path)])
+    (planned,) = plans[0]
+    assert planned.content is not None and planned.content.sha256 == planned.sha256
+    assert planned.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    noise((40, 30), seed=9).save(path, "JPEG")  # changed after the plan: refused, never packed as planned
+    with pack_images(plans[0]) as result:
+        assert result.pdfs == [] and "changed while it was being packed" in result.unpackable[0].reason
+
+
 def test_a_case_the_header_rules_miss_is_caught_before_it_is_embedded(images, monkeypatch, caplog):
     """Should img2pdf start re-encoding an image the rules let through, it is refused, never packed so."""
     path = images("a.png")

@@ -130,6 +130,34 @@ def test_the_worker_s_own_wait_submits_the_next_pdfs_too(lane, pages, monkeypatc
     assert (stats["pdf_tasks"], stats["max_pdf_tasks_in_progress"]) == (3, 1)
 
 
+def test_an_image_rewritten_around_the_plan_is_packed_only_as_its_own_bytes_allow(lane, pages, monkeypatch):
+    """A CMYK JPEG when read, an RGB one of the same size while planned, CMYK again when packed: image lane."""
+    from airflow_provider_doc2x.pdf_lane import lane as lane_module
+
+    alpha, beta = pages("Alpha", "Beta")
+    rgb = beta.read_bytes()
+    cmyk = io.BytesIO()
+    Image.open(io.BytesIO(rgb)).convert("CMYK").save(cmyk, "JPEG")
+    beta.write_bytes(cmyk.getvalue())
+    planning = lane_module.plan_pdfs
+
+    def plan_while_rewritten(*args, **kwargs):
+        beta.write_bytes(rgb)
+        try:
+            return planning(*args, **kwargs)
+        finally:
+            beta.write_bytes(cmyk.getvalue())
+
+    monkeypatch.setattr(lane_module, "plan_pdfs", plan_while_rewritten)
+    records, _ = run_to_the_end(
+        pdf_operator([alpha, beta], deferrable=True), {"task_state_store": StateStore()}
+    )
+    assert titles(records) == ["# Alpha", "# Beta"]
+    assert "page_idx" in records[0] and "page_idx" not in records[1]  # Beta went through the image lane
+    stats = lane.stats()
+    assert (stats["pdf_pages_billed"], stats["billed_total"]) == (1, 1)  # each page billed once
+
+
 def test_trigger_kwargs_and_events_stay_small_and_free_of_server_words(lane):
     """A task of 10,000 images: one small job per image, fixed texts only."""
     jobs = [

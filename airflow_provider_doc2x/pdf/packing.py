@@ -50,6 +50,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from airflow_provider_doc2x.pdf.headers import PNG_MAGIC, ImageContent, ImageHeader, read_content, read_header
+
 log = logging.getLogger(__name__)
 
 #: Default pages per PDF. Far under the service's 2000 pages per file and pdfdeal's local cap of
@@ -64,13 +66,6 @@ MAX_PDF_PAGES = 1000
 DEFAULT_PDF_MAX_BYTES = 64 * 1024 * 1024
 #: Default relative tolerance of the aspect-ratio grouping (0: group by exact pixel size).
 DEFAULT_ASPECT_TOLERANCE = 0.02
-#: Longest side, in pixels, of a packable image: at 1 px = 1 pt, PDF's page limit of 14400 pt
-#: (200 inches); past it img2pdf scales the page with ``/UserUnit``, which many readers ignore.
-MAX_SIDE_PIXELS = 14400
-
-_JPEG_MAGIC = b"\xff\xd8\xff"
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_HASH_CHUNK = 1024 * 1024
 
 
 @cache
@@ -92,15 +87,19 @@ def _layout() -> Any:
 
 @dataclass(frozen=True)
 class PackImage:
-    """One image to pack: a local file, the name it goes by, and (if known) its content's sha256.
+    """One image to pack: a local file, the name it goes by, and (if known) its content.
 
     ``source`` names the image in the page map, logs and errors (a URI, or the path by default).
-    A given ``sha256`` is checked against the bytes read when the PDF is written.
+    The bytes read when the PDF is written are checked against a given ``sha256``. A given
+    ``content`` (:func:`~airflow_provider_doc2x.pdf.headers.read_content`: the sha256, header and
+    size of one read) is not read again: its header is of the bytes with its sha256, which that
+    check then vouches for.
     """
 
     path: Path
     source: str = ""
     sha256: str | None = None
+    content: ImageContent | None = None
 
     @classmethod
     def of(cls, value: PackImage | str | os.PathLike) -> PackImage:
@@ -113,21 +112,6 @@ class PackImage:
     def name(self) -> str:
         """How the image is named: its source, or its path."""
         return self.source or str(self.path)
-
-
-@dataclass(frozen=True)
-class ImageHeader:
-    """What an image's header says: its format, pixel size, and why it cannot be packed (if so)."""
-
-    format: str
-    width: int
-    height: int
-    refusal: str | None = None
-
-    @property
-    def aspect(self) -> float:
-        """Width over height."""
-        return self.width / self.height
 
 
 @dataclass(frozen=True)
@@ -245,116 +229,18 @@ class PackResult:
 
 @dataclass
 class _Content:
-    """One distinct content of the input: its first file, its hash, header, and every source."""
+    """One distinct content of the input: its first file, its hash, header, and every source.
+
+    ``read`` is set when the hash, header and size came from one read of the bytes (never when a
+    given sha256 met a header read apart): only then may a later pack take the header as it is.
+    """
 
     image: PackImage
     sha256: str
     header: ImageHeader
     sources: list[str]
     size: int
-
-
-def read_header(path: str | os.PathLike) -> ImageHeader:
-    """Read an image's format and pixel size from its header, and whether img2pdf can embed it as is.
-
-    Nothing is decoded: Pillow's lazy open reads the header (a PNG's chunks before its pixel data,
-    a JPEG's markers before its scan) and the PNG's ``IHDR`` is read directly. A file that is not a
-    JPEG or PNG, or whose header cannot be read, comes back with a ``refusal`` and a zero size.
-    """
-    from PIL import Image  # imported on first use, as img2pdf is (see _img2pdf)
-
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(64)
-            if head.startswith(_PNG_MAGIC):
-                return _png_header(head, handle)
-            if head.startswith(_JPEG_MAGIC):
-                return _jpeg_header(handle)
-    except OSError as error:
-        return ImageHeader("", 0, 0, f"it cannot be read ({type(error).__name__}: {error.strerror or error})")
-    except (Image.DecompressionBombError, SyntaxError, ValueError, struct.error) as error:
-        return ImageHeader("", 0, 0, f"its header cannot be read ({type(error).__name__}: {error})")
-    return ImageHeader("", 0, 0, "it is not a JPEG or PNG")
-
-
-def _png_header(head: bytes, handle: Any) -> ImageHeader:
-    if head[12:16] != b"IHDR" or len(head) < 29:
-        return ImageHeader("PNG", 0, 0, "its PNG header (IHDR) is missing")
-    width, height, depth, color_type, _, _, interlace = struct.unpack(">IIBBBBB", head[16:29])
-    from PIL import Image
-
-    handle.seek(0)
-    with Image.open(handle) as image:
-        info = image.info
-        frames = getattr(image, "n_frames", 1)
-    refusal = None
-    if interlace:
-        refusal = "it is an interlaced PNG: img2pdf would decode and re-encode it"
-    elif color_type in (4, 6):
-        refusal = "it is a PNG with an alpha channel: img2pdf would re-encode it and compute a soft mask"
-    elif "transparency" in info:
-        refusal = (
-            "it is a PNG with a transparent colour (tRNS): img2pdf would compute a soft mask from its pixels"
-        )
-    elif depth == 16:
-        refusal = (
-            "it is a PNG of 16 bits per sample: PDF 1.5 pixels in the PDF 1.3 file img2pdf writes, "
-            "which a reader may refuse or reduce"
-        )
-    elif color_type == 3 and "icc_profile" in info:
-        refusal = "it is a palette PNG with an ICC profile: img2pdf would convert it to RGB"
-    elif frames > 1:
-        refusal = "it is an animated PNG: only its first frame would be packed"
-    return _sized(ImageHeader("PNG", width, height, refusal))
-
-
-def _jpeg_header(handle: Any) -> ImageHeader:
-    from PIL import Image
-
-    handle.seek(0)
-    with Image.open(handle) as image:
-        kind, mode, (width, height) = image.format, image.mode, image.size
-        orientation = image.getexif().get(0x0112) if kind in ("JPEG", "MPO") else None
-    refusal = None
-    if kind == "MPO":
-        refusal = "it is a multi-picture JPEG (MPO): img2pdf would split it into frames"
-    elif kind != "JPEG":
-        refusal = f"Pillow reads it as {kind}, not JPEG"
-    elif mode == "CMYK":
-        refusal = (
-            "it is a CMYK JPEG: embedded unchanged, its colours would depend on the reader honouring "
-            "Adobe's inverted CMYK; Doc2X decodes the file itself in the image lane"
-        )
-    elif mode not in ("RGB", "L"):
-        refusal = f"it is a JPEG in colour mode {mode}"
-    elif orientation not in (None, 1):
-        refusal = (
-            f"its EXIF orientation is {orientation}: the page would have to be turned, and its size "
-            "would no longer map to the file's pixels"
-        )
-    return _sized(ImageHeader("JPEG", width, height, refusal))
-
-
-def _sized(header: ImageHeader) -> ImageHeader:
-    if header.refusal is None and not (header.width > 0 and header.height > 0):
-        return ImageHeader(header.format, header.width, header.height, "its header gives no pixel size")
-    if header.refusal is None and max(header.width, header.height) > MAX_SIDE_PIXELS:
-        return ImageHeader(
-            header.format,
-            header.width,
-            header.height,
-            f"it is {header.width}x{header.height} px, over PDF's page limit of {MAX_SIDE_PIXELS} pt at 1 px = 1 pt",
-        )
-    return header
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """A file's sha256, read in chunks (never whole)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    read: ImageContent | None = None
 
 
 def pack_images(
@@ -427,7 +313,7 @@ def plan_pdfs(
         raise ValueError(f"aspect_tolerance must be in [0, 1), got {aspect_tolerance}")
     contents, unpackable = _distinct_contents([PackImage.of(image) for image in images])
     plans = [
-        [PackImage(item.image.path, item.image.name, item.sha256) for item in chunk]
+        [PackImage(item.image.path, item.image.name, item.sha256, item.read) for item in chunk]
         for group in _groups(contents, aspect_tolerance)
         for chunk in _chunks(group, pdf_max_pages, max(1, pdf_max_bytes))
     ]
@@ -440,13 +326,17 @@ def _distinct_contents(images: Sequence[PackImage]) -> tuple[list[_Content], lis
     order: list[str] = []
     unreadable: list[Unpackable] = []
     for image in images:
+        known = image.content if image.content is not None and image.content.sha256 == image.sha256 else None
         try:
-            sha256 = image.sha256 or file_sha256(image.path)
-            size = os.path.getsize(image.path)
+            if known is None and image.sha256 is None:
+                known = read_content(image.path)  # the hash and the header of the same bytes
+            sha256 = known.sha256 if known is not None else image.sha256
+            size = known.size if known is not None else os.path.getsize(image.path)
         except OSError as error:
             reason = f"it cannot be read ({type(error).__name__}: {error.strerror})"
             unreadable.append(Unpackable(image.path, image.sha256, (image.name,), reason))
             continue
+        assert sha256 is not None
         seen = by_hash.get(sha256)
         if isinstance(seen, _Content):
             seen.sources.append(image.name)
@@ -454,12 +344,12 @@ def _distinct_contents(images: Sequence[PackImage]) -> tuple[list[_Content], lis
         if isinstance(seen, Unpackable):
             by_hash[sha256] = Unpackable(seen.path, seen.sha256, (*seen.sources, image.name), seen.reason)
             continue
-        header = read_header(image.path)
+        header = known.header if known is not None else read_header(image.path)
         order.append(sha256)
         if header.refusal is not None:
             by_hash[sha256] = Unpackable(image.path, sha256, (image.name,), header.refusal)
         else:
-            by_hash[sha256] = _Content(image, sha256, header, [image.name], size)
+            by_hash[sha256] = _Content(image, sha256, header, [image.name], size, known)
     contents = [item for sha in order if isinstance(item := by_hash[sha], _Content)]
     refused = [item for sha in order if isinstance(item := by_hash[sha], Unpackable)]
     return contents, unreadable + refused
@@ -588,7 +478,7 @@ def _embedding_refusal(data: bytes, content: _Content) -> str | None:
 def _png_idat(data: bytes) -> bytes:
     """A PNG's compressed pixel data: its ``IDAT`` chunks, joined."""
     parts = []
-    position = len(_PNG_MAGIC)
+    position = len(PNG_MAGIC)
     while position + 8 <= len(data):
         (length,) = struct.unpack(">I", data[position : position + 4])
         kind = data[position + 4 : position + 8]

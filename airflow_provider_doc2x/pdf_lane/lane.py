@@ -144,6 +144,9 @@ class PdfLane:
         self.recorded = PdfReconnection(hook, journal, results, log, images.spending)
         self.sender = PdfSender(hook, journal, self.recorded, log, model, images.spending)
         self._journal_open: ExitStack | None = None
+        #: Each planned content's image as planned, by sha256: a PDF packed by this process does
+        #: not read the headers again (each is of the bytes with that sha256, which packing checks).
+        self._planned: dict[str, PackImage] = {}
 
     # -- the lane's life -------------------------------------------------------------------------
 
@@ -178,7 +181,8 @@ class PdfLane:
             if self.pack_images and not isinstance(item, (Document, ConvertedSource))
         ]
         image_lane = {index for index in range(len(items)) if index not in documents and index not in packed}
-        digests = dict(zip(packed, self.staging.hash_all([sources[index] for index in packed]), strict=True))
+        contents = dict(zip(packed, self.staging.read_all([sources[index] for index in packed]), strict=True))
+        digests = {index: content.sha256 for index, content in contents.items()}
         digests.update({index: document.sha256 for index, document in documents.items()})
         jobs: list[dict[str, Any] | None] = [None] * len(sources)
         by_content: dict[str, list[int]] = {}
@@ -193,7 +197,12 @@ class PdfLane:
         ]
         plans, unpackable = plan_pdfs(
             [
-                PackImage(self.staging.local_path(sources[index]), sources[index].uri, digests[index])
+                PackImage(
+                    self.staging.local_path(sources[index]),
+                    sources[index].uri,
+                    digests[index],
+                    contents[index],
+                )
                 for index in firsts
             ],
             pdf_max_pages=self.max_pages,
@@ -202,6 +211,7 @@ class PdfLane:
         for chunk, plan in enumerate(plans):
             for image in plan:
                 assert image.sha256 is not None
+                self._planned[image.sha256] = image
                 for index in by_content[image.sha256]:
                     jobs[index] = queued_job(sources[index].uri, image.sha256, chunk=chunk)
         for item in unpackable:
@@ -327,7 +337,9 @@ class PdfLane:
                 path = self.staging.known_path(entry["source"])
                 if path is None:
                     path = self.staging.local_path(self.images_source(entry["source"]))
-                images[entry["sha256"]] = PackImage(path, entry["source"], entry["sha256"])
+                planned = self._planned.get(entry["sha256"])
+                content = planned.content if planned is not None and planned.path == path else None
+                images[entry["sha256"]] = PackImage(path, entry["source"], entry["sha256"], content)
         return self.staging.pack(list(images.values()))
 
     def images_source(self, uri: str) -> ImageSource:

@@ -16,10 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from airflow_provider_doc2x.pdf.packing import PackImage, file_sha256, pack_images
+from airflow_provider_doc2x.pdf.headers import ImageContent, read_content
+from airflow_provider_doc2x.pdf.packing import PackImage, pack_images
 from airflow_provider_doc2x.storage.sources import ImageSource
 
-#: Threads that hash images (and copy remote ones) when a task starts.
+#: Threads that read images (and copy remote ones) when a task starts.
 HASH_THREADS = 4
 #: Relative aspect tolerance given to the packer for a planned PDF: its images were grouped when
 #: it was planned, so they stay together (a PDF of one plan is never cut in two by the packer).
@@ -55,20 +56,19 @@ class PdfStaging:
             raise RuntimeError("use the PDF lane as a context manager: its temporary folder is made then")
         return self._folder
 
-    def hash_all(self, sources: Sequence[ImageSource]) -> list[str]:
-        """Each image's sha256 (remote images copied to the private folder first, a few at a time).
+    def read_all(self, sources: Sequence[ImageSource]) -> list[ImageContent]:
+        """Each image's sha256, header and size from one read (remote images copied first, a few at a time).
 
-        Local files only are hashed by the task's thread: hashing a page is shorter than handing it
+        Local files only are read by the task's thread: reading a page is shorter than handing it
         to a thread and back.
         """
         if all(source.path.protocol in ("file", "local") for source in sources):
-            return [self._hash_one(source) for source in sources]
+            return [self._read_one(source) for source in sources]
         with ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="doc2x-hash") as pool:
-            return list(pool.map(self._hash_one, sources))
+            return list(pool.map(self._read_one, sources))
 
-    def _hash_one(self, source: ImageSource) -> str:
-        path = self.local_path(source)
-        return file_sha256(path)
+    def _read_one(self, source: ImageSource) -> ImageContent:
+        return read_content(self.local_path(source))
 
     def known_path(self, uri: str) -> Path | None:
         """The local file :meth:`local_path` gave for this image earlier, if it still exists."""
