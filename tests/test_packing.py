@@ -403,6 +403,29 @@ def test_a_plan_s_own_read_gives_the_hash_and_header_of_the_same_bytes(images):
         assert result.pdfs == [] and "changed while it was being packed" in result.unpackable[0].reason
 
 
+@pytest.mark.parametrize(
+    "body", [b"\xff\xd8\xff" + b"junk" * 40, "truncated"], ids=["JPEG magic, then junk", "a JPEG cut short"]
+)
+def test_a_corrupt_image_is_unpackable_with_its_reason_not_an_error(images, body):
+    path = images("a.jpg")
+    if body == "truncated":
+        body = path.read_bytes()[:300]
+    path.write_bytes(body)
+    assert packing.read_content(path).header.refusal.startswith("its header cannot be read")
+    with pack_images([path]) as result:
+        assert result.pdfs == [] and result.unpackable[0].reason.startswith("its header cannot be read")
+
+
+def test_the_header_rules_are_applied_to_the_bytes_packed_whatever_the_plan_carried(tmp_path):
+    """A content given with its true sha256 and a header that lets it through is still refused by its bytes."""
+    path = tmp_path / "cmyk.jpg"
+    noise((40, 30), mode="CMYK").save(path, "JPEG")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    claimed = packing.ImageContent(digest, packing.ImageHeader("JPEG", 40, 30), path.stat().st_size)
+    with pack_images([PackImage(path, "cmyk.jpg", digest, claimed)]) as result:
+        assert result.pdfs == [] and result.unpackable[0].reason.startswith("it is a CMYK JPEG")
+
+
 def test_a_case_the_header_rules_miss_is_caught_before_it_is_embedded(images, monkeypatch, caplog):
     """Should img2pdf start re-encoding an image the rules let through, it is refused, never packed so."""
     path = images("a.png")

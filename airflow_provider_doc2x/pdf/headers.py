@@ -20,7 +20,8 @@ MAX_SIDE_PIXELS = 14400
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-#: Largest file :func:`read_content` reads whole (a page the PDF lane packs is at most 7 MB).
+#: Bytes :func:`read_content` reads at once: the first of them hold the header (a page the PDF lane
+#: packs is at most 7 MB, read whole).
 WHOLE_READ_BYTES = 16 * 1024 * 1024
 
 
@@ -66,22 +67,19 @@ def read_content(path: str | os.PathLike) -> ImageContent:
     """An image's sha256, header and size from one read of its bytes, so that all three are of the same bytes.
 
     Why: read apart, a file rewritten between the reads (A, then B, then A again) would pair A's
-    hash with B's header, and a check of the bytes against the hash later would vouch for a header
-    that is not theirs. A file over ``WHOLE_READ_BYTES`` (never a page the PDF lane packs) is hashed
-    in chunks and its header read apart, as :func:`read_header` does.
+    hash with B's header. The header is read from the first ``WHOLE_READ_BYTES`` of the read (what
+    the rules look at comes before the pixels); the rest is only hashed, a chunk at a time.
 
     Raises:
         OSError: the file cannot be read.
     """
     with open(path, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        if size > WHOLE_READ_BYTES:
-            digest = hashlib.sha256()
-            while chunk := handle.read(WHOLE_READ_BYTES):
-                digest.update(chunk)
-            return ImageContent(digest.hexdigest(), read_header(path), size)
-        data = handle.read(WHOLE_READ_BYTES + 1)
-    return ImageContent(hashlib.sha256(data).hexdigest(), header_of(io.BytesIO(data)), len(data))
+        first = handle.read(WHOLE_READ_BYTES)
+        digest, size = hashlib.sha256(first), len(first)
+        while chunk := handle.read(WHOLE_READ_BYTES):
+            digest.update(chunk)
+            size += len(chunk)
+    return ImageContent(digest.hexdigest(), header_of(io.BytesIO(first)), size)
 
 
 def header_of(handle: BinaryIO) -> ImageHeader:
@@ -94,7 +92,8 @@ def header_of(handle: BinaryIO) -> ImageHeader:
             return _png_header(head, handle)
         if head.startswith(JPEG_MAGIC):
             return _jpeg_header(handle)
-    except (Image.DecompressionBombError, SyntaxError, ValueError, struct.error) as error:
+    except (Image.DecompressionBombError, SyntaxError, ValueError, struct.error, OSError) as error:
+        # OSError: Pillow's for a file it cannot identify or that ends early (the handle is open).
         return ImageHeader("", 0, 0, f"its header cannot be read ({type(error).__name__}: {error})")
     return ImageHeader("", 0, 0, "it is not a JPEG or PNG")
 

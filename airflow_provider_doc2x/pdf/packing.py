@@ -50,7 +50,14 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from airflow_provider_doc2x.pdf.headers import PNG_MAGIC, ImageContent, ImageHeader, read_content, read_header
+from airflow_provider_doc2x.pdf.headers import (
+    PNG_MAGIC,
+    ImageContent,
+    ImageHeader,
+    header_of,
+    read_content,
+    read_header,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +97,10 @@ class PackImage:
     """One image to pack: a local file, the name it goes by, and (if known) its content.
 
     ``source`` names the image in the page map, logs and errors (a URI, or the path by default).
-    The bytes read when the PDF is written are checked against a given ``sha256``. A given
-    ``content`` (:func:`~airflow_provider_doc2x.pdf.headers.read_content`: the sha256, header and
-    size of one read) is not read again: its header is of the bytes with its sha256, which that
-    check then vouches for.
+    The bytes read when the PDF is written are checked against a given ``sha256``, and the header
+    rules are applied to those bytes. A given ``content`` (what
+    :func:`~airflow_provider_doc2x.pdf.headers.read_content` read: sha256, header, size) spares
+    reading the file's header again to group it.
     """
 
     path: Path
@@ -232,7 +239,7 @@ class _Content:
     """One distinct content of the input: its first file, its hash, header, and every source.
 
     ``read`` is set when the hash, header and size came from one read of the bytes (never when a
-    given sha256 met a header read apart): only then may a later pack take the header as it is.
+    given sha256 met a header read apart): a later pack of the plan groups by it without a read.
     """
 
     image: PackImage
@@ -452,13 +459,25 @@ def _unpackable(content: _Content, reason: str) -> Unpackable:
 def _embedding_refusal(data: bytes, content: _Content) -> str | None:
     """Why img2pdf would not embed these bytes unchanged, or None when it would.
 
-    The bytes must still be the content hashed at the start; then img2pdf's own reading of them
-    must embed the file as it is (JPEG) or its ``IDAT`` data (PNG), with no soft mask, at the
-    header's pixel size. Only images the header rules let through are read this way, and those
-    img2pdf embeds without decoding their pixels.
+    The bytes must still be the content hashed at the start, and the header rules hold for these
+    bytes themselves (whatever header the plan carried); then img2pdf's own reading of them must
+    embed the file as it is (JPEG) or its ``IDAT`` data (PNG), with no soft mask, at the header's
+    pixel size. Only images the header rules let through are read this way, and those img2pdf
+    embeds without decoding their pixels.
     """
     if hashlib.sha256(data).hexdigest() != content.sha256:
         return "its content changed while it was being packed (its sha256 no longer matches)"
+    header = header_of(io.BytesIO(data))
+    if header.refusal is not None:
+        return header.refusal
+    if (header.format, header.width, header.height) != (
+        content.header.format,
+        content.header.width,
+        content.header.height,
+    ):
+        return (
+            f"its header says {header.format} {header.width}x{header.height} px, not what it was planned as"
+        )
     try:
         img2pdf = _img2pdf()
         readings = img2pdf.read_images(data, None, first_frame_only=True, rot=img2pdf.Rotation.none)
