@@ -19,8 +19,6 @@ import contextlib
 import errno
 import functools
 import os
-import random
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -165,20 +163,22 @@ def storage_call(call: Callable[[], T], *, what: str, uri: str, tries: int | Non
     except Exception as error:
         if not is_storage_failure(error):
             raise
-        if tries < 2:
-            raise storage_error(error, what=what, uri=uri, tries=tries) from error
-    # Then the back-off of every try after a failed one: 0.5 s, 1 s, 2 s, ... (at most 8 s) and a
-    # random part of up to 0.5 s, so that tasks throttled together do not come back together.
-    time.sleep(min(STORAGE_WAIT_INITIAL, STORAGE_WAIT_MAX) + random.uniform(0, STORAGE_WAIT_INITIAL))
+        failed: list[BaseException] = [error]
     retrying = tenacity.Retrying(
-        stop=tenacity.stop_after_attempt(tries - 1),
-        wait=tenacity.wait_exponential(multiplier=2 * STORAGE_WAIT_INITIAL, max=STORAGE_WAIT_MAX)
+        stop=tenacity.stop_after_attempt(tries),
+        wait=tenacity.wait_exponential(multiplier=STORAGE_WAIT_INITIAL, max=STORAGE_WAIT_MAX)
         + tenacity.wait_random(0, STORAGE_WAIT_INITIAL),
         retry=tenacity.retry_if_exception(is_storage_failure),
         reraise=True,
     )
+
+    def again() -> T:
+        if failed:  # tenacity's first attempt is the try that already failed: its back-off follows
+            raise failed.pop()
+        return call()
+
     try:
-        return retrying(call)
+        return retrying(again)
     except Exception as error:
         if not is_storage_failure(error):
             raise
