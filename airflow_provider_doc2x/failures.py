@@ -29,7 +29,7 @@ from urllib.parse import quote
 from airflow_provider_doc2x import protocol
 from airflow_provider_doc2x.exceptions import Doc2XInputError, Doc2XJobFailedError
 from airflow_provider_doc2x.records import batch_failure
-from airflow_provider_doc2x.storage.objects import storage_call, storage_path
+from airflow_provider_doc2x.storage.objects import open_object, storage_call, storage_path
 
 #: The XCom key of the list of failed images (each: source, uid, code, message, trace_id).
 FAILURES_XCOM_KEY = "doc2x_failures"
@@ -144,7 +144,8 @@ def report(
 
         def write() -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(lines)
+            with open_object(path, "wb") as handle:
+                handle.write(lines.encode())
 
         storage_call(write, what="writing the list of failed images to", uri=str(path))
         log.info("Doc2X: the failed images are listed in %s", path)

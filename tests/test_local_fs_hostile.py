@@ -78,20 +78,15 @@ def test_every_spelling_of_a_local_image_is_parsed_and_a_second_run_is_cached(
     assert doc2x.stats()["billed_total"] == len(paths)
 
 
-def test_local_reads_and_writes_still_feed_hook_level_lineage(doc2x, make_image, tmp_path):
-    """Lineage of ``file://`` inputs and outputs, in a process where the store was attached up front."""
+def test_local_reads_and_writes_are_in_the_task_lineage(doc2x, make_image, tmp_path):
+    """The ``file://`` image and the files written, in the facets of a process where the store was attached up front."""
     pytest.importorskip("airflow.providers.openlineage")
     image = make_image("seen.png", "Seen")
     script = """
-try:
-    from airflow.sdk.lineage import get_hook_lineage_collector
-except ImportError:  # Airflow 2
-    from airflow.lineage.hook import get_hook_lineage_collector
-collector = get_hook_lineage_collector()
-parse([sys.argv[1]], sys.argv[2])
-lineage = getattr(collector, "collected_assets", None) or collector.collected_datasets
-uri = lambda info: info.asset.uri if hasattr(info, "asset") else info.dataset.uri
-print(json.dumps({"inputs": [uri(i) for i in lineage.inputs], "outputs": [uri(i) for i in lineage.outputs]}))
+op = Doc2XImageParseOperator(task_id="parse", image_path=[sys.argv[1]], output_path=sys.argv[2], poll_interval=0.05)
+op.execute({})
+facets = op.get_openlineage_facets_on_complete(None)
+print(json.dumps({"inputs": [(d.namespace, d.name) for d in facets.inputs], "outputs": [d.name for d in facets.outputs]}))
 """
     lineage = run_script(
         script,
@@ -102,8 +97,8 @@ print(json.dumps({"inputs": [uri(i) for i in lineage.inputs], "outputs": [uri(i)
             "AIRFLOW__OPENLINEAGE__TRANSPORT": '{"type": "console"}',
         },
     )
-    assert f"file://{image}" in lineage["inputs"]
-    assert {"seen.md", "seen.json"} <= {uri.rsplit("/", 1)[-1] for uri in lineage["outputs"]}
+    assert lineage["inputs"] == [["file", str(image)]]
+    assert {"seen.md", "seen.json"} <= {name.rsplit("/", 1)[-1] for name in lineage["outputs"]}
 
 
 def test_s3_and_memory_still_work_in_a_process_that_used_a_local_path_first(doc2x, s3, make_image, tmp_path):
@@ -260,31 +255,7 @@ print(json.dumps({"headings": headings, "loaded": loaded}))
 """
 
 
-@pytest.mark.parametrize(
-    "spelling",
-    [
-        pytest.param(
-            "str",
-            marks=pytest.mark.xfail(
-                AIRFLOW_VERSION >= (3, 0),
-                strict=True,
-                reason="Airflow 3: the first read() of a file from ObjectStoragePath.open() makes the hook "
-                "lineage collector, whose __init__ (NoOpCollector's too) loads every provider's asset "
-                "factories; the Amazon provider's assets/s3.py imports boto3 and botocore, file store "
-                "attached or not",
-            ),
-        ),
-        pytest.param(
-            "ObjectStoragePath",
-            marks=pytest.mark.xfail(
-                AIRFLOW_VERSION >= (3, 0),
-                strict=True,
-                reason="Airflow 3: the hook lineage collector loads boto3 at the first read (as for "
-                "str); an ObjectStoragePath given directly now gets the file store attached too",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("spelling", ["str", "ObjectStoragePath"])
 def test_a_task_over_local_files_loads_no_object_store_client(doc2x, make_image, tmp_path, spelling):
     """The change's promise, seen from a whole task: local images in, local results out, no boto3."""
     pytest.importorskip("airflow.providers.amazon", reason="the Amazon provider is what loads boto3")

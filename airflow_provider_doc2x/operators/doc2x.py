@@ -363,7 +363,7 @@ class Doc2XImageParseOperator(BaseOperator):
         return self._finish(context, self._waits().records_of(event))
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
-        """Each input image and each written Markdown file as datasets, and the task's usage (OpenLineage is optional)."""
+        """Each image read and each file written as datasets, and the task's usage (OpenLineage is optional)."""
         usage = self._spending.usage if self._spending is not None else Usage()
         return task_lineage(self._records, usage, model=self.model, lane=self.lane)
 
@@ -403,12 +403,24 @@ def check_arguments(
 
 
 def task_lineage(records: list[dict[str, Any]], usage: Usage, *, model: str, lane: str) -> Any:
-    """The task's OpenLineage: its sources in, its Markdown files out, its usage and parser as run facets."""
+    """The task's OpenLineage: its sources in; out, every file its records name; its usage and parser as run facets.
+
+    This is the task's whole lineage: the provider reads and writes without Airflow's hook-level
+    collector (see :func:`~airflow_provider_doc2x.storage.objects.open_object`), which OpenLineage
+    reads only for an operator that names no datasets.
+    """
     from airflow.providers.openlineage.extractors import OperatorLineage
 
+    written = [
+        path
+        for record in records
+        if "markdown_path" in record
+        for path in (record["markdown_path"], record.get("sidecar_path"), *record.get("figure_paths", ()))
+        if isinstance(path, str)
+    ]
     return OperatorLineage(
         inputs=[lineage_dataset(record["source"]) for record in records],
-        outputs=[lineage_dataset(record["markdown_path"]) for record in records if "markdown_path" in record],
+        outputs=[lineage_dataset(path) for path in dict.fromkeys(written)],
         run_facets=usage_run_facets(usage, model=model, lane=lane),
     )
 

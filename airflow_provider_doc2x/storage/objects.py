@@ -2,8 +2,9 @@
 
 A local path or any ``ObjectStoragePath`` URI becomes an ``ObjectStoragePath``: inputs (images) and
 outputs (results) both go through here, so that a local path means the same ``file://`` location
-everywhere, and every read and write passes through ``ObjectStoragePath``, which feeds Airflow's
-hook-level lineage.
+everywhere, on the filesystem (and connection) that Airflow gives the path. Bytes are read and
+written on that filesystem (:func:`open_object`); the task's lineage is the operator's own
+OpenLineage facets, which name every image read and every file written.
 
 A storage call fails in two ways that mean different things. An *answer* (the object does not
 exist, access is denied, it is a folder) says something about the object. A *failure* (a 5xx, a
@@ -71,10 +72,7 @@ def attach_local_filesystem() -> None:
     CPU), in every task process that touches a path. A local file needs none of them: Airflow's own
     filesystem for ``file`` is fsspec's ``LocalFileSystem`` without options, which is attached here
     before a local path is used, as :func:`ensure_filesystem` attaches one for ``memory``. A store
-    attached for ``file`` already (by Airflow, or by the user) is kept as it is. (On Airflow 3 the
-    first read or write through ``ObjectStoragePath.open`` still starts the hook-level lineage
-    collector, which imports every provider's asset factories: boto3 again with the Amazon
-    provider. A task that only lists or stats local files no longer pays for either.)
+    attached for ``file`` already (by Airflow, or by the user) is kept as it is.
     """
     from fsspec.implementations.local import LocalFileSystem
 
@@ -107,6 +105,20 @@ def ensure_filesystem(scheme: str) -> None:
     except ImportError:  # Airflow 2.11
         from airflow.io.store import attach  # type: ignore[no-redef]
     attach(protocol=scheme, fs=fsspec.filesystem(scheme))
+
+
+def open_object(path: Any, mode: str = "rb", **options: Any) -> Any:
+    """Open the object at ``path`` (an ``ObjectStoragePath``) on its filesystem: ``path.open`` without its lineage.
+
+    Why: ``ObjectStoragePath.open`` also hands each file to Airflow's hook-level lineage collector,
+    whose start in a task process imports every installed provider's asset factories (boto3 with
+    the Amazon provider: about 0.4 s of CPU, again in every process a deferred task resumes in).
+    The collector keeps 100 files a task, and OpenLineage, its one reader, reads it only for an
+    operator that names no datasets of its own; this provider's operator names every image and
+    every file it writes (``get_openlineage_facets_on_complete``). The call made on the storage is
+    the same: ``fs.open(path, mode)``.
+    """
+    return path.fs.open(path.path, mode=mode, **options)
 
 
 def scheme_of(value: Any) -> str:

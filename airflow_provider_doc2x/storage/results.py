@@ -118,7 +118,12 @@ MAX_STEM = 80
 
 
 def write(path: Any, data: bytes) -> None:
-    """Write through ``open``: the call that Airflow's hook-level lineage records as an output.
+    """Write ``data`` as the object at ``path`` (an ``ObjectStoragePath``), whole; see :func:`put_object`."""
+    put_object(path.fs, path.path, data, uri=str(path))
+
+
+def put_object(fs: Any, path: str, data: bytes, *, uri: str) -> None:
+    """Write ``data`` as the object at ``path`` on the fsspec filesystem ``fs`` (``uri`` names it in errors).
 
     A write the storage fails to take (a PUT throttled past the filesystem's own tries, a reset) is
     tried again, whole (the same bytes under the same name), and then fails the task retryably,
@@ -126,10 +131,10 @@ def write(path: Any, data: bytes) -> None:
     """
 
     def put() -> None:
-        with path.open("wb") as handle:
+        with fs.open(path, mode="wb") as handle:
             handle.write(data)
 
-    storage_call(put, what="writing the result file", uri=str(path))
+    storage_call(put, what="writing the result file", uri=uri)
 
 
 def link_figures(markdown: str, files: dict[str, bytes]) -> str:
@@ -255,11 +260,11 @@ def folder_record(folder_uri: str, meta: dict[str, Any], *, cached: bool) -> dic
 
 
 class ResultStore:
-    """Writes and finds results under ``output_path``; every read and write goes through ObjectStoragePath.
+    """Writes and finds results under ``output_path``, on the filesystem its ``ObjectStoragePath`` gives.
 
     Inside, a result folder is its name under the root: its URI and its path on the filesystem are
-    strings made from the root's, and an ``ObjectStoragePath`` is made only for a file opened
-    through it (a join costs tens of microseconds, and a backfill makes tens of thousands).
+    strings made from the root's, and no ``ObjectStoragePath`` is made for the files in it (a join
+    costs tens of microseconds, and a backfill makes tens of thousands).
     """
 
     def __init__(
@@ -486,7 +491,7 @@ class ResultStore:
             try:
                 if not on_object_store:
                     fs.makedirs(posixpath.dirname(f"{folder_path}/{path}"), exist_ok=True)
-                write(self.root.joinpath(folder, path), data)
+                self._put(folder, path, data)
             except (OSError, ValueError) as error:
                 figures.warnings.append(
                     f"figure {path!r} of {source} could not be written ({error}); skipped"
@@ -496,9 +501,9 @@ class ResultStore:
         for warning in figures.warnings:
             log.warning("%s", warning)
         if figures.raw is not None:
-            write(self.root.joinpath(folder, RAW_PAYLOAD_NAME), figures.raw)
+            self._put(folder, RAW_PAYLOAD_NAME, figures.raw)
         text = result.markdown if markdown is None else markdown
-        write(self.root.joinpath(folder, f"{stem}.md"), markdown_text(link_figures(text, written)))
+        self._put(folder, f"{stem}.md", markdown_text(link_figures(text, written)))
         document = bool((extra or {}).get("document"))
         # Keys a later release added to this source's earlier sidecar are kept.
         kept = (
@@ -534,11 +539,17 @@ class ResultStore:
         if source in self.fingerprints:
             meta["source_fingerprint"] = self.fingerprints[source]
         # The sidecar goes last: a folder without it is an interrupted write, not a cache hit.
-        write(self.root.joinpath(folder, f"{stem}.json"), json.dumps(meta, indent=2).encode())
+        self._put(folder, f"{stem}.json", json.dumps(meta, indent=2).encode())
         self._sidecars[folder] = meta
         record = folder_record(self.uri_of(folder), meta, cached=False)
         self._written[sha256] = {**record, "cached": True}
         return record
+
+    def _put(self, folder: str, name: str, data: bytes) -> None:
+        """Write the file ``name`` (a relative path) of the result folder ``folder``, whole; no join made."""
+        put_object(
+            self.root.fs, f"{self._path_prefix}{folder}/{name}", data, uri=f"{self.uri_of(folder)}/{name}"
+        )
 
     def record_of(self, folder_name: str, meta: dict[str, Any]) -> dict[str, Any]:
         """The record of an earlier result in ``folder_name`` under the root, from its (validated) metadata."""

@@ -29,7 +29,13 @@ from typing import Any, TypeVar
 
 from airflow_provider_doc2x import protocol
 from airflow_provider_doc2x.exceptions import Doc2XInputError
-from airflow_provider_doc2x.storage.objects import ensure_filesystem, scheme_of, storage_call, storage_path
+from airflow_provider_doc2x.storage.objects import (
+    ensure_filesystem,
+    open_object,
+    scheme_of,
+    storage_call,
+    storage_path,
+)
 
 T = TypeVar("T")
 
@@ -123,7 +129,7 @@ class ImageSource:
 
         def copy() -> str:
             digest, copied = hashlib.sha256(), 0
-            with self.path.open("rb") as handle, open(target, "wb") as out:
+            with open_object(self.path) as handle, open(target, "wb") as out:
                 while block := handle.read(chunk):
                     copied += len(block)
                     if copied > limit:
@@ -162,8 +168,7 @@ class ImageSource:
 
     def _read(self, size: int = -1, **options: Any) -> bytes:
         def read() -> bytes:
-            # open + read: the call Airflow's hook lineage sees
-            with self.path.open("rb", **options) as handle:
+            with open_object(self.path, **options) as handle:
                 return handle.read(size)
 
         return self._answered(read, what="reading the image", named=f"Image {self.uri}")

@@ -51,7 +51,7 @@ from airflow_provider_doc2x.storage.manifest.format import (
     shard_of,
     source_key,
 )
-from airflow_provider_doc2x.storage.objects import remove_object, storage_call
+from airflow_provider_doc2x.storage.objects import open_object, remove_object, storage_call
 from airflow_provider_doc2x.storage.results import OBJECT_STORE_SCHEMES, write
 
 #: Manifest objects read at once (object stores answer each read in tens of milliseconds).
@@ -115,7 +115,7 @@ class ManifestFolder:
         path = self.path / name
 
         def read() -> bytes:
-            with path.open("rb") as handle:
+            with open_object(path) as handle:
                 return handle.read(MAX_OBJECT_BYTES + 1)
 
         try:
