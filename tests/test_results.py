@@ -246,6 +246,33 @@ def test_openlineage_namespaces_for_object_storage():
     assert (dataset.namespace, dataset.name) == ("s3://bucket", "scans/page.png")
 
 
+def test_lineage_datasets_made_by_folder_are_those_made_one_by_one(monkeypatch, tmp_path):
+    """The datasets made from one ObjectStoragePath per folder name what each file's own would."""
+    pytest.importorskip("airflow.providers.openlineage")
+    from airflow_provider_doc2x.operators.doc2x import lineage_dataset, lineage_datasets
+
+    monkeypatch.chdir(tmp_path)
+    uris = [
+        "file:///tmp/lake/a-123/a.md",
+        "file:///tmp/lake/a-123/a.json",
+        "/data/x/p1.png",
+        "/data/x/p2.png",
+        "p3.png",
+        "s3://bucket/k/a.md",
+        "s3://bucket/a.md",
+        "s3://aws_default@bucket/k/x.md",
+        "memory://lake/r/a-1/a.md",
+        "file:///x.png",
+        "/y.png",
+        "file:///tmp/figure page #1.png",
+        "/tmp/a/..",
+        "/tmp/a/.x",
+        "gs://b/f/images/fig.jpg",
+    ]
+    made = [(dataset.namespace, dataset.name) for dataset in lineage_datasets(uris)]
+    assert made == [(dataset.namespace, dataset.name) for dataset in map(lineage_dataset, uris)]
+
+
 LINEAGE_SCRIPT = """
 import json, sys
 from airflow_provider_doc2x.operators.doc2x import Doc2XImageParseOperator
