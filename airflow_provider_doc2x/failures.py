@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from airflow_provider_doc2x import protocol
 from airflow_provider_doc2x.exceptions import Doc2XInputError, Doc2XJobFailedError
 from airflow_provider_doc2x.records import batch_failure
-from airflow_provider_doc2x.storage.objects import open_object, storage_call, storage_path
+from airflow_provider_doc2x.storage.objects import open_object, storage_call
+
+if TYPE_CHECKING:
+    from airflow_provider_doc2x.storage.results import ResultStore
 
 #: The XCom key of the list of failed images (each: source, uid, code, message, trace_id).
 FAILURES_XCOM_KEY = "doc2x_failures"
@@ -120,9 +123,12 @@ def failure_entry(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def report(
-    failures: list[dict[str, Any]], total: int, *, context: Any, output_path: str | None, log: Any
+    failures: list[dict[str, Any]], total: int, *, context: Any, results: ResultStore | None, log: Any
 ) -> None:
-    """Name the allowed failures: in the log, in XCom, and in ``_failures/`` under ``output_path``."""
+    """Name the allowed failures: in the log, in XCom, and in ``_failures/`` under the ``results``' root.
+
+    The file written is added to the store's ``written_files`` (the task's lineage names it).
+    """
     log.warning(
         "Doc2X: %d of %d images failed, within allowed_failures; the task succeeds without them "
         "(XCom key %r), and the next run sends them again:\n%s",
@@ -138,8 +144,8 @@ def report(
     ti = context.get("ti") if hasattr(context, "get") else None
     if ti is not None:
         ti.xcom_push(key=FAILURES_XCOM_KEY, value=failures)
-    if output_path:
-        path = storage_path(output_path) / FAILURES_FOLDER / _file_name(ti)
+    if results is not None:
+        path = results.root / FAILURES_FOLDER / _file_name(ti)
         lines = "".join(json.dumps(failure, sort_keys=True) + "\n" for failure in failures)
 
         def write() -> None:
@@ -149,6 +155,7 @@ def report(
 
         storage_call(write, what="writing the list of failed images to", uri=str(path))
         log.info("Doc2X: the failed images are listed in %s", path)
+        results.written_files.append(str(path))
 
 
 def _file_name(ti: Any) -> str:

@@ -87,3 +87,38 @@ def test_a_fraction_allows_that_share_of_the_task_s_images_rounded_down():
 def test_an_allowance_that_is_neither_a_count_nor_a_fraction_is_refused_when_the_dag_is_parsed(value):
     with pytest.raises((ValueError, AirflowException), match="allowed_failures"):
         parse_operator(["a.png"], allowed_failures=value)
+
+
+def lineage_names(op) -> tuple[list[str], set[str]]:
+    """What OpenLineage reports for the task: its inputs in order, its outputs' file names."""
+    lineage = op.get_openlineage_facets_on_complete(None)
+    return [dataset.name for dataset in lineage.inputs], {dataset.name for dataset in lineage.outputs}
+
+
+@pytest.mark.parametrize("method", ["async", "pdf"])
+def test_the_lineage_names_the_failed_image_and_the_list_of_failures(doc2x, make_image, tmp_path, method):
+    pytest.importorskip("airflow.providers.openlineage")
+    good = make_image(title="Good")
+    bad = make_image("bad.jpg", title="Bad", paragraphs=[FAIL])
+    out = tmp_path / "out"
+    op = parse_operator([good, bad], output_path=str(out), method=method, deferrable=True, allowed_failures=1)
+    run(op, TaskInstance())
+    inputs, outputs = lineage_names(op)
+    assert inputs == [str(good), str(bad)]  # the failed image was read and sent too
+    written = {str(path) for path in out.rglob("*") if path.is_file()}
+    assert any("/_failures/" in path for path in written)
+    assert written <= outputs
+
+
+def test_a_failed_task_still_names_what_it_read_and_wrote(doc2x, make_image, tmp_path):
+    pytest.importorskip("airflow.providers.openlineage")
+    good = [make_image(title=f"Good {n}") for n in range(2)]
+    bad = make_image("bad.jpg", title="Bad", paragraphs=[FAIL])
+    out = tmp_path / "out"
+    op = parse_operator([*good, bad], output_path=str(out), deferrable=True)
+    with pytest.raises(Doc2XError):
+        run(op, TaskInstance())
+    inputs, outputs = lineage_names(op)
+    assert inputs == [str(path) for path in [*good, bad]]
+    written = {str(path) for path in out.rglob("*") if path.is_file()}
+    assert len(written) == 4 and written <= outputs  # the paid results: two Markdown files, two sidecars

@@ -168,6 +168,19 @@ def test_the_vendor_example_payload_is_kept_raw_without_crashing(tmp_path):
     assert record["figure_paths"] == []
 
 
+def test_every_file_a_store_writes_is_in_the_lineage_the_raw_payload_too(tmp_path):
+    pytest.importorskip("airflow.providers.openlineage")
+    from airflow_provider_doc2x.operators.doc2x import task_lineage
+    from airflow_provider_doc2x.usage import Usage
+
+    store = ResultStore(str(tmp_path))
+    record = store.write("page.png", "c" * 64, result_with(VENDOR_EXAMPLE))
+    lineage = task_lineage([record], Usage(), model="v2", lane="image", written=store.written_files)
+    on_disk = {str(path) for path in tmp_path.rglob("*") if path.is_file()}
+    assert {"convert_zip.raw", "page.md", "page.json"} == {path.rsplit("/", 1)[-1] for path in on_disk}
+    assert on_disk == {dataset.name for dataset in lineage.outputs}
+
+
 def test_truncated_base64_is_kept_raw(tmp_path):
     truncated = zip_payload({"images/fig.jpg": b"ok"})[:-7]
     figures = unpack_figures(truncated, source="page.png")

@@ -182,7 +182,7 @@ class Doc2XImageParseOperator(BaseOperator):
         self.allowed_failures = allowed_failures
         self.max_pages = max_pages
         self.plan_only = dry_run  # BaseOperator has a dry_run() of its own
-        self._records: list[dict[str, Any]] = []
+        self._outcomes: list[dict[str, Any]] = []  # every image's record or failure: the lineage
         self._spending: Spending | None = None
         self._wait_images: WaitImages | None = None
 
@@ -326,15 +326,15 @@ class Doc2XImageParseOperator(BaseOperator):
 
     def _finish(self, context: Context, outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The usage said; the records; failed images named if ``allowed_failures`` allows them, else one error naming all."""
+        self._outcomes = outcomes
         if self._spending is not None:
             self._spending.report(outcomes, context=context, log=self.log, model=self.model, lane=self.lane)
         records, failures = split_outcomes(outcomes, self.allowed_failures)
         if failures:
-            report(failures, len(outcomes), context=context, output_path=self.output_path, log=self.log)
+            report(failures, len(outcomes), context=context, results=self.results, log=self.log)
         if self.manifest is not None:
             self.manifest.record(records)  # a failed image is not recorded: the next run sends it again
         self.log.info("Doc2X parsed %d images", len(records))
-        self._records = records
         return records
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -366,9 +366,10 @@ class Doc2XImageParseOperator(BaseOperator):
         return self._finish(context, self._waits().records_of(event))
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
-        """Each image read and each file written as datasets, and the task's usage (OpenLineage is optional)."""
+        """Each image sent and each file written as datasets, and the usage; OpenLineage asks on failure too."""
         usage = self._spending.usage if self._spending is not None else Usage()
-        return task_lineage(self._records, usage, model=self.model, lane=self.lane)
+        written = self.results.written_files if self.results is not None else []
+        return task_lineage(self._outcomes, usage, model=self.model, lane=self.lane, written=written)
 
 
 def check_arguments(
@@ -405,25 +406,32 @@ def check_arguments(
         raise ValueError(f"max_pages must be None or a whole number of pages (0 or more), got {max_pages!r}")
 
 
-def task_lineage(records: list[dict[str, Any]], usage: Usage, *, model: str, lane: str) -> Any:
-    """The task's OpenLineage: its sources in; out, every file its records name; its usage and parser as run facets.
+def task_lineage(
+    outcomes: list[dict[str, Any]], usage: Usage, *, model: str, lane: str, written: Iterable[str] = ()
+) -> Any:
+    """The task's OpenLineage: its images in; out, its results and every file it wrote; its usage and parser.
 
-    This is the task's whole lineage: the provider reads and writes without Airflow's hook-level
-    collector (see :func:`~airflow_provider_doc2x.storage.objects.open_object`), which OpenLineage
-    reads only for an operator that names no datasets.
+    ``outcomes`` are every image's record or failure (a failed image was read and sent too);
+    ``written`` the files this process wrote (results, their figures and raw payloads, the list of
+    failures), beside those the records name (written by an earlier try or process, or found in
+    the cache). The manifest's objects are the provider's bookkeeping, as the task state store is,
+    not datasets. This is the task's whole lineage: the provider reads and writes without Airflow's
+    hook-level collector (see :func:`~airflow_provider_doc2x.storage.objects.open_object`), which
+    OpenLineage reads only for an operator that names no datasets.
     """
     from airflow.providers.openlineage.extractors import OperatorLineage
 
-    written = [
+    named = [
         path
-        for record in records
-        if "markdown_path" in record
-        for path in (record["markdown_path"], record.get("sidecar_path"), *record.get("figure_paths", ()))
+        for outcome in outcomes
+        if outcome.get("status") is None and "markdown_path" in outcome
+        for path in (outcome["markdown_path"], outcome.get("sidecar_path"), *outcome.get("figure_paths", ()))
         if isinstance(path, str)
     ]
+    sources = [outcome["source"] for outcome in outcomes if isinstance(outcome.get("source"), str)]
     return OperatorLineage(
-        inputs=lineage_datasets(record["source"] for record in records),
-        outputs=lineage_datasets(dict.fromkeys(written)),
+        inputs=lineage_datasets(dict.fromkeys(sources)),
+        outputs=lineage_datasets(dict.fromkeys([*named, *written])),
         run_facets=usage_run_facets(usage, model=model, lane=lane),
     )
 

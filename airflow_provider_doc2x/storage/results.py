@@ -301,6 +301,8 @@ class ResultStore:
         #: :mod:`airflow_provider_doc2x.storage.manifest`); written into the sidecar so that a lost manifest
         #: can be rebuilt from the sidecars without reading the images again.
         self.fingerprints: dict[str, str] = {}
+        #: The URI of every file this store wrote, in order (the task's lineage names them).
+        self.written_files: list[str] = []
 
     def cached(self, sha256: str, source: str) -> dict[str, Any] | None:
         """The record of a complete earlier result of this content by this store's model, or None.
@@ -547,9 +549,9 @@ class ResultStore:
 
     def _put(self, folder: str, name: str, data: bytes) -> None:
         """Write the file ``name`` (a relative path) of the result folder ``folder``, whole; no join made."""
-        put_object(
-            self.root.fs, f"{self._path_prefix}{folder}/{name}", data, uri=f"{self.uri_of(folder)}/{name}"
-        )
+        uri = f"{self.uri_of(folder)}/{name}"
+        put_object(self.root.fs, f"{self._path_prefix}{folder}/{name}", data, uri=uri)
+        self.written_files.append(uri)
 
     def record_of(self, folder_name: str, meta: dict[str, Any]) -> dict[str, Any]:
         """The record of an earlier result in ``folder_name`` under the root, from its (validated) metadata."""
