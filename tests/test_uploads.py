@@ -30,7 +30,7 @@ from tests.helpers.s3 import proxied_doc2x
 
 
 class CountedPath:
-    """A real path whose opens are counted: what a test needs to see when image bodies are read."""
+    """A real path whose opens (on its filesystem, as the provider reads) are counted: when image bodies are read."""
 
     def __init__(self, path: Any, opened: list[str]) -> None:
         self._path = path
@@ -39,9 +39,24 @@ class CountedPath:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._path, name)
 
-    def open(self, mode: str = "rb"):
-        self._opened.append(str(self._path))
-        return self._path.open(mode)
+    @property
+    def fs(self) -> Any:
+        return CountedFilesystem(self._path.fs, self._opened)
+
+
+class CountedFilesystem:
+    """A real filesystem whose opens are counted."""
+
+    def __init__(self, fs: Any, opened: list[str]) -> None:
+        self._fs = fs
+        self._opened = opened
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fs, name)
+
+    def open(self, path: str, mode: str = "rb", **options: Any) -> Any:
+        self._opened.append(path)
+        return self._fs.open(path, mode=mode, **options)
 
 
 def counted_sources(images, opened: list[str]) -> list[ImageSource]:
