@@ -748,3 +748,23 @@ def test_a_pdf_tried_again_keeps_when_its_put_started_in_its_record(lane, pages,
     assert [value.get("fallback") for value in written] == [None, "image"]
     assert {value["state"] for value in written} == {"put"}
     assert written[1]["at"] == written[0]["at"]
+
+
+def test_an_image_deleted_after_its_check_is_named_and_nothing_is_sent(lane, pages, monkeypatch):
+    """Checked when the task started, deleted before the plan reads it: a clear error, nothing uploaded."""
+    from airflow_provider_doc2x.exceptions import Doc2XInputError
+    from airflow_provider_doc2x.pdf_lane.staging import PdfStaging
+
+    alpha, beta = pages("Alpha", "Beta")
+    reading = PdfStaging.read_all
+
+    def read_after_a_delete(self, sources):
+        beta.unlink()
+        return reading(self, sources)
+
+    monkeypatch.setattr(PdfStaging, "read_all", read_after_a_delete)
+    with pytest.raises(Doc2XInputError, match=re.escape(str(beta))) as caught:
+        run_to_the_end(pdf_operator([alpha, beta], deferrable=True), {"task_state_store": StateStore()})
+    assert "checked when the task started" in str(caught.value)
+    stats = lane.stats()
+    assert stats["billed_total"] == 0 and stats["pdf_pages_billed"] == 0

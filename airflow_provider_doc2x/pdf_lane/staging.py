@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from airflow_provider_doc2x.exceptions import Doc2XInputError
 from airflow_provider_doc2x.pdf.headers import ImageContent, read_content
 from airflow_provider_doc2x.pdf.packing import PackImage, pack_images
 from airflow_provider_doc2x.storage.sources import ImageSource
@@ -68,7 +69,17 @@ class PdfStaging:
             return list(pool.map(self._read_one, sources))
 
     def _read_one(self, source: ImageSource) -> ImageContent:
-        return read_content(self.local_path(source))
+        path = self.local_path(source)
+        try:
+            return read_content(path)
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as error:
+            # Checked when the task started, gone or locked since: named, before anything is sent.
+            raise Doc2XInputError(
+                f"Image {source.uri} cannot be read any more ({type(error).__name__}: "
+                f"{error.strerror or 'no detail'}); it was checked when the task started: make sure "
+                "nothing moves, deletes or locks the images while the task runs, then run it again",
+                source=source.uri,
+            ) from error
 
     def known_path(self, uri: str) -> Path | None:
         """The local file :meth:`local_path` gave for this image earlier, if it still exists."""
