@@ -66,6 +66,10 @@ __all__ = ["STATE_KEY_PREFIX", "Doc2XImageParseOperator"]
 Method = Literal["async", "sync", "pdf"]
 #: A file name that means itself in any URI (no dot first, nothing a URI or a path reads apart).
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+#: An absolute folder of such names: ``/a/b``, ``file:///a/b``, ``s3://bucket/a`` (not ``file://host``).
+_PLAIN_FOLDER = re.compile(
+    r"(?:file://|(?!file:)[a-z][a-z0-9+.-]*://[A-Za-z0-9_.@-]+)?(?:/[A-Za-z0-9_-][A-Za-z0-9._-]*)+"
+)
 #: Seconds a try (image lanes) or each wave of PDFs (PDF lane) may wait by default.
 DEFAULT_TIMEOUT = 600.0
 
@@ -182,7 +186,8 @@ class Doc2XImageParseOperator(BaseOperator):
         self.allowed_failures = allowed_failures
         self.max_pages = max_pages
         self.plan_only = dry_run  # BaseOperator has a dry_run() of its own
-        self._outcomes: list[dict[str, Any]] = []  # every image's record or failure: the lineage
+        self._outcomes: list[dict[str, Any]] = []  # every image's record or failure, and
+        self._sources: list[str] = []  # every image the task took on: its lineage, failed or not
         self._spending: Spending | None = None
         self._wait_images: WaitImages | None = None
 
@@ -218,9 +223,8 @@ class Doc2XImageParseOperator(BaseOperator):
     def execute(self, context: Context) -> Any:
         """Check every source, submit (or reuse) each once, then wait: deferred, or in the worker.
 
-        Documents (PDFs, multi-page TIFFs, scans over 7 MB) go through the PDF API whatever the
-        ``method``; so the task then runs the PDF lane's loop, with images through the image lane
-        unless ``method="pdf"`` packs them.
+        Documents (PDFs, multi-page TIFFs, scans over 7 MB) take the PDF API whatever the ``method``:
+        the task then runs the PDF lane's loop, its images in the image lane unless ``method="pdf"``.
         """
         self._spending = self._spending_of(None)
         self._wait_images = WaitImages.for_context(context)
@@ -229,6 +233,7 @@ class Doc2XImageParseOperator(BaseOperator):
 
     def _submit_and_wait(self, context: Context) -> Any:
         sources = resolve_images(self.image_path, allow_schemes=self.allow_schemes)
+        self._sources = [source.uri for source in sources]
         check_task_size(len(sources) if self.deferrable and self.method != "sync" else 0)  # its trigger's
         split = self.manifest.partition(sources) if self.manifest else None  # unchanged: never opened
         to_read = split.to_read if split else sources
@@ -353,6 +358,7 @@ class Doc2XImageParseOperator(BaseOperator):
 
     def _resume(self, context: Context, event: Any) -> list[dict[str, Any]]:
         event = self._waits().resumed(event)  # checked, each job's image back from the task's XCom
+        self._sources = [job["source"] for job in event["jobs"] if isinstance(job.get("source"), str)]
         if self.manifest is not None:
             self.manifest.resume(event)  # results it knows are not looked up again
         if self.method == "pdf" or any(is_pdf(entry) for entry in event["jobs"]):
@@ -366,10 +372,8 @@ class Doc2XImageParseOperator(BaseOperator):
         return self._finish(context, self._waits().records_of(event))
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
-        """Each image sent and each file written as datasets, and the usage; OpenLineage asks on failure too."""
-        usage = self._spending.usage if self._spending is not None else Usage()
-        written = self.results.written_files if self.results is not None else []
-        return task_lineage(self._outcomes, usage, model=self.model, lane=self.lane, written=written)
+        """Each image taken on and each file written as datasets, and the usage; OpenLineage asks on failure too."""
+        return operator_lineage(self)
 
 
 def check_arguments(
@@ -406,18 +410,35 @@ def check_arguments(
         raise ValueError(f"max_pages must be None or a whole number of pages (0 or more), got {max_pages!r}")
 
 
+def operator_lineage(op: Doc2XImageParseOperator) -> Any:
+    """The operator's :func:`task_lineage`, from what it took on, what became of it, and what it wrote."""
+    usage = op._spending.usage if op._spending is not None else Usage()
+    written = op.results.written_files if op.results is not None else []
+    return task_lineage(
+        op._outcomes, usage, model=op.model, lane=op.lane, sources=op._sources, written=written
+    )
+
+
 def task_lineage(
-    outcomes: list[dict[str, Any]], usage: Usage, *, model: str, lane: str, written: Iterable[str] = ()
+    outcomes: list[dict[str, Any]],
+    usage: Usage,
+    *,
+    model: str,
+    lane: str,
+    sources: Iterable[str] = (),
+    written: Iterable[str] = (),
 ) -> Any:
     """The task's OpenLineage: its images in; out, its results and every file it wrote; its usage and parser.
 
-    ``outcomes`` are every image's record or failure (a failed image was read and sent too);
+    ``sources`` are the images the task took on and ``outcomes`` their records or failures (a
+    failed image was read and sent too; a task that failed before its outcomes has its sources);
     ``written`` the files this process wrote (results, their figures and raw payloads, the list of
     failures), beside those the records name (written by an earlier try or process, or found in
-    the cache). The manifest's objects are the provider's bookkeeping, as the task state store is,
-    not datasets. This is the task's whole lineage: the provider reads and writes without Airflow's
-    hook-level collector (see :func:`~airflow_provider_doc2x.storage.objects.open_object`), which
-    OpenLineage reads only for an operator that names no datasets.
+    the cache). A result's sidecar and the manifest's objects are the provider's bookkeeping, as
+    the task state store is, not datasets. This is the task's whole lineage: the provider reads and
+    writes without Airflow's hook-level collector (see
+    :func:`~airflow_provider_doc2x.storage.objects.open_object`), which OpenLineage reads only for
+    an operator that names no datasets.
     """
     from airflow.providers.openlineage.extractors import OperatorLineage
 
@@ -425,12 +446,12 @@ def task_lineage(
         path
         for outcome in outcomes
         if outcome.get("status") is None and "markdown_path" in outcome
-        for path in (outcome["markdown_path"], outcome.get("sidecar_path"), *outcome.get("figure_paths", ()))
+        for path in (outcome["markdown_path"], *outcome.get("figure_paths", ()))
         if isinstance(path, str)
     ]
-    sources = [outcome["source"] for outcome in outcomes if isinstance(outcome.get("source"), str)]
+    read = [*sources, *(outcome["source"] for outcome in outcomes if isinstance(outcome.get("source"), str))]
     return OperatorLineage(
-        inputs=lineage_datasets(dict.fromkeys(sources)),
+        inputs=lineage_datasets(dict.fromkeys(read)),
         outputs=lineage_datasets(dict.fromkeys([*named, *written])),
         run_facets=usage_run_facets(usage, model=model, lane=lane),
     )
@@ -440,16 +461,15 @@ def lineage_datasets(uris: Iterable[str]) -> list[Any]:
     """:func:`lineage_dataset` of each URI, one ``ObjectStoragePath`` per folder rather than per file.
 
     Why: making one costs about 50 microseconds, and a task's lineage names thousands of files,
-    mostly a few per folder (a Markdown and its sidecar) or many (the images of a prefix). A file
-    whose name is made of plain characters is its folder's dataset plus ``/name``; any other is
-    made whole.
+    many in one folder (the images of a prefix) or in a few (a result's Markdown and figures). A
+    URI made only of plain names (:data:`_PLAIN_FOLDER`, nothing a path would tidy or a URI read
+    apart) is its folder's dataset plus ``/name``; any other is made whole.
     """
     folders: dict[str, Any] = {}
     datasets = []
     for uri in uris:
         folder, _, name = uri.rpartition("/")
-        absolute = folder.startswith("/") or ("://" in folder and not folder.endswith("://"))
-        if not absolute or not _PLAIN_NAME.fullmatch(name):
+        if not (_PLAIN_NAME.fullmatch(name) and _PLAIN_FOLDER.fullmatch(folder)):
             datasets.append(lineage_dataset(uri))
             continue
         if folder not in folders:
@@ -462,10 +482,15 @@ def lineage_datasets(uris: Iterable[str]) -> list[Any]:
 
 
 def lineage_dataset(uri: str) -> Any:
-    """An OpenLineage dataset for a path or URI: namespace ``file`` or ``scheme://bucket``, name the key."""
+    """An OpenLineage dataset for a path or URI: namespace ``file`` or ``scheme://bucket``, name the key.
+
+    Both from the path on the filesystem (what is read and written): the connection id of
+    ``s3://conn@bucket/key`` is in neither, and a ``#`` or a ``?`` in a key stays in its name.
+    """
     from airflow.providers.common.compat.openlineage.facet import Dataset
 
     path = storage_path(uri)
     if path.protocol in ("file", "local", ""):
         return Dataset(namespace="file", name=path.path)
-    return Dataset(namespace=path.namespace, name=path.key)
+    bucket, _, key = path.path.lstrip("/").partition("/")
+    return Dataset(namespace=f"{path.protocol}://{bucket}", name=key)

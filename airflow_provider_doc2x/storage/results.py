@@ -301,7 +301,7 @@ class ResultStore:
         #: :mod:`airflow_provider_doc2x.storage.manifest`); written into the sidecar so that a lost manifest
         #: can be rebuilt from the sidecars without reading the images again.
         self.fingerprints: dict[str, str] = {}
-        #: The URI of every file this store wrote, in order (the task's lineage names them).
+        #: The URI of every file this store wrote but sidecars, in order (the task's lineage names them).
         self.written_files: list[str] = []
 
     def cached(self, sha256: str, source: str) -> dict[str, Any] | None:
@@ -541,17 +541,18 @@ class ResultStore:
         if source in self.fingerprints:
             meta["source_fingerprint"] = self.fingerprints[source]
         # The sidecar goes last: a folder without it is an interrupted write, not a cache hit.
-        self._put(folder, f"{stem}.json", json.dumps(meta, indent=2).encode())
+        self._put(folder, f"{stem}.json", json.dumps(meta, indent=2).encode(), bookkeeping=True)
         self._sidecars[folder] = meta
         record = folder_record(self.uri_of(folder), meta, cached=False)
         self._written[sha256] = {**record, "cached": True}
         return record
 
-    def _put(self, folder: str, name: str, data: bytes) -> None:
-        """Write the file ``name`` (a relative path) of the result folder ``folder``, whole; no join made."""
+    def _put(self, folder: str, name: str, data: bytes, *, bookkeeping: bool = False) -> None:
+        """Write the file ``name`` of the folder ``folder``, whole; no join made; a sidecar is ``bookkeeping``."""
         uri = f"{self.uri_of(folder)}/{name}"
         put_object(self.root.fs, f"{self._path_prefix}{folder}/{name}", data, uri=uri)
-        self.written_files.append(uri)
+        if not bookkeeping:
+            self.written_files.append(uri)
 
     def record_of(self, folder_name: str, meta: dict[str, Any]) -> dict[str, Any]:
         """The record of an earlier result in ``folder_name`` under the root, from its (validated) metadata."""
