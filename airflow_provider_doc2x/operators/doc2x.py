@@ -33,9 +33,11 @@ from airflow_provider_doc2x.events import (
     EVENT_FAILED,
     EVENT_PROGRESS,
     EVENT_SUCCESS,
+    STORED,
     is_pdf,
     retry_plan,
 )
+from airflow_provider_doc2x.exceptions import Doc2XError
 from airflow_provider_doc2x.failures import check_allowed_failures, report, split_outcomes
 from airflow_provider_doc2x.hooks.doc2x import Doc2XHook
 from airflow_provider_doc2x.image_lane.uploads import ImageUploads
@@ -68,7 +70,8 @@ Method = Literal["async", "sync", "pdf"]
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 #: An absolute folder of such names: ``/a/b``, ``file:///a/b``, ``s3://bucket/a`` (not ``file://host``).
 _PLAIN_FOLDER = re.compile(
-    r"(?:file://|(?!file:)[a-z][a-z0-9+.-]*://[A-Za-z0-9_.@-]+)?(?:/[A-Za-z0-9_-][A-Za-z0-9._-]*)+"
+    r"(?:file://|(?!file:)[a-z][a-z0-9+.-]*://(?:[A-Za-z0-9_.-]+@)?[A-Za-z0-9_-][A-Za-z0-9_.-]*)?"
+    r"(?:/[A-Za-z0-9_-][A-Za-z0-9._-]*)+"
 )
 #: Seconds a try (image lanes) or each wave of PDFs (PDF lane) may wait by default.
 DEFAULT_TIMEOUT = 600.0
@@ -187,7 +190,7 @@ class Doc2XImageParseOperator(BaseOperator):
         self.max_pages = max_pages
         self.plan_only = dry_run  # BaseOperator has a dry_run() of its own
         self._outcomes: list[dict[str, Any]] = []  # every image's record or failure, and
-        self._sources: list[str] = []  # every image the task took on: its lineage, failed or not
+        self._taken: list[dict[str, Any]] = []  # every image the task took on (its job): lineage
         self._spending: Spending | None = None
         self._wait_images: WaitImages | None = None
 
@@ -233,7 +236,7 @@ class Doc2XImageParseOperator(BaseOperator):
 
     def _submit_and_wait(self, context: Context) -> Any:
         sources = resolve_images(self.image_path, allow_schemes=self.allow_schemes)
-        self._sources = [source.uri for source in sources]
+        self._taken = [{"source": source.uri} for source in sources]
         check_task_size(len(sources) if self.deferrable and self.method != "sync" else 0)  # its trigger's
         split = self.manifest.partition(sources) if self.manifest else None  # unchanged: never opened
         to_read = split.to_read if split else sources
@@ -358,7 +361,7 @@ class Doc2XImageParseOperator(BaseOperator):
 
     def _resume(self, context: Context, event: Any) -> list[dict[str, Any]]:
         event = self._waits().resumed(event)  # checked, each job's image back from the task's XCom
-        self._sources = [job["source"] for job in event["jobs"] if isinstance(job.get("source"), str)]
+        self._taken = event["jobs"]
         if self.manifest is not None:
             self.manifest.resume(event)  # results it knows are not looked up again
         if self.method == "pdf" or any(is_pdf(entry) for entry in event["jobs"]):
@@ -411,12 +414,31 @@ def check_arguments(
 
 
 def operator_lineage(op: Doc2XImageParseOperator) -> Any:
-    """The operator's :func:`task_lineage`, from what it took on, what became of it, and what it wrote."""
+    """The operator's :func:`task_lineage`, from what it took on, what became of it, and what it wrote.
+
+    A task that failed before its outcomes (a later resume of the PDF lane) names the results an
+    earlier process of it stored too: each is read back (its sidecar), as its record would have been.
+    """
     usage = op._spending.usage if op._spending is not None else Usage()
-    written = op.results.written_files if op.results is not None else []
-    return task_lineage(
-        op._outcomes, usage, model=op.model, lane=op.lane, sources=op._sources, written=written
-    )
+    outcomes, written = op._outcomes, op.results.written_files if op.results is not None else []
+    if not outcomes and op.results is not None:
+        outcomes = [
+            record
+            for job in op._taken
+            if job.get(STORED)
+            for record in [_stored_record(op.results, job)]
+            if record
+        ]
+    sources = [job["source"] for job in op._taken if isinstance(job.get("source"), str)]
+    return task_lineage(outcomes, usage, model=op.model, lane=op.lane, sources=sources, written=written)
+
+
+def _stored_record(results: ResultStore, job: dict[str, Any]) -> dict[str, Any] | None:
+    """The record of a job whose result an earlier process stored, read back; None if it cannot be."""
+    try:
+        return results.cached(job["sha256"], job["source"])
+    except (Doc2XError, OSError, KeyError, TypeError):
+        return None  # lineage names what it can; the task's own error is what the user sees
 
 
 def task_lineage(
