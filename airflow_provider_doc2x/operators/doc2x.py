@@ -189,8 +189,8 @@ class Doc2XImageParseOperator(BaseOperator):
         self.allowed_failures = allowed_failures
         self.max_pages = max_pages
         self.plan_only = dry_run  # BaseOperator has a dry_run() of its own
-        self._outcomes: list[dict[str, Any]] = []  # every image's record or failure, and
-        self._taken: list[dict[str, Any]] = []  # every image the task took on (its job): lineage
+        self._outcomes: list[dict[str, Any]] = []  # lineage: every image's record or failure,
+        self._taken: list[dict[str, Any]] = []  # and every image the task took on (its job)
         self._spending: Spending | None = None
         self._wait_images: WaitImages | None = None
 
